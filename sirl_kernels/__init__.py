@@ -1,0 +1,16 @@
+"""sirl-kernels: fused per-token log-probabilities and softmax entropy over large vocabularies.
+
+Forward and backward in one pass over the logits (or, in the fused-linear variant, over tiles of
+``hidden @ weight.T``) without ever materialising a ``[tokens x vocab]`` probability tensor.
+"""
+
+from sirl_kernels.api import linear_token_logprobs_entropy, token_logprobs_entropy
+from sirl_kernels.backends import BackendStatus, available_backends
+
+__all__ = [
+    "BackendStatus",
+    "available_backends",
+    "linear_token_logprobs_entropy",
+    "token_logprobs_entropy",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,132 @@
+"""The public functions: validate, flatten, pick a backend, call the custom op, restore the shape."""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+from torch import Tensor
+
+from sirl_kernels import backends, ops
+from sirl_kernels._checks import (
+    check_float_tensor,
+    check_ignore_index,
+    check_labels,
+    check_temperature,
+)
+from sirl_kernels._sizes import default_linear_chunk_size
+
+
+def _unit_stride_rows(t: Tensor, width: int) -> Tensor:
+    """[..., width] -> [N, width] with stride 1 along the last dim; a copy only when no such view exists."""
+    flat = t.reshape(-1, width)
+    return flat if flat.stride(-1) == 1 or flat.shape[0] == 0 else flat.contiguous()
+
+
+def token_logprobs_entropy(
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """Per-position log-probability of the label and entropy of softmax(logits / temperature).
+
+    Args:
+        logits: ``[..., V]`` float32, bfloat16 or float16, any strides.
+        labels: ``[...]`` integer tensor; values in ``[0, V)`` or ``ignore_index``.
+        temperature: divides the logits; finite and > 0.
+        ignore_index: positions with this label get 0 in both outputs and zero gradient.
+        backend: "auto", "torch", "cpu", "triton" or "cuda" (``$SIRL_KERNELS_BACKEND`` overrides "auto").
+
+    Returns:
+        ``(logprobs, entropy)``, float32 tensors shaped like ``labels``. Differentiable with respect to
+        ``logits`` through either or both; the gradient has the logits' dtype. No ``[N, V]`` probability
+        tensor is materialised.
+    """
+    check_float_tensor("logits", logits)
+    if logits.dim() < 1:
+        raise ValueError("logits must have at least one dimension (the vocabulary)")
+    vocab = logits.shape[-1]
+    if vocab == 0:
+        raise ValueError("logits have an empty vocabulary dimension (V = 0)")
+    check_labels(labels, logits.shape[:-1], logits.device)
+    temperature = check_temperature(temperature)
+    ignore_index = check_ignore_index(ignore_index)
+    name = backends.resolve(backend, logits.device)
+
+    logprobs, entropy, _ = ops.token_logprobs_entropy_op(
+        _unit_stride_rows(logits, vocab), labels.reshape(-1).long(), temperature, ignore_index, name
+    )
+    return logprobs.view(labels.shape), entropy.view(labels.shape)
+
+
+def linear_token_logprobs_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``token_logprobs_entropy`` of ``logits = hidden @ weight.T (+ bias)`` without materialising the logits.
+
+    Args:
+        hidden: ``[..., D]`` float32, bfloat16 or float16.
+        weight: ``[V, D]``, same dtype and device as ``hidden``.
+        labels: ``[...]`` integer tensor; values in ``[0, V)`` or ``ignore_index``.
+        bias: optional ``[V]``, same dtype.
+        chunk_size: tokens per chunk; at most ``chunk_size x V`` logits exist at once. The default bounds that
+            workspace to 256 MiB of fp32 (432 tokens at V = 151,936).
+
+    Returns:
+        ``(logprobs, entropy)`` as float32 tensors shaped like ``labels``, differentiable with respect to
+        ``hidden``, ``weight`` and ``bias``. The weight gradient is accumulated in fp32 across chunks.
+    """
+    check_float_tensor("hidden", hidden)
+    check_float_tensor("weight", weight)
+    if hidden.dim() < 1:
+        raise ValueError("hidden must have at least one dimension (the model dimension)")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [V, D], got shape {tuple(weight.shape)}")
+    vocab, dim = weight.shape
+    if hidden.shape[-1] != dim:
+        raise ValueError(f"hidden's last dim {hidden.shape[-1]} does not match weight's D = {dim}")
+    if vocab == 0:
+        raise ValueError("weight has an empty vocabulary dimension (V = 0)")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
+    if bias is not None:
+        check_float_tensor("bias", bias)
+        if tuple(bias.shape) != (vocab,):
+            raise ValueError(f"bias must have shape ({vocab},), got {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} differs from hidden dtype {hidden.dtype}")
+        if bias.device != hidden.device:
+            raise ValueError(f"bias is on {bias.device} but hidden is on {hidden.device}")
+    check_labels(labels, hidden.shape[:-1], hidden.device)
+    temperature = check_temperature(temperature)
+    ignore_index = check_ignore_index(ignore_index)
+    if chunk_size is None:
+        chunk_size = default_linear_chunk_size(vocab)
+    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    name = backends.resolve(backend, hidden.device)
+
+    logprobs, entropy, _ = ops.linear_token_logprobs_entropy_op(
+        _unit_stride_rows(hidden, dim),
+        weight if weight.stride(-1) == 1 else weight.contiguous(),
+        bias if bias is None or bias.stride(-1) == 1 else bias.contiguous(),
+        labels.reshape(-1).long(),
+        temperature,
+        ignore_index,
+        name,
+        int(chunk_size),
+    )
+    return logprobs.view(labels.shape), entropy.view(labels.shape)
