@@ -8,14 +8,16 @@ import numbers
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# float64 is accepted by the "torch" backend only, for gradcheck and references.
+REFERENCE_DTYPES = (torch.float64,)
 INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 def check_float_tensor(name: str, t) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
+    if t.dtype not in FLOAT_DTYPES + REFERENCE_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16 or float16 (float64 on the 'torch' backend), got {t.dtype}")
 
 
 def check_labels(labels, expected_shape, device: torch.device) -> None:
@@ -59,3 +61,8 @@ def check_label_values(labels: torch.Tensor, vocab_size: int, ignore_index: int)
             f"label {int(labels[pos])} at flattened position {pos} is outside [0, {vocab_size}) "
             f"and is not ignore_index ({ignore_index})"
         )
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Outputs and accumulators: fp32 for fp32/bf16/fp16 inputs; float64 inputs stay float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

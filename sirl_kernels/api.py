@@ -34,7 +34,8 @@ def token_logprobs_entropy(
     """Per-position log-probability of the label and entropy of softmax(logits / temperature).
 
     Args:
-        logits: ``[..., V]`` float32, bfloat16 or float16, any strides.
+        logits: ``[..., V]`` float32, bfloat16 or float16, any strides (float64 too, on the "torch" backend,
+            which then also returns float64: that is what gradcheck needs).
         labels: ``[...]`` integer tensor; values in ``[0, V)`` or ``ignore_index``.
         temperature: divides the logits; finite and > 0.
         ignore_index: positions with this label get 0 in both outputs and zero gradient.
@@ -54,7 +55,7 @@ def token_logprobs_entropy(
     check_labels(labels, logits.shape[:-1], logits.device)
     temperature = check_temperature(temperature)
     ignore_index = check_ignore_index(ignore_index)
-    name = backends.resolve(backend, logits.device)
+    name = backends.resolve(backend, logits.device, logits.dtype)
 
     logprobs, entropy, _ = ops.token_logprobs_entropy_op(
         _unit_stride_rows(logits, vocab), labels.reshape(-1).long(), temperature, ignore_index, name
@@ -117,7 +118,7 @@ def linear_token_logprobs_entropy(
         chunk_size = default_linear_chunk_size(vocab)
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    name = backends.resolve(backend, hidden.device)
+    name = backends.resolve(backend, hidden.device, hidden.dtype)
 
     logprobs, entropy, _ = ops.linear_token_logprobs_entropy_op(
         _unit_stride_rows(hidden, dim),

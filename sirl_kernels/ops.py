@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from sirl_kernels import backends
-from sirl_kernels._checks import check_label_values
+from sirl_kernels._checks import accumulation_dtype, check_label_values
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -30,7 +30,7 @@ def token_logprobs_entropy_op(
 @token_logprobs_entropy_op.register_fake
 def _(logits, labels, temperature, ignore_index, backend):
     n = logits.shape[0]
-    return tuple(logits.new_empty(n, dtype=torch.float32) for _ in range(3))
+    return tuple(logits.new_empty(n, dtype=accumulation_dtype(logits.dtype)) for _ in range(3))
 
 
 @torch.library.custom_op("sirl_kernels::token_logprobs_entropy_backward", mutates_args=())
@@ -45,8 +45,9 @@ def token_logprobs_entropy_backward_op(
     ignore_index: int,
     backend: str,
 ) -> Tensor:
+    acc = accumulation_dtype(logits.dtype)
     return backends.get(backend).logits_backward(
-        grad_logprobs.float(), grad_entropy.float(), logits, labels, lse, entropy, temperature, ignore_index
+        grad_logprobs.to(acc), grad_entropy.to(acc), logits, labels, lse, entropy, temperature, ignore_index
     )
 
 
@@ -95,7 +96,7 @@ def linear_token_logprobs_entropy_op(
 @linear_token_logprobs_entropy_op.register_fake
 def _(hidden, weight, bias, labels, temperature, ignore_index, backend, chunk_size):
     n = hidden.shape[0]
-    return tuple(hidden.new_empty(n, dtype=torch.float32) for _ in range(3))
+    return tuple(hidden.new_empty(n, dtype=accumulation_dtype(hidden.dtype)) for _ in range(3))
 
 
 @torch.library.custom_op("sirl_kernels::linear_token_logprobs_entropy_backward", mutates_args=())
@@ -113,9 +114,10 @@ def linear_token_logprobs_entropy_backward_op(
     backend: str,
     chunk_size: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    acc = accumulation_dtype(hidden.dtype)
     grad_hidden, grad_weight, grad_bias = backends.get(backend).linear_backward(
-        grad_logprobs.float(),
-        grad_entropy.float(),
+        grad_logprobs.to(acc),
+        grad_entropy.to(acc),
         hidden,
         weight,
         bias,

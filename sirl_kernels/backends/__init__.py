@@ -94,8 +94,18 @@ def available_backends() -> dict[str, BackendStatus]:
     return report
 
 
-def resolve(backend: str, device: torch.device) -> str:
-    """See ``_resolve``; under torch.compile the answer is a trace-time constant, so no graph break."""
+def resolve(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """See ``_resolve``; under torch.compile the answer is a trace-time constant, so no graph break.
+
+    float64 inputs (gradcheck, references) run only on the "torch" backend: "auto" picks it, and naming any
+    other backend raises TypeError.
+    """
+    if dtype == torch.float64:
+        env = os.environ.get(ENV_VAR, "").strip()
+        name = env if backend == "auto" and env not in ("", "auto") else backend
+        if name not in ("auto", "torch"):
+            raise TypeError(f"backend {name!r} supports float32, bfloat16 and float16 inputs; float64 runs on 'torch'")
+        return "torch"
     return _resolve_constant(backend, device.type, os.environ.get(ENV_VAR, ""))
 
 

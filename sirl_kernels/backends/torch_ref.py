@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from sirl_kernels._checks import accumulation_dtype
 from sirl_kernels._sizes import logits_chunk_rows
 
 
@@ -52,12 +53,13 @@ def _chunk_grad(z, labels, valid, lse, entropy, g_lp, g_h, inv_t):
 def logits_forward(logits, labels, temperature, ignore_index):
     n, v = logits.shape
     inv_t = 1.0 / temperature
-    out = [torch.empty(n, dtype=torch.float32, device=logits.device) for _ in range(3)]
+    acc = accumulation_dtype(logits.dtype)
+    out = [torch.empty(n, dtype=acc, device=logits.device) for _ in range(3)]
     step = logits_chunk_rows(v)
     for s in range(0, n, step):
         e = min(s + step, n)
         lab = labels[s:e]
-        z = logits[s:e].float() * inv_t
+        z = logits[s:e].to(acc) * inv_t
         lp, h, lse = _chunk_forward(z, lab, lab != ignore_index)
         out[0][s:e], out[1][s:e], out[2][s:e] = lp, h, lse
     return tuple(out)
@@ -66,12 +68,13 @@ def logits_forward(logits, labels, temperature, ignore_index):
 def logits_backward(grad_logprobs, grad_entropy, logits, labels, lse, entropy, temperature, ignore_index):
     n, v = logits.shape
     inv_t = 1.0 / temperature
+    acc = accumulation_dtype(logits.dtype)
     grad = torch.empty((n, v), dtype=logits.dtype, device=logits.device)
     step = logits_chunk_rows(v)
     for s in range(0, n, step):
         e = min(s + step, n)
         lab = labels[s:e]
-        z = logits[s:e].float() * inv_t
+        z = logits[s:e].to(acc) * inv_t
         grad[s:e] = _chunk_grad(
             z, lab, lab != ignore_index, lse[s:e], entropy[s:e], grad_logprobs[s:e], grad_entropy[s:e], inv_t
         )
@@ -82,13 +85,14 @@ def _linear_chunk_logits(h, weight, bias, inv_t):
     z = h @ weight.t()
     if bias is not None:
         z = z + bias
-    return z.float() * inv_t
+    return z.to(accumulation_dtype(z.dtype)) * inv_t
 
 
 def linear_forward(hidden, weight, bias, labels, temperature, ignore_index, chunk_size):
     n = hidden.shape[0]
     inv_t = 1.0 / temperature
-    out = [torch.empty(n, dtype=torch.float32, device=hidden.device) for _ in range(3)]
+    acc = accumulation_dtype(hidden.dtype)
+    out = [torch.empty(n, dtype=acc, device=hidden.device) for _ in range(3)]
     for s in range(0, n, chunk_size):
         e = min(s + chunk_size, n)
         lab = labels[s:e]
@@ -105,8 +109,9 @@ def linear_backward(
     inv_t = 1.0 / temperature
     grad_hidden = torch.empty_like(hidden)
     # The weight gradient sums over every chunk: accumulate in fp32 whatever the weight's dtype.
-    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-    grad_bias = None if bias is None else torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+    acc = accumulation_dtype(weight.dtype)
+    grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+    grad_bias = None if bias is None else torch.zeros(bias.shape, dtype=acc, device=bias.device)
     for s in range(0, n, chunk_size):
         e = min(s + chunk_size, n)
         lab = labels[s:e]
@@ -115,7 +120,7 @@ def linear_backward(
             z, lab, lab != ignore_index, lse[s:e], entropy[s:e], grad_logprobs[s:e], grad_entropy[s:e], inv_t
         )
         grad_hidden[s:e] = (dz.to(weight.dtype) @ weight).to(hidden.dtype)
-        grad_weight.addmm_(dz.t(), hidden[s:e].float())
+        grad_weight.addmm_(dz.t(), hidden[s:e].to(acc))
         if grad_bias is not None:
             grad_bias += dz.sum(0)
     return (
