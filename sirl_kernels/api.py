@@ -30,6 +30,7 @@ def token_logprobs_entropy(
     temperature: float = 1.0,
     ignore_index: int = -100,
     backend: str = "auto",
+    inplace_backward: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Per-position log-probability of the label and entropy of softmax(logits / temperature).
 
@@ -40,6 +41,10 @@ def token_logprobs_entropy(
         temperature: divides the logits; finite and > 0.
         ignore_index: positions with this label get 0 in both outputs and zero gradient.
         backend: "auto", "torch", "cpu", "triton" or "cuda" (``$SIRL_KERNELS_BACKEND`` overrides "auto").
+        inplace_backward: Triton backend only (ValueError otherwise). Backward writes the gradient into the
+            logits' own storage instead of allocating an ``[N, V]`` gradient: **the logits' values are
+            destroyed by backward** (they then hold their gradient), so nothing else may still need them.
+            A logits tensor that had to be copied to unit stride is copied first and left intact.
 
     Returns:
         ``(logprobs, entropy)``, float32 tensors shaped like ``labels``. Differentiable with respect to
@@ -56,10 +61,16 @@ def token_logprobs_entropy(
     temperature = check_temperature(temperature)
     ignore_index = check_ignore_index(ignore_index)
     name = backends.resolve(backend, logits.device, logits.dtype)
+    if not isinstance(inplace_backward, bool):
+        raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
+    if inplace_backward and name != "triton":
+        raise ValueError(f"inplace_backward=True needs the 'triton' backend, but backend {name!r} was selected")
 
-    logprobs, entropy, _ = ops.token_logprobs_entropy_op(
-        _unit_stride_rows(logits, vocab), labels.reshape(-1).long(), temperature, ignore_index, name
-    )
+    flat = (_unit_stride_rows(logits, vocab), labels.reshape(-1).long(), temperature, ignore_index, name)
+    if inplace_backward:
+        logprobs, entropy, _ = ops.token_logprobs_entropy_op(*flat, True)
+    else:  # the default path keeps the 5-argument call that torch.compile and opcheck see
+        logprobs, entropy, _ = ops.token_logprobs_entropy_op(*flat)
     return logprobs.view(labels.shape), entropy.view(labels.shape)
 
 

@@ -21,14 +21,15 @@ from sirl_kernels._checks import accumulation_dtype, check_label_values
 # --------------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("sirl_kernels::token_logprobs_entropy", mutates_args=())
 def token_logprobs_entropy_op(
-    logits: Tensor, labels: Tensor, temperature: float, ignore_index: int, backend: str
+    logits: Tensor, labels: Tensor, temperature: float, ignore_index: int, backend: str,
+    inplace_backward: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     check_label_values(labels, logits.shape[-1], ignore_index)
     return backends.get(backend).logits_forward(logits, labels, temperature, ignore_index)
 
 
 @token_logprobs_entropy_op.register_fake
-def _(logits, labels, temperature, ignore_index, backend):
+def _(logits, labels, temperature, ignore_index, backend, inplace_backward=False):
     n = logits.shape[0]
     return tuple(logits.new_empty(n, dtype=accumulation_dtype(logits.dtype)) for _ in range(3))
 
@@ -56,20 +57,50 @@ def _(grad_logprobs, grad_entropy, logits, labels, lse, entropy, temperature, ig
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
+@torch.library.custom_op("sirl_kernels::token_logprobs_entropy_backward_", mutates_args=("logits",))
+def token_logprobs_entropy_backward_inplace_op(
+    grad_logprobs: Tensor,
+    grad_entropy: Tensor,
+    logits: Tensor,
+    labels: Tensor,
+    lse: Tensor,
+    entropy: Tensor,
+    temperature: float,
+    ignore_index: int,
+    backend: str,
+) -> None:
+    """Writes the gradient into ``logits`` itself (their values are destroyed). Only backends with a
+    ``logits_backward_inplace`` function (Triton) implement it."""
+    acc = accumulation_dtype(logits.dtype)
+    backends.get(backend).logits_backward_inplace(
+        grad_logprobs.to(acc), grad_entropy.to(acc), logits, labels, lse, entropy, temperature, ignore_index
+    )
+
+
+@token_logprobs_entropy_backward_inplace_op.register_fake
+def _(grad_logprobs, grad_entropy, logits, labels, lse, entropy, temperature, ignore_index, backend):
+    return None
+
+
 def _logits_setup_context(ctx, inputs, output):
-    logits, labels, temperature, ignore_index, backend = inputs
+    logits, labels, temperature, ignore_index, backend = inputs[:5]
     _, entropy, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(logits, labels, lse, entropy)
     ctx.temperature, ctx.ignore_index, ctx.backend = temperature, ignore_index, backend
+    ctx.inplace_backward = bool(inputs[5]) if len(inputs) > 5 else False
 
 
 def _logits_backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
     logits, labels, lse, entropy = ctx.saved_tensors
-    grad = token_logprobs_entropy_backward_op(
-        grad_logprobs, grad_entropy, logits, labels, lse, entropy, ctx.temperature, ctx.ignore_index, ctx.backend
-    )
-    return grad, None, None, None, None
+    args = (grad_logprobs, grad_entropy, logits, labels, lse, entropy, ctx.temperature, ctx.ignore_index,
+            ctx.backend)
+    if ctx.inplace_backward:
+        token_logprobs_entropy_backward_inplace_op(*args)
+        grad = logits  # now holds the gradient
+    else:
+        grad = token_logprobs_entropy_backward_op(*args)
+    return grad, None, None, None, None, None
 
 
 token_logprobs_entropy_op.register_autograd(_logits_backward, setup_context=_logits_setup_context)

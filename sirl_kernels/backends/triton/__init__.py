@@ -1,0 +1,90 @@
+"""Backend "triton": fused Triton kernels (CUDA GPUs; CPU tensors under ``TRITON_INTERPRET=1``).
+
+- logits input (``logits.py``): forward is one pass over V per row with the online (max, sumexp, weighted sum)
+  state in fp32; with too few rows to fill the GPU, V is split across programs and a second kernel merges
+  the partial states in a fixed order (no atomics, deterministic). Backward recomputes p from the saved lse
+  and entropy and writes the gradient of both outputs in one pass, optionally into the logits' own storage
+  (``logits_backward_inplace``, behind ``token_logprobs_entropy(..., inplace_backward=True)``).
+- fused linear (``linear.py``): logits tiles of ``hidden @ weight.T (+ bias)`` are produced by ``tl.dot`` and
+  consumed in registers; no logits tile is ever written to global memory, so the contract's ``chunk_size``
+  (a bound on materialised logits) has nothing to bound and is ignored. Backward recomputes the tiles; the
+  hidden gradient is reduced over V by one kernel and the weight (and bias) gradient over tokens by another:
+  fp32 accumulation, no atomics, deterministic.
+
+Importing this package never fails because of Triton: if ``import triton`` fails the backend only reports
+itself unavailable, with the reason.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton  # noqa: F401
+
+    from sirl_kernels.backends.triton import linear as _linear
+    from sirl_kernels.backends.triton import logits as _logits
+    from sirl_kernels.backends.triton import utils as _utils
+
+    _IMPORT_ERROR: Exception | None = None
+except Exception as exc:  # noqa: BLE001 - any failure only makes the backend unavailable
+    _IMPORT_ERROR = exc
+
+
+def unavailable_reason(device: torch.device | None) -> str | None:
+    if _IMPORT_ERROR is not None:
+        return f"triton is not importable: {type(_IMPORT_ERROR).__name__}: {_IMPORT_ERROR}"
+    dev_type = None if device is None else torch.device(device).type
+    if dev_type == "cuda":
+        return None if torch.cuda.is_available() else "CUDA is not available"
+    if dev_type in (None, "cpu"):
+        if _utils.INTERPRET:
+            return None
+        if dev_type is None and torch.cuda.is_available():
+            return None
+        return ("Triton runs on CPU tensors only under TRITON_INTERPRET=1 (set before sirl_kernels imports "
+                "its Triton backend)")
+    return f"Triton does not run on {dev_type} tensors"
+
+
+def _require():
+    if _IMPORT_ERROR is not None:
+        raise RuntimeError(unavailable_reason(None))
+
+
+def logits_forward(logits, labels, temperature, ignore_index):
+    _require()
+    with _utils.quiet():
+        return _logits.logits_forward(logits, labels, temperature, ignore_index)
+
+
+def logits_backward(grad_logprobs, grad_entropy, logits, labels, lse, entropy, temperature, ignore_index):
+    _require()
+    with _utils.quiet():
+        return _logits.logits_backward(grad_logprobs, grad_entropy, logits, labels, lse, entropy, temperature,
+                                   ignore_index)
+
+
+def logits_backward_inplace(grad_logprobs, grad_entropy, logits, labels, lse, entropy, temperature, ignore_index):
+    """Like ``logits_backward`` but writes the gradient into ``logits`` (destroying its values); returns it."""
+    _require()
+    with _utils.quiet():
+        return _logits.logits_backward(grad_logprobs, grad_entropy, logits, labels, lse, entropy, temperature,
+                                   ignore_index, out=logits)
+
+
+def linear_forward(hidden, weight, bias, labels, temperature, ignore_index, chunk_size):
+    """``chunk_size`` is ignored: no logits are materialised."""
+    _require()
+    with _utils.quiet():
+        return _linear.linear_forward(hidden, weight, bias, labels, temperature, ignore_index)
+
+
+def linear_backward(
+    grad_logprobs, grad_entropy, hidden, weight, bias, labels, lse, entropy, temperature, ignore_index, chunk_size
+):
+    """``chunk_size`` is ignored: no logits are materialised."""
+    _require()
+    with _utils.quiet():
+        return _linear.linear_backward(grad_logprobs, grad_entropy, hidden, weight, bias, labels, lse, entropy,
+                                   temperature, ignore_index)
