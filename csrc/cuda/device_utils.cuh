@@ -1,0 +1,107 @@
+// Device-side helpers: dtype conversion, 16-byte vector access, warp and block reductions of OnlineState.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "row_state.h"
+#include "sirl/online_state.h"
+
+namespace sirl_cuda {
+namespace dev {
+
+template <typename T>
+__device__ __forceinline__ float to_float(T x);
+template <>
+__device__ __forceinline__ float to_float<float>(float x) {
+  return x;
+}
+template <>
+__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) {
+  return __bfloat162float(x);
+}
+template <>
+__device__ __forceinline__ float to_float<__half>(__half x) {
+  return __half2float(x);
+}
+
+// Round to nearest even, as torch's .to(dtype).
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) {
+  return x;
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) {
+  return __float2half_rn(x);
+}
+
+__device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// Elements per 16-byte vector.
+template <typename T>
+struct VecWidth {
+  static constexpr int value = static_cast<int>(16 / sizeof(T));
+};
+
+// Elements before p reaches a 16-byte boundary (p is element-aligned, checked on the host).
+template <typename T>
+__device__ __forceinline__ int64_t head_elems(const void* p) {
+  const uintptr_t addr = reinterpret_cast<uintptr_t>(p);
+  return static_cast<int64_t>(((16u - (addr & 15u)) & 15u) / sizeof(T));
+}
+
+// Loads one 16-byte vector (read-only path) and converts it to fp32 times inv_t.
+template <typename T>
+__device__ __forceinline__ void load_scaled(const uint4* src, float inv_t, float (&z)[VecWidth<T>::value]) {
+  const uint4 raw = __ldg(src);
+  const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int i = 0; i < VecWidth<T>::value; ++i) z[i] = to_float<T>(e[i]) * inv_t;
+}
+
+__device__ __forceinline__ sirl::OnlineState shfl_down_state(sirl::OnlineState s, int offset) {
+  sirl::OnlineState o;
+  o.max = __shfl_down_sync(0xffffffffu, s.max, offset);
+  o.sumexp = __shfl_down_sync(0xffffffffu, s.sumexp, offset);
+  o.wsum = __shfl_down_sync(0xffffffffu, s.wsum, offset);
+  return o;
+}
+
+// Tree reduction within a warp (fixed order: deterministic); lane 0 holds the result.
+__device__ __forceinline__ sirl::OnlineState warp_reduce(sirl::OnlineState s) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) s = sirl::merge(s, shfl_down_state(s, offset));
+  return s;
+}
+
+// Block reduction (kThreads a multiple of 32, at most 1024); thread 0 holds the result. Starts with a barrier
+// so the shared scratch may be reused by consecutive calls in a grid-stride loop.
+template <int kThreads>
+__device__ __forceinline__ sirl::OnlineState block_reduce(sirl::OnlineState s) {
+  static_assert(kThreads % 32 == 0 && kThreads <= 1024, "block size");
+  constexpr int kWarps = kThreads / 32;
+  __shared__ sirl::OnlineState scratch[kWarps];
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  __syncthreads();
+  s = warp_reduce(s);
+  if (kWarps == 1) return s;
+  if (lane == 0) scratch[warp] = s;
+  __syncthreads();
+  if (warp == 0) {
+    s = lane < kWarps ? scratch[lane] : sirl::empty_state();
+    s = warp_reduce(s);
+  }
+  return s;
+}
+
+}  // namespace dev
+}  // namespace sirl_cuda

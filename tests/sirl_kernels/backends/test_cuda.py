@@ -1,0 +1,236 @@
+"""The "cuda" backend: GPU parity tests (skipped with the reason where there is no usable CUDA backend) and
+CPU-runnable checks of how it reports itself and of its host-only launcher tests (csrc/cuda)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import sirl_kernels
+from reference_impl import grad_tolerance, reference_grads, reference_logprobs_entropy
+from sirl_kernels import backends
+from sirl_kernels.backends import cuda as cuda_backend
+
+ROOT = Path(__file__).resolve().parents[3]
+_REASON = cuda_backend.unavailable_reason(torch.device("cuda"))
+needs_cuda = pytest.mark.skipif(_REASON is not None, reason=f"cuda backend unavailable: {_REASON}")
+gpu = [pytest.mark.gpu, needs_cuda]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CPU-runnable
+# ----------------------------------------------------------------------------------------------------------------
+def test_report_gives_a_precise_reason():
+    status = sirl_kernels.available_backends()["cuda"]
+    if not torch.version.cuda:
+        assert not status.available
+        assert f"torch {torch.__version__} has no CUDA" in status.reason
+    elif not torch.cuda.is_available():
+        assert not status.available and "no CUDA device" in status.reason
+    elif _REASON is not None:
+        assert not status.available and "sirl_kernels._C_cuda" in status.reason
+    else:
+        assert status.available and "cuda" in status.reason
+
+
+def test_cpu_tensors_are_refused_with_reason():
+    why = cuda_backend.unavailable_reason(torch.device("cpu"))
+    assert why is not None and ("CUDA" in why)
+    with pytest.raises(RuntimeError, match="backend 'cuda' is not usable for cpu tensors"):
+        backends.resolve("cuda", torch.device("cpu"))
+
+
+def _launcher_test_binary() -> Path | None:
+    env = os.environ.get("SIRL_CUDA_TEST_BINARY")
+    candidates = [Path(env)] if env else []
+    candidates += [
+        ROOT / "build" / "cmake" / "csrc" / "cuda" / "test_cuda_launchers",
+        ROOT / "build" / "cuda" / "test_cuda_launchers",
+    ]
+    return next((p for p in candidates if p.is_file() and os.access(p, os.X_OK)), None)
+
+
+def test_host_only_launcher_checks():
+    """Runs the ctest binary of csrc/cuda (argument checks fire before any CUDA call; no GPU needed)."""
+    binary = _launcher_test_binary()
+    if binary is None:
+        pytest.skip("csrc/cuda test binary not built (run .ci/cuda_build.sh or the CMake build in docs/cuda.md)")
+    proc = subprocess.run([str(binary)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "0 failures" in proc.stdout
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPU parity
+# ----------------------------------------------------------------------------------------------------------------
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _tol(dtype):
+    # Outputs are fp32 computed from rounded inputs; the float64 reference sees the same rounded inputs.
+    return {"rtol": 2e-5, "atol": 2e-5} if dtype == torch.float32 else {"rtol": 1e-4, "atol": 1e-4}
+
+
+def _case(n, v, dtype, seed=0, scale=3.0, ignore_every=0, ninf_every=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(n, v, generator=g) * scale).to(dtype)
+    labels = torch.randint(0, v, (n,), generator=g)
+    if ignore_every:
+        labels[::ignore_every] = -100
+    if ninf_every:
+        logits[1::ninf_every, ::7] = float("-inf")
+        labels[1::ninf_every] = 1  # label stays finite (column 1 is not masked)
+    return logits.cuda(), labels.cuda()
+
+
+def _ops():
+    return torch.ops.sirl_kernels_cuda
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,v", [(1, 1), (3, 7), (17, 1000), (64, 4099), (5, 32768 + 3)])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.gpu
+@needs_cuda
+def test_forward_matches_float64(dtype, n, v, temperature):
+    logits, labels = _case(n, v, dtype, seed=n + v, ignore_every=4, ninf_every=3 if v > 7 else 0)
+    lp, h, lse = cuda_backend.logits_forward(logits, labels, temperature, -100)
+    ref_lp, ref_h = reference_logprobs_entropy(logits, labels, temperature, -100)
+    torch.testing.assert_close(lp.double(), ref_lp, **_tol(dtype))
+    torch.testing.assert_close(h.double(), ref_h, **_tol(dtype))
+    ignored = labels == -100
+    assert torch.all(lp[ignored] == 0) and torch.all(h[ignored] == 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("splits", [2, 3, 7, 64, 256])
+@pytest.mark.gpu
+@needs_cuda
+def test_split_v_matches_unsplit_and_is_deterministic(dtype, splits):
+    logits, labels = _case(6, 20011, dtype, seed=splits, ignore_every=5)
+    one = _ops().logits_forward(logits, labels, 0.9, -100, 1)
+    many = _ops().logits_forward(logits, labels, 0.9, -100, splits)
+    again = _ops().logits_forward(logits, labels, 0.9, -100, splits)
+    for a, b, c in zip(one, many, again):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+        assert torch.equal(b, c), "split-V merge must be bit-reproducible"
+    ref_lp, ref_h = reference_logprobs_entropy(logits, labels, 0.9, -100)
+    torch.testing.assert_close(many[0].double(), ref_lp, **_tol(dtype))
+    torch.testing.assert_close(many[1].double(), ref_h, **_tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.gpu
+@needs_cuda
+def test_unaligned_rows_and_strides(dtype):
+    base, _ = _case(9, 1031, dtype, seed=5)
+    logits = base[:, 3:1030]  # row start off 16-byte alignment, odd row stride
+    labels = torch.randint(0, logits.shape[1], (9,), device="cuda")
+    lp, h, _ = cuda_backend.logits_forward(logits, labels, 1.3, -100)
+    ref_lp, ref_h = reference_logprobs_entropy(logits, labels, 1.3, -100)
+    torch.testing.assert_close(lp.double(), ref_lp, **_tol(dtype))
+    torch.testing.assert_close(h.double(), ref_h, **_tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+@pytest.mark.gpu
+@needs_cuda
+def test_backward_matches_float64_and_in_place(dtype, temperature):
+    logits, labels = _case(33, 3001, dtype, seed=11, ignore_every=6, ninf_every=4)
+    g_lp = torch.randn(33, device="cuda")
+    g_h = torch.randn(33, device="cuda")
+    _, h, lse = cuda_backend.logits_forward(logits, labels, temperature, -100)
+    grad = cuda_backend.logits_backward(g_lp, g_h, logits, labels, lse, h, temperature, -100)
+    assert grad.dtype == dtype and grad.shape == logits.shape
+    ref = reference_grads(logits, labels, g_lp, g_h, temperature, -100)
+    torch.testing.assert_close(grad.double(), ref, **grad_tolerance(dtype, ref))
+    assert torch.all(grad[labels == -100] == 0)
+    assert torch.all(grad[torch.isinf(logits)] == 0), "-inf logits get exactly zero gradient"
+    inplace = logits.clone()
+    out = cuda_backend.logits_backward_(g_lp, g_h, inplace, labels, lse, h, temperature, -100)
+    assert out.data_ptr() == inplace.data_ptr()
+    assert torch.equal(inplace, grad), "in-place backward must equal the out-of-place one bit for bit"
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_public_api_and_autograd_on_cuda():
+    logits, labels = _case(4 * 5, 777, torch.bfloat16, seed=2, ignore_every=3)
+    x = logits.view(4, 5, 777).requires_grad_(True)
+    lp, h = sirl_kernels.token_logprobs_entropy(x, labels.view(4, 5), temperature=0.8, backend="cuda")
+    (lp.sum() + 0.5 * h.sum()).backward()
+    g_lp, g_h = torch.ones(20, device="cuda"), torch.full((20,), 0.5, device="cuda")
+    ref = reference_grads(logits, labels, g_lp, g_h, 0.8, -100)
+    torch.testing.assert_close(x.grad.view(20, 777).double(), ref, **grad_tolerance(torch.bfloat16, ref))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.gpu
+@needs_cuda
+def test_fused_linear_matches_torch_backend(dtype, bias):
+    g = torch.Generator().manual_seed(7)
+    n, d, v = 70, 64, 5003
+    hidden = (torch.randn(n, d, generator=g)).to(dtype).cuda()
+    weight = (torch.randn(v, d, generator=g) * 0.2).to(dtype).cuda()
+    b = (torch.randn(v, generator=g) * 0.5).to(dtype).cuda() if bias else None
+    labels = torch.randint(0, v, (n,), generator=g).cuda()
+    labels[::9] = -100
+
+    def run(backend):
+        leaves = [hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)]
+        bb = None if b is None else b.clone().requires_grad_(True)
+        lp, h = sirl_kernels.linear_token_logprobs_entropy(
+            leaves[0], leaves[1], labels, bias=bb, temperature=0.9, backend=backend, chunk_size=16
+        )
+        (lp.sum() - 0.3 * h.sum()).backward()
+        return lp, h, leaves[0].grad, leaves[1].grad, None if bb is None else bb.grad
+
+    got, want = run("cuda"), run("torch")
+    for a, e in zip(got, want):
+        if e is None:
+            assert a is None
+            continue
+        tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+        torch.testing.assert_close(a.float(), e.float(), **tol)
+
+
+@pytest.mark.slow
+@pytest.mark.gpu
+@needs_cuda
+def test_large_vocab_bf16_vs_float64_and_triton():
+    n, v = 16384, 151936
+    torch.manual_seed(0)
+    logits = (torch.randn(n, v, device="cuda") * 4).to(torch.bfloat16)
+    labels = torch.randint(0, v, (n,), device="cuda")
+    labels[::13] = -100
+    lp, h, lse = cuda_backend.logits_forward(logits, labels, 1.0, -100)
+    rows = torch.arange(0, n, 997, device="cuda")  # float64 on a sample of rows (the full tensor is 20 GB)
+    ref_lp, ref_h = reference_logprobs_entropy(logits[rows], labels[rows])
+    torch.testing.assert_close(lp[rows].double(), ref_lp, rtol=1e-4, atol=2e-4)
+    torch.testing.assert_close(h[rows].double(), ref_h, rtol=1e-4, atol=2e-4)
+    g_lp = torch.randn(n, device="cuda")
+    g_h = torch.randn(n, device="cuda")
+    grad = cuda_backend.logits_backward(g_lp, g_h, logits, labels, lse, h, 1.0, -100)
+    ref = reference_grads(logits[rows], labels[rows], g_lp[rows], g_h[rows])
+    torch.testing.assert_close(grad[rows].double(), ref, **grad_tolerance(torch.bfloat16, ref))
+    cuda_backend.logits_backward_(g_lp, g_h, logits, labels, lse, h, 1.0, -100)  # in place, 5 GB saved
+    assert torch.equal(logits, grad)
+    del grad, logits
+    torch.cuda.empty_cache()
+
+    if not sirl_kernels.available_backends()["triton"].available:
+        pytest.skip("triton backend unavailable: compared with float64 only")
+    torch.manual_seed(0)
+    logits = (torch.randn(n, v, device="cuda") * 4).to(torch.bfloat16)
+    t_lp, t_h, t_lse = backends.get("triton").logits_forward(logits, labels, 1.0, -100)
+    torch.testing.assert_close(lp, t_lp, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(h, t_h, rtol=1e-5, atol=1e-4)
+    t_grad = backends.get("triton").logits_backward(g_lp, g_h, logits, labels, t_lse, t_h, 1.0, -100)
+    c_grad = cuda_backend.logits_backward(g_lp, g_h, logits, labels, lse, h, 1.0, -100)
+    torch.testing.assert_close(c_grad.float(), t_grad.float(), rtol=1e-2, atol=1e-6)
