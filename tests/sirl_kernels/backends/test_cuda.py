@@ -58,7 +58,7 @@ def test_host_only_launcher_checks():
     """Runs the ctest binary of csrc/cuda (argument checks fire before any CUDA call; no GPU needed)."""
     binary = _launcher_test_binary()
     if binary is None:
-        pytest.skip("csrc/cuda test binary not built (run .ci/cuda_build.sh or the CMake build in docs/cuda.md)")
+        pytest.skip("csrc/cuda test binary not built (run scripts/build_csrc.sh or the CMake build in docs/cuda.md)")
     proc = subprocess.run([str(binary)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "0 failures" in proc.stdout

@@ -1,0 +1,213 @@
+// Unit tests of csrc/include/sirl/online_state.h against long-double references.
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+
+#include <random>
+#include <vector>
+
+#include "check.h"
+
+#include "sirl/online_state.h"
+
+using sirl::OnlineState;
+
+struct Ref {
+  long double lse, entropy;
+};
+
+static Ref reference(const std::vector<float>& z) {
+  long double m = -INFINITY;
+  for (float v : z) m = v > m ? v : m;
+  long double s = 0, w = 0;
+  for (float v : z) {
+    if (v == -INFINITY) continue;
+    const long double e = expl((long double)v - m);
+    s += e;
+    w += e * ((long double)v - m);
+  }
+  return Ref{m + logl(s), logl(s) - w / s};
+}
+
+static OnlineState sequential(const std::vector<float>& z, size_t b, size_t e) {
+  OnlineState s = sirl::empty_state();
+  for (size_t i = b; i < e; ++i) s = sirl::update(s, z[i]);
+  return s;
+}
+
+// Merges [b, e) as a random binary tree.
+static OnlineState tree(const std::vector<float>& z, size_t b, size_t e, std::mt19937& rng) {
+  if (e - b <= 3) return sequential(z, b, e);
+  std::uniform_int_distribution<size_t> cut(b + 1, e - 1);
+  const size_t c = cut(rng);
+  return sirl::merge(tree(z, b, c, rng), tree(z, c, e, rng));
+}
+
+static bool close(long double got, long double want, long double rtol, long double atol) {
+  return fabsl(got - want) <= atol + rtol * fabsl(want);
+}
+
+static bool same_bits(float a, float b) { return memcmp(&a, &b, sizeof(float)) == 0; }
+
+static void test_random_rows() {
+  std::mt19937 rng(1234);
+  const int sizes[] = {1, 2, 7, 64, 1000, 4099, 50000};
+  const float scales[] = {0.1f, 3.0f, 30.0f, 1000.0f};
+  for (int n : sizes) {
+    for (float scale : scales) {
+      std::normal_distribution<float> nd(0.0f, scale);
+      std::uniform_real_distribution<float> u(0.0f, 1.0f);
+      std::vector<float> z(n);
+      for (auto& v : z) v = u(rng) < 0.2f ? -INFINITY : nd(rng);
+      z[n / 2] = nd(rng);  // at least one finite entry
+      const Ref ref = reference(z);
+      const OnlineState seq = sequential(z, 0, n);
+      const OnlineState tr = tree(z, 0, n, rng);
+      for (const OnlineState& st : {seq, tr}) {
+        const sirl::RowResult r = sirl::finalize(st, z[n / 2]);
+        // lse: relative to its magnitude plus the fp32 rounding of log(sum) (n terms, each <= 1 ulp-ish).
+        CHECK(close(r.lse, ref.lse, 2e-6L, 2e-6L * (1 + log((double)n))), "n=%d scale=%g lse %.9g vs %.12Lg", n,
+              scale, r.lse, ref.lse);
+        CHECK(close(r.entropy, ref.entropy, 1e-5L, 1e-5L), "n=%d scale=%g entropy %.9g vs %.12Lg", n, scale,
+              r.entropy, ref.entropy);
+        CHECK(close(r.logprob, (long double)z[n / 2] - ref.lse, 2e-6L, 2e-6L * (1 + log((double)n))),
+              "n=%d logprob", n);
+      }
+      // Associativity (up to rounding) and bitwise commutativity of merge.
+      if (n >= 3) {
+        const size_t a = n / 3, b = 2 * n / 3;
+        const OnlineState x = sequential(z, 0, a), y = sequential(z, a, b), w = sequential(z, b, n);
+        const OnlineState l = sirl::merge(sirl::merge(x, y), w), r = sirl::merge(x, sirl::merge(y, w));
+        CHECK(l.max == r.max, "max must be exact");
+        CHECK(close(l.sumexp, r.sumexp, 1e-6L, 0), "assoc sumexp %.9g vs %.9g", l.sumexp, r.sumexp);
+        CHECK(close(l.wsum, r.wsum, 1e-5L, 1e-6L * fabsl(l.sumexp)), "assoc wsum %.9g vs %.9g", l.wsum, r.wsum);
+        const OnlineState c1 = sirl::merge(x, y), c2 = sirl::merge(y, x);
+        CHECK(same_bits(c1.max, c2.max) && same_bits(c1.sumexp, c2.sumexp) && same_bits(c1.wsum, c2.wsum),
+              "merge must be bitwise commutative");
+      }
+    }
+  }
+}
+
+static void test_merge_exactness() {
+  // Identity: merging with the empty state returns the other state bit for bit.
+  const OnlineState a{1.5f, 3.25f, -0.75f};
+  for (const OnlineState& r : {sirl::merge(a, sirl::empty_state()), sirl::merge(sirl::empty_state(), a)}) {
+    CHECK(same_bits(r.max, a.max) && same_bits(r.sumexp, a.sumexp) && same_bits(r.wsum, a.wsum), "identity");
+  }
+  // Equal maxes: plain sums, exact for representable values.
+  const OnlineState b{1.5f, 2.0f, -0.5f};
+  const OnlineState ab = sirl::merge(a, b);
+  CHECK(ab.max == 1.5f && ab.sumexp == 5.25f && ab.wsum == -1.25f, "equal-max merge");
+  // Exact rescaling: d = -ln 2 is not representable, but d = -1 gives scale e^-1: compare to double.
+  const OnlineState c{0.5f, 1.0f, 0.0f};
+  const OnlineState bc = sirl::merge(b, c);
+  CHECK(close(bc.sumexp, 2.0L + expl(-1.0L), 1e-7L, 0), "rescaled sumexp %.9g", bc.sumexp);
+  CHECK(close(bc.wsum, -0.5L - expl(-1.0L), 1e-7L, 0), "rescaled wsum %.9g", bc.wsum);
+  // A hugely smaller max underflows to a zero contribution, never NaN.
+  const OnlineState far{-1e30f, 5.0f, -1.0f};
+  const OnlineState af = sirl::merge(a, far);
+  CHECK(af.max == a.max && af.sumexp == a.sumexp && af.wsum == a.wsum, "underflowed merge");
+}
+
+static void test_neg_inf() {
+  const OnlineState e = sirl::singleton_state(-INFINITY);
+  CHECK(e.max == -INFINITY && e.sumexp == 0.0f && e.wsum == 0.0f, "singleton(-inf) is empty");
+  const OnlineState one = sirl::singleton_state(2.0f);
+  const OnlineState u = sirl::update(one, -INFINITY);
+  CHECK(same_bits(u.max, one.max) && same_bits(u.sumexp, one.sumexp) && same_bits(u.wsum, one.wsum),
+        "update(-inf) changes nothing");
+  const OnlineState ee = sirl::merge(sirl::empty_state(), sirl::empty_state());
+  CHECK(ee.max == -INFINITY && ee.sumexp == 0.0f && ee.wsum == 0.0f, "empty + empty");
+  // Finite entries after -inf ones: no NaN from (-inf) - (-inf).
+  OnlineState s = sirl::empty_state();
+  s = sirl::update(s, -INFINITY);
+  s = sirl::update(s, 1.0f);
+  s = sirl::update(s, -INFINITY);
+  s = sirl::update(s, 1.0f);
+  const sirl::RowResult r = sirl::finalize(s, 1.0f);
+  CHECK(close(r.lse, 1.0L + logl(2.0L), 1e-7L, 0), "lse %.9g", r.lse);
+  CHECK(close(r.entropy, logl(2.0L), 1e-7L, 1e-7L), "entropy %.9g", r.entropy);
+  // A single finite entry: entropy exactly 0, logprob exactly 0.
+  const sirl::RowResult single = sirl::finalize(sirl::update(sirl::empty_state(), 7.0f), 7.0f);
+  CHECK(single.entropy == 0.0f && single.logprob == 0.0f && single.lse == 7.0f, "single entry");
+  // All -inf: NaN entropy (like PyTorch), -inf lse.
+  const sirl::RowResult all = sirl::finalize(sirl::empty_state(), -INFINITY);
+  CHECK(all.lse == -INFINITY && isnan(all.entropy), "all -inf row: lse %g entropy %g", all.lse, all.entropy);
+  // Label at -inf in a finite row: logprob -inf.
+  CHECK(sirl::finalize(s, -INFINITY).logprob == -INFINITY, "label at -inf");
+}
+
+static void test_finalize_uniform() {
+  for (int n : {1, 2, 10, 1000, 151936}) {
+    OnlineState s = sirl::empty_state();
+    for (int i = 0; i < n; ++i) s = sirl::update(s, 0.25f);
+    const sirl::RowResult r = sirl::finalize(s, 0.25f);
+    CHECK(close(r.entropy, logl(n), 1e-6L, 1e-6L), "uniform n=%d entropy %.9g", n, r.entropy);
+    CHECK(close(r.logprob, -logl(n), 1e-6L, 1e-6L), "uniform n=%d logprob %.9g", n, r.logprob);
+    CHECK(r.entropy >= 0.0f, "entropy clamped at 0");
+  }
+}
+
+static void test_grads() {
+  std::mt19937 rng(99);
+  std::normal_distribution<float> nd(0.0f, 3.0f);
+  for (int trial = 0; trial < 200; ++trial) {
+    const int n = 1 + trial * 7;
+    std::vector<float> z(n);
+    for (auto& v : z) v = nd(rng);
+    if (trial % 5 == 1) z[0] = -INFINITY;
+    const float inv_t = trial % 3 == 0 ? 1.0f : 1.0f / 0.7f;
+    std::vector<float> zs(n);
+    for (int i = 0; i < n; ++i) zs[i] = z[i] * inv_t;
+    const Ref ref = reference(zs);
+    const sirl::RowResult rr = sirl::finalize(sequential(zs, 0, n), zs[n - 1]);
+    const float g_lp = nd(rng), g_h = nd(rng);
+    long double max_abs = 0;
+    std::vector<long double> want(n);
+    for (int i = 0; i < n; ++i) {
+      const long double logp = (long double)zs[i] - ref.lse, p = expl(logp);
+      const long double ent = p == 0 ? 0 : p * (logp + ref.entropy);
+      want[i] = ((i == n - 1 ? g_lp * (1 - p) : -g_lp * p) - g_h * ent) * (long double)inv_t;
+      max_abs = fmaxl(max_abs, fabsl(want[i]));
+    }
+    for (int i = 0; i < n; ++i) {
+      const float got = i == n - 1 ? sirl::grad_label(zs[i], rr.lse, rr.entropy, g_lp, g_h, inv_t)
+                                   : sirl::grad_nonlabel(zs[i], rr.lse, rr.entropy, g_lp, g_h, inv_t);
+      CHECK(!isnan(got), "grad NaN at %d", i);
+      CHECK(close(got, want[i], 1e-4L, 1e-5L * fmaxl(max_abs, 1)), "trial %d i=%d grad %.9g vs %.12Lg", trial, i, got,
+            want[i]);
+      if (z[i] == -INFINITY) CHECK(got == 0.0f, "-inf entry must get exactly 0, got %g", got);
+    }
+  }
+  // p_y -> 1: with the label at 0 and 999 others at -20, 1 - p_y ~ 2.06e-6 and lse ~ 2.06e-6 is representable to
+  // full relative precision; -expm1(log p_y) keeps it, where 1 - exp(log p_y) would lose ~3% to fp32 rounding.
+  const int n = 1000;
+  std::vector<float> z(n, -20.0f);
+  z[11] = 0.0f;
+  const Ref ref = reference(z);
+  // The 999 others summed in their own frame, then merged (as the kernels do per block): adding 2e-9 terms to 1 one
+  // by one would round every one of them away.
+  const OnlineState others = sirl::merge(sequential(z, 0, 11), sequential(z, 12, n));
+  const sirl::RowResult rr = sirl::finalize(sirl::merge(others, sirl::singleton_state(0.0f)), 0.0f);
+  const float got = sirl::grad_label(0.0f, rr.lse, rr.entropy, 1.0f, 0.0f, 1.0f);
+  // Exact relative to the fp32 lse (whose own rounding, ~ulp(1) in sumexp, is the state's, not this function's).
+  const long double want = -expm1l(0.0L - (long double)rr.lse);
+  CHECK(close(got, want, 1e-6L, 0), "1 - p_y: %.9g vs %.12Lg", got, want);
+  CHECK(close(rr.lse, ref.lse, 0.05L, 0), "lse of the p_y -> 1 row: %.9g vs %.12Lg", rr.lse, ref.lse);
+  // Label at -inf: p = 0, gradient g_lp / T exactly, no NaN.
+  CHECK(sirl::grad_label(-INFINITY, 1.0f, 0.5f, 2.0f, 3.0f, 0.5f) == 1.0f, "label at -inf");
+  CHECK(sirl::grad_nonlabel(-INFINITY, 1.0f, 0.5f, 2.0f, 3.0f, 0.5f) == 0.0f, "non-label at -inf");
+  // Far below lse (p underflows to 0): exactly 0, never 0 * huge.
+  CHECK(sirl::grad_nonlabel(-1e30f, 0.0f, 1.0f, 1.0f, 1.0f, 1.0f) == 0.0f, "underflowed p");
+}
+
+int main() {
+  test_random_rows();
+  test_merge_exactness();
+  test_neg_inf();
+  test_finalize_uniform();
+  test_grads();
+  printf("%d checks, %d failures\n", g_checks, g_failures);
+  return g_failures == 0 ? 0 : 1;
+}

@@ -1,0 +1,99 @@
+"""One no-grad forward of the sampling policy: old log-probs and per-token entropy -> the SIRL reward.
+
+SIRL's reward is the policy's own confidence: minus the mean entropy of its next-token distribution over the
+tokens it generated, measured at the sampling temperature. Confident (low-entropy) answers score higher.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from sirl.rollout import Rollout
+from sirl_kernels.hf import causal_lm_token_logprobs_entropy
+
+
+def micro_batches(rollout: Rollout, token_budget: int) -> list[slice]:
+    """Consecutive row slices with at most ``token_budget`` padded tokens each (at least one row)."""
+    rows_per = max(1, token_budget // max(1, rollout.input_ids.shape[1]))
+    return [slice(s, min(s + rows_per, len(rollout))) for s in range(0, len(rollout), rows_per)]
+
+
+def trim(rollout: Rollout) -> Rollout:
+    """Drops trailing columns no row uses (micro-batches of short completions run shorter)."""
+    used = rollout.attention_mask.any(0).nonzero()
+    end = int(used.max()) + 1 if used.numel() else rollout.input_ids.shape[1]
+    return rollout.select(slice(None)) if end == rollout.input_ids.shape[1] else Rollout(
+        rollout.input_ids[:, :end], rollout.attention_mask[:, :end], rollout.completion_mask[:, :end],
+        rollout.truncated, rollout.prompt_index, rollout.prompt_length,
+    )
+
+
+@torch.no_grad()
+def token_logprobs_entropy(model, rollout: Rollout, temperature: float, token_budget: int) -> tuple[Tensor, Tensor]:
+    """``(logprobs, entropy)`` ``[N, T]`` float32, zero outside the completion (alignment: sirl_kernels.hf)."""
+    width = rollout.input_ids.shape[1]
+    logprobs = torch.zeros(rollout.input_ids.shape, dtype=torch.float32, device=rollout.input_ids.device)
+    entropy = torch.zeros_like(logprobs)
+    was_training = model.training
+    model.eval()  # no dropout and no gradient checkpointing in a no-grad pass
+    try:
+        for rows in micro_batches(rollout, token_budget):
+            mb = trim(rollout.select(rows))
+            lp, ent = causal_lm_token_logprobs_entropy(
+                model, mb.input_ids, mb.attention_mask, mb.completion_mask, temperature=temperature
+            )
+            logprobs[rows, : lp.shape[1]] = lp
+            entropy[rows, : ent.shape[1]] = ent
+    finally:
+        model.train(was_training)
+    assert logprobs.shape[1] == width
+    return logprobs, entropy
+
+
+def reward_mask(completion_mask: Tensor, last_k: int | None = None) -> Tensor:
+    """The tokens whose entropy counts: all completion tokens, or only each row's last ``last_k`` of them."""
+    mask = completion_mask.bool()
+    if last_k is None:
+        return mask
+    from_end = mask.long().flip(-1).cumsum(-1).flip(-1)  # 1 on the last completion token, 2 before it, ...
+    return mask & (from_end <= last_k)
+
+
+def sirl_rewards(
+    entropy: Tensor,
+    completion_mask: Tensor,
+    truncated: Tensor,
+    *,
+    aggregation: str = "mean",
+    last_k: int | None = None,
+    truncation: str = "keep",
+    truncation_penalty: float = -10.0,
+) -> tuple[Tensor, Tensor]:
+    """Per-sequence SIRL reward and which sequences take part in the loss.
+
+    Args:
+        entropy: ``[N, T]`` per-token entropy (that of the distribution which produced token t).
+        aggregation: "mean" (the paper) or "sum" of the entropies.
+        truncation: completions that hit the length limit are kept as they are ("keep"), excluded from the loss
+            and from their group's statistics ("mask"), or given the fixed reward ``truncation_penalty``.
+
+    Returns:
+        ``(rewards [N] float32, valid [N] bool)``.
+    """
+    mask = reward_mask(completion_mask, last_k).to(entropy.dtype)
+    total = (entropy * mask).sum(-1)
+    if aggregation == "mean":
+        rewards = -total / mask.sum(-1).clamp_min(1.0)
+    elif aggregation == "sum":
+        rewards = -total
+    else:
+        raise ValueError(f"aggregation must be 'mean' or 'sum', got {aggregation!r}")
+    valid = torch.ones_like(truncated, dtype=torch.bool)
+    if truncation == "mask":
+        valid = ~truncated
+    elif truncation == "penalize":
+        rewards = torch.where(truncated, torch.full_like(rewards, truncation_penalty), rewards)
+    elif truncation != "keep":
+        raise ValueError(f"truncation must be 'keep', 'mask' or 'penalize', got {truncation!r}")
+    return rewards.float(), valid

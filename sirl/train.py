@@ -1,0 +1,456 @@
+"""The SIRL loop. One step, top to bottom:
+
+    prompts -> rollout (G samples each) -> score (old log-probs, entropy; reward = -mean entropy)
+            -> advantage (group z-score) -> loss (clipped surrogate + beta KL, micro-batched) -> optimizer step
+            -> metrics line, checkpoint
+
+Data parallel (``torchrun``): every rank builds the same prompt stream and takes a contiguous slice of each
+step's prompts, so groups never span ranks. Gradients are summed across ranks by hand after the backward passes:
+the loss goes through ``sirl_kernels.hf`` (decoder body + fused head), not through ``module.forward``, which is
+what ``DistributedDataParallel``'s reducer hooks onto; the loss is already normalised by the global token count,
+so a plain all-reduce sum gives exactly the single-process gradient (tested).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from sirl.advantage import group_advantages
+from sirl.config import SIRLConfig, save_config
+from sirl.data import PromptStream, encode_prompt, load_prompts
+from sirl.loss import sirl_loss
+from sirl.reference import Reference, reference_logprobs
+from sirl.rollout import Rollout, rollout
+from sirl.score import micro_batches, sirl_rewards, token_logprobs_entropy, trim
+from sirl_kernels.hf import causal_lm_token_logprobs_entropy
+
+# ---------------------------------------------------------------------------------------------------------------
+# distributed helpers (all no-ops in a single process)
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        if self.world == 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def all_cat(self, t: torch.Tensor) -> torch.Tensor:
+        """Concatenation over ranks in rank order (every rank holds the same number of rows)."""
+        if self.world == 1:
+            return t
+        parts = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(parts, t.contiguous())
+        return torch.cat(parts)
+
+    def sum_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        if self.world == 1:
+            return
+        grads = [p.grad for p in params if p.grad is not None]
+        flat = torch._utils._flatten_dense_tensors(grads)
+        dist.all_reduce(flat)
+        for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+            g.copy_(synced)
+
+
+def init_distributed() -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        return Dist(dist.get_rank(), dist.get_world_size())
+    return Dist()
+
+
+def pick_device(cfg: SIRLConfig) -> torch.device:
+    if cfg.device != "auto":
+        return torch.device(cfg.device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the stages of one step (each a small function of tensors; tested alone in tests/sirl)
+
+
+def lr_lambda(cfg: SIRLConfig):
+    """Linear warm-up, then cosine decay to ``min_lr_ratio`` (or constant)."""
+
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def loss_normalisers(batch: Rollout, loss_mask: torch.Tensor, dd: Dist) -> dict:
+    """Token and sequence counts over the whole batch (all ranks): what makes micro-batch losses add up."""
+    tokens, seqs = dd.all_sum([loss_mask.sum().item(), loss_mask.any(-1).sum().item()])
+    return dict(total_tokens=tokens, total_sequences=seqs,
+                max_completion_tokens=batch.input_ids.shape[1] - batch.prompt_length)
+
+
+def policy_gradient_pass(
+    policy, batch: Rollout, old_logprobs, ref_logprobs, advantages, loss_mask, cfg: SIRLConfig, dd: Dist,
+    autocast,
+) -> dict:
+    """Forward + backward over micro-batches, gradients accumulated and summed across ranks. No optimizer step."""
+    norm = loss_normalisers(batch, loss_mask, dd)
+    totals = {"tokens": 0.0, "clipped_tokens": 0.0, "kl_sum": 0.0, "loss": 0.0}
+    for rows in micro_batches(batch, cfg.micro_batch_tokens):
+        mb = trim(batch.select(rows))
+        width = mb.input_ids.shape[1]
+        with autocast:
+            new_logprobs, _ = causal_lm_token_logprobs_entropy(
+                policy, mb.input_ids, mb.attention_mask, mb.completion_mask, temperature=cfg.temperature
+            )
+        loss, stats = sirl_loss(
+            new_logprobs, old_logprobs[rows, :width],
+            None if ref_logprobs is None else ref_logprobs[rows, :width],
+            advantages[rows], loss_mask[rows, :width],
+            eps_low=cfg.clip_eps_low, eps_high=cfg.clip_eps_high, log_ratio_clamp=cfg.log_ratio_clamp,
+            kl_beta=cfg.kl_beta, kl_estimator=cfg.kl_estimator, kl_clamp=cfg.kl_clamp,
+            aggregation=cfg.loss_aggregation, **norm,
+        )
+        loss.backward()
+        for k in totals:
+            totals[k] += stats[k]
+    dd.sum_gradients([p for p in policy.parameters() if p.requires_grad])
+    tokens, clipped, kl_sum, loss = dd.all_sum([totals[k] for k in ("tokens", "clipped_tokens", "kl_sum", "loss")])
+    return {"loss": loss, "clip_frac": clipped / max(tokens, 1.0), "kl": kl_sum / max(tokens, 1.0)}
+
+
+def distinct_n(sequences: list[list[int]], n: int = 2) -> float:
+    """Distinct n-grams / all n-grams over a batch of completions (1 = no repetition)."""
+    grams = [tuple(s[i:i + n]) for s in sequences for i in range(len(s) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 1.0
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# checkpoints: written to a temporary directory, then renamed, so a crash mid-save leaves the previous one intact
+
+
+def rng_state() -> dict:
+    return {
+        "python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def trainable_state(model) -> dict:
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def checkpoint_dirs(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a ``.tmp`` directory is an interrupted save and never counts)."""
+    return sorted((p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[1].isdigit()),
+                  key=lambda p: int(p.name.split("-")[1]))
+
+
+def save_checkpoint(output_dir: Path, step: int, policy, optimizer, scheduler, stream, cfg, dd: Dist) -> None:
+    final = output_dir / f"checkpoint-{step:07d}"
+    tmp = output_dir / f"checkpoint-{step:07d}.tmp"
+    if dd.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    if dd.world > 1:
+        dist.barrier()
+    # Each rank samples with its own RNG stream: each saves its own.
+    torch.save(rng_state(), tmp / f"rng_rank{dd.rank}.pt")
+    if dd.main:
+        torch.save(trainable_state(policy), tmp / "trainable.pt")
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, "data": stream.state_dict()}))
+        save_config(cfg, tmp / "config.json")
+    if dd.world > 1:
+        dist.barrier()
+    if dd.main:
+        if final.exists():  # only when a step is saved twice (e.g. save_every hits the last step): keep it until
+            final.rename(final.with_name(final.name + ".old"))  # the new one is in place
+        os.replace(tmp, final)  # atomic on POSIX: the checkpoint exists whole or not at all
+        shutil.rmtree(final.with_name(final.name + ".old"), ignore_errors=True)
+        for old in checkpoint_dirs(output_dir)[: -max(1, cfg.keep_checkpoints)]:
+            shutil.rmtree(old, ignore_errors=True)
+    if dd.world > 1:
+        dist.barrier()
+
+
+def load_checkpoint(path: Path, policy, optimizer, scheduler, stream, dd: Dist) -> int:
+    weights = torch.load(path / "trainable.pt", map_location="cpu")
+    params = dict(policy.named_parameters())
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+    optim = torch.load(path / "optim.pt", map_location="cpu", weights_only=False)
+    optimizer.load_state_dict(optim["optimizer"])
+    scheduler.load_state_dict(optim["scheduler"])
+    state = json.loads((path / "state.json").read_text())
+    stream.load_state_dict(state["data"])
+    rng_file = path / f"rng_rank{dd.rank}.pt"
+    if not rng_file.exists():
+        raise RuntimeError(f"{path} was written with a different number of ranks (no {rng_file.name})")
+    set_rng_state(torch.load(rng_file, weights_only=False))
+    return int(state["step"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# logging
+
+
+class Logger:
+    """metrics.jsonl (+ TensorBoard when asked and installed) + completions.jsonl, written by rank 0 only."""
+
+    def __init__(self, output_dir: Path, cfg: SIRLConfig, dd: Dist, resume_step: int):
+        self.enabled = dd.main
+        self.metrics_path = output_dir / "metrics.jsonl"
+        self.completions_path = output_dir / "completions.jsonl"
+        self.tb = None
+        if not self.enabled:
+            return
+        # A crash after logging but before checkpointing leaves lines the resumed run will write again.
+        for path in (self.metrics_path, self.completions_path):
+            if path.exists():
+                lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+                kept = [ln for ln in lines if json.loads(ln)["step"] <= resume_step]
+                path.write_text("".join(ln + "\n" for ln in kept))
+        if cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(output_dir / "tensorboard"))
+            except ImportError:
+                print("tensorboard is not installed; logging to metrics.jsonl only")
+
+    def metrics(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, row["step"])
+
+    def completions(self, rows: list[dict]) -> None:
+        if not self.enabled:
+            return
+        with open(self.completions_path, "a") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+        if self.tb is not None and rows:
+            text = "\n\n".join(f"**reward {r['reward']:.3f}** | {r['prompt']} -> {r['completion']}" for r in rows)
+            self.tb.add_text("completions", text, rows[0]["step"])
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the loop
+
+
+def build(cfg: SIRLConfig, dd: Dist):
+    """Model (+ LoRA), tokenizer, reference, optimizer, schedule and prompt stream, all seeded."""
+    from sirl.models import add_lora, load_model_and_tokenizer
+
+    device = pick_device(cfg)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, device=device, dtype=cfg.dtype, seed=cfg.seed)
+    if cfg.lora:
+        model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.lora:
+            model.enable_input_require_grads()
+    if cfg.compile:
+        from sirl_kernels.hf import _unwrap
+
+        _unwrap(model).get_decoder().compile()
+    reference = Reference(model) if cfg.kl_beta != 0.0 else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    stream = PromptStream(load_prompts(cfg.prompts, cfg.prompt_column, cfg.dataset_split), cfg.seed, cfg.shuffle)
+    return model, tokenizer, reference, optimizer, scheduler, stream, device
+
+
+def train(cfg: SIRLConfig, resume: bool = False) -> list[dict]:
+    """Runs ``cfg.steps`` steps (continuing from the latest checkpoint when ``resume``); returns the metric rows."""
+    dd = init_distributed()
+    if cfg.prompts_per_step % dd.world:
+        raise ValueError(f"prompts_per_step={cfg.prompts_per_step} must be divisible by the {dd.world} ranks")
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    # Same seed everywhere for the model and data order; per-rank offset only for sampling (set below).
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    policy, tokenizer, reference, optimizer, scheduler, stream, device = build(cfg, dd)
+    torch.manual_seed(cfg.seed + 1000 * dd.rank)
+
+    start = 0
+    if not resume and checkpoint_dirs(output_dir):
+        raise FileExistsError(f"{output_dir} already holds checkpoints: pass --resume, or pick a new --output-dir")
+    if resume:
+        found = checkpoint_dirs(output_dir)
+        if not found:
+            raise FileNotFoundError(f"--resume: no checkpoint in {output_dir}")
+        start = load_checkpoint(found[-1], policy, optimizer, scheduler, stream, dd)
+    if dd.main:
+        save_config(cfg, output_dir / "config.json")
+    logger = Logger(output_dir, cfg, dd, start)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
+                if cfg.bf16 and device.type == "cuda" else nullcontext())
+    per_rank = cfg.prompts_per_step // dd.world
+    encoded = {}  # prompt index -> token ids (the chat template is applied once per prompt)
+
+    bar = None
+    if cfg.progress and dd.main:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start, desc="sirl", dynamic_ncols=True)
+    rows = []
+    for step in range(start + 1, cfg.steps + 1):
+        t0 = time.perf_counter()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+        # 1. prompts: every rank draws the same step, keeps its own whole groups
+        indices = stream.next_indices(cfg.prompts_per_step)[dd.rank * per_rank:(dd.rank + 1) * per_rank]
+        for i in indices:
+            if i not in encoded:
+                encoded[i] = encode_prompt(tokenizer, stream.prompts[i], cfg.system_prompt, cfg.max_prompt_tokens)
+
+        # 2. rollout: G samples per prompt from the current policy
+        with autocast:
+            batch = rollout(policy, tokenizer, [encoded[i] for i in indices], group_size=cfg.group_size,
+                            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                            top_k=cfg.top_k)
+            # 3. score: old log-probs and the entropy the reward is made of (one no-grad forward)
+            old_logprobs, entropy = token_logprobs_entropy(policy, batch, cfg.temperature, cfg.micro_batch_tokens)
+            ref_logprobs = (reference_logprobs(reference, policy, batch, cfg.temperature, cfg.micro_batch_tokens)
+                            if reference is not None else None)
+        rewards, valid = sirl_rewards(
+            entropy, batch.completion_mask, batch.truncated, aggregation=cfg.reward_aggregation,
+            last_k=cfg.reward_last_k, truncation=cfg.truncation, truncation_penalty=cfg.truncation_penalty,
+        )
+
+        # 4. advantage: group z-score (the batch std, if asked, spans all ranks)
+        all_rewards, all_valid = dd.all_cat(rewards), dd.all_cat(valid)
+        batch_std = all_rewards[all_valid].std() if cfg.advantage_scale == "batch" else None
+        advantages, group_std = group_advantages(rewards, cfg.group_size, scale=cfg.advantage_scale,
+                                                 min_std=cfg.advantage_min_std, valid=valid, batch_std=batch_std)
+        loss_mask = batch.completion_mask.bool() & valid[:, None]
+
+        # 5. loss and update (mu passes over the same rollout; old log-probs stay those of the sampler)
+        policy.train()
+        for _ in range(cfg.updates_per_batch):
+            optimizer.zero_grad(set_to_none=True)
+            stats = policy_gradient_pass(policy, batch, old_logprobs, ref_logprobs, advantages, loss_mask, cfg,
+                                         dd, autocast)
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                [p for p in policy.parameters() if p.requires_grad], cfg.max_grad_norm
+            ).item()
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+        scheduler.step()
+
+        # 6. metrics over all ranks
+        step_time = time.perf_counter() - t0
+        mask = batch.completion_mask.bool()
+        seq_entropy = (entropy * mask).sum(-1) / mask.sum(-1).clamp_min(1)
+        all_entropy = dd.all_cat(seq_entropy)
+        all_len = dd.all_cat(batch.completion_lengths.float())
+        all_trunc = dd.all_cat(batch.truncated.float())
+        all_gstd = dd.all_cat(group_std)
+        completions = [row[m].tolist() for row, m in zip(batch.input_ids, mask)]
+        distinct2 = dd.all_sum([distinct_n(completions, 2)])[0] / dd.world
+        tokens = dd.all_sum([float(batch.attention_mask.sum())])[0]
+        row = {
+            "step": step,
+            "reward_mean": all_rewards.mean().item(),
+            "reward_std": all_rewards.std().item(),
+            "reward_group_std": all_gstd.mean().item(),
+            "entropy_mean": all_entropy.mean().item(),
+            "entropy_p10": torch.quantile(all_entropy, 0.1).item(),
+            "entropy_p90": torch.quantile(all_entropy, 0.9).item(),
+            "kl": stats["kl"],
+            "loss": stats["loss"],
+            "clip_frac": stats["clip_frac"],
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "response_len_mean": all_len.mean().item(),
+            "truncated_frac": all_trunc.mean().item(),
+            "distinct_2": distinct2,
+            "repetition": 1.0 - distinct2,
+            "tokens_per_s": tokens / step_time,
+            "step_time_s": step_time,
+            "peak_mem_mb": peak_memory_mb(device),  # rank 0's
+            "data_position": stream.position,
+        }
+        rows.append(row)
+        logger.metrics(row)
+        if cfg.log_completions_every and step % cfg.log_completions_every == 0:
+            logger.completions([
+                {"step": step, "prompt": str(stream.prompts[indices[int(batch.prompt_index[j])]]),
+                 "completion": tokenizer.decode(completions[j], skip_special_tokens=True),
+                 "reward": rewards[j].item(), "truncated": bool(batch.truncated[j])}
+                for j in range(len(batch))
+            ])
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(reward=f"{row['reward_mean']:.3f}", entropy=f"{row['entropy_mean']:.3f}",
+                            kl=f"{row['kl']:.2e}")
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            save_checkpoint(output_dir, step, policy, optimizer, scheduler, stream, cfg, dd)
+
+    if bar is not None:
+        bar.close()
+    logger.close()
+    if dd.main and start < cfg.steps:
+        # The adapter (LoRA) or the whole model, loadable with from_pretrained, beside the checkpoints.
+        policy.save_pretrained(output_dir / "final")
+        tokenizer.save_pretrained(output_dir / "final")
+    return rows
