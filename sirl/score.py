@@ -60,6 +60,20 @@ def reward_mask(completion_mask: Tensor, last_k: int | None = None) -> Tensor:
     return mask & (from_end <= last_k)
 
 
+def reward_options(
+    aggregation: str = "mean", last_k: int | None = None, truncation: str = "keep", truncation_penalty: float = -10.0
+) -> dict:
+    """``sirl_rewards``' keyword options, checked up front with ``SIRLConfig``'s rules (for callers that take them
+    from their own configs: the TRL and verl integrations)."""
+    from sirl.config import SIRLConfig
+
+    options = dict(aggregation=aggregation, last_k=last_k, truncation=truncation,
+                   truncation_penalty=float(truncation_penalty))
+    SIRLConfig(reward_aggregation=aggregation, reward_last_k=last_k, truncation=truncation,
+               truncation_penalty=options["truncation_penalty"]).validate()
+    return options
+
+
 def sirl_rewards(
     entropy: Tensor,
     completion_mask: Tensor,

@@ -22,9 +22,28 @@ def test_shipped_prompt_set():
     assert load_prompts("prompts_cpu_demo.jsonl")[0] == rows[0]["prompt"]
 
 
-def test_missing_source_explains():
-    with pytest.raises((FileNotFoundError, Exception)):
+def test_missing_source_explains(tmp_path):
+    with pytest.raises(FileNotFoundError, match="definitely/not/here.jsonl.*hf:NAME"):
         load_prompts("definitely/not/here.jsonl")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match="empty"):
+        load_prompts(str(tmp_path / "empty.jsonl"))
+    (tmp_path / "p.txt").write_text("a\n")
+    with pytest.raises(ValueError, match="expected .jsonl, .json or .csv"):
+        load_prompts(str(tmp_path / "p.txt"))
+
+
+def test_hugging_face_dataset_by_name(tmp_path):
+    """``hf:NAME`` goes through ``datasets.load_dataset`` (here a local dataset folder: no hub access in CI)."""
+    pytest.importorskip("datasets", reason="datasets is not installed")
+    folder = tmp_path / "my_prompts"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("".join(json.dumps({"instruction": w}) + "\n" for w in ("a", "b", "c")))
+    (folder / "test.jsonl").write_text(json.dumps({"instruction": "z"}) + "\n")
+    assert load_prompts(f"hf:{folder}", "instruction") == ["a", "b", "c"]
+    assert load_prompts(f"hf:{folder}", "instruction", split="test") == ["z"]
+    with pytest.raises(ValueError, match="no column 'prompt'"):
+        load_prompts(f"hf:{folder}", "prompt")
 
 
 def test_chat_template_applied():

@@ -157,3 +157,29 @@ def test_final_logit_softcapping_raises():
     ids, attn, comp = batch()
     with pytest.raises(NotImplementedError, match="softcapping"):
         causal_lm_token_logprobs_entropy(model, ids, attn, comp)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_sirl_reward_three_line_recipe(temperature):
+    """The documented custom-loop recipe: one reward per sequence, minus the mean over the generated tokens of the
+    entropy of the distribution that produced each (at the sampling temperature), and the LM head never runs."""
+    model = tiny_llama(tie=True)
+    ids, attn, comp = batch(b=4)
+    attn[3, :2] = 0  # a left-padded prompt
+    comp[2] = 0  # no generated token: reward 0
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=attn).logits
+    _, ref_ent = reference_from_logits(logits, ids, comp, temperature)
+    n = comp[:, 1:].sum(-1).double()
+    expected = -ref_ent.sum(-1) / n.clamp_min(1)
+
+    def no_logits(module, args):
+        raise AssertionError("sirl_reward must not run the LM head")
+
+    model.get_output_embeddings().register_forward_pre_hook(no_logits)
+    with torch.no_grad():
+        rewards = sirl_reward(model, ids, attn, comp, temperature=temperature)
+    assert rewards.shape == (4,) and rewards.dtype == torch.float32
+    assert rewards[2] == 0
+    torch.testing.assert_close(rewards.double(), expected, rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(rewards).all() and (rewards[[0, 1, 3]] < 0).all()

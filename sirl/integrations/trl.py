@@ -1,0 +1,291 @@
+"""SIRL inside TRL's ``GRPOTrainer``: the fused kernels for every log-prob pass, the policy's own entropy as a reward.
+
+``SIRLGRPOTrainer`` changes two things and leaves the rest of TRL (generation, vLLM, accelerate / DeepSpeed
+data parallelism, reward weighting and normalisation, the loss, logging) as it is:
+
+1. **Log-probs from hidden states.** TRL computes per-token log-probs by calling the model with
+   ``labels=..., fused_lm_head=True`` (its ``add_fused_lm_head`` patch on the model's ``forward``). The trainer
+   re-patches that entry point so the policy, old-policy and reference passes run the decoder body and then
+   ``sirl_kernels.linear_token_logprobs_entropy`` on the hidden states of the scored positions (the same path as
+   ``sirl.score``; tied embeddings and PEFT adapters are handled by ``sirl_kernels.hf``). The call still goes
+   through the model's ``forward``, so DistributedDataParallel and DeepSpeed ZeRO-1/2 see an ordinary forward
+   and reduce gradients as usual. Under FSDP or ZeRO-3 (sharded ``lm_head``) and for multimodal inputs TRL's
+   own head is kept; it is also logits-free, and the reward below works the same on it.
+
+2. **The SIRL reward.** The entropies of the no-grad policy pass (at the sampling temperature) become reward
+   function number 0, named ``"sirl"``: minus the mean entropy over each completion's generated tokens, with
+   the truncation options of ``sirl train`` (``sirl.score.sirl_rewards``). TRL then weights it with
+   ``reward_weights`` and normalises it per group together with any reward functions you pass. When TRL runs
+   its old-policy pass (``gradient_accumulation_steps`` not a multiple of ``steps_per_generation *
+   num_iterations``, or vLLM importance sampling) the entropies are read off that pass; otherwise (TRL's
+   default on-policy setting, where TRL skips it) the trainer runs that one no-grad pass itself. Either way
+   there is exactly one no-grad policy pass per generation batch, as in ``sirl train``.
+
+Usage::
+
+    from sirl.integrations.trl import SIRLGRPOConfig, SIRLGRPOTrainer
+    args = SIRLGRPOConfig(output_dir="out", num_generations=4, sirl_truncation="keep")
+    trainer = SIRLGRPOTrainer(model, args=args, train_dataset=prompts)   # reward_funcs=[...] optional
+    trainer.train()
+
+Tested with trl 1.16.0 (the ``[trl]`` extra pins the range).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import types
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from sirl.score import reward_options, sirl_rewards
+from sirl_kernels.hf import causal_lm_token_logprobs_entropy
+
+TRL_INSTALL = "sirl.integrations.trl needs TRL >= 1.16: pip install 'sirl-kernels[trl]' (tested with trl==1.16.0)"
+
+try:
+    import trl
+    from trl import GRPOConfig, GRPOTrainer
+    from trl.trainer import utils as trl_utils
+except ImportError as exc:  # pragma: no cover - exercised only without trl
+    raise ImportError(TRL_INSTALL) from exc
+if not hasattr(trl_utils, "add_fused_lm_head"):  # pragma: no cover
+    raise ImportError(f"{TRL_INSTALL}; found trl {trl.__version__}, which has no fused LM head entry point")
+
+from accelerate.utils import is_peft_model  # noqa: E402  (after the trl check: accelerate comes with trl)
+from trl.models.utils import disable_gradient_checkpointing  # noqa: E402
+
+SIRL_REWARD_NAME = "sirl"
+# What a text-only log-prob call may carry besides None/False values (PEFT forwards e.g. inputs_embeds=None);
+# anything else (pixel_values, output_router_logits=True, shift_labels, ...) goes to TRL's own head.
+_PASSIVE_KWARGS = ("input_ids", "attention_mask", "use_cache", "return_dict")
+
+
+@dataclass
+class SIRLGRPOConfig(GRPOConfig):
+    """``GRPOConfig`` plus the SIRL reward's options (the same as ``sirl train``'s ``reward_*`` / ``truncation``)."""
+
+    sirl_reward_aggregation: str = field(
+        default="mean", metadata={"help": "'mean' (the paper) or 'sum' of the completion tokens' entropies."}
+    )
+    sirl_reward_last_k: int | None = field(
+        default=None, metadata={"help": "Only the last k generated tokens of each completion count."}
+    )
+    sirl_truncation: str = field(
+        default="keep",
+        metadata={
+            "help": "Completions that hit max_completion_length: 'keep' them as they are, 'mask' them (no SIRL "
+            "reward; with no other reward function they are left out of the group statistics and the loss), or "
+            "'penalize' them with sirl_truncation_penalty."
+        },
+    )
+    sirl_truncation_penalty: float = field(default=-10.0, metadata={"help": "SIRL reward of a truncated completion."})
+    sirl_fused_logps: bool = field(
+        default=True, metadata={"help": "Compute log-probs and entropies with sirl_kernels (False: TRL's own head)."}
+    )
+
+
+def _reward_options(args) -> dict:
+    """The SIRL options of ``args`` (defaults for a plain ``GRPOConfig``), validated like ``sirl train``'s."""
+    return reward_options(
+        getattr(args, "sirl_reward_aggregation", "mean"), getattr(args, "sirl_reward_last_k", None),
+        getattr(args, "sirl_truncation", "keep"), getattr(args, "sirl_truncation_penalty", -10.0),
+    )
+
+
+def add_sirl_lm_head(model, temperature: float = 1.0) -> None:
+    """Re-patches a model that TRL gave a fused LM head: text-only ``model(input_ids=..., attention_mask=...,
+    labels=..., fused_lm_head=True)`` calls are answered by ``sirl_kernels`` from the hidden states (same output
+    fields: ``log_probs`` and ``entropy`` ``[B, T - 1]``, zero where the shifted label is -100, ``label_mask`` and
+    ``loss``); every other call goes to the forward that was there before (TRL's head, or plain generation)."""
+    previous = model.forward
+
+    @functools.wraps(type(model).forward)
+    def forward(self, *args, fused_lm_head=False, labels=None, num_items_in_batch=None, **kwargs):
+        input_ids = kwargs.get("input_ids")
+        extra = [k for k, v in kwargs.items() if k not in _PASSIVE_KWARGS and v is not None and v is not False]
+        if not fused_lm_head or args or extra or labels is None or input_ids is None:
+            return previous(*args, fused_lm_head=fused_lm_head, labels=labels, num_items_in_batch=num_items_in_batch,
+                            **kwargs)
+        scored = labels != -100
+        if not torch.equal(torch.where(scored, labels, input_ids), input_ids):  # labels that are not the inputs
+            return previous(fused_lm_head=True, labels=labels, num_items_in_batch=num_items_in_batch, **kwargs)
+        attention_mask = kwargs.get("attention_mask")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        logprobs, entropy = causal_lm_token_logprobs_entropy(
+            self, input_ids, attention_mask, scored.long(), temperature=temperature
+        )
+        label_mask = scored[:, 1:]
+        log_probs = logprobs[:, 1:]
+        count = label_mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        return trl_utils.FusedCausalLMOutput(
+            loss=-log_probs.sum() / count, log_probs=log_probs, entropy=entropy[:, 1:], label_mask=label_mask
+        )
+
+    model.forward = types.MethodType(forward, model)
+
+
+def _unsupported_head(model) -> str | None:
+    """Why ``sirl_kernels.hf`` cannot score this model, or None."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if getattr(config, "final_logit_softcapping", None) is not None:
+        return "final_logit_softcapping"
+    head = model.get_output_embeddings()
+    if head is None or hasattr(head, "base_layer") or not isinstance(getattr(head, "weight", None), torch.Tensor):
+        return "the output embedding is missing or wrapped (e.g. LoRA on lm_head)"
+    return None
+
+
+class _SIRLReward:
+    """Reward function 0 of the trainer: TRL calls it like any reward function and weights, normalises and logs
+    its column (``rewards/sirl/mean``); the values come from the entropies of the policy pass."""
+
+    def __init__(self):
+        self.__name__ = SIRL_REWARD_NAME
+        self.trainer = None
+
+    def __call__(self, prompts, completions, completion_ids, **kwargs):
+        return self.trainer._sirl_reward_values(completion_ids)
+
+
+class SIRLGRPOTrainer(GRPOTrainer):
+    """``GRPOTrainer`` with SIRL's reward and the fused log-prob/entropy kernels (see the module docstring).
+
+    Takes ``GRPOTrainer``'s arguments (those after ``args`` by keyword). ``reward_funcs`` is optional: the SIRL reward is always reward function 0,
+    so ``args.reward_weights``, when given, lists its weight first. Options come from ``SIRLGRPOConfig``'s
+    ``sirl_*`` fields (a plain ``GRPOConfig`` gets their defaults).
+    """
+
+    def __init__(self, model, reward_funcs=None, args: GRPOConfig | None = None, **kwargs):
+        if reward_funcs is None:
+            user_funcs = []
+        else:
+            user_funcs = list(reward_funcs) if isinstance(reward_funcs, list) else [reward_funcs]
+        if args is not None:
+            self._sirl_options = _reward_options(args)
+            if args.reward_weights is not None and len(args.reward_weights) != len(user_funcs) + 1:
+                raise ValueError(
+                    f"reward_weights has {len(args.reward_weights)} entries for {len(user_funcs) + 1} reward "
+                    "functions: the SIRL reward is reward function 0, so list its weight first"
+                )
+            if args.mask_truncated_completions and self._sirl_options["truncation"] == "keep":
+                raise ValueError(
+                    "mask_truncated_completions=True hides truncated completions from every forward pass, so "
+                    "their entropy is unknown: set sirl_truncation='mask' (the same exclusion) or 'penalize'"
+                )
+        processing = kwargs.get("reward_processing_classes")
+        if processing is not None:
+            processing = list(processing) if isinstance(processing, list) else [processing] * len(user_funcs)
+            kwargs["reward_processing_classes"] = [None, *processing]
+        sirl_reward = _SIRLReward()
+        super().__init__(model, reward_funcs=[sirl_reward, *user_funcs], args=args, **kwargs)
+        if args is None:
+            self._sirl_options = _reward_options(self.args)
+        if self._is_vlm:
+            raise NotImplementedError("SIRLGRPOTrainer supports text-only causal LMs")
+        sirl_reward.trainer = self
+        self._sirl_rollout = None  # (prompt_ids, completion_ids, tool_mask) of the current generation batch
+        self._sirl_entropy = None  # [B, C] entropies of its completion tokens, once the policy pass has run
+        self._sirl_want_entropy = False
+        self._sirl_logps_signature = inspect.signature(GRPOTrainer._get_per_token_logps_and_entropies)
+        self.sirl_kernels_head = False
+        if getattr(self.args, "sirl_fused_logps", True):
+            self.sirl_kernels_head = self._install_sirl_head()
+
+    # ---- fused log-probs ------------------------------------------------------------------------------------
+
+    def _install_sirl_head(self) -> bool:
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+        if self.is_fsdp_enabled or is_deepspeed_zero3_enabled():
+            warnings.warn("FSDP / ZeRO-3 shard lm_head: SIRLGRPOTrainer keeps TRL's fused head there", stacklevel=3)
+            return False
+        policy = self.model.get_base_model() if is_peft_model(self.model) else self.model
+        models = [policy] + ([self.accelerator.unwrap_model(self.ref_model)] if self.ref_model is not None else [])
+        for m in models:
+            reason = _unsupported_head(m)
+            if reason is not None:
+                warnings.warn(f"sirl_kernels cannot score this model ({reason}); keeping TRL's head", stacklevel=3)
+                return False
+        for m in models:
+            add_sirl_lm_head(m, temperature=self.temperature)
+        return True
+
+    # ---- the policy pass and its entropies ------------------------------------------------------------------
+
+    def _adapters_off(self, model) -> bool:
+        """True inside TRL's PEFT reference pass (adapters disabled, or the frozen "ref" adapter active)."""
+        if not is_peft_model(model):
+            return False
+        if "ref" in model.peft_config and model.active_adapter == "ref":
+            return True
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        return next((m.disable_adapters for m in model.modules() if isinstance(m, BaseTunerLayer)), False)
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+        bound = self._sirl_logps_signature.bind(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
+        wanted = bound.arguments.get("compute_entropy", False)
+        capture = (
+            self._sirl_want_entropy
+            and not torch.is_grad_enabled()
+            and self.accelerator.unwrap_model(model) is self.accelerator.unwrap_model(self.model)
+            and not self._adapters_off(self.accelerator.unwrap_model(model))
+        )
+        bound.arguments["compute_entropy"] = wanted or capture
+        logps, entropies, aux = super()._get_per_token_logps_and_entropies(*bound.args[1:], **bound.kwargs)
+        if capture:
+            self._sirl_entropy = entropies.detach()
+            self._sirl_want_entropy = False
+        return logps, entropies if wanted else None, aux
+
+    def _generate(self, prompts):
+        out = super()._generate(prompts)
+        self._sirl_rollout = (out[0], out[1], out[2])  # prompt_ids, completion_ids, tool_mask
+        self._sirl_entropy = None
+        self._sirl_want_entropy = True  # the next no-grad policy pass (TRL's old-policy pass) supplies them
+        return out
+
+    def _sirl_policy_pass(self) -> None:
+        """The no-grad policy pass over this generation batch, for when TRL does not run one itself."""
+        prompt_ids, completion_ids, _ = self._sirl_rollout
+        device, pad_id = self.accelerator.device, self._tokenizer.pad_token_id
+
+        def padded(rows, value, side):
+            return trl_utils.pad([torch.tensor(r, dtype=torch.long) for r in rows], padding_value=value,
+                                 padding_side=side).to(device)
+
+        ones = [[1] * len(r) for r in prompt_ids], [[1] * len(r) for r in completion_ids]
+        completions = padded(completion_ids, pad_id, "right")
+        input_ids = torch.cat([padded(prompt_ids, pad_id, "left"), completions], 1)
+        attention_mask = torch.cat([padded(ones[0], 0, "left"), padded(ones[1], 0, "right")], 1)
+        train = self.model.training
+        batch_size = self.args.per_device_train_batch_size if train else self.args.per_device_eval_batch_size
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            self._get_per_token_logps_and_entropies(
+                self.model, input_ids, attention_mask, completions.size(1), batch_size=batch_size
+            )
+
+    def _sirl_reward_values(self, completion_ids: list[list[int]]) -> list[float | None]:
+        """One SIRL reward per local completion (None = no reward: a truncated completion under "mask")."""
+        if self._sirl_rollout is None or len(self._sirl_rollout[1]) != len(completion_ids):
+            raise RuntimeError("the SIRL reward is computed from the trainer's own generation batch")
+        if self._sirl_entropy is None:
+            self._sirl_policy_pass()
+        entropy = self._sirl_entropy.float()
+        width = entropy.shape[1]
+        lengths = torch.tensor([len(ids) for ids in completion_ids], device=entropy.device)
+        mask = torch.arange(width, device=entropy.device)[None, :] < lengths[:, None]
+        tool_mask = self._sirl_rollout[2]
+        if tool_mask is not None:  # tool / environment output inside a completion is not the policy's
+            tools = trl_utils.pad([torch.tensor(m, dtype=torch.long) for m in tool_mask], padding_value=0)
+            mask &= tools[:, :width].to(entropy.device).bool()
+        eos_and_pad = {*self.eos_token_ids, self._tokenizer.pad_token_id}
+        truncated = torch.tensor([not ids or ids[-1] not in eos_and_pad for ids in completion_ids],
+                                 device=entropy.device)
+        rewards, valid = sirl_rewards(entropy, mask, truncated, **self._sirl_options)
+        return [r if v else None for r, v in zip(rewards.tolist(), valid.tolist())]

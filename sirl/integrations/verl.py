@@ -1,0 +1,325 @@
+"""SIRL for verl (Ray clusters): a reward manager and a fused log-prob/entropy forward for the actor.
+
+This module imports without verl; verl itself is imported only by :func:`register_with_verl`,
+:func:`install_verl_backend` and :func:`setup_worker` (and, when verl is installed, on import, to register the
+reward manager under the name ``"sirl"``). Written against verl 0.9.1's interfaces:
+
+**Reward manager** (``SIRLRewardManager``). Reads the per-response-token values that verl puts in the batch and
+writes minus their mean at the last response token (``rm_scores[i, valid_response_length - 1]``, the
+placement of verl's own managers). In order of preference:
+
+- ``entropys`` (or ``entropy``): the actor's per-token entropy; the exact SIRL reward.
+- ``old_log_probs``, then ``rollout_log_probs``: log-probs of the sampled tokens. Their negation, the
+  surprisal of the sampled token, has the entropy of the sampling distribution as its expectation, so the reward
+  is an unbiased one-sample estimate of the SIRL reward (exact in expectation when the log-probs are those of
+  the sampling distribution: verl's default ``rollout.logprobs_mode=processed_logprobs``, or temperature 1).
+
+Select it with one line of Hydra overrides (``pkg://`` makes verl import this module in every reward worker)::
+
+    reward.reward_manager.source=importlib reward.reward_manager.name=SIRLRewardManager \\
+        reward.reward_manager.module.path=pkg://sirl.integrations.verl
+
+Options (the same as ``sirl train``'s) come from ``reward.reward_kwargs``: ``+reward.reward_kwargs.truncation=mask``
+and likewise ``aggregation``, ``last_k``, ``truncation_penalty``. Where a batch holds none of those tensors the
+manager raises and says so: verl 0.9.1's streaming reward loop hands reward managers token ids only (see
+docs/integrations.md for which verl paths carry log-probs to the reward).
+
+**Fused forward** (``forward_with_sirl_kernels``). A drop-in for verl's ``forward_with_torch_backend``: same
+arguments, and an output whose ``log_probs`` and ``entropy`` ``[B, T]`` follow verl's alignment (position t
+scores ``shift_labels[t]``, else ``labels`` / ``input_ids`` rolled by -1), computed by
+``sirl_kernels.linear_token_logprobs_entropy`` from the hidden states without materialising logits. verl's
+engine calls it whenever ``use_fused_kernels`` is on; to select it::
+
+    actor_rollout_ref.model.use_fused_kernels=True actor_rollout_ref.model.fused_kernel_options.impl_backend=sirl \\
+        +ray_kwargs.ray_init.runtime_env.worker_process_setup_hook=sirl.integrations.verl.setup_worker
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from sirl.score import reward_options, sirl_rewards
+from sirl_kernels.api import linear_token_logprobs_entropy
+from sirl_kernels.hf import _logit_temperature
+
+VERL_INSTALL = (
+    "this needs verl (pip install verl; the integration is written against verl 0.9.1, whose own pins require "
+    "transformers<5.11 and Ray)"
+)
+REGISTERED_NAME = "sirl"
+ENTROPY_KEYS = ("entropys", "entropy")  # exact: the actor's per-token entropy
+LOGPROB_KEYS = ("old_log_probs", "rollout_log_probs")  # one-sample estimate: -log p(sampled token)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the reward, on plain tensors
+
+
+def response_per_token_values(batch) -> tuple[Tensor, str]:
+    """``(values [B, R], key)``: the per-token quantity whose completion mean is minus the SIRL reward."""
+    for key in ENTROPY_KEYS:
+        if key in batch.keys():
+            return batch[key].float(), key
+    for key in LOGPROB_KEYS:
+        if key in batch.keys():
+            return -batch[key].float(), key
+    raise KeyError(
+        f"the SIRL reward needs per-token entropies ({' or '.join(ENTROPY_KEYS)}) or log-probs "
+        f"({' or '.join(LOGPROB_KEYS)}) in the batch, which has only {sorted(batch.keys())}. verl puts "
+        "rollout_log_probs there with actor_rollout_ref.rollout.calculate_log_probs=True, where the reward is "
+        "computed on the whole batch; verl 0.9's streaming reward loop passes token ids only (docs/integrations.md)"
+    )
+
+
+def sirl_response_rewards(
+    per_token: Tensor,
+    response_mask: Tensor,
+    responses: Tensor,
+    eos_token_ids,
+    *,
+    aggregation: str = "mean",
+    last_k: int | None = None,
+    truncation: str = "keep",
+    truncation_penalty: float = -10.0,
+) -> tuple[Tensor, Tensor]:
+    """``(rewards [B], valid [B])`` from per-token entropies (or surprisals) over the response tokens.
+
+    A response is truncated when its last valid token is not an eos token (verl stops at eos or at
+    ``response_length``); ``truncation`` then applies as in ``sirl.score.sirl_rewards``.
+    """
+    mask = response_mask.bool()
+    lengths = mask.long().sum(-1)
+    last = responses.gather(1, (lengths - 1).clamp_min(0)[:, None]).squeeze(1)
+    eos = torch.as_tensor(list(eos_token_ids), device=responses.device)
+    truncated = (lengths == 0) | ~torch.isin(last, eos)
+    return sirl_rewards(
+        per_token, mask, truncated, aggregation=aggregation, last_k=last_k, truncation=truncation,
+        truncation_penalty=truncation_penalty,
+    )
+
+
+def last_token_scores(rewards: Tensor, valid_response_length: Tensor, width: int) -> Tensor:
+    """``[B, width]`` float32 zeros with ``rewards[i]`` at ``valid_response_length[i] - 1`` (verl's placement)."""
+    scores = torch.zeros(rewards.shape[0], width, dtype=torch.float32, device=rewards.device)
+    rows = torch.arange(rewards.shape[0], device=rewards.device)
+    scores[rows, (valid_response_length.long() - 1).clamp_min(0)] = rewards.float()
+    return scores
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the reward manager (verl's reward-loop contract, ``run_single``, and the older ``__call__`` contract)
+
+
+def _reward_kwargs(config) -> dict:
+    if config is None:
+        return {}
+    reward = config.get("reward", None) if hasattr(config, "get") else getattr(config, "reward", None)
+    kwargs = (reward.get("reward_kwargs", None) if reward is not None and hasattr(reward, "get") else None) or {}
+    return dict(kwargs)
+
+
+class SIRLRewardManager:
+    """verl reward manager for the SIRL reward (see the module docstring).
+
+    Accepts the constructor arguments of both of verl's manager families (``config, tokenizer, compute_score,
+    **kwargs`` and ``tokenizer, num_examine, compute_score, reward_fn_key``); ``compute_score`` is not used.
+    """
+
+    def __init__(self, config=None, tokenizer=None, compute_score=None, *, num_examine: int = 0,
+                 aggregation: str | None = None, last_k: int | None = None, truncation: str | None = None,
+                 truncation_penalty: float | None = None, eos_token_ids=None, **kwargs):
+        self.config, self.tokenizer, self.compute_score = config, tokenizer, compute_score
+        self.num_examine = num_examine
+        given = _reward_kwargs(config)
+        self.options = reward_options(
+            aggregation or given.get("aggregation", "mean"),
+            last_k if last_k is not None else given.get("last_k", None),
+            truncation or given.get("truncation", "keep"),
+            truncation_penalty if truncation_penalty is not None else given.get("truncation_penalty", -10.0),
+        )
+        if eos_token_ids is None:
+            eos = getattr(tokenizer, "eos_token_id", None)
+            eos_token_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        self.eos_token_ids = list(eos_token_ids)
+        if not self.eos_token_ids and self.options["truncation"] != "keep":
+            raise ValueError("truncation='mask'/'penalize' needs eos_token_ids (or a tokenizer with an eos token)")
+
+    def scores(self, data) -> tuple[Tensor, Tensor, str]:
+        """``(rewards [B], valid [B], source key)`` for a verl ``DataProto`` (or anything with ``.batch``)."""
+        batch = data.batch
+        responses = batch["responses"]
+        width = responses.shape[-1]
+        if "response_mask" in batch.keys():  # policy tokens only (multi-turn: tool output is 0)
+            response_mask = batch["response_mask"]
+        else:
+            response_mask = batch["attention_mask"][:, -width:]
+        per_token, key = response_per_token_values(batch)
+        rewards, valid = sirl_response_rewards(per_token, response_mask, responses, self.eos_token_ids or [-1],
+                                               **self.options)
+        return rewards, valid, key
+
+    @staticmethod
+    def _valid_response_length(data) -> Tensor:
+        width = data.batch["responses"].shape[-1]
+        return data.batch["attention_mask"][:, -width:].sum(-1)
+
+    def __call__(self, data, return_dict: bool = False):
+        """Older contract: the ``[B, R]`` token-level score tensor (reward at the last response token)."""
+        rewards, valid, key = self.scores(data)
+        rewards = torch.where(valid, rewards, torch.zeros_like(rewards))  # "mask": no SIRL signal
+        tensor = last_token_scores(rewards, self._valid_response_length(data), data.batch["responses"].shape[-1])
+        if not return_dict:
+            return tensor
+        return {"reward_tensor": tensor, "reward_extra_info": {"sirl_reward": rewards.tolist(),
+                                                               "sirl_valid": valid.tolist()}}
+
+    async def run_single(self, data) -> dict:
+        """verl's reward-loop contract: one trajectory in, ``{"reward_score", "reward_extra_info"}`` out."""
+        rewards, valid, key = self.scores(data[-1:])
+        score = float(rewards[0]) if bool(valid[0]) else 0.0
+        return {"reward_score": score, "reward_extra_info": {"sirl_reward": score, "sirl_valid": bool(valid[0])}}
+
+    @classmethod
+    def assemble_rm_scores(cls, data, scores: list[float]) -> Tensor:
+        """``rm_scores`` for a batch from one score per trajectory (verl's ``RewardManagerBase`` contract)."""
+        width = data.batch["responses"].shape[-1]
+        return last_token_scores(torch.as_tensor(scores, dtype=torch.float32), cls._valid_response_length(data),
+                                 width)
+
+
+def register_with_verl() -> list[str]:
+    """Registers ``SIRLRewardManager`` as ``"sirl"`` in whichever of verl's registries exist; returns them."""
+    done = []
+    for module in ("verl.experimental.reward_loop.reward_manager", "verl.workers.reward_manager"):
+        try:
+            registry = __import__(module, fromlist=["register"])
+        except ImportError:
+            continue
+        try:
+            registry.register(REGISTERED_NAME)(SIRLRewardManager)
+        except ValueError:  # this file loaded twice (importlib by path): the first registration stands
+            pass
+        done.append(module)
+    if not done:
+        raise ImportError(f"register_with_verl: {VERL_INSTALL}")
+    return done
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fused log-probs and entropy for verl's actor
+
+
+@functools.cache
+def output_class():
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    @dataclass
+    class SIRLCausalLMOutputForPPO(CausalLMOutputWithPast):
+        """verl's ``CausalLMOutputForPPO`` fields: the engine reads ``log_probs`` and ``entropy``."""
+
+        log_probs: Tensor | None = None
+        entropy: Tensor | None = None
+
+    return SIRLCausalLMOutputForPPO
+
+
+def fused_linear_for_ppo(hidden_states: Tensor, vocab_weights: Tensor, input_ids: Tensor, temperature: float = 1.0,
+                         bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Drop-in for verl's ``FusedLinearForPPO().forward``: ``(log_probs, entropy)`` shaped like ``input_ids``
+    (here: the labels of each row of ``hidden_states``), float32, differentiable, no ``[N, V]`` logits."""
+    return linear_token_logprobs_entropy(hidden_states, vocab_weights, input_ids.long(), bias=bias,
+                                         temperature=temperature)
+
+
+def forward_with_sirl_kernels(
+    self,
+    input_ids: Tensor | None = None,
+    attention_mask: Tensor | None = None,
+    position_ids: Tensor | None = None,
+    past_key_values=None,
+    inputs_embeds: Tensor | None = None,
+    labels: Tensor | None = None,
+    use_cache: bool | None = None,
+    output_attentions: bool | None = None,
+    output_hidden_states: bool | None = None,
+    return_dict: bool | None = None,
+    cache_position: Tensor | None = None,
+    logits_to_keep=0,
+    temperature: float = 1.0,
+    shift_labels: Tensor | None = None,
+    **loss_kwargs,
+):
+    """A ``*ForCausalLM.forward`` with the signature of verl's ``forward_with_torch_backend``: the decoder body,
+    then log-prob and entropy of every position's next token from the hidden states (``sirl_kernels``)."""
+    if return_dict is False:
+        raise NotImplementedError("forward_with_sirl_kernels has to return_dict")
+    outputs = self.get_decoder()(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+        past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+        output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True,
+    )
+    if shift_labels is not None:
+        rolled = shift_labels
+    elif labels is not None:
+        rolled = torch.roll(labels, shifts=-1, dims=-1)
+    elif input_ids is not None:
+        rolled = torch.roll(input_ids, shifts=-1, dims=-1)
+    else:
+        raise RuntimeError("forward_with_sirl_kernels needs labels, shift_labels or input_ids")
+    head = self.get_output_embeddings()
+    hidden = outputs.last_hidden_state
+    if hidden.dtype != head.weight.dtype:
+        hidden = hidden.to(head.weight.dtype)
+    log_probs, entropy = fused_linear_for_ppo(
+        hidden, head.weight, rolled, _logit_temperature(self.config, float(temperature)), bias=head.bias
+    )
+    return output_class()(
+        log_probs=log_probs, entropy=entropy, past_key_values=outputs.past_key_values,
+        hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+    )
+
+
+def patch_forward(model) -> None:
+    """Installs ``forward_with_sirl_kernels`` on the model's class, as verl's ``patch_forward_with_backends``
+    does for its own backends."""
+    model.__class__.forward = forward_with_sirl_kernels
+    model._verl_fused_kernels_backend = REGISTERED_NAME
+
+
+def install_verl_backend() -> None:
+    """Teaches verl's ``patch_forward_with_backends`` the ``fused_kernel_options.impl_backend=sirl`` value."""
+    try:
+        from verl.models.transformers import monkey_patch
+    except ImportError as exc:
+        raise ImportError(f"install_verl_backend: {VERL_INSTALL}") from exc
+    original = monkey_patch.patch_forward_with_backends
+    if getattr(original, "_sirl", False):
+        return
+
+    @functools.wraps(original)
+    def patch_forward_with_backends(model, use_fused_kernels=False, fused_kernels_backend=None):
+        if use_fused_kernels and fused_kernels_backend == REGISTERED_NAME:
+            return patch_forward(model)
+        return original(model, use_fused_kernels=use_fused_kernels, fused_kernels_backend=fused_kernels_backend)
+
+    patch_forward_with_backends._sirl = True
+    monkey_patch.patch_forward_with_backends = patch_forward_with_backends
+
+
+def setup_worker() -> None:
+    """Ray ``worker_process_setup_hook``: registers the reward manager and the ``sirl`` fused-kernel backend in
+    every worker process of the job."""
+    register_with_verl()
+    install_verl_backend()
+
+
+try:  # with verl installed, importing this module (e.g. through pkg://) registers "sirl"
+    import verl  # noqa: F401
+except ImportError:
+    pass
+else:  # pragma: no cover - needs verl
+    register_with_verl()

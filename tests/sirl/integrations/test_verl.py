@@ -1,0 +1,272 @@
+"""sirl.integrations.verl on real tensors, against verl's documented interfaces (and verl itself when installed).
+
+verl 0.9.1 pins transformers<5.11, so it is usually absent here: the reward manager is then fed a stand-in with
+the two things it uses of verl's ``DataProto`` (``.batch`` with ``keys()`` / ``[key]``, and row slicing), and the
+fused forward is called the way verl's FSDP engine calls ``model(...)`` with ``use_fused_kernels`` on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import sys
+import types
+
+import pytest
+import torch
+
+import sirl.integrations.verl as sirl_verl
+from sirl.integrations.verl import SIRLRewardManager, forward_with_sirl_kernels, install_verl_backend
+from sirl.score import sirl_rewards
+
+HAVE_VERL = importlib.util.find_spec("verl") is not None
+EOS, PAD = 7, 0
+
+
+class StandInDataProto:
+    """What the manager uses of ``verl.DataProto``: ``.batch`` (a TensorDict there) and ``data[i:j]``."""
+
+    def __init__(self, batch: dict):
+        self.batch = batch
+
+    def __len__(self):
+        return next(iter(self.batch.values())).shape[0]
+
+    def __getitem__(self, rows):
+        return StandInDataProto({k: v[rows] for k, v in self.batch.items()})
+
+
+@pytest.fixture(params=["stand-in", pytest.param("verl", marks=pytest.mark.skipif(not HAVE_VERL, reason="no verl"))])
+def make_data(request):
+    if request.param == "verl":
+        from verl import DataProto
+
+        return lambda tensors: DataProto.from_dict(tensors=tensors)
+    return StandInDataProto
+
+
+def rollout_batch(seed=0):
+    """3 rows: prompts left-padded to 4, responses right-padded to 6; row 0 ends with eos at 3, row 1 at 6
+    (the last slot), row 2 runs out of room (truncated)."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = torch.randint(10, 50, (3, 4), generator=g)
+    prompt_mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1], [0, 0, 1, 1]])
+    lengths = torch.tensor([3, 6, 6])
+    responses = torch.randint(10, 50, (3, 6), generator=g)
+    response_mask = (torch.arange(6)[None, :] < lengths[:, None]).long()
+    responses[0, 2] = EOS
+    responses[1, 5] = EOS
+    responses = torch.where(response_mask.bool(), responses, torch.full_like(responses, PAD))
+    return {
+        "prompts": prompts,
+        "responses": responses,
+        "input_ids": torch.cat([prompts, responses], 1),
+        "attention_mask": torch.cat([prompt_mask, response_mask], 1),
+        # verl leaves arbitrary values past the response: the manager must mask them out
+        "entropys": torch.rand(3, 6, generator=g) * 3,
+        "rollout_log_probs": -torch.rand(3, 6, generator=g) * 4,
+    }, response_mask, lengths
+
+
+def test_reward_is_minus_mean_entropy_at_last_response_token(make_data):
+    tensors, mask, lengths = rollout_batch()
+    manager = SIRLRewardManager(eos_token_ids=[EOS])
+    scores = manager(make_data(tensors))
+    expected = -(tensors["entropys"] * mask).sum(-1) / lengths
+    ours, _ = sirl_rewards(tensors["entropys"], mask, torch.zeros(3, dtype=torch.bool))
+    torch.testing.assert_close(expected, ours)
+    assert scores.shape == (3, 6) and scores.dtype == torch.float32
+    for i, n in enumerate(lengths.tolist()):
+        assert scores[i, n - 1] == pytest.approx(float(expected[i]), abs=1e-6)
+        assert scores[i].count_nonzero() == 1
+
+
+def test_log_prob_estimate_and_source_preference(make_data):
+    tensors, mask, lengths = rollout_batch()
+    manager = SIRLRewardManager(eos_token_ids=[EOS])
+    rewards, _, key = manager.scores(make_data(tensors))
+    assert key == "entropys"
+    del tensors["entropys"]
+    rewards, _, key = manager.scores(make_data(tensors))
+    assert key == "rollout_log_probs"
+    # -H estimated by the sampled tokens' log-probs: E_y[log p(y)] = -H(p)
+    torch.testing.assert_close(rewards, (tensors["rollout_log_probs"] * mask).sum(-1) / lengths)
+    tensors["old_log_probs"] = tensors["rollout_log_probs"] - 1.0
+    _, _, key = manager.scores(make_data(tensors))
+    assert key == "old_log_probs"
+
+
+def test_surprisal_estimate_is_unbiased():
+    """Over many sampled tokens the mean log-prob of the sample converges to minus the entropy."""
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(4, 50, generator=g) * 2, -1)
+    samples = torch.multinomial(probs, 20000, replacement=True, generator=g)
+    estimate = probs.log().gather(1, samples).mean(-1)
+    entropy = -(probs * probs.log()).sum(-1)
+    torch.testing.assert_close(estimate, -entropy, atol=0.05, rtol=0)
+
+
+def test_truncation_options(make_data):
+    tensors, mask, lengths = rollout_batch()
+    data = make_data(tensors)
+    keep = SIRLRewardManager(eos_token_ids=[EOS]).scores(data)[0]
+    rewards, valid, _ = SIRLRewardManager(eos_token_ids=[EOS], truncation="penalize",
+                                          truncation_penalty=-3.0).scores(data)
+    torch.testing.assert_close(rewards, torch.cat([keep[:2], torch.tensor([-3.0])]))
+    rewards, valid, _ = SIRLRewardManager(eos_token_ids=[EOS], truncation="mask").scores(data)
+    assert valid.tolist() == [True, True, False]
+    assert SIRLRewardManager(eos_token_ids=[EOS], truncation="mask")(data)[2].eq(0).all()
+    with pytest.raises(ValueError, match="truncation"):
+        SIRLRewardManager(eos_token_ids=[EOS], truncation="drop")
+
+
+def test_options_from_verl_config_and_tokenizer():
+    config = {"reward": {"reward_kwargs": {"truncation": "penalize", "truncation_penalty": -2, "last_k": 2}}}
+    manager = SIRLRewardManager(config=config, tokenizer=types.SimpleNamespace(eos_token_id=EOS), compute_score=None)
+    assert manager.options == dict(aggregation="mean", last_k=2, truncation="penalize", truncation_penalty=-2.0)
+    assert manager.eos_token_ids == [EOS]
+
+
+def test_reward_loop_contract(make_data):
+    """run_single per trajectory + assemble_rm_scores == the batch call (verl's RewardLoopManager path)."""
+    tensors, _, _ = rollout_batch()
+    data = make_data(tensors)
+    manager = SIRLRewardManager(eos_token_ids=[EOS])
+    outs = [asyncio.run(manager.run_single(data[i:i + 1])) for i in range(len(data))]
+    assert all(set(o) == {"reward_score", "reward_extra_info"} for o in outs)
+    assembled = SIRLRewardManager.assemble_rm_scores(data, [o["reward_score"] for o in outs])
+    torch.testing.assert_close(assembled, manager(data))
+    full = manager(data, return_dict=True)
+    torch.testing.assert_close(full["reward_tensor"], assembled)
+    assert len(full["reward_extra_info"]["sirl_reward"]) == 3
+
+
+def test_missing_values_raise_with_the_config_hint(make_data):
+    tensors, _, _ = rollout_batch()
+    del tensors["entropys"], tensors["rollout_log_probs"]
+    with pytest.raises(KeyError, match="calculate_log_probs"):
+        SIRLRewardManager(eos_token_ids=[EOS])(make_data(tensors))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fused forward for verl's actor
+
+transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+
+
+class TinyLlama(transformers.LlamaForCausalLM):
+    """A subclass, so that patching "the model's class" in a test leaves LlamaForCausalLM alone."""
+
+
+def tiny(tie=False):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=tie,
+    )
+    return TinyLlama(config)
+
+
+def verl_eager_reference(model, temperature, **inputs):
+    """verl's non-fused path: full logits / T, log_softmax, labels = input_ids rolled by -1 (float64)."""
+    logits = model(**inputs).logits.double() / temperature
+    logp = torch.log_softmax(logits, -1)
+    rolled = torch.roll(inputs["input_ids"], shifts=-1, dims=-1)
+    return logp.gather(-1, rolled[..., None]).squeeze(-1), -(logp.exp() * logp).sum(-1)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_forward_matches_eager_padded_and_packed(tie):
+    model = tiny(tie)
+    temperature = 0.8
+    ids = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(3))
+    attn = torch.ones_like(ids)
+    attn[1, 6:] = 0
+    pos = (attn.cumsum(-1) - 1).clamp_min(0)
+    cases = {  # padded batch, and verl's remove-padding layout: one packed row [1, nnz] with shift_labels
+        "padded": dict(input_ids=ids, attention_mask=attn, position_ids=pos),
+        "packed": dict(input_ids=ids[0:1], attention_mask=None, position_ids=pos[0:1]),
+    }
+    for name, inputs in cases.items():
+        out = forward_with_sirl_kernels(model, **inputs, temperature=temperature, return_dict=True,
+                                        shift_labels=torch.roll(inputs["input_ids"], -1, -1) if name == "packed"
+                                        else None)
+        (out.log_probs.sum() + 0.5 * out.entropy.sum()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad()
+        ref_lp, ref_ent = verl_eager_reference(model, temperature, **inputs)
+        (ref_lp.sum() + 0.5 * ref_ent.sum()).backward()
+        assert out.log_probs.shape == inputs["input_ids"].shape
+        torch.testing.assert_close(out.log_probs.double(), ref_lp, rtol=1e-5, atol=1e-5, msg=name)
+        torch.testing.assert_close(out.entropy.double(), ref_ent, rtol=1e-5, atol=1e-5, msg=name)
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(grads[n], p.grad.float(), rtol=1e-4, atol=1e-6, msg=f"{name} {n}")
+        model.zero_grad()
+
+
+def test_install_backend_routes_impl_backend_sirl(monkeypatch):
+    """verl's apply_monkey_patch calls its module-level patch_forward_with_backends; install_verl_backend wraps
+    it so impl_backend="sirl" installs forward_with_sirl_kernels and every other value reaches verl's code. With
+    verl installed this runs verl's real function, and verl's own fused "torch" forward must agree with ours."""
+    monkeypatch.setattr(TinyLlama, "forward", TinyLlama.forward)  # undone after the test
+    calls = []
+    if HAVE_VERL:
+        from verl.models.transformers import monkey_patch
+
+        monkeypatch.setattr(monkey_patch, "patch_forward_with_backends", monkey_patch.patch_forward_with_backends)
+    else:
+        monkey_patch = types.ModuleType("verl.models.transformers.monkey_patch")
+        monkey_patch.patch_forward_with_backends = (
+            lambda model, use_fused_kernels=False, fused_kernels_backend=None: calls.append(fused_kernels_backend))
+        for name in ("verl", "verl.models", "verl.models.transformers"):
+            monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+        monkeypatch.setitem(sys.modules, "verl.models.transformers.monkey_patch", monkey_patch)
+        monkeypatch.setattr(sys.modules["verl.models.transformers"], "monkey_patch", monkey_patch, raising=False)
+    install_verl_backend()
+    install_verl_backend()  # idempotent
+    model = tiny()
+    ids = torch.randint(0, 61, (2, 7), generator=torch.Generator().manual_seed(5))
+    monkey_patch.patch_forward_with_backends(model, use_fused_kernels=True, fused_kernels_backend="torch")
+    assert TinyLlama.forward is not forward_with_sirl_kernels
+    if HAVE_VERL:
+        verl_out = model(input_ids=ids, temperature=0.9, return_dict=True)  # verl's FusedLinearForPPO
+    else:
+        assert calls == ["torch"]
+    monkey_patch.patch_forward_with_backends(model, use_fused_kernels=True, fused_kernels_backend="sirl")
+    assert TinyLlama.forward is forward_with_sirl_kernels and calls in ([], ["torch"])
+    out = model(input_ids=ids, temperature=0.9, return_dict=True)
+    assert out.log_probs.shape == out.entropy.shape == ids.shape
+    if HAVE_VERL:
+        torch.testing.assert_close(out.log_probs, verl_out.log_probs.float(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.entropy, verl_out.entropy.float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not HAVE_VERL, reason="verl is not installed")
+def test_registered_with_real_verl():  # pragma: no cover - needs verl
+    from verl.experimental.reward_loop.reward_manager import get_reward_manager_cls
+    from verl.utils.import_utils import load_extern_object
+
+    assert get_reward_manager_cls("sirl") is SIRLRewardManager
+    assert load_extern_object("pkg://sirl.integrations.verl", "SIRLRewardManager") is SIRLRewardManager
+    assert sirl_verl.register_with_verl()
+
+
+@pytest.mark.skipif(not HAVE_VERL, reason="verl is not installed")
+def test_loaded_by_verl_from_the_documented_config():  # pragma: no cover - needs verl
+    """The one-line override of docs/integrations.md, through verl's own load_reward_manager."""
+    from omegaconf import OmegaConf
+    from verl.trainer.ppo.reward import load_reward_manager
+
+    config = OmegaConf.create({"reward": {
+        "reward_manager": {"source": "importlib", "name": "SIRLRewardManager",
+                           "module": {"path": "pkg://sirl.integrations.verl"}},
+        "custom_reward_function": {"path": None}, "sandbox_fusion": None,
+        "reward_kwargs": {"truncation": "penalize", "truncation_penalty": -3.0},
+    }})
+    manager = load_reward_manager(config, types.SimpleNamespace(eos_token_id=EOS))
+    assert isinstance(manager, SIRLRewardManager) and manager.options["truncation"] == "penalize"
+    from verl import DataProto
+
+    tensors, _, _ = rollout_batch()
+    out = asyncio.run(manager.run_single(DataProto.from_dict(tensors=tensors)[2:3]))
+    assert out["reward_score"] == -3.0  # row 2 is truncated

@@ -1,0 +1,61 @@
+"""Trainer options that change how the loss pass runs must not change what it computes.
+
+Gradient checkpointing and torch.compile of the decoder body are checked against the plain pass on the same
+rollout (same gradients); bf16 autocast is CUDA-only and is covered by the GPU suite when a GPU is present.
+"""
+
+import pytest
+import torch
+
+pytest.importorskip("transformers", reason="transformers is not installed")
+
+from sirl.config import load_config  # noqa: E402
+from sirl.rollout import rollout  # noqa: E402
+from sirl.score import token_logprobs_entropy  # noqa: E402
+from sirl.train import Dist, build, policy_gradient_pass  # noqa: E402
+from sirl.data import encode_prompt  # noqa: E402
+from sirl.advantage import group_advantages  # noqa: E402
+from contextlib import nullcontext  # noqa: E402
+
+
+def _config(tmp_path, **overrides):
+    base = dict(output_dir=str(tmp_path), progress=False, kl_beta=0.0, max_new_tokens=6, prompts_per_step=2)
+    return load_config(preset="tiny", overrides={**base, **overrides})
+
+
+def _gradients(cfg):
+    """One rollout + policy-gradient pass from a fixed seed; returns {name: grad} of the trainable parameters."""
+    torch.manual_seed(0)
+    policy, tokenizer, _, _, _, stream, _ = build(cfg, Dist())
+    prompts = [encode_prompt(tokenizer, stream.prompts[i], None, 64) for i in range(cfg.prompts_per_step)]
+    torch.manual_seed(1)
+    batch = rollout(policy, tokenizer, prompts, group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
+                    temperature=1.0, top_p=1.0, top_k=0)
+    old_logprobs, entropy = token_logprobs_entropy(policy, batch, 1.0, cfg.micro_batch_tokens)
+    rewards = -(entropy.sum(-1) / batch.completion_mask.sum(-1).clamp_min(1))
+    advantages, _ = group_advantages(rewards, cfg.group_size, scale="group", min_std=1e-4)
+    loss_mask = batch.completion_mask.bool()
+    policy.train()
+    policy_gradient_pass(policy, batch, old_logprobs, None, advantages, loss_mask, cfg, Dist(), nullcontext())
+    return {n: p.grad.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
+
+
+def _assert_same(a, b):
+    assert a.keys() == b.keys() and a
+    assert any(g.abs().sum() > 0 for g in a.values())
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, lora):
+    plain = _gradients(_config(tmp_path / "a", lora=lora))
+    ckpt = _gradients(_config(tmp_path / "b", lora=lora, gradient_checkpointing=True))
+    _assert_same(plain, ckpt)
+
+
+@pytest.mark.slow
+def test_compiled_decoder_gives_the_same_gradients(tmp_path):
+    plain = _gradients(_config(tmp_path / "a"))
+    compiled = _gradients(_config(tmp_path / "b", compile=True))
+    _assert_same(plain, compiled)
