@@ -7,4 +7,4 @@ bash scripts/setup.sh
 # shellcheck disable=SC1091
 source .venv/bin/activate
 bash scripts/build_csrc.sh
-python -m pytest -q -ra "$@"
+python -m pytest -q -ra --durations=15 "$@"

@@ -120,8 +120,9 @@ def setup(args, command: str):
 
 
 def done(args, summary: dict, keys: tuple[str, ...]) -> int:
-    shown = ", ".join(f"{k} {summary[k]:.3f}" if isinstance(summary.get(k), float) else f"{k} {summary.get(k)}"
-                      for k in keys)
+    from sirl.eval.report import fmt
+
+    shown = ", ".join(f"{k} {fmt(summary.get(k))}" for k in keys)
     print(f"{shown}; wrote {Path(args.output_dir) / 'summary.json'}")
     return 0
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from sirl.eval.report import markdown_table
 
-SKIP = {"generation", "elapsed_s", "min_group", "date", "machine", "python", "seed"}
+SKIP = {"generation", "elapsed_s", "min_group", "date", "machine", "python", "seed", "limit"}
 
 
 def flatten(summary: dict, prefix: str = "") -> dict:
