@@ -4,18 +4,19 @@ Gradient checkpointing and torch.compile of the decoder body are checked against
 rollout (same gradients); bf16 autocast is CUDA-only and is covered by the GPU suite when a GPU is present.
 """
 
+from contextlib import nullcontext
+
 import pytest
 import torch
 
 pytest.importorskip("transformers", reason="transformers is not installed")
 
+from sirl.advantage import group_advantages  # noqa: E402
 from sirl.config import load_config  # noqa: E402
+from sirl.data import encode_prompt  # noqa: E402
 from sirl.rollout import rollout  # noqa: E402
 from sirl.score import token_logprobs_entropy  # noqa: E402
 from sirl.train import Dist, build, policy_gradient_pass  # noqa: E402
-from sirl.data import encode_prompt  # noqa: E402
-from sirl.advantage import group_advantages  # noqa: E402
-from contextlib import nullcontext  # noqa: E402
 
 
 def _config(tmp_path, **overrides):
