@@ -8,7 +8,8 @@
 //                                     and optionally an fp32 copy into `out_f32`
 //   isa() -> str, set_isa(name) -> str   which kernel build runs ("avx512", "avx2", "baseline")
 //   empty_hugepage(size, dtype)          an uninitialised CPU tensor backed by transparent huge pages if large
-//   _exp(x, variant), _convert(x, dtype) test hooks: the vector exps (0: any x, 1: x <= 0) and the conversions
+//   _exp(x, variant), _convert(x, dtype) test hooks: the vector exps (0: any x, 1: x <= 0, 2: the forward's
+//                                        base-2 exp of x <= 0) and the conversions
 //
 // Every row is reduced by one thread in a fixed order, so results do not depend on the thread count.
 

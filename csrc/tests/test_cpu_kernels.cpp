@@ -64,6 +64,21 @@ static void test_exp(const Isa& isa) {
   float nan_out = 0;
   isa.exp_array(&nan_in, &nan_out, 1, 0);
   CHECK(isnan(nan_out), "%s exp(NaN) must be NaN", isa.name);
+  // The forward's base-2 exp: absolute error below 1 ulp of 1 (its terms are scaled so the row max gives 1), exact
+  // 1 at 0 and exact 0 below 2^-126.5.
+  std::vector<float> y2(x.size());
+  isa.exp_array(x.data(), y2.data(), (int64_t)x.size(), 2);
+  long double worst_abs2 = 0;
+  for (size_t i = 0; i < x.size(); ++i) {
+    if (!(x[i] <= 0.0f)) continue;
+    if (x[i] < -87.69f) CHECK(y2[i] == 0.0f, "%s exp2_forward(%g) = %g must be 0", isa.name, x[i], y2[i]);
+    worst_abs2 = fmaxl(worst_abs2, fabsl((long double)y2[i] - expl((long double)x[i])));
+  }
+  const float zero = 0.0f;
+  float one = 0;
+  isa.exp_array(&zero, &one, 1, 2);
+  CHECK(one == 1.0f, "%s exp2_forward(0) = %g must be 1", isa.name, one);
+  CHECK(worst_abs2 < 0x1p-23L, "%s exp2_forward worst absolute error %.3Lg", isa.name, worst_abs2);
   CHECK(worst <= 2.0L, "%s exp worst error %.3Lf ulp", isa.name, worst);
   CHECK(worst_nonpos <= 2.0L, "%s exp_nonpos worst error %.3Lf ulp", isa.name, worst_nonpos);
   printf("  %s: exp max error %.3Lf ulp, exp_nonpos %.3Lf ulp\n", isa.name, worst, worst_nonpos);
