@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import torch
 
@@ -82,10 +83,17 @@ def main(argv=None) -> dict:
         # equal on every rank when data-parallel gradients were reduced (each rank scores different completions)
         "trained_param_checksum": round(float(sum((p * p).sum() for p in trained)), 10),
         "sirl_kernels_head": trainer.sirl_kernels_head,
+        "sirl_reward_pass": trainer.sirl_reward_pass,  # "loss": the reward came from the training forward
         "rewards/sirl/mean": [round(h["rewards/sirl/mean"], 4) for h in history],
         "entropy": [round(h["entropy"], 4) for h in history if "entropy" in h],
     }
-    print(json.dumps(summary))
+    print(json.dumps(summary), flush=True)
+    # also one file per rank: under torchrun the ranks' stdout lines can interleave
+    with open(os.path.join(args.output_dir, f"summary_rank{summary['rank']}.json"), "w") as f:
+        json.dump(summary, f)
+    if torch.distributed.is_initialized():  # a clean gloo/NCCL teardown instead of aborting at interpreter exit
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return summary
 
 

@@ -1,9 +1,11 @@
 """SIRLGRPOTrainer against the real TRL package on CPU: its head against TRL's head and the full logits, a few
-training steps whose SIRL rewards equal ``sirl.score`` on the same tokens, one no-grad policy pass per generation
-batch, and no vocabulary-sized activation in the log-prob pass."""
+training steps whose SIRL rewards equal ``sirl.score`` on the same tokens, no policy pass beyond those TRL runs
+(in TRL's default on-policy setting the reward comes from the training forward), and no vocabulary-sized
+activation in the log-prob pass."""
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import pytest
@@ -130,9 +132,12 @@ def polite(completions, **kwargs):
 
 
 class ProbeTrainer(SIRLGRPOTrainer):
-    """Records, for every generation batch, TRL's reward matrix and ``sirl.score``'s reward on the same tokens."""
+    """Records, for every generation batch, TRL's reward matrix and ``sirl.score``'s reward on the same tokens
+    (from the policy that sampled them), and for every reward computed inside compute_loss ("loss" mode) the
+    micro-batch's prompts and the values written to TRL's completions table."""
 
     probes: list
+    in_loss: list
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
@@ -150,8 +155,16 @@ class ProbeTrainer(SIRLGRPOTrainer):
         self.probes.append((rewards_per_func.clone(), expected, valid, truncated))
         return rewards_per_func
 
+    def _sirl_advantages_in_loss(self, inputs, entropy):
+        advantages = super()._sirl_advantages_in_loss(inputs, entropy)
+        rows = inputs["sirl_table_row"].tolist()
+        table = [(self._logs["rewards"]["sirl"][r], self._logs["advantages"][r]) for r in rows]
+        self.in_loss.append((len(self.probes) - 1, rows, inputs["prompt_ids"].clone(), table, advantages.clone()))
+        return advantages
 
-def make_trainer(tmp_path, *, steps_per_generation=None, truncation="keep", weights=(1.0, 0.5)):
+
+def make_trainer(tmp_path, *, steps_per_generation=None, truncation="keep", weights=(1.0, 0.5), reward_pass="auto",
+                 batch_size=8, accumulation=1):
     tok = tiny_tokenizer()
     model = tiny_random_llama(tok, seed=0, init_std=0.2)  # peaked enough that entropies differ between samples
     lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
@@ -159,29 +172,23 @@ def make_trainer(tmp_path, *, steps_per_generation=None, truncation="keep", weig
     prompts = ["how do i make a bomb", "tell joke please", "write poem about the sea", "pick lock"]
     data = Dataset.from_list([{"prompt": [{"role": "user", "content": p}]} for p in prompts])
     args = SIRLGRPOConfig(
-        output_dir=str(tmp_path), max_steps=2, learning_rate=1e-2, beta=0.04, per_device_train_batch_size=8,
+        output_dir=str(tmp_path), max_steps=2, learning_rate=1e-2, beta=0.04, per_device_train_batch_size=batch_size,
         num_generations=4, max_completion_length=6, temperature=1.0, top_k=0, top_p=1.0,
-        steps_per_generation=steps_per_generation, gradient_accumulation_steps=1, reward_weights=list(weights),
-        sirl_truncation=truncation, sirl_truncation_penalty=-7.0, use_cpu=True, bf16=False, logging_steps=1,
-        save_strategy="no", report_to="none", disable_tqdm=True, seed=0, dataloader_num_workers=0,
+        steps_per_generation=steps_per_generation, gradient_accumulation_steps=accumulation,
+        reward_weights=list(weights), sirl_truncation=truncation, sirl_truncation_penalty=-7.0,
+        sirl_reward_pass=reward_pass, use_cpu=True, bf16=False, logging_steps=1, save_strategy="no",
+        report_to="none", disable_tqdm=True, seed=0, dataloader_num_workers=0,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer = ProbeTrainer(model, reward_funcs=[polite], args=args, train_dataset=data, processing_class=tok)
-    trainer.probes = []
+    trainer.probes, trainer.in_loss = [], []
     return trainer
 
 
-@pytest.mark.parametrize(
-    "steps_per_generation, truncation",
-    [(None, "penalize"), (2, "keep")],
-    ids=["trainer-runs-the-policy-pass", "reads-trls-old-policy-pass"],
-)
-def test_training_steps_reward_equals_sirl_score(tmp_path, monkeypatch, steps_per_generation, truncation):
-    trainer = make_trainer(tmp_path, steps_per_generation=steps_per_generation, truncation=truncation)
-    assert trainer.sirl_kernels_head and trainer.reward_func_names == ["sirl", "polite"]
-
-    passes = []  # (grad enabled, adapters enabled) of every fused log-prob pass
+def count_passes(monkeypatch, trainer):
+    """(grad enabled, policy) of every fused log-prob pass; widths of every LM-head call."""
+    passes, widths = [], []
     real = sirl_trl.causal_lm_token_logprobs_entropy
 
     def counting(model, *args, **kwargs):
@@ -191,20 +198,87 @@ def test_training_steps_reward_equals_sirl_score(tmp_path, monkeypatch, steps_pe
         return real(model, *args, **kwargs)
 
     monkeypatch.setattr(sirl_trl, "causal_lm_token_logprobs_entropy", counting)
-    widths = []  # no scoring pass may run the LM head over a whole sequence (generation: one position)
+    # no scoring pass may run the LM head over a whole sequence (generation: one position)
     trainer.model.get_output_embeddings().register_forward_pre_hook(lambda m, a: widths.append(a[0].shape[1]))
+    return passes, widths
+
+
+def trl_advantages(rewards_per_func, weights, groups=4):
+    """TRL's sum_then_normalize / scale_rewards="group" advantages (no NaN rows)."""
+    rewards = (rewards_per_func * torch.tensor(weights)).sum(1).view(-1, groups)
+    return ((rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-4)).flatten()
+
+
+@pytest.mark.parametrize("truncation", ["penalize", "keep"])
+def test_reward_from_the_training_forward(tmp_path, monkeypatch, truncation):
+    """TRL's default on-policy setting: the reward comes from the training forward, so the only policy passes are
+    the ones TRL runs (training, reference): none without grad. The rewards equal sirl.score on the same tokens
+    under the policy that sampled them, and the advantages and logged metrics are TRL's formulas on them."""
+    trainer = make_trainer(tmp_path, truncation=truncation)
+    assert trainer.sirl_reward_pass == "loss" and trainer.sirl_kernels_head
+    passes, widths = count_passes(monkeypatch, trainer)
+    trainer.train()
+
+    assert trainer.state.global_step == 2 and len(trainer.probes) == 2 and len(trainer.in_loss) == 2
+    assert passes.count((False, True)) == 0  # no extra policy pass
+    assert passes.count((False, False)) == 2 and passes.count((True, True)) == 2  # TRL's reference + training
+    assert max(widths) == 1
+    for batch, rows, _, table, advantages in trainer.in_loss:
+        rewards_per_func, expected, valid, truncated = trainer.probes[batch]
+        assert valid.all() and sorted(rows) == list(range(8))  # one micro-batch = the whole generation batch,
+        assert all(rows[i] % 4 == i % 4 for i in range(8))  # shuffled by whole groups
+        logged = torch.tensor([r for r, _ in table])
+        torch.testing.assert_close(logged, expected[rows], **TOL)
+        if truncation == "penalize":
+            assert torch.equal(logged == -7.0, truncated[rows])
+        else:
+            assert logged.std() > 0
+        both = torch.stack([expected, rewards_per_func[:, 1]], 1)[rows]
+        torch.testing.assert_close(advantages, trl_advantages(both, [1.0, 0.5]), **TOL)
+        torch.testing.assert_close(torch.tensor([a for _, a in table]), advantages, **TOL)
+    logs = [h for h in trainer.state.log_history if "rewards/sirl/mean" in h]
+    assert len(logs) == 2
+    for h, (batch, *_) in zip(logs, trainer.in_loss):
+        assert h["rewards/sirl/mean"] == pytest.approx(float(trainer.probes[batch][1].mean()), abs=1e-5)
+        assert h["reward"] == pytest.approx(h["rewards/sirl/mean"] + 0.5 * h["rewards/polite/mean"], abs=1e-5)
+
+
+def test_reward_in_loss_keeps_groups_together(tmp_path, monkeypatch):
+    """Two micro-batches per generation batch (gradient accumulation): the shuffle moves whole groups, so each
+    micro-batch is one prompt's 4 completions and its rewards are normalised within that group."""
+    trainer = make_trainer(tmp_path, batch_size=4, accumulation=2, truncation="penalize")
+    assert trainer.sirl_reward_pass == "loss"
+    passes, _ = count_passes(monkeypatch, trainer)
+    trainer.train()
+    assert len(trainer.probes) == 2 and len(trainer.in_loss) == 4
+    assert passes.count((False, True)) == 0
+    for batch, rows, prompt_ids, table, advantages in trainer.in_loss:
+        assert (prompt_ids == prompt_ids[0]).all()  # one group
+        assert sorted(rows) in ([0, 1, 2, 3], [4, 5, 6, 7])
+        rewards_per_func, expected, _, _ = trainer.probes[batch]
+        torch.testing.assert_close(torch.tensor([r for r, _ in table]), expected[rows], **TOL)
+        both = torch.stack([expected, rewards_per_func[:, 1]], 1)[rows]
+        torch.testing.assert_close(advantages, trl_advantages(both, [1.0, 0.5]), **TOL)
+
+
+@pytest.mark.parametrize(
+    "steps_per_generation, reward_pass",
+    [(None, "policy_pass"), (2, "auto")],
+    ids=["trainer-runs-the-policy-pass", "reads-trls-old-policy-pass"],
+)
+def test_reward_from_a_policy_pass(tmp_path, monkeypatch, steps_per_generation, reward_pass):
+    trainer = make_trainer(tmp_path, steps_per_generation=steps_per_generation, reward_pass=reward_pass)
+    assert trainer.sirl_kernels_head and trainer.reward_func_names == ["sirl", "polite"]
+    assert trainer.sirl_reward_pass == ("policy_pass" if steps_per_generation is None else "old_policy_pass")
+    passes, widths = count_passes(monkeypatch, trainer)
     trainer.train()
 
     generations = 2 if steps_per_generation is None else 1
     calls = 1 if steps_per_generation is None else 2  # a no-grad pass runs per_device_train_batch_size rows a call
-    assert trainer.state.global_step == 2 and len(trainer.probes) == generations
+    assert trainer.state.global_step == 2 and len(trainer.probes) == generations and not trainer.in_loss
     for rewards_per_func, expected, valid, truncated in trainer.probes:
         torch.testing.assert_close(rewards_per_func[:, 0], expected, **TOL)
-        assert valid.all()
-        if truncation == "penalize":
-            assert torch.equal(rewards_per_func[:, 0] == -7.0, truncated)
-        else:
-            assert rewards_per_func[:, 0].std() > 0  # the reward really varies between samples
+        assert valid.all() and rewards_per_func[:, 0].std() > 0
     truncated = torch.cat([p[3] for p in trainer.probes])
     assert truncated.any() and not truncated.all()  # both kinds of completion were scored
     # exactly one no-grad policy pass and one reference pass per generation batch; the rest train
@@ -218,14 +292,41 @@ def test_training_steps_reward_equals_sirl_score(tmp_path, monkeypatch, steps_pe
         assert h["reward"] == pytest.approx(combined, abs=1e-5)
 
 
-def test_mask_truncation_gives_no_reward(tmp_path):
-    trainer = make_trainer(tmp_path, truncation="mask", weights=(1.0, 0.0))
+def test_reward_pass_choice(tmp_path):
+    """Where the groups cannot stay whole in a micro-batch, "auto" warns and adds the policy pass; "loss" refuses."""
+    tok = tiny_tokenizer()
+    model = tiny_random_llama(tok)
+    common = dict(output_dir=str(tmp_path), num_generations=4, per_device_train_batch_size=2,
+                  gradient_accumulation_steps=2, use_cpu=True, report_to="none")
+    data = Dataset.from_list([{"prompt": "hi"}] * 4)
+    new = functools.partial(SIRLGRPOTrainer, model, train_dataset=data, processing_class=tok)
+    with pytest.warns(UserWarning, match="extra no-grad policy pass.*not a multiple of num_generations"):
+        trainer = new(args=SIRLGRPOConfig(**common))
+    assert trainer.sirl_reward_pass == "policy_pass"
+    with pytest.raises(ValueError, match="cannot be used.*not a multiple"):
+        new(args=SIRLGRPOConfig(sirl_reward_pass="loss", **common))
+    common.update(per_device_train_batch_size=4, gradient_accumulation_steps=1)
+    with pytest.warns(UserWarning, match="whole generation batch"):
+        new(args=SIRLGRPOConfig(scale_rewards="batch", **common))
+    with pytest.raises(ValueError, match="sirl_reward_pass must be"):
+        new(args=SIRLGRPOConfig(sirl_reward_pass="never", **common))
+    assert new(args=SIRLGRPOConfig(**common)).sirl_reward_pass == "loss"
+
+
+@pytest.mark.parametrize("reward_pass", ["loss", "policy_pass"])
+def test_mask_truncation_gives_no_reward(tmp_path, reward_pass):
+    trainer = make_trainer(tmp_path, truncation="mask", weights=(1.0, 0.0), reward_pass=reward_pass)
     trainer.args.max_steps = 1
     trainer.train()
     rewards_per_func, expected, valid, truncated = trainer.probes[0]
-    assert truncated.any()
-    assert torch.isnan(rewards_per_func[truncated, 0]).all()  # None -> NaN: TRL leaves them out of the baseline
-    torch.testing.assert_close(rewards_per_func[~truncated, 0], expected[~truncated], **TOL)
+    assert truncated.any() and not truncated.all()
+    if reward_pass == "loss":
+        _, rows, _, table, _ = trainer.in_loss[0]
+        sirl, truncated, expected = torch.tensor([r for r, _ in table]), truncated[rows], expected[rows]
+    else:
+        sirl = rewards_per_func[:, 0]
+    assert torch.isnan(sirl[truncated]).all()  # None -> NaN: TRL leaves them out of the baseline
+    torch.testing.assert_close(sirl[~truncated], expected[~truncated], **TOL)
 
 
 def test_config_errors(tmp_path):
@@ -245,7 +346,7 @@ def test_config_errors(tmp_path):
 def test_data_parallel_ranks_stay_in_sync(tmp_path):
     """examples/trl_sirl.py under torchrun (2 gloo processes, DDP): each rank scores different completions, and
     the trained weights still agree because the fused head runs inside the DDP forward, whose hooks all-reduce
-    the gradients. (With the head called on the unwrapped model the two checksums differ: checked by hand.)"""
+    the gradients. The SIRL reward comes from the training forward, and its metrics are gathered over ranks. (With the head called on the unwrapped model the two checksums differ: checked by hand.)"""
     import json
     import os
     import subprocess
@@ -259,9 +360,10 @@ def test_data_parallel_ranks_stay_in_sync(tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith('{"rank"'):
-            row = json.loads(line)
-            ranks[row["rank"]] = row
+    for path in Path(tmp_path).glob("summary_rank*.json"):
+        row = json.loads(path.read_text())
+        ranks[row["rank"]] = row
     assert set(ranks) == {0, 1} and all(r["steps"] == 2 and r["sirl_kernels_head"] for r in ranks.values())
+    assert all(r["sirl_reward_pass"] == "loss" for r in ranks.values())  # rewards gathered across ranks
+    assert ranks[0]["rewards/sirl/mean"] == ranks[1]["rewards/sirl/mean"]
     assert ranks[0]["trained_param_checksum"] == ranks[1]["trained_param_checksum"]
