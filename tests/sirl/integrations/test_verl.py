@@ -3,23 +3,37 @@
 verl 0.9.1 pins transformers<5.11, so it is usually absent here: the reward manager is then fed a stand-in with
 the two things it uses of verl's ``DataProto`` (``.batch`` with ``keys()`` / ``[key]``, and row slicing), and the
 fused forward is called the way verl's FSDP engine calls ``model(...)`` with ``use_fused_kernels`` on.
+``scripts/setup.sh`` puts verl 0.9.1 and the import-time dependencies the venv lacks in ``.venv/verl-overlay``,
+which this file (and nothing else) appends to ``sys.path``: the tests marked for verl then run against verl's real
+modules, and skip, saying so, where that folder is absent.
 """
 
 from __future__ import annotations
 
 import asyncio
 import importlib.util
+import os
 import sys
 import types
+import warnings
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-import sirl.integrations.verl as sirl_verl
-from sirl.integrations.verl import SIRLRewardManager, forward_with_sirl_kernels, install_verl_backend
-from sirl.score import sirl_rewards
+# Appended, so that the venv's own packages win over anything in the overlay; before sirl.integrations.verl is
+# imported, so that its import registers the reward manager with verl.
+VERL_OVERLAY = Path(__file__).resolve().parents[3] / ".venv" / "verl-overlay"
+if VERL_OVERLAY.is_dir() and str(VERL_OVERLAY) not in sys.path:
+    sys.path.append(str(VERL_OVERLAY))
+
+import sirl.integrations.verl as sirl_verl  # noqa: E402
+from sirl.integrations.verl import SIRLRewardManager, forward_with_sirl_kernels, install_verl_backend  # noqa: E402
+from sirl.score import sirl_rewards  # noqa: E402
 
 HAVE_VERL = importlib.util.find_spec("verl") is not None
+NO_VERL = f"verl is not installed: scripts/setup.sh puts verl 0.9.1 in {VERL_OVERLAY}"
 EOS, PAD = 7, 0
 
 
@@ -36,7 +50,7 @@ class StandInDataProto:
         return StandInDataProto({k: v[rows] for k, v in self.batch.items()})
 
 
-@pytest.fixture(params=["stand-in", pytest.param("verl", marks=pytest.mark.skipif(not HAVE_VERL, reason="no verl"))])
+@pytest.fixture(params=["stand-in", pytest.param("verl", marks=pytest.mark.skipif(not HAVE_VERL, reason=NO_VERL))])
 def make_data(request):
     if request.param == "verl":
         from verl import DataProto
@@ -241,7 +255,7 @@ def test_install_backend_routes_impl_backend_sirl(monkeypatch):
         torch.testing.assert_close(out.entropy, verl_out.entropy.float(), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(not HAVE_VERL, reason="verl is not installed")
+@pytest.mark.skipif(not HAVE_VERL, reason=NO_VERL)
 def test_registered_with_real_verl():  # pragma: no cover - needs verl
     from verl.experimental.reward_loop.reward_manager import get_reward_manager_cls
     from verl.utils.import_utils import load_extern_object
@@ -251,7 +265,7 @@ def test_registered_with_real_verl():  # pragma: no cover - needs verl
     assert sirl_verl.register_with_verl()
 
 
-@pytest.mark.skipif(not HAVE_VERL, reason="verl is not installed")
+@pytest.mark.skipif(not HAVE_VERL, reason=NO_VERL)
 def test_loaded_by_verl_from_the_documented_config():  # pragma: no cover - needs verl
     """The one-line override of docs/integrations.md, through verl's own load_reward_manager."""
     from omegaconf import OmegaConf
@@ -270,3 +284,74 @@ def test_loaded_by_verl_from_the_documented_config():  # pragma: no cover - need
     tensors, _, _ = rollout_batch()
     out = asyncio.run(manager.run_single(DataProto.from_dict(tensors=tensors)[2:3]))
     assert out["reward_score"] == -3.0  # row 2 is truncated
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# verl's advantage computation (both trainers call ray_trainer.compute_advantage on the driver)
+
+
+def verl_compute_advantage():
+    """verl's ``compute_advantage``. Importing its trainer module sets ``TORCH_CUDA_ARCH_LIST=8.0`` where CUDA is
+    absent (verl/workers/engine/megatron/__init__.py), which must not reach the rest of the session."""
+    before = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    with warnings.catch_warnings():  # "megatron engine is not available" and the like
+        warnings.simplefilter("ignore", UserWarning)
+        from verl.trainer.ppo.ray_trainer import compute_advantage
+
+    if before is None:
+        os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
+    return compute_advantage
+
+
+def grouped_batch():
+    """6 rows in 2 groups of 3 (verl's ``uid``), with everything verl's trainers hold when they compute advantages."""
+    halves = [rollout_batch(seed) for seed in (0, 1)]
+    tensors = {k: torch.cat([h[0][k] for h in halves]) for k in halves[0][0]}
+    tensors["response_mask"] = torch.cat([h[1] for h in halves])
+    tensors["old_log_probs"] = tensors["rollout_log_probs"] - 0.5
+    return tensors, np.array(["a"] * 3 + ["b"] * 3, dtype=object)
+
+
+@pytest.mark.skipif(not HAVE_VERL, reason=NO_VERL)
+def test_grpo_advantages_of_the_reward_manager():  # pragma: no cover - needs verl
+    """The manager's scores as ``token_level_rewards``, through verl's ``compute_advantage`` with
+    ``adv_estimator=grpo``, equal verl's GRPO on ``sirl.score.sirl_rewards`` of the same entropies (float64)."""
+    from verl import DataProto
+    from verl.trainer.config import AlgoConfig
+    from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage
+
+    compute_advantage = verl_compute_advantage()
+    tensors, uid = grouped_batch()
+    data = DataProto.from_dict(tensors=tensors, non_tensors={"uid": uid})
+    data.batch["token_level_rewards"] = SIRLRewardManager(eos_token_ids=[EOS])(data)
+    out = compute_advantage(data, adv_estimator="grpo", config=AlgoConfig())
+    rewards, _ = sirl_rewards(tensors["entropys"].double(), tensors["response_mask"], torch.zeros(6, dtype=torch.bool))
+    # GRPO scores a response by the sum of its token-level rewards
+    expected, _ = compute_grpo_outcome_advantage(rewards[:, None], tensors["response_mask"].double(), uid)
+    torch.testing.assert_close(out.batch["advantages"].double(), expected, rtol=1e-6, atol=1e-6)
+    assert out.batch["advantages"].abs().sum() > 0
+
+
+@pytest.mark.skipif(not HAVE_VERL, reason=NO_VERL)
+def test_verl_gives_registered_estimators_no_log_probs(monkeypatch):  # pragma: no cover - needs verl
+    """Why SIRL is a reward manager and not an advantage estimator: verl 0.9.1's ``compute_advantage``, called
+    after the old-log-prob pass, hands an estimator selected by ``algorithm.adv_estimator=<name>`` the rewards,
+    the response mask, ``uid`` and the algorithm config; never the batch, its log-probs or its entropies."""
+    from verl import DataProto
+    from verl.trainer.config import AlgoConfig
+    from verl.trainer.ppo import core_algos
+
+    compute_advantage = verl_compute_advantage()
+    seen = {}
+
+    def probe(**kwargs):
+        seen.update(kwargs)
+        return kwargs["token_level_rewards"], kwargs["token_level_rewards"]
+
+    monkeypatch.setitem(core_algos.ADV_ESTIMATOR_REGISTRY, "sirl_probe", probe)
+    tensors, uid = grouped_batch()
+    tensors["token_level_rewards"] = torch.zeros_like(tensors["entropys"])
+    data = DataProto.from_dict(tensors=tensors, non_tensors={"uid": uid})
+    assert {"old_log_probs", "rollout_log_probs", "entropys"} <= set(data.batch.keys())
+    compute_advantage(data, adv_estimator="sirl_probe", config=AlgoConfig())
+    assert set(seen) == {"token_level_rewards", "response_mask", "index", "config"}
