@@ -164,6 +164,11 @@ def main(argv=None):
             for dtype_name in args.dtypes:
                 for mode in args.modes:
                     for name, fn in impls.items():
+                        if name == "torch.compile":
+                            # A fresh static-shape compile per case: reusing one compiled function across shapes
+                            # switches dynamo to dynamic shapes, whose kernels ran up to 3x slower here.
+                            torch._dynamo.reset()
+                            fn = torch.compile(eager_logprobs_entropy, dynamic=False)
                         row = run_case(name, fn, n, v, DTYPES[dtype_name], mode, device, args.repeats)
                         if "ms" in row:
                             row["x_floor"] = row["ms"] / 1e3 / (row["min_bytes"] / read_bw)
