@@ -48,7 +48,7 @@ def _trl_impl():
 def implementations(device, include_compile=True):
     impls = {"eager": eager_logprobs_entropy}
     if include_compile:
-        impls["torch.compile"] = torch.compile(eager_logprobs_entropy)
+        impls["torch.compile"] = torch.compile(eager_logprobs_entropy, dynamic=False)
     trl = _trl_impl()
     if trl is not None:
         impls["trl"] = trl
@@ -165,10 +165,10 @@ def main(argv=None):
                 for mode in args.modes:
                     for name, fn in impls.items():
                         if name == "torch.compile":
-                            # A fresh static-shape compile per case: reusing one compiled function across shapes
-                            # switches dynamo to dynamic shapes, whose kernels ran up to 3x slower here.
+                            # A fresh static-shape compile per case (the wrapper is dynamic=False): otherwise dynamo
+                            # switches to dynamic shapes after the first shape, whose kernels ran up to 3x slower
+                            # here, or hits its recompile limit and falls back to eager.
                             torch._dynamo.reset()
-                            fn = torch.compile(eager_logprobs_entropy, dynamic=False)
                         row = run_case(name, fn, n, v, DTYPES[dtype_name], mode, device, args.repeats)
                         if "ms" in row:
                             row["x_floor"] = row["ms"] / 1e3 / (row["min_bytes"] / read_bw)
