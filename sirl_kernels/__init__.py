@@ -4,7 +4,7 @@ Forward and backward in one pass over the logits (or, in the fused-linear varian
 ``hidden @ weight.T``) without ever materialising a ``[tokens x vocab]`` probability tensor.
 """
 
-from sirl_kernels.api import linear_token_logprobs_entropy, token_logprobs_entropy
+from sirl_kernels.api import linear_token_logprobs_entropy, token_logprobs_entropy, validate_labels
 from sirl_kernels.backends import BackendStatus, available_backends
 
 __all__ = [
@@ -12,5 +12,6 @@ __all__ = [
     "available_backends",
     "linear_token_logprobs_entropy",
     "token_logprobs_entropy",
+    "validate_labels",
 ]
 __version__ = "0.1.0"

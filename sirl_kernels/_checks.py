@@ -20,7 +20,7 @@ def check_float_tensor(name: str, t) -> None:
         raise TypeError(f"{name} must be float32, bfloat16 or float16 (float64 on the 'torch' backend), got {t.dtype}")
 
 
-def check_labels(labels, expected_shape, device: torch.device) -> None:
+def check_label_tensor(labels, expected_shape, device: torch.device) -> None:
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
     if labels.dtype not in INT_DTYPES:
@@ -46,11 +46,17 @@ def check_ignore_index(ignore_index) -> int:
     return int(ignore_index)
 
 
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
 def check_label_values(labels: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
     """Labels must lie in [0, V) unless they equal ignore_index.
 
     Runs inside the custom op (on real tensors, also under torch.compile) so the data-dependent check never
-    breaks a graph. On CUDA it costs one small synchronisation.
+    breaks a graph. On CUDA it costs one synchronisation, which ``check_labels=False`` avoids.
     """
     if labels.numel() == 0:
         return

@@ -9,9 +9,11 @@ from torch import Tensor
 
 from sirl_kernels import backends, ops
 from sirl_kernels._checks import (
+    check_bool,
     check_float_tensor,
     check_ignore_index,
-    check_labels,
+    check_label_tensor,
+    check_label_values,
     check_temperature,
 )
 from sirl_kernels._sizes import default_linear_chunk_size
@@ -31,6 +33,7 @@ def token_logprobs_entropy(
     ignore_index: int = -100,
     backend: str = "auto",
     inplace_backward: bool = False,
+    check_labels: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Per-position log-probability of the label and entropy of softmax(logits / temperature).
 
@@ -41,10 +44,15 @@ def token_logprobs_entropy(
         temperature: divides the logits; finite and > 0.
         ignore_index: positions with this label get 0 in both outputs and zero gradient.
         backend: "auto", "torch", "cpu", "triton" or "cuda" (``$SIRL_KERNELS_BACKEND`` overrides "auto").
-        inplace_backward: Triton backend only (ValueError otherwise). Backward writes the gradient into the
-            logits' own storage instead of allocating an ``[N, V]`` gradient: **the logits' values are
-            destroyed by backward** (they then hold their gradient), so nothing else may still need them.
-            A logits tensor that had to be copied to unit stride is copied first and left intact.
+        inplace_backward: backward writes the gradient into the logits' own storage instead of allocating an
+            ``[N, V]`` gradient (every backend): **the logits' values are destroyed by backward** (they then
+            hold their gradient), so nothing else may still need them. A logits tensor that had to be copied to
+            unit stride is copied first and left intact.
+        check_labels: True (default) raises ``ValueError`` naming the first label outside ``[0, V)`` that is
+            not ``ignore_index``; on CUDA that check synchronises with the host. False skips it, so the call
+            never synchronises (CUDA-graph capture, no round trip per micro-batch): a bad label then gives NaN
+            logprob and entropy for its row and a NaN gradient, never a read outside the row. Check the
+            outputs with ``torch.isfinite`` (or call :func:`sirl_kernels.validate_labels` yourself) where you sync.
 
     Returns:
         ``(logprobs, entropy)``, float32 tensors shaped like ``labels``. Differentiable with respect to
@@ -57,18 +65,16 @@ def token_logprobs_entropy(
     vocab = logits.shape[-1]
     if vocab == 0:
         raise ValueError("logits have an empty vocabulary dimension (V = 0)")
-    check_labels(labels, logits.shape[:-1], logits.device)
+    check_label_tensor(labels, logits.shape[:-1], logits.device)
     temperature = check_temperature(temperature)
     ignore_index = check_ignore_index(ignore_index)
+    inplace_backward = check_bool("inplace_backward", inplace_backward)
+    check_labels = check_bool("check_labels", check_labels)
     name = backends.resolve(backend, logits.device, logits.dtype)
-    if not isinstance(inplace_backward, bool):
-        raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
-    if inplace_backward and name != "triton":
-        raise ValueError(f"inplace_backward=True needs the 'triton' backend, but backend {name!r} was selected")
 
     flat = (_unit_stride_rows(logits, vocab), labels.reshape(-1).long(), temperature, ignore_index, name)
-    if inplace_backward:
-        logprobs, entropy, _ = ops.token_logprobs_entropy_op(*flat, True)
+    if inplace_backward or not check_labels:
+        logprobs, entropy, _ = ops.token_logprobs_entropy_op(*flat, inplace_backward, check_labels)
     else:  # the default path keeps the 5-argument call that torch.compile and opcheck see
         logprobs, entropy, _ = ops.token_logprobs_entropy_op(*flat)
     return logprobs.view(labels.shape), entropy.view(labels.shape)
@@ -84,6 +90,7 @@ def linear_token_logprobs_entropy(
     ignore_index: int = -100,
     backend: str = "auto",
     chunk_size: int | None = None,
+    check_labels: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """``token_logprobs_entropy`` of ``logits = hidden @ weight.T (+ bias)`` without materialising the logits.
 
@@ -92,12 +99,15 @@ def linear_token_logprobs_entropy(
         weight: ``[V, D]``, same dtype and device as ``hidden``.
         labels: ``[...]`` integer tensor; values in ``[0, V)`` or ``ignore_index``.
         bias: optional ``[V]``, same dtype.
-        chunk_size: tokens per chunk; at most ``chunk_size x V`` logits exist at once. The default bounds that
-            workspace to 256 MiB of fp32 (432 tokens at V = 151,936).
+        chunk_size: tokens per chunk; at most ``chunk_size x V`` fp32 logits exist at once. The default bounds
+            that workspace to 256 MiB (432 tokens at V = 151,936).
+        check_labels: as in :func:`token_logprobs_entropy`.
 
     Returns:
         ``(logprobs, entropy)`` as float32 tensors shaped like ``labels``, differentiable with respect to
-        ``hidden``, ``weight`` and ``bias``. The weight gradient is accumulated in fp32 across chunks.
+        ``hidden``, ``weight`` and ``bias``. Logits are formed with fp32 accumulation and never rounded to the
+        input dtype; the weight and bias gradients are accumulated in fp32 and only computed when required
+        (a frozen ``lm_head`` costs no ``[V, D]`` buffer and no matmul).
     """
     check_float_tensor("hidden", hidden)
     check_float_tensor("weight", weight)
@@ -122,16 +132,17 @@ def linear_token_logprobs_entropy(
             raise TypeError(f"bias dtype {bias.dtype} differs from hidden dtype {hidden.dtype}")
         if bias.device != hidden.device:
             raise ValueError(f"bias is on {bias.device} but hidden is on {hidden.device}")
-    check_labels(labels, hidden.shape[:-1], hidden.device)
+    check_label_tensor(labels, hidden.shape[:-1], hidden.device)
     temperature = check_temperature(temperature)
     ignore_index = check_ignore_index(ignore_index)
     if chunk_size is None:
         chunk_size = default_linear_chunk_size(vocab)
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    check_labels = check_bool("check_labels", check_labels)
     name = backends.resolve(backend, hidden.device, hidden.dtype)
 
-    logprobs, entropy, _ = ops.linear_token_logprobs_entropy_op(
+    args = (
         _unit_stride_rows(hidden, dim),
         weight if weight.stride(-1) == 1 else weight.contiguous(),
         bias if bias is None or bias.stride(-1) == 1 else bias.contiguous(),
@@ -141,4 +152,19 @@ def linear_token_logprobs_entropy(
         name,
         int(chunk_size),
     )
+    if check_labels:
+        logprobs, entropy, _ = ops.linear_token_logprobs_entropy_op(*args)
+    else:
+        logprobs, entropy, _ = ops.linear_token_logprobs_entropy_op(*args, False)
     return logprobs.view(labels.shape), entropy.view(labels.shape)
+
+
+def validate_labels(labels: Tensor, vocab_size: int, ignore_index: int = -100) -> None:
+    """Raises ``ValueError`` naming the first label outside ``[0, vocab_size)`` that is not ``ignore_index``.
+
+    The check ``check_labels=True`` runs inside the ops; call it yourself where a synchronisation is already
+    paid for when the ops run with ``check_labels=False``.
+    """
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    check_label_values(labels.reshape(-1), int(vocab_size), check_ignore_index(ignore_index))

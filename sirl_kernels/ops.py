@@ -1,10 +1,14 @@
 """The torch.library custom ops: schemas, fake implementations, autograd, and dispatch to a backend.
 
 The ops take flattened inputs (2-D logits or hidden states, 1-D labels) and a concrete backend name chosen by
-the public API; they return ``(logprobs, entropy, lse)``, saving lse and entropy (never probabilities) for
-the backward op. Being opaque custom ops with fake implementations, they trace under
-``torch.compile(fullgraph=True)`` on every device, and the backward ops are custom ops of their own so
-AOTAutograd can trace the backward graph as well.
+the public API; they return ``(logprobs, entropy, stats)``, saving the ``[N, 2]`` row stats (max and log-sum,
+see ``backends/contract.py``) and the entropy, never probabilities, for the backward op. Being opaque custom
+ops with fake implementations, they trace under ``torch.compile(fullgraph=True)`` on every device, and the
+backward ops are custom ops of their own so AOTAutograd can trace the backward graph as well.
+
+``check_labels`` (default True) validates labels on the host before any kernel runs, which on CUDA costs one
+synchronisation; with False nothing syncs and a bad label gives NaN for its row instead (see
+``sirl_kernels.api``).
 """
 
 from __future__ import annotations
@@ -16,187 +20,148 @@ from sirl_kernels import backends
 from sirl_kernels._checks import accumulation_dtype, check_label_values
 
 
+def _fake_outputs(like: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
+    acc = accumulation_dtype(like.dtype)
+    return like.new_empty(n, dtype=acc), like.new_empty(n, dtype=acc), like.new_empty((n, 2), dtype=acc)
+
+
 # --------------------------------------------------------------------------------------------------------------
-# token_logprobs_entropy: logits [N, V] -> logprobs, entropy, lse [N]
+# token_logprobs_entropy: logits [N, V] -> logprobs, entropy [N], stats [N, 2]
 # --------------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("sirl_kernels::token_logprobs_entropy", mutates_args=())
 def token_logprobs_entropy_op(
     logits: Tensor, labels: Tensor, temperature: float, ignore_index: int, backend: str,
-    inplace_backward: bool = False,
+    inplace_backward: bool = False, check_labels: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    check_label_values(labels, logits.shape[-1], ignore_index)
+    if check_labels:
+        check_label_values(labels, logits.shape[-1], ignore_index)
     return backends.get(backend).logits_forward(logits, labels, temperature, ignore_index)
 
 
 @token_logprobs_entropy_op.register_fake
-def _(logits, labels, temperature, ignore_index, backend, inplace_backward=False):
-    n = logits.shape[0]
-    return tuple(logits.new_empty(n, dtype=accumulation_dtype(logits.dtype)) for _ in range(3))
+def _(logits, labels, temperature, ignore_index, backend, inplace_backward=False, check_labels=True):
+    return _fake_outputs(logits, logits.shape[0])
 
 
 @torch.library.custom_op("sirl_kernels::token_logprobs_entropy_backward", mutates_args=())
 def token_logprobs_entropy_backward_op(
-    grad_logprobs: Tensor,
-    grad_entropy: Tensor,
-    logits: Tensor,
-    labels: Tensor,
-    lse: Tensor,
-    entropy: Tensor,
-    temperature: float,
-    ignore_index: int,
-    backend: str,
+    grad_logprobs: Tensor, grad_entropy: Tensor, logits: Tensor, labels: Tensor, stats: Tensor, entropy: Tensor,
+    temperature: float, ignore_index: int, backend: str,
 ) -> Tensor:
     acc = accumulation_dtype(logits.dtype)
     return backends.get(backend).logits_backward(
-        grad_logprobs.to(acc), grad_entropy.to(acc), logits, labels, lse, entropy, temperature, ignore_index
+        grad_logprobs.to(acc), grad_entropy.to(acc), logits, labels, stats, entropy, temperature, ignore_index
     )
 
 
 @token_logprobs_entropy_backward_op.register_fake
-def _(grad_logprobs, grad_entropy, logits, labels, lse, entropy, temperature, ignore_index, backend):
+def _(grad_logprobs, grad_entropy, logits, labels, stats, entropy, temperature, ignore_index, backend):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
 @torch.library.custom_op("sirl_kernels::token_logprobs_entropy_backward_", mutates_args=("logits",))
 def token_logprobs_entropy_backward_inplace_op(
-    grad_logprobs: Tensor,
-    grad_entropy: Tensor,
-    logits: Tensor,
-    labels: Tensor,
-    lse: Tensor,
-    entropy: Tensor,
-    temperature: float,
-    ignore_index: int,
-    backend: str,
+    grad_logprobs: Tensor, grad_entropy: Tensor, logits: Tensor, labels: Tensor, stats: Tensor, entropy: Tensor,
+    temperature: float, ignore_index: int, backend: str,
 ) -> None:
-    """Writes the gradient into ``logits`` itself (their values are destroyed). Only backends with a
-    ``logits_backward_inplace`` function (Triton) implement it."""
+    """Writes the gradient into ``logits`` itself (their values are destroyed); every backend supports it."""
     acc = accumulation_dtype(logits.dtype)
-    backends.get(backend).logits_backward_inplace(
-        grad_logprobs.to(acc), grad_entropy.to(acc), logits, labels, lse, entropy, temperature, ignore_index
+    backends.get(backend).logits_backward(
+        grad_logprobs.to(acc), grad_entropy.to(acc), logits, labels, stats, entropy, temperature, ignore_index,
+        out=logits,
     )
 
 
 @token_logprobs_entropy_backward_inplace_op.register_fake
-def _(grad_logprobs, grad_entropy, logits, labels, lse, entropy, temperature, ignore_index, backend):
+def _(grad_logprobs, grad_entropy, logits, labels, stats, entropy, temperature, ignore_index, backend):
     return None
 
 
 def _logits_setup_context(ctx, inputs, output):
     logits, labels, temperature, ignore_index, backend = inputs[:5]
-    _, entropy, lse = output
-    ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(logits, labels, lse, entropy)
+    _, entropy, stats = output
+    ctx.mark_non_differentiable(stats)
+    ctx.save_for_backward(logits, labels, stats, entropy)
     ctx.temperature, ctx.ignore_index, ctx.backend = temperature, ignore_index, backend
     ctx.inplace_backward = bool(inputs[5]) if len(inputs) > 5 else False
 
 
-def _logits_backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
-    logits, labels, lse, entropy = ctx.saved_tensors
-    args = (grad_logprobs, grad_entropy, logits, labels, lse, entropy, ctx.temperature, ctx.ignore_index,
+def _logits_backward(ctx, grad_logprobs, grad_entropy, _grad_stats):
+    logits, labels, stats, entropy = ctx.saved_tensors
+    args = (grad_logprobs, grad_entropy, logits, labels, stats, entropy, ctx.temperature, ctx.ignore_index,
             ctx.backend)
     if ctx.inplace_backward:
         token_logprobs_entropy_backward_inplace_op(*args)
         grad = logits  # now holds the gradient
     else:
         grad = token_logprobs_entropy_backward_op(*args)
-    return grad, None, None, None, None, None
+    return grad, None, None, None, None, None, None
 
 
 token_logprobs_entropy_op.register_autograd(_logits_backward, setup_context=_logits_setup_context)
 
 
 # --------------------------------------------------------------------------------------------------------------
-# linear_token_logprobs_entropy: hidden [N, D], weight [V, D], bias [V]? -> logprobs, entropy, lse [N]
+# linear_token_logprobs_entropy: hidden [N, D], weight [V, D], bias [V]? -> logprobs, entropy [N], stats [N, 2]
 # --------------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("sirl_kernels::linear_token_logprobs_entropy", mutates_args=())
 def linear_token_logprobs_entropy_op(
-    hidden: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    labels: Tensor,
-    temperature: float,
-    ignore_index: int,
-    backend: str,
-    chunk_size: int,
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, temperature: float, ignore_index: int,
+    backend: str, chunk_size: int, check_labels: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    check_label_values(labels, weight.shape[0], ignore_index)
+    if check_labels:
+        check_label_values(labels, weight.shape[0], ignore_index)
     return backends.get(backend).linear_forward(hidden, weight, bias, labels, temperature, ignore_index, chunk_size)
 
 
 @linear_token_logprobs_entropy_op.register_fake
-def _(hidden, weight, bias, labels, temperature, ignore_index, backend, chunk_size):
-    n = hidden.shape[0]
-    return tuple(hidden.new_empty(n, dtype=accumulation_dtype(hidden.dtype)) for _ in range(3))
+def _(hidden, weight, bias, labels, temperature, ignore_index, backend, chunk_size, check_labels=True):
+    return _fake_outputs(hidden, hidden.shape[0])
 
 
 @torch.library.custom_op("sirl_kernels::linear_token_logprobs_entropy_backward", mutates_args=())
 def linear_token_logprobs_entropy_backward_op(
-    grad_logprobs: Tensor,
-    grad_entropy: Tensor,
-    hidden: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    labels: Tensor,
-    lse: Tensor,
-    entropy: Tensor,
-    temperature: float,
-    ignore_index: int,
-    backend: str,
-    chunk_size: int,
+    grad_logprobs: Tensor, grad_entropy: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None,
+    labels: Tensor, stats: Tensor, entropy: Tensor, temperature: float, ignore_index: int, backend: str,
+    chunk_size: int, needs_hidden_grad: bool, needs_weight_grad: bool, needs_bias_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    """Only the gradients asked for are computed; the others come back as empty ``[0]`` placeholders (custom ops
+    cannot return None)."""
     acc = accumulation_dtype(hidden.dtype)
-    grad_hidden, grad_weight, grad_bias = backends.get(backend).linear_backward(
-        grad_logprobs.to(acc),
-        grad_entropy.to(acc),
-        hidden,
-        weight,
-        bias,
-        labels,
-        lse,
-        entropy,
-        temperature,
-        ignore_index,
-        chunk_size,
+    needs = (needs_hidden_grad, needs_weight_grad, needs_bias_grad and bias is not None)
+    grads = backends.get(backend).linear_backward(
+        grad_logprobs.to(acc), grad_entropy.to(acc), hidden, weight, bias, labels, stats, entropy, temperature,
+        ignore_index, chunk_size, needs,
     )
-    # Custom ops cannot return None; an empty tensor stands for "no bias".
-    if grad_bias is None:
-        grad_bias = weight.new_empty(0)
-    return grad_hidden, grad_weight, grad_bias
+    return tuple(g if g is not None else hidden.new_empty(0) for g in grads)
 
 
 @linear_token_logprobs_entropy_backward_op.register_fake
-def _(grad_logprobs, grad_entropy, hidden, weight, bias, labels, lse, entropy, temperature, ignore_index, backend,
-      chunk_size):
-    grad_bias = weight.new_empty(0) if bias is None else torch.empty_like(bias)
-    return torch.empty_like(hidden), torch.empty_like(weight), grad_bias
+def _(grad_logprobs, grad_entropy, hidden, weight, bias, labels, stats, entropy, temperature, ignore_index,
+      backend, chunk_size, needs_hidden_grad, needs_weight_grad, needs_bias_grad):
+    def grad_like(t, needed):
+        return torch.empty_like(t) if needed and t is not None else hidden.new_empty(0)
+
+    return grad_like(hidden, needs_hidden_grad), grad_like(weight, needs_weight_grad), grad_like(bias, needs_bias_grad)
 
 
 def _linear_setup_context(ctx, inputs, output):
-    hidden, weight, bias, labels, temperature, ignore_index, backend, chunk_size = inputs
-    _, entropy, lse = output
-    ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
+    hidden, weight, bias, labels, temperature, ignore_index, backend, chunk_size = inputs[:8]
+    _, entropy, stats = output
+    ctx.mark_non_differentiable(stats)
+    ctx.save_for_backward(hidden, weight, bias, labels, stats, entropy)
     ctx.temperature, ctx.ignore_index, ctx.backend, ctx.chunk_size = temperature, ignore_index, backend, chunk_size
 
 
-def _linear_backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
-    hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
+def _linear_backward(ctx, grad_logprobs, grad_entropy, _grad_stats):
+    hidden, weight, bias, labels, stats, entropy = ctx.saved_tensors
+    need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
     grad_hidden, grad_weight, grad_bias = linear_token_logprobs_entropy_backward_op(
-        grad_logprobs,
-        grad_entropy,
-        hidden,
-        weight,
-        bias,
-        labels,
-        lse,
-        entropy,
-        ctx.temperature,
-        ctx.ignore_index,
-        ctx.backend,
-        ctx.chunk_size,
+        grad_logprobs, grad_entropy, hidden, weight, bias, labels, stats, entropy, ctx.temperature,
+        ctx.ignore_index, ctx.backend, ctx.chunk_size, need_hidden, need_weight, need_bias and bias is not None,
     )
-    return grad_hidden, grad_weight, (None if bias is None else grad_bias), None, None, None, None, None
+    return (grad_hidden if need_hidden else None, grad_weight if need_weight else None,
+            grad_bias if need_bias and bias is not None else None, None, None, None, None, None, None)
 
 
 linear_token_logprobs_entropy_op.register_autograd(_linear_backward, setup_context=_linear_setup_context)

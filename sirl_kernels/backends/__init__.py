@@ -1,14 +1,9 @@
 """Backend registry: which kernel implementations exist, which are usable here, and why not.
 
-Each backend module exposes ``unavailable_reason(device) -> str | None`` and four kernel functions on
-2-D/1-D tensors (the public API flattens leading dims first):
-
-- ``logits_forward(logits, labels, temperature, ignore_index) -> (logprobs, entropy, lse)``
-- ``logits_backward(grad_logprobs, grad_entropy, logits, labels, lse, entropy, temperature, ignore_index)
-  -> grad_logits``
-- ``linear_forward(hidden, weight, bias, labels, temperature, ignore_index, chunk_size) -> (logprobs, entropy, lse)``
-- ``linear_backward(grad_logprobs, grad_entropy, hidden, weight, bias, labels, lse, entropy, temperature,
-  ignore_index, chunk_size) -> (grad_hidden, grad_weight, grad_bias_or_None)``
+Each backend is a module implementing the contract of ``contract.Backend`` (logits forward and backward with
+in-place support, fused-linear forward and backward honouring ``needs_grad``); ``get`` checks it. The backends
+whose kernels read materialised logits build their fused-linear functions with the shared driver in
+``chunked_linear``.
 
 A new backend adds its module name to ``BACKEND_NAMES`` and an entry to ``_AUTO_ORDER`` if "auto" may pick it.
 """
@@ -21,6 +16,8 @@ from dataclasses import dataclass
 from types import ModuleType
 
 import torch
+
+from sirl_kernels.backends.contract import check_backend
 
 BACKEND_NAMES = ("torch", "cpu", "triton", "cuda")
 # Backend name -> module under sirl_kernels.backends ("torch" would shadow the torch package as a file name).
@@ -141,5 +138,12 @@ def _resolve(backend: str, device: torch.device, env: str) -> str:
 
 
 def get(name: str) -> ModuleType:
-    """The module implementing a resolved backend."""
-    return _module(name)
+    """The module implementing a resolved backend, checked against the backend contract (once)."""
+    mod = _module(name)
+    if name not in _CHECKED:
+        check_backend(mod)
+        _CHECKED.add(name)
+    return mod
+
+
+_CHECKED: set[str] = set()

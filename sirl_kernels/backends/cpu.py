@@ -4,13 +4,8 @@ Logits: one pass over each row's memory per direction (forward keeps the online-
 ``csrc/include/sirl/online_state.h`` in fp32; backward recomputes p from the saved lse and entropy), rows in
 parallel (``torch.set_num_threads`` applies), any row stride, fp32/bf16/fp16 inputs with fp32 math.
 
-Fused linear: tokens in chunks of ``chunk_size`` rows. Each chunk's logits are ``hidden @ weight.T (+ bias)``
-computed exactly like the "torch" backend, i.e. by a matmul in the inputs' dtype, into ONE reusable
-``chunk_size x V`` buffer of that dtype (allocated on transparent huge pages where the kernel allows it); the C++ kernels read bf16/fp16 directly, so no fp32 copy of the logits
-is made. (A fp32 matmul would need an fp32 copy of the ``V x D`` weight, which at V = 151,936 costs more memory
-than the chunk itself.) Backward writes the logits' gradient in place into the same buffer (rounded to the input
-dtype, which feeds ``grad_hidden = dz @ W`` exactly as in the "torch" backend) and, for bf16/fp16, an fp32 copy
-into a second reusable buffer that feeds the fp32 ``grad_weight`` accumulation (``addmm_``) and ``grad_bias``.
+Fused linear: the shared chunked driver (``chunked_linear``) over these kernels, its fp32 chunk workspace
+allocated on transparent huge pages where the kernel allows it.
 
 Fresh gradients of the logits are also allocated on huge pages: first-touch page faults of a multi-GB tensor
 otherwise cost more than the kernel (measured 1.2 s vs 0.2 s for 2.5 GB here).
@@ -22,6 +17,10 @@ The ISA build (AVX-512, AVX2 or baseline x86-64) is picked at load time from the
 from __future__ import annotations
 
 import torch
+
+from sirl_kernels.backends import chunked_linear
+
+name = "cpu"
 
 _IMPORT_ERROR: Exception | None = None
 try:
@@ -61,80 +60,26 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float32).contiguous()
 
 
+# Transitional: the C++ kernels still return a single lse; it is carried as stats (lse, 0) until the torch-free
+# library returns the (max, log-sum) pair.
 def logits_forward(logits, labels, temperature, ignore_index):
-    return tuple(_ops().forward(logits, labels.long().contiguous(), float(temperature), int(ignore_index)))
+    lp, h, lse = _ops().forward(logits, labels.long().contiguous(), float(temperature), int(ignore_index))
+    return lp, h, torch.stack([lse, torch.zeros_like(lse)], dim=1)
 
 
-def logits_backward(grad_logprobs, grad_entropy, logits, labels, lse, entropy, temperature, ignore_index):
-    return _ops().backward(
-        _f32(grad_logprobs),
-        _f32(grad_entropy),
-        logits,
-        labels.long().contiguous(),
-        _f32(lse),
-        _f32(entropy),
-        float(temperature),
-        int(ignore_index),
+def logits_backward(grad_logprobs, grad_entropy, logits, labels, stats, entropy, temperature, ignore_index,
+                    out=None):
+    if out is None:
+        out = _ops().empty_hugepage(list(logits.shape), logits.dtype)
+    _ops().backward_out(
+        _f32(grad_logprobs), _f32(grad_entropy), logits, labels.long().contiguous(), _f32(stats.sum(1)),
+        _f32(entropy), float(temperature), int(ignore_index), out, None,
     )
+    return out
 
 
-def _chunk_logits(buf, hidden, weight, bias, s, e):
-    """buf[: e - s] = hidden[s:e] @ weight.T (+ bias), in the inputs' dtype like the "torch" backend."""
-    z = buf[: e - s]
-    torch.mm(hidden[s:e], weight.t(), out=z)
-    if bias is not None:
-        z += bias
-    return z
+def _hugepage_workspace(rows, vocab, dtype, device):
+    return _ops().empty_hugepage([rows, vocab], dtype)
 
 
-def linear_forward(hidden, weight, bias, labels, temperature, ignore_index, chunk_size):
-    n = hidden.shape[0]
-    v = weight.shape[0]
-    labels = labels.long().contiguous()
-    out = [torch.empty(n, dtype=torch.float32) for _ in range(3)]
-    if n == 0:
-        return tuple(out)
-    buf = _ops().empty_hugepage([min(chunk_size, n), v], hidden.dtype)
-    for s in range(0, n, chunk_size):
-        e = min(s + chunk_size, n)
-        z = _chunk_logits(buf, hidden, weight, bias, s, e)
-        lp, h, lse = _ops().forward(z, labels[s:e], float(temperature), int(ignore_index))
-        out[0][s:e], out[1][s:e], out[2][s:e] = lp, h, lse
-    return tuple(out)
-
-
-def linear_backward(
-    grad_logprobs, grad_entropy, hidden, weight, bias, labels, lse, entropy, temperature, ignore_index, chunk_size
-):
-    n, d = hidden.shape
-    v = weight.shape[0]
-    labels = labels.long().contiguous()
-    g_lp, g_h, lse, entropy = _f32(grad_logprobs), _f32(grad_entropy), _f32(lse), _f32(entropy)
-    grad_hidden = torch.empty_like(hidden)
-    grad_weight = torch.zeros((v, d), dtype=torch.float32)
-    grad_bias = None if bias is None else torch.zeros(v, dtype=torch.float32)
-    if n > 0:
-        rows = min(chunk_size, n)
-        buf = _ops().empty_hugepage([rows, v], hidden.dtype)
-        low_precision = hidden.dtype != torch.float32
-        buf32 = _ops().empty_hugepage([rows, v], torch.float32) if low_precision else None
-        for s in range(0, n, chunk_size):
-            e = min(s + chunk_size, n)
-            z = _chunk_logits(buf, hidden, weight, bias, s, e)
-            dz32 = buf32[: e - s] if low_precision else None
-            # dz (times 1/T) replaces the logits in place; the fp32 copy goes to dz32 for bf16/fp16.
-            _ops().backward_out(
-                g_lp[s:e], g_h[s:e], z, labels[s:e], lse[s:e], entropy[s:e], float(temperature), int(ignore_index),
-                z, dz32,
-            )
-            dz_acc = dz32 if low_precision else z
-            torch.mm(z, weight, out=grad_hidden[s:e])
-            h32 = hidden[s:e].to(torch.float32)
-            grad_weight.addmm_(dz_acc.t(), h32)
-            if grad_bias is not None:
-                grad_bias += dz_acc.sum(0)
-    return (
-        grad_hidden,
-        grad_weight.to(weight.dtype),
-        None if grad_bias is None else grad_bias.to(bias.dtype),
-    )
+linear_forward, linear_backward = chunked_linear.bind(logits_forward, logits_backward, _hugepage_workspace)

@@ -1,8 +1,13 @@
 """Backend "torch": chunked pure PyTorch, valid on any device.
 
-The readable specification of the math and the fallback. Every chunk of rows is upcast to float32, so a
-chunk of ``chunk x V`` fp32 values is the only vocabulary-sized memory it holds; backward recomputes the
-chunk from the saved lse and entropy instead of saving probabilities.
+The readable specification of the math and the fallback. Every chunk of rows is upcast to float32 (float64
+stays float64), so a chunk of ``chunk x V`` values is the only vocabulary-sized memory it holds; backward
+recomputes the chunk from the saved row stats instead of saving probabilities.
+
+Per row, with ``z = x / T`` and ``m = max z``: ``log_sum = log sum exp(z - m)``, ``log p = (z - m) - log_sum``,
+``H = -sum p log p``. Subtracting the max first keeps every difference exact near the top of the row, so a
+common offset of 1e6 costs nothing (``z - lse`` would lose ``ulp(lse)``). The fused-linear op is the shared
+driver of ``chunked_linear`` over these two functions.
 """
 
 from __future__ import annotations
@@ -11,42 +16,64 @@ import torch
 
 from sirl_kernels._checks import accumulation_dtype
 from sirl_kernels._sizes import logits_chunk_rows
+from sirl_kernels.backends import chunked_linear
+
+name = "torch"
 
 
 def unavailable_reason(device: torch.device | None) -> str | None:
     return None
 
 
-def _chunk_forward(z: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor):
-    """z: fp32 [n, V] already divided by T. Returns logprobs, entropy, lse (fp32 [n])."""
-    lse = torch.logsumexp(z, dim=-1)
-    logp = z - lse[:, None]
-    p = logp.exp()
-    # p * logp is 0 * -inf = NaN where z = -inf; those terms are 0.
-    entropy = -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
-    entropy = entropy.clamp_min(0.0)
-    safe_labels = torch.where(valid, labels, torch.zeros_like(labels))
-    logprobs = logp.gather(1, safe_labels[:, None]).squeeze(1)
-    zero = torch.zeros_like(logprobs)
-    return torch.where(valid, logprobs, zero), torch.where(valid, entropy, zero), lse
+def _label_masks(labels, vocab, ignore_index):
+    """(valid: not ignored, in_range: a readable label, safe: labels clamped to a readable column)."""
+    valid = labels != ignore_index
+    in_range = (labels >= 0) & (labels < vocab)
+    safe = torch.where(valid & in_range, labels, torch.zeros_like(labels))
+    return valid, in_range, safe
 
 
-def _chunk_grad(z, labels, valid, lse, entropy, g_lp, g_h, inv_t):
-    """Gradient of sum(g_lp * logprobs + g_h * entropy) w.r.t. the unscaled logits of a chunk (fp32)."""
-    g_lp = torch.where(valid, g_lp, torch.zeros_like(g_lp))
-    g_h = torch.where(valid, g_h, torch.zeros_like(g_h))
-    logp = z - lse[:, None]
+def _per_row(value, valid, in_range):
+    """0 on ignored rows, NaN on rows whose label is out of range (they were not checked: never silently wrong)."""
+    nan = torch.full_like(value, float("nan"))
+    return torch.where(valid, torch.where(in_range, value, nan), torch.zeros_like(value))
+
+
+def _chunk_forward(z, labels, ignore_index):
+    """z: [n, V] already divided by T, in the accumulation dtype. Returns logprobs, entropy, stats [n, 2]."""
+    m = z.amax(dim=-1)  # NaN anywhere gives NaN; an all -inf row gives -inf, then NaN below like log_softmax
+    shifted = z - m[:, None]
+    log_sum = torch.logsumexp(shifted, dim=-1)
+    logp = shifted - log_sum[:, None]
     p = logp.exp()
-    ent_term = torch.where(p > 0, p * (logp + entropy[:, None]), torch.zeros_like(p))
-    dz = -(g_lp[:, None] * p) - g_h[:, None] * ent_term
-    safe_labels = torch.where(valid, labels, torch.zeros_like(labels))[:, None]
-    # 1 - p_y as -expm1(log p_y) keeps the label gradient exact when p_y -> 1.
-    logp_y = logp.gather(1, safe_labels)
+    # p = 0 where z = -inf: those terms are 0, not 0 * -inf; a NaN p keeps the NaN.
+    entropy = -torch.where(p == 0, torch.zeros_like(p), p * logp).sum(-1)
+    entropy = entropy.clamp_min(0.0)  # rounding can leave a few ulp below 0; NaN stays NaN
+    valid, in_range, safe = _label_masks(labels, z.shape[-1], ignore_index)
+    logprobs = logp.gather(1, safe[:, None]).squeeze(1)
+    stats = torch.stack([m, log_sum], dim=1)
+    return (_per_row(logprobs, valid, in_range), _per_row(entropy, valid, in_range),
+            _per_row(stats, valid[:, None], in_range[:, None]))
+
+
+def _chunk_grad(z, labels, ignore_index, stats, entropy, g_lp, g_h, inv_t):
+    """Gradient of sum(g_lp * logprobs + g_h * entropy) w.r.t. the unscaled logits of a chunk."""
+    valid, in_range, safe = _label_masks(labels, z.shape[-1], ignore_index)
+    zero = torch.zeros_like(g_lp)
+    g_lp = torch.where(valid, g_lp, zero)[:, None]
+    g_h = torch.where(valid, g_h, zero)[:, None]
+    logp = (z - stats[:, :1]) - stats[:, 1:]
+    p = logp.exp()
+    ent = entropy[:, None]
+    dz = -p * (g_lp + g_h * (logp + ent))
+    dz = torch.where(p == 0, torch.zeros_like(dz), dz)
+    # The label's 1 - p_y as -expm1(log p_y): exact when p_y -> 1.
+    logp_y = logp.gather(1, safe[:, None])
     p_y = logp_y.exp()
-    ent_y = torch.where(p_y > 0, p_y * (logp_y + entropy[:, None]), torch.zeros_like(p_y))
-    label_grad = g_lp[:, None] * (-torch.expm1(logp_y)) - g_h[:, None] * ent_y
-    dz.scatter_(1, safe_labels, label_grad)
-    dz = torch.where(valid[:, None], dz, torch.zeros_like(dz))
+    ent_y = torch.where(p_y == 0, torch.zeros_like(p_y), p_y * (logp_y + ent))
+    dz.scatter_(1, safe[:, None], g_lp * (-torch.expm1(logp_y)) - g_h * ent_y)
+    nan = torch.full_like(dz, float("nan"))
+    dz = torch.where(valid[:, None], torch.where(in_range[:, None], dz, nan), torch.zeros_like(dz))
     return dz * inv_t
 
 
@@ -54,77 +81,32 @@ def logits_forward(logits, labels, temperature, ignore_index):
     n, v = logits.shape
     inv_t = 1.0 / temperature
     acc = accumulation_dtype(logits.dtype)
-    out = [torch.empty(n, dtype=acc, device=logits.device) for _ in range(3)]
+    logprobs = torch.empty(n, dtype=acc, device=logits.device)
+    entropy = torch.empty(n, dtype=acc, device=logits.device)
+    stats = torch.empty((n, 2), dtype=acc, device=logits.device)
     step = logits_chunk_rows(v)
     for s in range(0, n, step):
         e = min(s + step, n)
-        lab = labels[s:e]
         z = logits[s:e].to(acc) * inv_t
-        lp, h, lse = _chunk_forward(z, lab, lab != ignore_index)
-        out[0][s:e], out[1][s:e], out[2][s:e] = lp, h, lse
-    return tuple(out)
+        logprobs[s:e], entropy[s:e], stats[s:e] = _chunk_forward(z, labels[s:e], ignore_index)
+    return logprobs, entropy, stats
 
 
-def logits_backward(grad_logprobs, grad_entropy, logits, labels, lse, entropy, temperature, ignore_index):
+def logits_backward(grad_logprobs, grad_entropy, logits, labels, stats, entropy, temperature, ignore_index,
+                    out=None):
     n, v = logits.shape
     inv_t = 1.0 / temperature
     acc = accumulation_dtype(logits.dtype)
-    grad = torch.empty((n, v), dtype=logits.dtype, device=logits.device)
+    if out is None:
+        out = torch.empty((n, v), dtype=logits.dtype, device=logits.device)
     step = logits_chunk_rows(v)
     for s in range(0, n, step):
         e = min(s + step, n)
-        lab = labels[s:e]
         z = logits[s:e].to(acc) * inv_t
-        grad[s:e] = _chunk_grad(
-            z, lab, lab != ignore_index, lse[s:e], entropy[s:e], grad_logprobs[s:e], grad_entropy[s:e], inv_t
-        )
-    return grad
+        # Computed whole before it is written, so ``out`` may be ``logits`` itself.
+        out[s:e] = _chunk_grad(z, labels[s:e], ignore_index, stats[s:e].to(acc), entropy[s:e].to(acc),
+                               grad_logprobs[s:e].to(acc), grad_entropy[s:e].to(acc), inv_t)
+    return out
 
 
-def _linear_chunk_logits(h, weight, bias, inv_t):
-    z = h @ weight.t()
-    if bias is not None:
-        z = z + bias
-    return z.to(accumulation_dtype(z.dtype)) * inv_t
-
-
-def linear_forward(hidden, weight, bias, labels, temperature, ignore_index, chunk_size):
-    n = hidden.shape[0]
-    inv_t = 1.0 / temperature
-    acc = accumulation_dtype(hidden.dtype)
-    out = [torch.empty(n, dtype=acc, device=hidden.device) for _ in range(3)]
-    for s in range(0, n, chunk_size):
-        e = min(s + chunk_size, n)
-        lab = labels[s:e]
-        z = _linear_chunk_logits(hidden[s:e], weight, bias, inv_t)
-        lp, h, lse = _chunk_forward(z, lab, lab != ignore_index)
-        out[0][s:e], out[1][s:e], out[2][s:e] = lp, h, lse
-    return tuple(out)
-
-
-def linear_backward(
-    grad_logprobs, grad_entropy, hidden, weight, bias, labels, lse, entropy, temperature, ignore_index, chunk_size
-):
-    n = hidden.shape[0]
-    inv_t = 1.0 / temperature
-    grad_hidden = torch.empty_like(hidden)
-    # The weight gradient sums over every chunk: accumulate in fp32 whatever the weight's dtype.
-    acc = accumulation_dtype(weight.dtype)
-    grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
-    grad_bias = None if bias is None else torch.zeros(bias.shape, dtype=acc, device=bias.device)
-    for s in range(0, n, chunk_size):
-        e = min(s + chunk_size, n)
-        lab = labels[s:e]
-        z = _linear_chunk_logits(hidden[s:e], weight, bias, inv_t)
-        dz = _chunk_grad(
-            z, lab, lab != ignore_index, lse[s:e], entropy[s:e], grad_logprobs[s:e], grad_entropy[s:e], inv_t
-        )
-        grad_hidden[s:e] = (dz.to(weight.dtype) @ weight).to(hidden.dtype)
-        grad_weight.addmm_(dz.t(), hidden[s:e].to(acc))
-        if grad_bias is not None:
-            grad_bias += dz.sum(0)
-    return (
-        grad_hidden,
-        grad_weight.to(weight.dtype),
-        None if grad_bias is None else grad_bias.to(bias.dtype),
-    )
+linear_forward, linear_backward = chunked_linear.bind(logits_forward, logits_backward)

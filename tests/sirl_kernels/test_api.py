@@ -240,3 +240,94 @@ def test_backend_selection_errors(monkeypatch):
         token_logprobs_entropy(logits, labels)
     with pytest.raises(TypeError, match="float64 runs on 'torch'"):
         token_logprobs_entropy(logits.double(), labels, backend="cpu")
+
+
+# --- one contract, every backend: in-place backward, NaN, large offsets, unchecked labels -------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inplace_backward_every_backend(backend, device, dtype):
+    logits, labels = _random_case(6, 2001, dtype, device, seed=21, ignore_frac=0.3)
+    g = torch.Generator().manual_seed(22)
+    g_lp, g_h = torch.randn(6, generator=g).to(device), torch.randn(6, generator=g).to(device)
+    ref = reference_grads(logits, labels, g_lp, g_h, 1.3)
+    leaf = logits.clone().requires_grad_(True)
+    x = leaf * 1.0  # a non-leaf whose storage backward may overwrite
+    ptr = x.data_ptr()
+    lp, h = token_logprobs_entropy(x, labels, temperature=1.3, backend=backend, inplace_backward=True)
+    (lp * g_lp + h * g_h).sum().backward()
+    torch.testing.assert_close(leaf.grad.double().cpu(), ref.cpu(), **grad_tolerance(dtype, ref))
+    assert x.data_ptr() == ptr
+    # the gradient now sits in the logits' own storage
+    torch.testing.assert_close(x.detach().double().cpu(), ref.cpu(), **grad_tolerance(dtype, ref))
+
+
+@pytest.mark.parametrize("position", ["label", "first", "last", "middle"])
+def test_nan_anywhere_in_a_row_poisons_that_row_only(backend, device, position):
+    v = 3001  # not a multiple of any block: the last element sits in a tail
+    logits, labels = _random_case(4, v, torch.float32, device, seed=23)
+    col = {"label": int(labels[1]), "first": 0, "last": v - 1, "middle": 1537}[position]
+    logits[1, col] = float("nan")
+    x = logits.clone().requires_grad_(True)
+    lp, h = token_logprobs_entropy(x, labels, backend=backend)
+    assert bool(torch.isnan(lp[1])) and bool(torch.isnan(h[1])), (float(lp[1]), float(h[1]))
+    keep = torch.tensor([0, 2, 3], device=device)
+    ref_lp, ref_h = reference_logprobs_entropy(logits[keep], labels[keep])
+    torch.testing.assert_close(lp[keep].double().cpu(), ref_lp.cpu(), **FWD_TOL)
+    torch.testing.assert_close(h[keep].double().cpu(), ref_h.cpu(), **FWD_TOL)
+    (lp + h).sum().backward()
+    assert bool(torch.isnan(x.grad[1]).any())
+    assert bool(torch.isfinite(x.grad[keep]).all())
+
+
+def test_all_negative_infinity_row_is_nan_like_log_softmax(backend, device):
+    logits = torch.randn(2, 300, device=device)
+    logits[0] = float("-inf")
+    lp, h = token_logprobs_entropy(logits, torch.tensor([3, 3], device=device), backend=backend)
+    assert bool(torch.isnan(lp[0])) and bool(torch.isnan(h[0]))
+    assert bool(torch.isfinite(lp[1])) and bool(torch.isfinite(h[1]))
+
+
+@pytest.mark.parametrize("offset", [1e4, 1e5, 1e6])
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_large_common_offset_keeps_fp32_accuracy(backend, device, offset, temperature):
+    """[2 + c, -1 + c] is exact in fp32; log_softmax loses nothing, and neither may we (1e-6): the logprob is
+    (x_y - max) / T - log s, never x_y / T - lse. The gradient too is formed from the saved (max, log s)."""
+    logits = torch.tensor([[2.0 + offset, -1.0 + offset], [-1.0 + offset, 2.0 + offset]], device=device)
+    labels = torch.tensor([0, 0], device=device)
+    x = logits.clone().requires_grad_(True)
+    lp, h = token_logprobs_entropy(x, labels, temperature=temperature, backend=backend)
+    exact_lp, exact_h = reference_logprobs_entropy(torch.tensor([[2.0, -1.0], [-1.0, 2.0]], dtype=torch.float64),
+                                                   labels.cpu(), temperature)
+    torch.testing.assert_close(lp.double().cpu(), exact_lp, rtol=0, atol=1e-6)
+    torch.testing.assert_close(h.double().cpu(), exact_h, rtol=0, atol=1e-6)
+    (lp + h).sum().backward()
+    ref = reference_grads(torch.tensor([[2.0, -1.0], [-1.0, 2.0]]), labels.cpu(), torch.ones(2), torch.ones(2),
+                          temperature)
+    torch.testing.assert_close(x.grad.double().cpu(), ref, rtol=0, atol=1e-6)
+
+
+def test_unchecked_bad_label_gives_nan_never_a_wild_read(backend, device):
+    logits, _ = _random_case(4, 100, torch.float32, device, seed=24)
+    labels = torch.tensor([3, 100, -7, -100], device=device)  # in range, past V, negative, ignored
+    x = logits.clone().requires_grad_(True)
+    lp, h = token_logprobs_entropy(x, labels, backend=backend, check_labels=False)
+    assert bool(torch.isfinite(lp[0])) and bool(torch.isfinite(h[0]))
+    assert bool(torch.isnan(lp[1])) and bool(torch.isnan(lp[2])), lp
+    assert bool(torch.isnan(h[1])) and bool(torch.isnan(h[2])), h
+    assert float(lp[3]) == 0.0 and float(h[3]) == 0.0
+    (lp + h).sum().backward()
+    assert bool(torch.isnan(x.grad[1]).all()) and bool(torch.isnan(x.grad[2]).all())
+    assert bool((x.grad[3] == 0).all()) and bool(torch.isfinite(x.grad[0]).all())
+    with pytest.raises(ValueError, match=r"label 100 at flattened position 1"):
+        token_logprobs_entropy(logits, labels, backend=backend)  # the default still checks
+
+
+def test_validate_labels_is_the_same_check():
+    from sirl_kernels import validate_labels
+
+    validate_labels(torch.tensor([[0, 4], [-100, 2]]), 5)
+    with pytest.raises(ValueError, match=r"label 5 at flattened position 1"):
+        validate_labels(torch.tensor([[0, 5], [-100, 2]]), 5)
+    with pytest.raises(TypeError, match="check_labels must be a bool"):
+        token_logprobs_entropy(torch.randn(2, 5), torch.tensor([0, 1]), check_labels=1)

@@ -12,12 +12,15 @@ def test_opcheck_logits_op(backend, device):
     logits = torch.randn(6, 300, device=device, requires_grad=True)
     labels = torch.tensor([0, 5, -100, 299, 7, 1], device=device)
     torch.library.opcheck(ops.token_logprobs_entropy_op, (logits, labels, 0.9, -100, backend))
-    lse = torch.randn(6, device=device)
-    ent = torch.rand(6, device=device)
+    torch.library.opcheck(ops.token_logprobs_entropy_op, (logits, labels, 0.9, -100, backend, True, False))
+    _, ent, stats = ops.token_logprobs_entropy_op(logits.detach(), labels, 0.9, -100, backend)
+    grads = (torch.randn(6, device=device), torch.randn(6, device=device))
     torch.library.opcheck(
-        ops.token_logprobs_entropy_backward_op,
-        (torch.randn(6, device=device), torch.randn(6, device=device), logits.detach(), labels, lse, ent, 0.9,
-         -100, backend),
+        ops.token_logprobs_entropy_backward_op, (*grads, logits.detach(), labels, stats, ent, 0.9, -100, backend)
+    )
+    torch.library.opcheck(
+        ops.token_logprobs_entropy_backward_inplace_op,
+        (*grads, logits.detach().clone(), labels, stats, ent, 0.9, -100, backend),
     )
 
 
@@ -28,6 +31,15 @@ def test_opcheck_linear_op(backend, device):
     labels = torch.tensor([0, 5, -100, 49, 7, 1, 2], device=device)
     torch.library.opcheck(ops.linear_token_logprobs_entropy_op, (hidden, weight, bias, labels, 1.0, -100, backend, 3))
     torch.library.opcheck(ops.linear_token_logprobs_entropy_op, (hidden, weight, None, labels, 1.0, -100, backend, 4))
+    _, ent, stats = ops.linear_token_logprobs_entropy_op(hidden.detach(), weight.detach(), bias.detach(), labels, 1.0,
+                                                          -100, backend, 3)
+    grads = (torch.randn(7, device=device), torch.randn(7, device=device))
+    for needs in [(True, True, True), (True, False, False), (False, True, False), (False, False, True)]:
+        torch.library.opcheck(
+            ops.linear_token_logprobs_entropy_backward_op,
+            (*grads, hidden.detach(), weight.detach(), bias.detach(), labels, stats, ent, 1.0, -100, backend, 3,
+             *needs),
+        )
 
 
 def test_compile_fullgraph_matches_eager(backend, device):

@@ -4,7 +4,7 @@
   state in fp32; with too few rows to fill the GPU, V is split across programs and a second kernel merges
   the partial states in a fixed order (no atomics, deterministic). Backward recomputes p from the saved lse
   and entropy and writes the gradient of both outputs in one pass, optionally into the logits' own storage
-  (``logits_backward_inplace``, behind ``token_logprobs_entropy(..., inplace_backward=True)``).
+  (``out=logits``, behind ``token_logprobs_entropy(..., inplace_backward=True)``).
 - fused linear (``linear.py``): logits tiles of ``hidden @ weight.T (+ bias)`` are produced by ``tl.dot`` and
   consumed in registers; no logits tile is ever written to global memory, so the contract's ``chunk_size``
   (a bound on materialised logits) has nothing to bound and is ignored. Backward recomputes the tiles; the
@@ -18,6 +18,8 @@ itself unavailable, with the reason.
 from __future__ import annotations
 
 import torch
+
+name = "triton"
 
 try:
     import triton  # noqa: F401
@@ -58,19 +60,13 @@ def logits_forward(logits, labels, temperature, ignore_index):
         return _logits.logits_forward(logits, labels, temperature, ignore_index)
 
 
-def logits_backward(grad_logprobs, grad_entropy, logits, labels, lse, entropy, temperature, ignore_index):
+def logits_backward(grad_logprobs, grad_entropy, logits, labels, stats, entropy, temperature, ignore_index,
+                    out=None):
+    """``out=logits`` writes the gradient over the logits (in place)."""
     _require()
     with _utils.quiet():
-        return _logits.logits_backward(grad_logprobs, grad_entropy, logits, labels, lse, entropy, temperature,
-                                   ignore_index)
-
-
-def logits_backward_inplace(grad_logprobs, grad_entropy, logits, labels, lse, entropy, temperature, ignore_index):
-    """Like ``logits_backward`` but writes the gradient into ``logits`` (destroying its values); returns it."""
-    _require()
-    with _utils.quiet():
-        return _logits.logits_backward(grad_logprobs, grad_entropy, logits, labels, lse, entropy, temperature,
-                                   ignore_index, out=logits)
+        return _logits.logits_backward(grad_logprobs, grad_entropy, logits, labels, stats, entropy, temperature,
+                                       ignore_index, out=out)
 
 
 def linear_forward(hidden, weight, bias, labels, temperature, ignore_index, chunk_size):
@@ -80,11 +76,10 @@ def linear_forward(hidden, weight, bias, labels, temperature, ignore_index, chun
         return _linear.linear_forward(hidden, weight, bias, labels, temperature, ignore_index)
 
 
-def linear_backward(
-    grad_logprobs, grad_entropy, hidden, weight, bias, labels, lse, entropy, temperature, ignore_index, chunk_size
-):
+def linear_backward(grad_logprobs, grad_entropy, hidden, weight, bias, labels, stats, entropy, temperature,
+                    ignore_index, chunk_size, needs_grad):
     """``chunk_size`` is ignored: no logits are materialised."""
     _require()
     with _utils.quiet():
-        return _linear.linear_backward(grad_logprobs, grad_entropy, hidden, weight, bias, labels, lse, entropy,
-                                   temperature, ignore_index)
+        return _linear.linear_backward(grad_logprobs, grad_entropy, hidden, weight, bias, labels, stats, entropy,
+                                       temperature, ignore_index, needs_grad)

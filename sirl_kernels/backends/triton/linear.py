@@ -25,6 +25,7 @@ from sirl_kernels.backends.triton.logits import (
     finalize_state,
     grad_tile,
     merge_partials_kernel,
+    store_row_outputs,
     update_state_2d,
 )
 
@@ -52,7 +53,7 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, D, stride_h, s
 
 @triton.jit
 def _linear_fwd_kernel(
-    h_ptr, w_ptr, b_ptr, labels_ptr, out_lp, out_h, out_lse, part_m, part_s, part_w, xy_ptr,
+    h_ptr, w_ptr, b_ptr, labels_ptr, out_lp, out_h, out_stats, part_m, part_s, part_w, xy_ptr,
     N, V, D, stride_h, stride_w, inv_t, scale2, ignore_index, chunk, NUM_SPLITS,
     HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -83,17 +84,16 @@ def _linear_fwd_kernel(
         owns = valid & (labels >= v_begin) & (labels < v_stop)
         tl.store(xy_ptr + rows, x_y, mask=owns)
     else:
-        lp, h, lse = finalize_state(m, s, w2, x_y, inv_t)
-        tl.store(out_lp + rows, tl.where(valid, lp, 0.0), mask=row_ok)
-        tl.store(out_h + rows, tl.where(valid, h, 0.0), mask=row_ok)
-        tl.store(out_lse + rows, tl.where(valid, lse, 0.0), mask=row_ok)
+        lp, h, log_s = finalize_state(m, s, w2, x_y, inv_t)
+        store_row_outputs(out_lp, out_h, out_stats, rows, row_ok, valid, lp, h, m, log_s)
 
 
 def linear_forward(hidden, weight, bias, labels, temperature, ignore_index, num_splits=None):
     n, dim = hidden.shape
     v = weight.shape[0]
     dev = hidden.device
-    out = [torch.empty(n, dtype=torch.float32, device=dev) for _ in range(3)]
+    out = [torch.empty(n, dtype=torch.float32, device=dev) for _ in range(2)]
+    out.append(torch.empty((n, 2), dtype=torch.float32, device=dev))
     if n == 0:
         return tuple(out)
     labels = labels.contiguous()
@@ -134,27 +134,28 @@ def linear_forward(hidden, weight, bias, labels, temperature, ignore_index, num_
 # backward
 # --------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _row_stats(labels_ptr, lse_ptr, h_ptr, glp_ptr, gh_ptr, rows, N, ignore_index):
+def _row_stats(labels_ptr, stats_ptr, h_ptr, glp_ptr, gh_ptr, rows, N, ignore_index):
     row_ok = rows < N
     labels = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index)
     valid = row_ok & (labels != ignore_index)
-    lse = tl.load(lse_ptr + rows, mask=valid, other=0.0)
+    m = tl.load(stats_ptr + 2 * rows, mask=valid, other=0.0)
+    log_s = tl.load(stats_ptr + 2 * rows + 1, mask=valid, other=0.0)
     ent = tl.load(h_ptr + rows, mask=valid, other=0.0)
     g_lp = tl.load(glp_ptr + rows, mask=valid, other=0.0)
     g_h = tl.load(gh_ptr + rows, mask=valid, other=0.0)
-    return labels, valid, lse, ent, g_lp, g_h
+    return labels, valid, m, log_s, ent, g_lp, g_h
 
 
 @triton.jit
-def _dz_tile(x, cols, labels, valid, lse, ent, g_lp, g_h, inv_t):
-    dz = grad_tile(x * inv_t - lse[:, None], cols[None, :] == labels[:, None], ent[:, None], g_lp[:, None],
-                   g_h[:, None], inv_t)
+def _dz_tile(x, cols, labels, valid, m, log_s, ent, g_lp, g_h, inv_t):
+    dz = grad_tile((x - m[:, None]) * inv_t - log_s[:, None], cols[None, :] == labels[:, None], ent[:, None],
+                   g_lp[:, None], g_h[:, None], inv_t)
     return tl.where(valid[:, None], dz, 0.0)
 
 
 @triton.jit
 def _dhidden_kernel(
-    h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, hent_ptr, glp_ptr, gh_ptr, dh_ptr,
+    h_ptr, w_ptr, b_ptr, labels_ptr, stats_ptr, hent_ptr, glp_ptr, gh_ptr, dh_ptr,
     N, V, D, stride_h, stride_w, stride_dh, inv_t, ignore_index,
     HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
@@ -162,8 +163,8 @@ def _dhidden_kernel(
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     dcols = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     dcol_ok = dcols < D
-    labels, valid, lse, ent, g_lp, g_h = _row_stats(labels_ptr, lse_ptr, hent_ptr, glp_ptr, gh_ptr, rows, N,
-                                                    ignore_index)
+    labels, valid, m, log_s, ent, g_lp, g_h = _row_stats(labels_ptr, stats_ptr, hent_ptr, glp_ptr, gh_ptr, rows,
+                                                         N, ignore_index)
     acc = tl.zeros([BLOCK_N, BLOCK_DO], dtype=tl.float32)
     offs = tl.arange(0, BLOCK_V)
     for start in range(0, V, BLOCK_V):
@@ -171,7 +172,7 @@ def _dhidden_kernel(
         col_ok = cols < V
         x = _logits_tile(h_ptr, w_ptr, b_ptr, rows, valid, cols, col_ok, D, stride_h, stride_w,
                          HAS_BIAS, DOT_F32, PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
-        dz = _dz_tile(x, cols, labels, valid, lse, ent, g_lp, g_h, inv_t)
+        dz = _dz_tile(x, cols, labels, valid, m, log_s, ent, g_lp, g_h, inv_t)
         wt = tl.load(w_ptr + cols[:, None] * stride_w + dcols[None, :], mask=col_ok[:, None] & dcol_ok[None, :],
                      other=0.0)
         if DOT_F32:
@@ -185,7 +186,7 @@ def _dhidden_kernel(
 
 @triton.jit
 def _dweight_kernel(
-    h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, hent_ptr, glp_ptr, gh_ptr, dw_ptr, db_ptr,
+    h_ptr, w_ptr, b_ptr, labels_ptr, stats_ptr, hent_ptr, glp_ptr, gh_ptr, dw_ptr, db_ptr,
     N, V, D, stride_h, stride_w, stride_dw, inv_t, ignore_index,
     HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
@@ -200,11 +201,11 @@ def _dweight_kernel(
     offs = tl.arange(0, BLOCK_N)
     for n0 in range(0, N, BLOCK_N):
         rows = n0 + offs.to(tl.int64)
-        labels, valid, lse, ent, g_lp, g_h = _row_stats(labels_ptr, lse_ptr, hent_ptr, glp_ptr, gh_ptr, rows, N,
-                                                        ignore_index)
+        labels, valid, m, log_s, ent, g_lp, g_h = _row_stats(labels_ptr, stats_ptr, hent_ptr, glp_ptr, gh_ptr,
+                                                             rows, N, ignore_index)
         x = _logits_tile(h_ptr, w_ptr, b_ptr, rows, valid, cols, col_ok, D, stride_h, stride_w,
                          HAS_BIAS, DOT_F32, PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
-        dz = _dz_tile(x, cols, labels, valid, lse, ent, g_lp, g_h, inv_t)
+        dz = _dz_tile(x, cols, labels, valid, m, log_s, ent, g_lp, g_h, inv_t)
         acc_b += tl.sum(dz, axis=0)
         ht = tl.load(h_ptr + rows[:, None] * stride_h + dcols[None, :], mask=valid[:, None] & dcol_ok[None, :],
                      other=0.0)
@@ -219,22 +220,26 @@ def _dweight_kernel(
         tl.store(db_ptr + cols, acc_b.to(db_ptr.dtype.element_ty), mask=cols < tl.where(pid_d == 0, V, 0))  # the first D slice writes it
 
 
-def linear_backward(grad_logprobs, grad_entropy, hidden, weight, bias, labels, lse, entropy, temperature,
-                    ignore_index):
+def linear_backward(grad_logprobs, grad_entropy, hidden, weight, bias, labels, stats, entropy, temperature,
+                    ignore_index, needs_grad=(True, True, True)):
+    need_hidden, need_weight, need_bias = needs_grad
+    need_bias = need_bias and bias is not None
     n, dim = hidden.shape
     v = weight.shape[0]
     dev = hidden.device
-    grad_hidden = torch.empty_like(hidden)
-    grad_weight = torch.empty_like(weight)
-    grad_bias = None if bias is None else torch.empty_like(bias)
+    grad_hidden = torch.empty_like(hidden) if need_hidden else None
+    # The weight-gradient kernel writes the bias gradient too: it runs when either is needed.
+    run_dweight = need_weight or need_bias
+    grad_weight = torch.empty_like(weight) if run_dweight else None
+    grad_bias = torch.empty_like(bias) if run_dweight and bias is not None else None
     if n == 0:
-        grad_weight.zero_()
-        if grad_bias is not None:
-            grad_bias.zero_()
-        return grad_hidden, grad_weight, grad_bias
+        for g in (grad_weight, grad_bias):
+            if g is not None:
+                g.zero_()
+        return grad_hidden, grad_weight if need_weight else None, grad_bias if need_bias else None
     f32 = torch.float32
-    stats = (labels.contiguous(), lse.to(f32).contiguous(), entropy.to(f32).contiguous(),
-             grad_logprobs.to(f32).contiguous(), grad_entropy.to(f32).contiguous())
+    row_stats = (labels.contiguous(), stats.to(f32).contiguous(), entropy.to(f32).contiguous(),
+                 grad_logprobs.to(f32).contiguous(), grad_entropy.to(f32).contiguous())
     cfg = utils.linear_blocks(n, v, dim, dev)
     bn, bv, bdo = cfg["BLOCK_N"], cfg["BLOCK_V"], cfg["BLOCK_DO"]
     dot_f32, precision = utils.dot_flags(hidden.dtype)
@@ -242,12 +247,14 @@ def linear_backward(grad_logprobs, grad_entropy, hidden, weight, bias, labels, l
     common = dict(HAS_BIAS=bias is not None, DOT_F32=dot_f32, PRECISION=precision, BLOCK_N=bn, BLOCK_V=bv,
                   BLOCK_D=cfg["BLOCK_D"], BLOCK_DO=bdo, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     inv_t = 1.0 / temperature
-    _dhidden_kernel[(triton.cdiv(n, bn), triton.cdiv(dim, bdo))](
-        hidden, weight, b, *stats, grad_hidden,
-        n, v, dim, hidden.stride(0), weight.stride(0), grad_hidden.stride(0), inv_t, ignore_index, **common,
-    )
-    _dweight_kernel[(triton.cdiv(v, bv), triton.cdiv(dim, bdo))](
-        hidden, weight, b, *stats, grad_weight, grad_bias if grad_bias is not None else grad_weight,
-        n, v, dim, hidden.stride(0), weight.stride(0), grad_weight.stride(0), inv_t, ignore_index, **common,
-    )
-    return grad_hidden, grad_weight, grad_bias
+    if need_hidden:
+        _dhidden_kernel[(triton.cdiv(n, bn), triton.cdiv(dim, bdo))](
+            hidden, weight, b, *row_stats, grad_hidden,
+            n, v, dim, hidden.stride(0), weight.stride(0), grad_hidden.stride(0), inv_t, ignore_index, **common,
+        )
+    if run_dweight:
+        _dweight_kernel[(triton.cdiv(v, bv), triton.cdiv(dim, bdo))](
+            hidden, weight, b, *row_stats, grad_weight, grad_bias if grad_bias is not None else grad_weight,
+            n, v, dim, hidden.stride(0), weight.stride(0), grad_weight.stride(0), inv_t, ignore_index, **common,
+        )
+    return grad_hidden, grad_weight if need_weight else None, grad_bias if need_bias else None

@@ -7,7 +7,8 @@ State of a row in this file's units (x = raw logits, z = x / T):
   w2 = sum_i 2^{d_i} d_i                 (base-2 units: the natural w = ln2 * w2)
 log2(e)/T is folded into one scale applied to the *difference* x - m, so each element costs a subtract, a
 multiply, an exp2 and an FMA; folding it into x before subtracting the max would cost ulp(max * log2e) of
-absolute accuracy on large logits. Then lse = m / T + ln s, H = ln2 (log2 s - w2 / s), logprob = (x_y - m)/T - ln s.
+absolute accuracy on large logits. Then H = ln2 (log2 s - w2 / s), logprob = (x_y - m)/T - ln s, and the row
+stats saved for the backward are (m, ln s) in these raw units: log p_i = (x_i - m)/T - ln s there too.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ import triton.language as tl
 
 from sirl_kernels.backends.triton import utils
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+# tl.constexpr globals: the compiler rejects plain Python floats inside @triton.jit (only the interpreter
+# accepts them).
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -65,13 +68,22 @@ def update_state_2d(m, s, w2, x, scale2):
 
 @triton.jit
 def finalize_state(m, s, w2, x_y, inv_t):
-    """(logprob, entropy, lse) of a state; x_y is the label's raw logit. All -inf rows give NaN like PyTorch."""
+    """(logprob, entropy, ln s) of a state; x_y is the label's raw logit. All -inf rows give NaN like PyTorch."""
     log2s = tl.log2(s)
-    lse = m * inv_t + LN2 * log2s
+    log_s = LN2 * log2s
     h = LN2 * (log2s - w2 / s)
     h = tl.where(h < 0.0, 0.0, h)  # rounding can leave it a few ulp below 0; NaN stays NaN
-    lp = (x_y - m) * inv_t - LN2 * log2s
-    return lp, h, lse
+    lp = (x_y - m) * inv_t - log_s
+    return lp, h, log_s
+
+
+@triton.jit
+def store_row_outputs(out_lp, out_h, out_stats, rows, row_ok, valid, lp, h, m, log_s):
+    """Writes logprob, entropy and the (m, ln s) stats of rows; ignored rows get zeros."""
+    tl.store(out_lp + rows, tl.where(valid, lp, 0.0), mask=row_ok)
+    tl.store(out_h + rows, tl.where(valid, h, 0.0), mask=row_ok)
+    tl.store(out_stats + 2 * rows, tl.where(valid, m, 0.0), mask=row_ok)
+    tl.store(out_stats + 2 * rows + 1, tl.where(valid, log_s, 0.0), mask=row_ok)
 
 
 @triton.jit
@@ -99,7 +111,7 @@ def grad_tile(logp, is_label, lse_h, g_lp, g_h, inv_t):
 
 @triton.jit
 def merge_partials_kernel(
-    part_m, part_s, part_w, xy_ptr, labels_ptr, out_lp, out_h, out_lse,
+    part_m, part_s, part_w, xy_ptr, labels_ptr, out_lp, out_h, out_stats,
     N, NUM_SPLITS, xy_stride, inv_t, scale2, ignore_index,
     LABEL_FROM_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
@@ -126,10 +138,8 @@ def merge_partials_kernel(
         x_y = tl.load(xy_ptr + rows * xy_stride + labels, mask=valid, other=0.0).to(tl.float32)
     else:
         x_y = tl.load(xy_ptr + rows, mask=valid, other=0.0)
-    lp, h, lse = finalize_state(m, s, w2, x_y, inv_t)
-    tl.store(out_lp + rows, tl.where(valid, lp, 0.0), mask=row_ok)
-    tl.store(out_h + rows, tl.where(valid, h, 0.0), mask=row_ok)
-    tl.store(out_lse + rows, tl.where(valid, lse, 0.0), mask=row_ok)
+    lp, h, log_s = finalize_state(m, s, w2, x_y, inv_t)
+    store_row_outputs(out_lp, out_h, out_stats, rows, row_ok, valid, lp, h, m, log_s)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -137,7 +147,7 @@ def merge_partials_kernel(
 # --------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _logits_fwd_kernel(
-    x_ptr, labels_ptr, out_lp, out_h, out_lse, part_m, part_s, part_w,
+    x_ptr, labels_ptr, out_lp, out_h, out_stats, part_m, part_s, part_w,
     stride_row, V, inv_t, scale2, ignore_index, chunk, NUM_SPLITS,
     SPLIT: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
@@ -163,17 +173,16 @@ def _logits_fwd_kernel(
         tl.store(part_w + row * NUM_SPLITS + split, w2)
     else:
         x_y = tl.load(base + label, mask=valid, other=0.0).to(tl.float32)
-        lp, h, lse = finalize_state(m, s, w2, x_y, inv_t)
-        tl.store(out_lp + row, tl.where(valid, lp, 0.0))
-        tl.store(out_h + row, tl.where(valid, h, 0.0))
-        tl.store(out_lse + row, tl.where(valid, lse, 0.0))
+        lp, h, log_s = finalize_state(m, s, w2, x_y, inv_t)
+        store_row_outputs(out_lp, out_h, out_stats, row, True, valid, lp, h, m, log_s)
 
 
 def logits_forward(logits, labels, temperature, ignore_index, num_splits=None):
-    """(logprobs, entropy, lse) fp32 [N]; ``num_splits`` forces the split-V path (tests)."""
+    """(logprobs, entropy [N], stats [N, 2]) fp32; ``num_splits`` forces the split-V path (tests)."""
     n, v = logits.shape
     dev = logits.device
-    out = [torch.empty(n, dtype=torch.float32, device=dev) for _ in range(3)]
+    out = [torch.empty(n, dtype=torch.float32, device=dev) for _ in range(2)]
+    out.append(torch.empty((n, 2), dtype=torch.float32, device=dev))
     if n == 0:
         return tuple(out)
     assert logits.stride(1) == 1 or v == 1
@@ -208,7 +217,7 @@ def logits_forward(logits, labels, temperature, ignore_index, num_splits=None):
 # --------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _logits_bwd_kernel(
-    x_ptr, labels_ptr, lse_ptr, h_ptr, glp_ptr, gh_ptr, out_ptr,
+    x_ptr, labels_ptr, stats_ptr, h_ptr, glp_ptr, gh_ptr, out_ptr,
     stride_row, out_stride_row, V, inv_t, ignore_index, chunk,
     BLOCK_V: tl.constexpr,
 ):
@@ -218,7 +227,8 @@ def _logits_bwd_kernel(
     split = tl.program_id(1)
     label = tl.load(labels_ptr + row)
     valid = label != ignore_index
-    lse = tl.load(lse_ptr + row)
+    m = tl.load(stats_ptr + 2 * row)
+    log_s = tl.load(stats_ptr + 2 * row + 1)
     ent = tl.load(h_ptr + row)
     g_lp = tl.where(valid, tl.load(glp_ptr + row), 0.0)
     g_h = tl.where(valid, tl.load(gh_ptr + row), 0.0)
@@ -234,12 +244,12 @@ def _logits_bwd_kernel(
         cols = start + offs
         inb = cols < v_stop
         x = tl.load(base + cols, mask=cols < load_stop, other=float("-inf")).to(tl.float32)
-        dz = grad_tile(x * inv_t - lse, cols == label, ent, g_lp, g_h, inv_t)
+        dz = grad_tile((x - m) * inv_t - log_s, cols == label, ent, g_lp, g_h, inv_t)
         dz = tl.where(valid, dz, 0.0)
         tl.store(out_base + cols, dz.to(out_ptr.dtype.element_ty), mask=inb)
 
 
-def logits_backward(grad_logprobs, grad_entropy, logits, labels, lse, entropy, temperature, ignore_index,
+def logits_backward(grad_logprobs, grad_entropy, logits, labels, stats, entropy, temperature, ignore_index,
                     num_splits=None, out=None):
     """Gradient w.r.t. the logits in their dtype. ``out`` may be ``logits`` itself (in-place backward)."""
     n, v = logits.shape
@@ -254,7 +264,7 @@ def logits_backward(grad_logprobs, grad_entropy, logits, labels, lse, entropy, t
     chunk, splits = utils.split_chunk(v, block_v, max(1, min(splits, tiles)))
     f32 = torch.float32
     _logits_bwd_kernel[(n, splits)](
-        logits, labels.contiguous(), lse.to(f32).contiguous(), entropy.to(f32).contiguous(),
+        logits, labels.contiguous(), stats.to(f32).contiguous(), entropy.to(f32).contiguous(),
         grad_logprobs.to(f32).contiguous(), grad_entropy.to(f32).contiguous(), out,
         logits.stride(0), out.stride(0), v, 1.0 / temperature, ignore_index, chunk,
         BLOCK_V=block_v, num_warps=warps,

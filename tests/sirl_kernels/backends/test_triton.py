@@ -122,16 +122,16 @@ def test_low_precision_split(dtype):
 
 
 def test_label_gradient_exact_when_p_near_one():
-    """1 - p_y is computed as -expm1(log p_y): with log p_y = -1e-9 (given lse), 1 - exp(log p_y) rounds to 0
-    in fp32 while the exact value is 1e-9."""
+    """1 - p_y is computed as -expm1(log p_y): with log p_y = -1e-9 (given the row stats), 1 - exp(log p_y)
+    rounds to 0 in fp32 while the exact value is 1e-9."""
     logits = torch.full((2, 300), -40.0, device=DEV)
     logits[:, 7] = 0.0
     labels = torch.tensor([7, 7], device=DEV)
-    lse = torch.full((2,), 1e-9, device=DEV)
+    stats = torch.tensor([[0.0, 1e-9], [0.0, 1e-9]], device=DEV)  # (max, log-sum): log p_y = 0 - 0 - 1e-9
     ent = torch.zeros(2, device=DEV)
     g = torch.ones(2, device=DEV)
     with utils.quiet():
-        grad = tlog.logits_backward(g, torch.zeros(2, device=DEV), logits, labels, lse, ent, 1.0, -100)
+        grad = tlog.logits_backward(g, torch.zeros(2, device=DEV), logits, labels, stats, ent, 1.0, -100)
     torch.testing.assert_close(grad[:, 7].double().cpu(), -torch.expm1(torch.tensor([-1e-9, -1e-9],
                                dtype=torch.float64)), rtol=1e-6, atol=0)
 
@@ -172,12 +172,6 @@ def test_inplace_backward_public_api():
     (lp * g_lp + h * g_h).sum().backward()
     assert torch.equal(y.detach(), logits)
     torch.testing.assert_close(y.grad.double().cpu(), ref, **grad_tolerance(torch.float32, ref))
-
-
-def test_inplace_backward_needs_triton():
-    with pytest.raises(ValueError, match="inplace_backward"):
-        sirl_kernels.token_logprobs_entropy(torch.randn(2, 5), torch.tensor([0, 1]), backend="torch",
-                                            inplace_backward=True)
 
 
 # --- determinism ----------------------------------------------------------------------------------------------
@@ -229,7 +223,8 @@ def test_linear_forward_backward(dtype, bias, splits, temperature):
     hidden, weight, b, labels, g_lp, g_h = _lin_case(n, d, v, dtype, seed=splits, bias=bias)
     with utils.quiet():
         lp, h, lse = tlin.linear_forward(hidden, weight, b, labels, temperature, -100, num_splits=splits)
-        gh, gw, gb = tb.linear_backward(g_lp, g_h, hidden, weight, b, labels, lse, h, temperature, -100, 0)
+        gh, gw, gb = tb.linear_backward(g_lp, g_h, hidden, weight, b, labels, lse, h, temperature, -100, 0,
+                                        (True, True, True))
     ref_lp, ref_h, r_gh, r_gw, r_gb = _lin_reference_grads(hidden, weight, b, labels, g_lp, g_h, temperature)
     rtol, atol = LIN_TOL[dtype]
     torch.testing.assert_close(lp.double().cpu(), ref_lp.detach(), rtol=rtol, atol=atol)
@@ -285,9 +280,9 @@ def test_opcheck_inplace_ops():
     logits = torch.randn(5, 300, device=DEV, requires_grad=True)
     labels = torch.tensor([0, 5, -100, 299, 7], device=DEV)
     torch.library.opcheck(ops.token_logprobs_entropy_op, (logits, labels, 0.9, -100, "triton", True))
-    lse, ent = torch.randn(5, device=DEV), torch.rand(5, device=DEV)
+    _, ent, stats = ops.token_logprobs_entropy_op(logits.detach(), labels, 0.9, -100, "triton")
     torch.library.opcheck(
         ops.token_logprobs_entropy_backward_inplace_op,
-        (torch.randn(5, device=DEV), torch.randn(5, device=DEV), logits.detach().clone(), labels, lse, ent, 0.9,
+        (torch.randn(5, device=DEV), torch.randn(5, device=DEV), logits.detach().clone(), labels, stats, ent, 0.9,
          -100, "triton"),
     )

@@ -1,0 +1,85 @@
+"""The backend contract: what every kernel backend implements, checked by ``backends.get``.
+
+A backend is a module (``torch_ref``, ``cpu``, ``cuda``, the ``triton`` package) with the attributes of
+:class:`Backend`. Tensors are already validated and flattened by the public API: logits ``[N, V]`` with unit
+stride along V (any row stride), hidden ``[N, D]`` with unit stride along D, labels ``[N]`` int64, weight
+``[V, D]``, bias ``[V]`` or None.
+
+Row statistics. The forward returns, besides the two fp32 outputs, ``stats``: fp32 ``[N, 2]`` holding per row
+``(shift, log_sum)`` with ``log_sum = log sum_i exp(z_i - shift')`` where ``z = x / T`` and ``shift'`` is the
+row max in the backend's own units (``stats[:, 0]``: the max of the scaled logits, or of the raw logits for
+backends that scale differences, see each backend). The backward of the SAME backend reads them back to form
+``log p_i = (z_i - shift) - log_sum`` without ever subtracting two large numbers: a single ``lse`` would lose
+``ulp(lse)`` of absolute accuracy (0.06 at logits near 1e6), which ``log_softmax`` itself does not. Ignored rows
+get ``stats = 0`` and are never read back. The stats are internal: they never leave the custom ops.
+
+Numbers. Labels outside ``[0, V)`` that are not ``ignore_index`` give NaN outputs and NaN gradients for their
+row (the ops check labels on the host first unless told not to, see ``check_labels``); a NaN anywhere in a row
+gives NaN logprob, entropy and stats for that row; a row of all ``-inf`` gives NaN like ``torch.log_softmax``.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+# (grad_hidden, grad_weight, grad_bias): which gradients the caller needs (autograd's needs_input_grad).
+NeedsGrad = tuple[bool, bool, bool]
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """The functions every backend module defines (module-level functions; ``name`` a string)."""
+
+    name: str
+
+    def unavailable_reason(self, device: torch.device | None) -> str | None:
+        """None if the backend can run on ``device`` (or on some device of this machine when None), else why not."""
+
+    def logits_forward(self, logits: Tensor, labels: Tensor, temperature: float, ignore_index: int
+                       ) -> tuple[Tensor, Tensor, Tensor]:
+        """``(logprobs [N], entropy [N], stats [N, 2])``, all fp32 (float64 in, float64 out on "torch")."""
+
+    def logits_backward(self, grad_logprobs: Tensor, grad_entropy: Tensor, logits: Tensor, labels: Tensor,
+                        stats: Tensor, entropy: Tensor, temperature: float, ignore_index: int,
+                        out: Tensor | None = None) -> Tensor:
+        """Gradient of ``sum(g_lp * logprobs + g_h * entropy)`` w.r.t. the logits, in ``out`` (a new tensor in
+        the logits' dtype when None). ``out`` may be ``logits`` itself: the in-place backward every backend
+        supports (each element is read before it is overwritten). ``grad_*`` are fp32 ``[N]``."""
+
+    def linear_forward(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
+                       temperature: float, ignore_index: int, chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
+        """The logits forward of ``hidden @ weight.T (+ bias)`` without holding more than ``chunk_size x V``
+        logits (backends that keep logits tiles in registers hold none)."""
+
+    def linear_backward(self, grad_logprobs: Tensor, grad_entropy: Tensor, hidden: Tensor, weight: Tensor,
+                        bias: Tensor | None, labels: Tensor, stats: Tensor, entropy: Tensor, temperature: float,
+                        ignore_index: int, chunk_size: int, needs_grad: NeedsGrad
+                        ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """``(grad_hidden, grad_weight, grad_bias)`` in the inputs' dtypes; None (and no buffer, no matmul) for
+        each gradient ``needs_grad`` does not ask for, and for the bias when there is none."""
+
+
+REQUIRED = ("name", "unavailable_reason", "logits_forward", "logits_backward", "linear_forward", "linear_backward")
+
+
+def check_backend(module: ModuleType) -> ModuleType:
+    """Raises TypeError naming what a backend module lacks; returns it unchanged otherwise."""
+    missing = [attr for attr in REQUIRED if not hasattr(module, attr)]
+    not_callable = [attr for attr in REQUIRED[1:] if attr not in missing and not callable(getattr(module, attr))]
+    if missing or not_callable or not isinstance(getattr(module, "name", None), str):
+        problems = [f"missing {', '.join(missing)}"] if missing else []
+        problems += [f"not callable: {', '.join(not_callable)}"] if not_callable else []
+        if "name" not in missing and not isinstance(getattr(module, "name", None), str):
+            problems.append("`name` is not a str")
+        raise TypeError(f"backend module {module.__name__} breaks the backend contract: {'; '.join(problems)}")
+    return module
+
+
+def empty_stats(n: int, like: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """An uninitialised ``[n, 2]`` stats tensor on ``like``'s device."""
+    return torch.empty((n, 2), dtype=dtype, device=like.device)
+
