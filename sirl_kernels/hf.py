@@ -13,6 +13,14 @@ Position 0 has no prediction and is always 0, as is every position where ``compl
 the usual HF shift (``logits[:, :-1]`` against ``labels[:, 1:]``) written back at the label's position, so the
 masks of a rollout (1 on completion tokens) can be used unchanged.
 
+Failing closed. Skipping ``model.forward`` skips whatever it does to the logits after ``lm_head``. The known
+rescalings are folded into the temperature (:func:`model_logit_temperature`: Cohere's ``logit_scale``, Granite's
+``logits_scaling``) and soft-capping is refused up front; anything else (Falcon-H1's ``lm_head_multiplier``, a
+subclass whose ``forward`` edits the logits) is caught by a check that runs the first time a model class and
+config are seen in the process (:func:`verify_model_logits`): the fused head on the last position of a few tokens
+of the real input against ``model(...).logits`` there, and ``NotImplementedError`` if they disagree. Opt out with
+``verify_logits=False`` or ``SIRL_KERNELS_HF_VERIFY=0``.
+
 Typical use in a custom trainer (the SIRL reward in three lines)::
 
     from sirl_kernels.hf import sirl_reward
@@ -22,14 +30,28 @@ Typical use in a custom trainer (the SIRL reward in three lines)::
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import inspect
+import json
+import os
+
 import torch
 from torch import Tensor
 
 from sirl_kernels.api import linear_token_logprobs_entropy
 
+VERIFY_ENV = "SIRL_KERNELS_HF_VERIFY"
+VERIFY_TOKENS = 16  # tokens of one input row that the logits check runs the model on
+VERIFY_LABELS = 16  # vocabulary entries whose log-probs it compares (plus the entropy)
 
-def _unwrap(model):
-    """PEFT wrappers -> the underlying transformers model, with the LoRA layers still injected and active."""
+# (model class, config fingerprint) -> None where the fused head agreed with model(...).logits, else the error
+_logits_verdicts: dict[tuple[type, str], str | None] = {}
+
+
+def unwrap_model(model):
+    """PEFT / torch.compile / DDP wrappers -> the underlying transformers model (LoRA layers still injected and
+    active)."""
     get_base = getattr(model, "get_base_model", None)
     if callable(get_base):
         model = get_base()
@@ -38,8 +60,9 @@ def _unwrap(model):
     return getattr(model, "module", model) if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
-def _logit_temperature(config, temperature: float) -> float:
-    """Folds the model's own logit scaling into the temperature (logits are linear in it), or refuses."""
+def model_logit_temperature(config, temperature: float) -> float:
+    """The temperature to give the fused op so that it reproduces ``model(...).logits / temperature``: the model's
+    own logit scaling folded in (logits are linear in it), or ``NotImplementedError`` for soft-capping."""
     softcap = getattr(config, "final_logit_softcapping", None)
     if softcap is not None:
         raise NotImplementedError(
@@ -55,20 +78,193 @@ def _logit_temperature(config, temperature: float) -> float:
     return temperature
 
 
+def output_head(model) -> tuple[Tensor, Tensor | None]:
+    """``(weight [V, D], bias [V] or None)`` of an unwrapped model's output embedding, or a clear error."""
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no output embedding (is it a *ForCausalLM?)")
+    if hasattr(head, "base_layer") or not isinstance(getattr(head, "weight", None), Tensor):
+        raise NotImplementedError(
+            "the output embedding is wrapped (e.g. LoRA on lm_head); the fused op needs a plain weight matrix"
+        )
+    return head.weight, getattr(head, "bias", None)
+
+
+def generation_position_ids(attention_mask: Tensor) -> Tensor:
+    """Positions counted from each row's first real token: what ``generate`` gives a left-padded prompt."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
 def final_hidden_states(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     """``[B, T, D]`` output of the decoder body (final norm included), with positions counted from the first
     real token so that left-padded prompts see the same positions as in ``generate``."""
-    base = _unwrap(model)
-    decoder = base.get_decoder()
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+    decoder = unwrap_model(model).get_decoder()
     out = decoder(
         input_ids=input_ids,
         attention_mask=attention_mask,
-        position_ids=position_ids,
+        position_ids=generation_position_ids(attention_mask),
         use_cache=False,
         return_dict=True,
     )
     return out.last_hidden_state
+
+
+def fused_head(model, rows: Tensor, labels: Tensor, temperature: float, backend: str) -> tuple[Tensor, Tensor]:
+    """Log-prob of ``labels`` and entropy at temperature ``temperature`` (already folded) of the output embedding
+    of the unwrapped ``model`` applied to hidden-state ``rows [N, D]``; float32 ``[N]`` each."""
+    weight, bias = output_head(model)
+    if rows.dtype != weight.dtype:  # autocast can leave the body in bf16 while the head stays fp32
+        rows = rows.to(weight.dtype)
+    return linear_token_logprobs_entropy(rows, weight, labels, bias=bias, temperature=temperature, backend=backend)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the logits check
+
+
+def verification_enabled(verify_logits: bool | None = None) -> bool:
+    """``verify_logits`` when given, else ``$SIRL_KERNELS_HF_VERIFY`` (``1``, the default, or ``0``)."""
+    if verify_logits is not None:
+        if not isinstance(verify_logits, bool):
+            raise TypeError(f"verify_logits must be True, False or None, got {verify_logits!r}")
+        return verify_logits
+    value = os.environ.get(VERIFY_ENV, "").strip() or "1"
+    if value not in ("0", "1"):
+        raise ValueError(f"{VERIFY_ENV} must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+def clear_logits_verdicts() -> None:
+    """Forgets every cached verdict of :func:`verify_model_logits` (tests; a model class edited in a live session)."""
+    _logits_verdicts.clear()
+
+
+def config_fingerprint(config) -> str:
+    """A hash of every config value: two models of one class and fingerprint post-process logits alike."""
+    values = config.to_dict() if hasattr(config, "to_dict") else vars(config)
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=repr).encode()).hexdigest()
+
+
+def verify_model_logits(model, input_ids: Tensor, attention_mask: Tensor, *, temperature: float = 1.0,
+                        backend: str = "auto") -> None:
+    """Raises ``NotImplementedError`` naming the model class if the fused head does not reproduce
+    ``log_softmax(model(...).logits / temperature)`` and its entropy.
+
+    Runs once per (model class, config) and process; later calls reuse the verdict (a failed one raises again).
+    The check feeds up to ``VERIFY_TOKENS`` real tokens of the batch row with the most of them through the model
+    once (``model(...)``, the LM head on the last position only where the forward takes ``logits_to_keep``) and
+    through the decoder once, under ``torch.no_grad()``, autocast off and every module in eval mode (each module's
+    training flag is restored afterwards), and compares ``VERIFY_LABELS`` log-probs (the most and least likely
+    tokens, the rest spread over the vocabulary) and the entropy within a tolerance set by the lowest matmul
+    precision involved (logits and weight dtype; TF32 / bf16 float32 matmuls). Skipped while torch.compile
+    traces; a batch without any attended token defers the check to a later call.
+    """
+    if torch.compiler.is_compiling():
+        return
+    base = unwrap_model(model)
+    key = (type(base), config_fingerprint(base.config))
+    if key not in _logits_verdicts:
+        tokens = verification_tokens(input_ids, attention_mask)
+        if tokens is None:
+            return
+        _logits_verdicts[key] = fused_head_disagreement(model, tokens, float(temperature), backend)
+    if _logits_verdicts[key] is not None:
+        raise NotImplementedError(_logits_verdicts[key])
+
+
+def verification_tokens(input_ids: Tensor, attention_mask: Tensor) -> Tensor | None:
+    """``[1, L]``: the first ``VERIFY_TOKENS`` attended tokens of the row with the most, padding left out (so
+    positions start at 0 either way); None when no token is attended."""
+    attended = attention_mask.ne(0)
+    row = int(attended.sum(-1).argmax())
+    tokens = input_ids[row][attended[row]][:VERIFY_TOKENS]
+    return tokens[None] if tokens.numel() else None
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """Every module in eval mode (no dropout) inside; each module's own training flag restored on exit."""
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
+def model_last_logits(model, input_ids: Tensor) -> Tensor:
+    """``[V]`` logits of the unwrapped ``model``'s own forward at the last position of ``input_ids [1, L]``."""
+    kwargs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=False)
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        kwargs["logits_to_keep"] = 1  # the LM head on one position, as in generation, never over a sequence
+    logits = getattr(model(**kwargs), "logits", None)
+    if not isinstance(logits, Tensor):
+        raise NotImplementedError(
+            f"{type(model).__name__}.forward returns no logits, so sirl_kernels.hf cannot check its fused head "
+            f"against them; pass verify_logits=False (or set {VERIFY_ENV}=0) if you know its logits are lm_head's"
+        )
+    return logits[0, -1]
+
+
+def compared_labels(logits: Tensor) -> Tensor:
+    """``VERIFY_LABELS`` vocabulary ids: the most and least likely, the rest evenly spread."""
+    spread = torch.linspace(0, logits.shape[-1] - 1, VERIFY_LABELS - 2, device=logits.device).long()
+    return torch.cat([logits.argmax()[None], logits.argmin()[None], spread])
+
+
+def matmul_epsilon(dtype: torch.dtype) -> float:
+    """Relative rounding of logits computed in ``dtype`` (float32 matmuls may run in TF32 or bf16)."""
+    if dtype == torch.float32:
+        precision = torch.get_float32_matmul_precision()
+        if precision == "medium":
+            return torch.finfo(torch.bfloat16).eps
+        if precision == "high":
+            return 2.0 ** -10  # TF32: 10 mantissa bits
+    return torch.finfo(dtype).eps
+
+
+def logits_tolerance(logits: Tensor, weight: Tensor, temperature: float) -> float:
+    """Allowed |difference| of log-probs and entropy: each logit / T may be off by eps / 2 of its size in the
+    lower-precision path, which moves a log-softmax value or the entropy by at most about twice that."""
+    eps = max(matmul_epsilon(logits.dtype), matmul_epsilon(weight.dtype))
+    largest = float(logits.detach().abs().max().float()) / temperature
+    return 1e-4 + 4.0 * eps * max(1.0, largest)
+
+
+def fused_head_disagreement(model, input_ids: Tensor, temperature: float, backend: str) -> str | None:
+    """None if the fused head reproduces ``model``'s own logits on ``input_ids [1, L]``, else the error message."""
+    base = unwrap_model(model)
+    name = type(base).__name__
+    with torch.no_grad(), torch.autocast(input_ids.device.type, enabled=False), eval_mode(model):
+        logits = model_last_logits(base, input_ids)
+        weight, _ = output_head(base)
+        if logits.shape[-1] != weight.shape[0]:
+            return (f"{name}.forward returns {logits.shape[-1]} logits per position but its output embedding has "
+                    f"{weight.shape[0]} rows; sirl_kernels.hf cannot reproduce them")
+        labels = compared_labels(logits)
+        hidden = final_hidden_states(model, input_ids, torch.ones_like(input_ids))[0, -1]
+        logprobs, entropy = fused_head(base, hidden[None].repeat(len(labels), 1), labels,
+                                       model_logit_temperature(base.config, temperature), backend)
+    reference = torch.log_softmax(logits.double() / temperature, -1)
+    logprob_error = float((logprobs.double() - reference[labels]).abs().max())
+    entropy_error = float((entropy.double() + (reference.exp() * reference).sum()).abs().max())
+    tolerance = logits_tolerance(logits, weight, temperature)
+    if logprob_error <= tolerance and entropy_error <= tolerance:  # False for NaN too
+        return None
+    return (
+        f"{name}: the fused head (lm_head weight, temperature folded as for Cohere's logit_scale and Granite's "
+        f"logits_scaling) disagrees with {name}.forward's logits: max |log-prob difference| {logprob_error:.3g} "
+        f"over {len(labels)} vocabulary entries, |entropy difference| {entropy_error:.3g}, tolerance "
+        f"{tolerance:.2g} ({logits.dtype} logits, {weight.dtype} weight); the model transforms its logits after "
+        "lm_head in a way sirl_kernels.hf does not reproduce, so compute the logits yourself and use "
+        f"sirl_kernels.token_logprobs_entropy (pass verify_logits=False or set {VERIFY_ENV}=0 only if you know "
+        "the difference is harmless)"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the public entry points
 
 
 def causal_lm_token_logprobs_entropy(
@@ -79,6 +275,7 @@ def causal_lm_token_logprobs_entropy(
     *,
     temperature: float = 1.0,
     backend: str = "auto",
+    verify_logits: bool | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-token log-prob of the next token and entropy of the distribution that produced it.
 
@@ -87,6 +284,11 @@ def causal_lm_token_logprobs_entropy(
         input_ids, attention_mask: ``[B, T]``.
         completion_mask: ``[B, T]``, 1 on the tokens to score (e.g. the completion). Position 0 is ignored.
         temperature: the logits are divided by it (on top of the model's own ``logit_scale``).
+        verify_logits: check once per model class and config that the fused head reproduces ``model(...).logits``
+            (:func:`verify_model_logits`; one extra forward over at most 16 tokens per process) and raise
+            ``NotImplementedError`` if not. None (default) reads ``$SIRL_KERNELS_HF_VERIFY`` (``1`` unless set to
+            ``0``); False skips the check, for a model you know applies nothing after ``lm_head`` that
+            :func:`model_logit_temperature` does not fold (otherwise the results are silently wrong).
 
     Returns:
         ``(logprobs, entropy)``, float32 ``[B, T]``; see the module docstring for the alignment. Differentiable
@@ -97,27 +299,17 @@ def causal_lm_token_logprobs_entropy(
             f"input_ids, attention_mask and completion_mask must all be [B, T]; got {tuple(input_ids.shape)}, "
             f"{tuple(attention_mask.shape)}, {tuple(completion_mask.shape)}"
         )
-    base = _unwrap(model)
-    temperature = _logit_temperature(base.config, float(temperature))
-    head = base.get_output_embeddings()
-    if head is None:
-        raise ValueError(f"{type(base).__name__} has no output embedding (is it a *ForCausalLM?)")
-    if hasattr(head, "base_layer") or not isinstance(getattr(head, "weight", None), Tensor):
-        raise NotImplementedError(
-            "the output embedding is wrapped (e.g. LoRA on lm_head); the fused op needs a plain weight matrix"
-        )
+    base = unwrap_model(model)
+    folded_temperature = model_logit_temperature(base.config, float(temperature))
+    output_head(base)  # a missing or wrapped head fails here, before any forward
+    if not torch.compiler.is_compiling() and verification_enabled(verify_logits):
+        verify_model_logits(model, input_ids, attention_mask, temperature=temperature, backend=backend)
 
     hidden = final_hidden_states(model, input_ids, attention_mask)
     # Row t-1 predicts token t: gather only the rows whose next token is scored.
     predict = completion_mask[:, 1:].bool()
-    rows = hidden[:, :-1][predict]
-    labels = input_ids[:, 1:][predict]
-    weight, bias = head.weight, getattr(head, "bias", None)
-    if rows.dtype != weight.dtype:  # autocast can leave the body in bf16 while the head stays fp32
-        rows = rows.to(weight.dtype)
-    lp_rows, ent_rows = linear_token_logprobs_entropy(
-        rows, weight, labels, bias=bias, temperature=temperature, backend=backend
-    )
+    lp_rows, ent_rows = fused_head(base, hidden[:, :-1][predict], input_ids[:, 1:][predict], folded_temperature,
+                                   backend)
 
     logprobs = hidden.new_zeros(input_ids.shape, dtype=torch.float32)
     entropy = hidden.new_zeros(input_ids.shape, dtype=torch.float32)
@@ -135,14 +327,17 @@ def sirl_reward(
     attention_mask: Tensor,
     completion_mask: Tensor,
     temperature: float = 1.0,
+    *,
+    verify_logits: bool | None = None,
 ) -> Tensor:
     """The SIRL reward: minus the mean per-token entropy over each sequence's completion tokens, ``[B]`` float32.
 
     The entropy counted for token ``t`` is that of the distribution that produced it. Sequences with no scored
     token get 0. Call under ``torch.no_grad()`` (the reward is a constant for the policy gradient).
+    ``verify_logits``: as in :func:`causal_lm_token_logprobs_entropy`.
     """
     _, entropy = causal_lm_token_logprobs_entropy(
-        model, input_ids, attention_mask, completion_mask, temperature=temperature
+        model, input_ids, attention_mask, completion_mask, temperature=temperature, verify_logits=verify_logits
     )
     mask = completion_mask.clone()
     mask[:, 0] = 0

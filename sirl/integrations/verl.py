@@ -6,26 +6,30 @@ reward manager under the name ``"sirl"``). Written against verl 0.9.1's interfac
 
 **Reward manager** (``SIRLRewardManager``). Reads the per-response-token values that verl puts in the batch and
 writes minus their mean at the last response token (``rm_scores[i, valid_response_length - 1]``, the
-placement of verl's own managers). In order of preference:
+placement of verl's own managers). Which values it reads is the ``reward_source`` option (no silent fallback):
 
-- ``entropys`` (or ``entropy``): the actor's per-token entropy; the exact SIRL reward.
-- ``old_log_probs``, then ``rollout_log_probs``: log-probs of the sampled tokens. Their negation, the
-  surprisal of the sampled token, has the entropy of the sampling distribution as its expectation, so the reward
-  is an unbiased one-sample estimate of the SIRL reward (exact in expectation when the log-probs are those of
-  the sampling distribution: verl's default ``rollout.logprobs_mode=processed_logprobs``, or temperature 1).
+- ``entropy`` (default): ``entropys`` (or ``entropy``), the actor's per-token entropy; the exact SIRL reward.
+- ``surprisal_estimate``: ``old_log_probs``, else ``rollout_log_probs``, log-probs of the sampled tokens. Their
+  negation, the surprisal of the sampled token, has the entropy of the sampling distribution as its
+  expectation, so the reward is an unbiased one-sample estimate of the SIRL reward (exact in expectation when
+  the log-probs are those of the sampling distribution: verl's default ``rollout.logprobs_mode=processed_logprobs``,
+  or temperature 1).
+
+A batch without the chosen source's tensors raises ``KeyError`` naming them. The source and the batch key used go
+into every result's ``reward_extra_info`` (``sirl_reward_source``, ``sirl_reward_key``).
 
 Select it with one line of Hydra overrides (``pkg://`` makes verl import this module in every reward worker)::
 
     reward.reward_manager.source=importlib reward.reward_manager.name=SIRLRewardManager \\
         reward.reward_manager.module.path=pkg://sirl.integrations.verl
 
-Options (the same as ``sirl train``'s) come from ``reward.reward_kwargs``: ``+reward.reward_kwargs.truncation=mask``
-and likewise ``aggregation``, ``last_k``, ``truncation_penalty``. Where a batch holds none of those tensors the
-manager raises and says so: verl 0.9.1's streaming reward loop hands reward managers token ids only (see
-docs/integrations.md for which verl paths carry log-probs to the reward). SIRL is not offered as an advantage
-estimator (``algorithm.adv_estimator=<name>``): verl 0.9.1's ``compute_advantage`` passes a registered estimator
-the rewards, the response mask, the ``uid`` index and the algorithm config, never the batch's log-probs or
-entropies.
+Options come from ``reward.reward_kwargs``: ``+reward.reward_kwargs.reward_source=surprisal_estimate``, and
+those of ``sirl train``: ``+reward.reward_kwargs.truncation=mask`` and likewise ``aggregation``, ``last_k``,
+``truncation_penalty``. verl 0.9.1's streaming reward loop hands reward managers token ids only, so there either
+source raises (see docs/integrations.md for which verl paths carry log-probs to the reward). SIRL is not offered
+as an advantage estimator (``algorithm.adv_estimator=<name>``): verl 0.9.1's ``compute_advantage`` passes a
+registered estimator the rewards, the response mask, the ``uid`` index and the algorithm config, never the
+batch's log-probs or entropies.
 
 **Fused forward** (``forward_with_sirl_kernels``). A drop-in for verl's ``forward_with_torch_backend``: same
 arguments, and an output whose ``log_probs`` and ``entropy`` ``[B, T]`` follow verl's alignment (position t
@@ -53,7 +57,7 @@ from torch import Tensor
 
 from sirl.score import reward_options, sirl_rewards
 from sirl_kernels.api import linear_token_logprobs_entropy
-from sirl_kernels.hf import _logit_temperature
+from sirl_kernels.hf import model_logit_temperature
 
 VERL_INSTALL = (
     "this needs verl (pip install verl; the integration is written against verl 0.9.1, whose own pins require "
@@ -62,25 +66,39 @@ VERL_INSTALL = (
 REGISTERED_NAME = "sirl"
 ENTROPY_KEYS = ("entropys", "entropy")  # exact: the actor's per-token entropy
 LOGPROB_KEYS = ("old_log_probs", "rollout_log_probs")  # one-sample estimate: -log p(sampled token)
+REWARD_SOURCES = ("entropy", "surprisal_estimate")
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # the reward, on plain tensors
 
 
-def response_per_token_values(batch) -> tuple[Tensor, str]:
-    """``(values [B, R], key)``: the per-token quantity whose completion mean is minus the SIRL reward."""
-    for key in ENTROPY_KEYS:
+def check_reward_source(reward_source: str) -> str:
+    if reward_source not in REWARD_SOURCES:
+        raise ValueError(f"reward_source must be one of {', '.join(REWARD_SOURCES)}, got {reward_source!r}")
+    return reward_source
+
+
+def response_per_token_values(batch, reward_source: str = "entropy") -> tuple[Tensor, str]:
+    """``(values [B, R], key)``: the per-token quantity whose completion mean is minus the SIRL reward: the
+    entropies (``reward_source="entropy"``) or the sampled tokens' surprisals (``"surprisal_estimate"``)."""
+    exact = check_reward_source(reward_source) == "entropy"
+    for key in ENTROPY_KEYS if exact else LOGPROB_KEYS:
         if key in batch.keys():
-            return batch[key].float(), key
-    for key in LOGPROB_KEYS:
-        if key in batch.keys():
-            return -batch[key].float(), key
+            return (batch[key].float() if exact else -batch[key].float()), key
+    present = sorted(batch.keys())
+    if exact:
+        raise KeyError(
+            f"reward_source='entropy' needs the actor's per-token entropies ({' or '.join(ENTROPY_KEYS)}) in the "
+            f"batch, which has only {present}; to use the one-sample estimate from {' or '.join(LOGPROB_KEYS)} "
+            "instead, choose reward_source='surprisal_estimate' (+reward.reward_kwargs.reward_source="
+            "surprisal_estimate; docs/integrations.md)"
+        )
     raise KeyError(
-        f"the SIRL reward needs per-token entropies ({' or '.join(ENTROPY_KEYS)}) or log-probs "
-        f"({' or '.join(LOGPROB_KEYS)}) in the batch, which has only {sorted(batch.keys())}. verl puts "
-        "rollout_log_probs there with actor_rollout_ref.rollout.calculate_log_probs=True, where the reward is "
-        "computed on the whole batch; verl 0.9's streaming reward loop passes token ids only (docs/integrations.md)"
+        f"reward_source='surprisal_estimate' needs log-probs of the sampled tokens ({' or '.join(LOGPROB_KEYS)}) "
+        f"in the batch, which has only {present}: verl puts rollout_log_probs there with "
+        "actor_rollout_ref.rollout.calculate_log_probs=True where the reward is computed on the whole batch; its "
+        "streaming reward loop passes token ids only (docs/integrations.md)"
     )
 
 
@@ -136,14 +154,17 @@ class SIRLRewardManager:
 
     Accepts the constructor arguments of both of verl's manager families (``config, tokenizer, compute_score,
     **kwargs`` and ``tokenizer, num_examine, compute_score, reward_fn_key``); ``compute_score`` is not used.
+    ``reward_source``: ``"entropy"`` (default) or ``"surprisal_estimate"``; see the module docstring.
     """
 
     def __init__(self, config=None, tokenizer=None, compute_score=None, *, num_examine: int = 0,
-                 aggregation: str | None = None, last_k: int | None = None, truncation: str | None = None,
-                 truncation_penalty: float | None = None, eos_token_ids=None, **kwargs):
+                 reward_source: str | None = None, aggregation: str | None = None, last_k: int | None = None,
+                 truncation: str | None = None, truncation_penalty: float | None = None, eos_token_ids=None,
+                 **kwargs):
         self.config, self.tokenizer, self.compute_score = config, tokenizer, compute_score
         self.num_examine = num_examine
         given = _reward_kwargs(config)
+        self.reward_source = check_reward_source(reward_source or given.get("reward_source", "entropy"))
         self.options = reward_options(
             aggregation or given.get("aggregation", "mean"),
             last_k if last_k is not None else given.get("last_k", None),
@@ -166,7 +187,7 @@ class SIRLRewardManager:
             response_mask = batch["response_mask"]
         else:
             response_mask = batch["attention_mask"][:, -width:]
-        per_token, key = response_per_token_values(batch)
+        per_token, key = response_per_token_values(batch, self.reward_source)
         rewards, valid = sirl_response_rewards(per_token, response_mask, responses, self.eos_token_ids or [-1],
                                                **self.options)
         return rewards, valid, key
@@ -183,14 +204,20 @@ class SIRLRewardManager:
         tensor = last_token_scores(rewards, self._valid_response_length(data), data.batch["responses"].shape[-1])
         if not return_dict:
             return tensor
-        return {"reward_tensor": tensor, "reward_extra_info": {"sirl_reward": rewards.tolist(),
-                                                               "sirl_valid": valid.tolist()}}
+        rows = len(rewards)
+        return {"reward_tensor": tensor, "reward_extra_info": {
+            "sirl_reward": rewards.tolist(), "sirl_valid": valid.tolist(),
+            "sirl_reward_source": [self.reward_source] * rows, "sirl_reward_key": [key] * rows,
+        }}
 
     async def run_single(self, data) -> dict:
         """verl's reward-loop contract: one trajectory in, ``{"reward_score", "reward_extra_info"}`` out."""
         rewards, valid, key = self.scores(data[-1:])
         score = float(rewards[0]) if bool(valid[0]) else 0.0
-        return {"reward_score": score, "reward_extra_info": {"sirl_reward": score, "sirl_valid": bool(valid[0])}}
+        return {"reward_score": score, "reward_extra_info": {
+            "sirl_reward": score, "sirl_valid": bool(valid[0]), "sirl_reward_source": self.reward_source,
+            "sirl_reward_key": key,
+        }}
 
     @classmethod
     def assemble_rm_scores(cls, data, scores: list[float]) -> Tensor:
@@ -284,7 +311,7 @@ def forward_with_sirl_kernels(
     if hidden.dtype != head.weight.dtype:
         hidden = hidden.to(head.weight.dtype)
     log_probs, entropy = fused_linear_for_ppo(
-        hidden, head.weight, rolled, _logit_temperature(self.config, float(temperature)), bias=head.bias
+        hidden, head.weight, rolled, model_logit_temperature(self.config, float(temperature)), bias=head.bias
     )
     return output_class()(
         log_probs=log_probs, entropy=entropy, past_key_values=outputs.past_key_values,

@@ -1,15 +1,34 @@
-"""sirl_kernels.hf against the HF model's own logits and `labels` loss on tiny random models (float64 refs)."""
+"""sirl_kernels.hf against the HF model's own logits and `labels` loss on tiny random models (float64 refs), and
+the logits check that makes it fail closed on models that transform their logits after lm_head."""
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
 
-from sirl_kernels.hf import causal_lm_token_logprobs_entropy, sirl_reward  # noqa: E402
+import sirl_kernels.hf as sirl_hf  # noqa: E402
+from sirl_kernels.hf import (  # noqa: E402
+    VERIFY_ENV,
+    causal_lm_token_logprobs_entropy,
+    clear_logits_verdicts,
+    sirl_reward,
+    verify_model_logits,
+)
 
 VOCAB = 97
+
+
+@pytest.fixture(autouse=True)
+def fresh_verdicts(monkeypatch):
+    """Every test sees the logits check as a new process would: no cached verdict, no opt-out."""
+    monkeypatch.delenv(VERIFY_ENV, raising=False)
+    clear_logits_verdicts()
+    yield
+    clear_logits_verdicts()
 
 
 def tiny_llama(tie: bool = False, seed: int = 0):
@@ -176,6 +195,7 @@ def test_sirl_reward_three_line_recipe(temperature):
     def no_logits(module, args):
         raise AssertionError("sirl_reward must not run the LM head")
 
+    verify_model_logits(model, ids, attn)  # the once-per-process check runs the LM head on one position
     model.get_output_embeddings().register_forward_pre_hook(no_logits)
     with torch.no_grad():
         rewards = sirl_reward(model, ids, attn, comp, temperature=temperature)
@@ -183,3 +203,289 @@ def test_sirl_reward_three_line_recipe(temperature):
     assert rewards[2] == 0
     torch.testing.assert_close(rewards.double(), expected, rtol=1e-5, atol=1e-5)
     assert torch.isfinite(rewards).all() and (rewards[[0, 1, 3]] < 0).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the logits check: fails closed on logits that the fused head does not reproduce
+
+
+class LogitsTimesTwoLlama(transformers.LlamaForCausalLM):
+    """Scales its logits after lm_head, as a model with a logit multiplier unknown to sirl_kernels.hf would."""
+
+    factor = 2.0
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = out.logits * self.factor
+        return out
+
+
+class LogitsTimesOnePointOhFiveLlama(LogitsTimesTwoLlama):
+    """A scaling within bf16 rounding of these small logits, but far outside float32's."""
+
+    factor = 1.05
+
+
+class LogitsBiasLlama(transformers.LlamaForCausalLM):
+    """Adds a fixed bias to its logits after lm_head (no temperature reproduces that)."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = out.logits + torch.linspace(-0.5, 0.5, out.logits.shape[-1], dtype=out.logits.dtype)
+        return out
+
+
+def tiny(cls=transformers.LlamaForCausalLM, tie: bool = False, dtype=torch.float32):
+    """A model of ``cls`` with ``tiny_llama``'s weights (the subclasses differ from it only after lm_head)."""
+    source = tiny_llama(tie=tie)
+    model = cls(source.config)
+    model.load_state_dict(source.state_dict())
+    return model.to(dtype).eval()
+
+
+def count_forwards(module) -> list:
+    """Grows by one entry per call of ``module``."""
+    calls = []
+    module.register_forward_pre_hook(lambda m, args, kwargs: calls.append(1), with_kwargs=True)
+    return calls
+
+
+def training_flags(model) -> dict:
+    return {name: m.training for name, m in model.named_modules()}
+
+
+@pytest.mark.parametrize("cls", [LogitsTimesTwoLlama, LogitsBiasLlama])
+@pytest.mark.parametrize("tie", [False, True])
+def test_logits_edited_in_forward_raise_naming_the_class(cls, tie):
+    model = tiny(cls, tie=tie)
+    ids, attn, comp = batch()
+    with pytest.raises(NotImplementedError, match=rf"^{cls.__name__}: .*log-prob difference\| \d.*tolerance"):
+        causal_lm_token_logprobs_entropy(model, ids, attn, comp)
+    with pytest.raises(NotImplementedError, match=cls.__name__), torch.no_grad():
+        sirl_reward(model, ids, attn, comp)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_plain_model_passes_and_scaled_one_fails_in_every_dtype(dtype):
+    """The tolerance follows the dtype: a bf16 model's own bf16 logits pass, a bf16 model scaling them fails."""
+    ids, attn, comp = batch()
+    with torch.no_grad():
+        lp, _ = causal_lm_token_logprobs_entropy(tiny(dtype=dtype), ids, attn, comp)
+        with pytest.raises(NotImplementedError, match="LogitsTimesTwoLlama"):
+            causal_lm_token_logprobs_entropy(tiny(LogitsTimesTwoLlama, dtype=dtype), ids, attn, comp)
+    assert torch.isfinite(lp).all()
+
+
+def test_autocast_model_passes_and_is_checked_at_its_own_precision():
+    """Under bf16 autocast a float32 model passes, and the check still runs in float32 (autocast off), so a 5%
+    logit scaling that bf16 rounding of these small logits could hide is caught."""
+    ids, attn, comp = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        causal_lm_token_logprobs_entropy(tiny(), ids, attn, comp)
+        for cls in (LogitsTimesTwoLlama, LogitsTimesOnePointOhFiveLlama):
+            with pytest.raises(NotImplementedError, match=f"^{cls.__name__}: "):
+                causal_lm_token_logprobs_entropy(tiny(cls), ids, attn, comp)
+
+
+def test_left_padded_and_empty_rows():
+    """The check takes the row with the most attended tokens, padding left out; a batch with no attended token
+    defers it (no verdict, no forward) to the next call."""
+    model = tiny(LogitsTimesTwoLlama)
+    forwards = count_forwards(model)
+    ids, attn, comp = batch()
+    attn[:] = 0
+    comp[:] = 0
+    causal_lm_token_logprobs_entropy(model, ids, attn, comp)
+    assert forwards == [] and sirl_hf._logits_verdicts == {}
+    attn[0, 6:] = 1  # left padding
+    attn[2, 3:] = 1
+    with pytest.raises(NotImplementedError, match="LogitsTimesTwoLlama"):
+        causal_lm_token_logprobs_entropy(model, ids, attn, comp)
+    plain = tiny()
+    lp, _ = causal_lm_token_logprobs_entropy(plain, ids, attn, attn)  # passes on the same left-padded batch
+    assert len(forwards) == 1 and torch.isfinite(lp).all()
+
+
+def test_check_runs_once_per_class_and_config():
+    """One model(...) call and one LM-head call (on a single position) per process, whatever follows; a failed
+    verdict raises again without running the model."""
+    model = tiny()
+    forwards, head_widths = count_forwards(model), []
+    model.get_output_embeddings().register_forward_pre_hook(lambda m, args: head_widths.append(args[0].shape[1]))
+    ids, attn, comp = batch()
+    for _ in range(3):
+        causal_lm_token_logprobs_entropy(model, ids, attn, comp)
+    causal_lm_token_logprobs_entropy(tiny(), ids, attn, comp)  # another instance: same class and config
+    assert len(forwards) == 1 and head_widths == [1]
+    another_config_model = tiny_llama()
+    another_config_model.config.rms_norm_eps = 1e-5
+    causal_lm_token_logprobs_entropy(another_config_model, ids, attn, comp)  # checked again
+    assert len(sirl_hf._logits_verdicts) == 2
+
+    scaled = tiny(LogitsTimesTwoLlama)
+    scaled_forwards = count_forwards(scaled)
+    for _ in range(2):
+        with pytest.raises(NotImplementedError, match="LogitsTimesTwoLlama"):
+            causal_lm_token_logprobs_entropy(scaled, ids, attn, comp)
+    assert len(scaled_forwards) == 1
+
+
+def test_opt_out_by_keyword_and_environment(monkeypatch):
+    model = tiny(LogitsTimesTwoLlama)
+    forwards = count_forwards(model)
+    ids, attn, comp = batch()
+    causal_lm_token_logprobs_entropy(model, ids, attn, comp, verify_logits=False)
+    with torch.no_grad():
+        sirl_reward(model, ids, attn, comp, verify_logits=False)
+    monkeypatch.setenv(VERIFY_ENV, "0")
+    causal_lm_token_logprobs_entropy(model, ids, attn, comp)
+    assert forwards == []
+    with pytest.raises(NotImplementedError, match="LogitsTimesTwoLlama"):  # the keyword wins over the variable
+        causal_lm_token_logprobs_entropy(model, ids, attn, comp, verify_logits=True)
+    monkeypatch.setenv(VERIFY_ENV, "1")
+    with pytest.raises(NotImplementedError, match="LogitsTimesTwoLlama"):
+        causal_lm_token_logprobs_entropy(model, ids, attn, comp)
+    monkeypatch.setenv(VERIFY_ENV, "off")
+    with pytest.raises(ValueError, match=f"{VERIFY_ENV} must be 0 or 1, got 'off'"):
+        causal_lm_token_logprobs_entropy(model, ids, attn, comp)
+    with pytest.raises(TypeError, match="verify_logits must be True, False or None"):
+        causal_lm_token_logprobs_entropy(model, ids, attn, comp, verify_logits="no")
+
+
+def test_peft_lora_with_dropout_in_train_mode_passes_and_keeps_every_training_flag():
+    """LoRA adapters on the body (non-zero, dropout 0.9) change both paths alike: no false alarm, provided the
+    check runs without dropout; the mixed training flags the caller set are all restored."""
+    peft = pytest.importorskip("peft", reason="peft is not installed")
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.9,
+                          init_lora_weights=False)
+    model = peft.get_peft_model(tiny(), cfg).train()
+    model.base_model.model.model.layers[0].eval()
+    flags = training_flags(model)
+    assert True in flags.values() and False in flags.values()
+    ids, attn, comp = batch()
+    lp, ent = causal_lm_token_logprobs_entropy(model, ids, attn, comp)
+    assert training_flags(model) == flags
+    assert lp.requires_grad and len(sirl_hf._logits_verdicts) == 1
+
+    scaled = peft.get_peft_model(tiny(LogitsTimesTwoLlama), cfg).train()
+    flags = training_flags(scaled)
+    with pytest.raises(NotImplementedError, match="LogitsTimesTwoLlama"):
+        causal_lm_token_logprobs_entropy(scaled, ids, attn, comp)
+    assert training_flags(scaled) == flags
+
+
+def test_the_check_builds_no_graph_and_leaves_grad_mode_alone():
+    model = tiny().train()
+    grad_modes = []
+    model.register_forward_pre_hook(lambda m, args, kwargs: grad_modes.append(torch.is_grad_enabled()),
+                                    with_kwargs=True)
+    ids, attn, comp = batch()
+    lp, _ = causal_lm_token_logprobs_entropy(model, ids, attn, comp)
+    assert grad_modes == [False]  # model(...) ran once, for the check, without autograd
+    assert torch.is_grad_enabled() and lp.requires_grad and model.training
+
+
+@contextlib.contextmanager
+def single_process_group(tmp_path):
+    dist = torch.distributed
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("needs torch.distributed with no process group already initialised")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/process-group", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("wrapper", ["compiled", "ddp"])
+def test_compiled_and_ddp_wrappers_are_checked_on_the_inner_model(wrapper, tmp_path):
+    ids, attn, comp = batch()
+    group = single_process_group(tmp_path) if wrapper == "ddp" else contextlib.nullcontext()
+    with group:
+        wrap = torch.compile if wrapper == "compiled" else torch.nn.parallel.DistributedDataParallel
+        causal_lm_token_logprobs_entropy(wrap(tiny()), ids, attn, comp)
+        with pytest.raises(NotImplementedError, match="^LogitsTimesTwoLlama"):
+            causal_lm_token_logprobs_entropy(wrap(tiny(LogitsTimesTwoLlama)), ids, attn, comp)
+
+
+def test_skipped_while_torch_compile_traces():
+    model = tiny(LogitsTimesTwoLlama)
+    forwards = count_forwards(model)
+    ids, attn, _ = batch()
+    torch.compile(lambda i, a: verify_model_logits(model, i, a), fullgraph=True, backend="eager")(ids, attn)
+    assert forwards == [] and sirl_hf._logits_verdicts == {}
+    with pytest.raises(NotImplementedError, match="LogitsTimesTwoLlama"):  # eager: checked
+        verify_model_logits(model, ids, attn)
+
+
+def tiny_cohere(logit_scale=0.25):
+    torch.manual_seed(0)
+    config = transformers.CohereConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=4, logit_scale=logit_scale, max_position_embeddings=64,
+    )
+    return transformers.CohereForCausalLM(config).eval()
+
+
+def tiny_granite(logits_scaling=4.0):
+    torch.manual_seed(0)
+    config = transformers.GraniteConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, logits_scaling=logits_scaling, embedding_multiplier=2.0, residual_multiplier=0.5,
+        attention_multiplier=0.2, max_position_embeddings=64,
+    )
+    return transformers.GraniteForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("make", [tiny_cohere, tiny_granite], ids=["cohere-logit_scale", "granite-logits_scaling"])
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_folded_scalings_pass_the_check_and_fail_it_unfolded(make, temperature, monkeypatch):
+    """Cohere's and Granite's real classes pass, which proves the folding; with the folding switched off the
+    same models are caught."""
+    model = make()
+    ids, attn, comp = batch()
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=attn).logits
+        lp, ent = causal_lm_token_logprobs_entropy(model, ids, attn, comp, temperature=temperature)
+    assert list(sirl_hf._logits_verdicts.values()) == [None]
+    ref_lp, ref_ent = reference_from_logits(logits, ids, comp, temperature)
+    torch.testing.assert_close(lp.double(), ref_lp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent.double(), ref_ent, rtol=1e-5, atol=1e-5)
+
+    clear_logits_verdicts()
+    monkeypatch.setattr(sirl_hf, "model_logit_temperature", lambda config, t: t)
+    with pytest.raises(NotImplementedError, match=f"^{type(model).__name__}: "):
+        causal_lm_token_logprobs_entropy(model, ids, attn, comp, temperature=temperature)
+
+
+def tiny_falcon_h1(lm_head_multiplier):
+    torch.manual_seed(0)
+    config = transformers.FalconH1Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8, mamba_n_groups=1, mamba_d_state=8,
+        mamba_chunk_size=8, max_position_embeddings=64, lm_head_multiplier=lm_head_multiplier,
+    )
+    return transformers.FalconH1ForCausalLM(config).eval()
+
+
+def test_falcon_h1_lm_head_multiplier_is_caught():
+    """A real transformers class that rescales its logits with a config value sirl_kernels.hf does not know."""
+    if not hasattr(transformers, "FalconH1ForCausalLM"):
+        pytest.skip("this transformers has no Falcon-H1")
+    ids, attn, comp = batch()
+    causal_lm_token_logprobs_entropy(tiny_falcon_h1(1.0), ids, attn, comp)
+    with pytest.raises(NotImplementedError, match="^FalconH1ForCausalLM: "):
+        causal_lm_token_logprobs_entropy(tiny_falcon_h1(0.5), ids, attn, comp)
+
+
+def test_soft_capping_raises_before_any_forward():
+    config = transformers.Gemma2Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, final_logit_softcapping=30.0,
+    )
+    model = transformers.Gemma2ForCausalLM(config).eval()
+    forwards, body = count_forwards(model), count_forwards(model.get_decoder())
+    ids, attn, comp = batch()
+    with pytest.raises(NotImplementedError, match="softcapping"):
+        causal_lm_token_logprobs_entropy(model, ids, attn, comp)
+    assert forwards == [] and body == [] and sirl_hf._logits_verdicts == {}

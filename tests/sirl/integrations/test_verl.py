@@ -95,19 +95,29 @@ def test_reward_is_minus_mean_entropy_at_last_response_token(make_data):
         assert scores[i].count_nonzero() == 1
 
 
-def test_log_prob_estimate_and_source_preference(make_data):
+def test_reward_source_is_an_explicit_option(make_data):
+    """"entropy" (default) reads only entropies and raises without them, naming the key and the option;
+    "surprisal_estimate" reads only log-probs, even where entropies are present too."""
     tensors, mask, lengths = rollout_batch()
-    manager = SIRLRewardManager(eos_token_ids=[EOS])
-    rewards, _, key = manager.scores(make_data(tensors))
-    assert key == "entropys"
-    del tensors["entropys"]
-    rewards, _, key = manager.scores(make_data(tensors))
+    exact = SIRLRewardManager(eos_token_ids=[EOS])
+    estimate = SIRLRewardManager(eos_token_ids=[EOS], reward_source="surprisal_estimate")
+    assert exact.reward_source == "entropy" and estimate.reward_source == "surprisal_estimate"
+    assert exact.scores(make_data(tensors))[2] == "entropys"
+    rewards, _, key = estimate.scores(make_data(tensors))
     assert key == "rollout_log_probs"
     # -H estimated by the sampled tokens' log-probs: E_y[log p(y)] = -H(p)
     torch.testing.assert_close(rewards, (tensors["rollout_log_probs"] * mask).sum(-1) / lengths)
     tensors["old_log_probs"] = tensors["rollout_log_probs"] - 1.0
-    _, _, key = manager.scores(make_data(tensors))
-    assert key == "old_log_probs"
+    assert estimate.scores(make_data(tensors))[2] == "old_log_probs"
+
+    tensors["entropy"] = tensors.pop("entropys")
+    assert exact.scores(make_data(tensors))[2] == "entropy"
+    del tensors["entropy"]
+    with pytest.raises(KeyError, match="'entropy' needs .*entropys.* reward_source='surprisal_estimate'") as info:
+        exact.scores(make_data(tensors))
+    assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="reward_source must be one of entropy, surprisal_estimate, got 'auto'"):
+        SIRLRewardManager(eos_token_ids=[EOS], reward_source="auto")
 
 
 def test_surprisal_estimate_is_unbiased():
@@ -135,31 +145,40 @@ def test_truncation_options(make_data):
 
 
 def test_options_from_verl_config_and_tokenizer():
-    config = {"reward": {"reward_kwargs": {"truncation": "penalize", "truncation_penalty": -2, "last_k": 2}}}
+    config = {"reward": {"reward_kwargs": {"truncation": "penalize", "truncation_penalty": -2, "last_k": 2,
+                                           "reward_source": "surprisal_estimate"}}}
     manager = SIRLRewardManager(config=config, tokenizer=types.SimpleNamespace(eos_token_id=EOS), compute_score=None)
     assert manager.options == dict(aggregation="mean", last_k=2, truncation="penalize", truncation_penalty=-2.0)
-    assert manager.eos_token_ids == [EOS]
+    assert manager.eos_token_ids == [EOS] and manager.reward_source == "surprisal_estimate"
 
 
-def test_reward_loop_contract(make_data):
-    """run_single per trajectory + assemble_rm_scores == the batch call (verl's RewardLoopManager path)."""
+@pytest.mark.parametrize("source, key", [("entropy", "entropys"), ("surprisal_estimate", "rollout_log_probs")])
+def test_reward_loop_contract(make_data, source, key):
+    """run_single per trajectory + assemble_rm_scores == the batch call (verl's RewardLoopManager path); both
+    contracts say in reward_extra_info which source and which batch key the reward came from."""
     tensors, _, _ = rollout_batch()
     data = make_data(tensors)
-    manager = SIRLRewardManager(eos_token_ids=[EOS])
+    manager = SIRLRewardManager(eos_token_ids=[EOS], reward_source=source)
     outs = [asyncio.run(manager.run_single(data[i:i + 1])) for i in range(len(data))]
     assert all(set(o) == {"reward_score", "reward_extra_info"} for o in outs)
+    assert all(o["reward_extra_info"]["sirl_reward_source"] == source for o in outs)
+    assert all(o["reward_extra_info"]["sirl_reward_key"] == key for o in outs)
     assembled = SIRLRewardManager.assemble_rm_scores(data, [o["reward_score"] for o in outs])
     torch.testing.assert_close(assembled, manager(data))
     full = manager(data, return_dict=True)
     torch.testing.assert_close(full["reward_tensor"], assembled)
-    assert len(full["reward_extra_info"]["sirl_reward"]) == 3
+    info = full["reward_extra_info"]
+    assert len(info["sirl_reward"]) == 3
+    assert info["sirl_reward_source"] == [source] * 3 and info["sirl_reward_key"] == [key] * 3
 
 
 def test_missing_values_raise_with_the_config_hint(make_data):
     tensors, _, _ = rollout_batch()
     del tensors["entropys"], tensors["rollout_log_probs"]
-    with pytest.raises(KeyError, match="calculate_log_probs"):
+    with pytest.raises(KeyError, match="reward_source=surprisal_estimate"):
         SIRLRewardManager(eos_token_ids=[EOS])(make_data(tensors))
+    with pytest.raises(KeyError, match="'surprisal_estimate' needs .*rollout_log_probs.*calculate_log_probs"):
+        SIRLRewardManager(eos_token_ids=[EOS], reward_source="surprisal_estimate")(make_data(tensors))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -275,15 +294,17 @@ def test_loaded_by_verl_from_the_documented_config():  # pragma: no cover - need
         "reward_manager": {"source": "importlib", "name": "SIRLRewardManager",
                            "module": {"path": "pkg://sirl.integrations.verl"}},
         "custom_reward_function": {"path": None}, "sandbox_fusion": None,
-        "reward_kwargs": {"truncation": "penalize", "truncation_penalty": -3.0},
+        "reward_kwargs": {"truncation": "penalize", "truncation_penalty": -3.0, "reward_source": "surprisal_estimate"},
     }})
     manager = load_reward_manager(config, types.SimpleNamespace(eos_token_id=EOS))
     assert isinstance(manager, SIRLRewardManager) and manager.options["truncation"] == "penalize"
+    assert manager.reward_source == "surprisal_estimate"
     from verl import DataProto
 
     tensors, _, _ = rollout_batch()
     out = asyncio.run(manager.run_single(DataProto.from_dict(tensors=tensors)[2:3]))
     assert out["reward_score"] == -3.0  # row 2 is truncated
+    assert out["reward_extra_info"]["sirl_reward_key"] == "rollout_log_probs"
 
 
 # ---------------------------------------------------------------------------------------------------------------
