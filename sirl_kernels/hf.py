@@ -109,13 +109,15 @@ def final_hidden_states(model, input_ids: Tensor, attention_mask: Tensor) -> Ten
     return out.last_hidden_state
 
 
-def fused_head(model, rows: Tensor, labels: Tensor, temperature: float, backend: str) -> tuple[Tensor, Tensor]:
+def fused_head(model, rows: Tensor, labels: Tensor, temperature: float, backend: str, check_labels: bool = True
+               ) -> tuple[Tensor, Tensor]:
     """Log-prob of ``labels`` and entropy at temperature ``temperature`` (already folded) of the output embedding
     of the unwrapped ``model`` applied to hidden-state ``rows [N, D]``; float32 ``[N]`` each."""
     weight, bias = output_head(model)
     if rows.dtype != weight.dtype:  # autocast can leave the body in bf16 while the head stays fp32
         rows = rows.to(weight.dtype)
-    return linear_token_logprobs_entropy(rows, weight, labels, bias=bias, temperature=temperature, backend=backend)
+    return linear_token_logprobs_entropy(rows, weight, labels, bias=bias, temperature=temperature, backend=backend,
+                                         check_labels=check_labels)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -276,6 +278,7 @@ def causal_lm_token_logprobs_entropy(
     temperature: float = 1.0,
     backend: str = "auto",
     verify_logits: bool | None = None,
+    check_labels: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Per-token log-prob of the next token and entropy of the distribution that produced it.
 
@@ -289,6 +292,8 @@ def causal_lm_token_logprobs_entropy(
             ``NotImplementedError`` if not. None (default) reads ``$SIRL_KERNELS_HF_VERIFY`` (``1`` unless set to
             ``0``); False skips the check, for a model you know applies nothing after ``lm_head`` that
             :func:`model_logit_temperature` does not fold (otherwise the results are silently wrong).
+        check_labels: as in :func:`sirl_kernels.token_logprobs_entropy`: False skips the host-side check that
+            token ids lie in ``[0, V)`` (one synchronisation on CUDA); an id outside it then gives NaN.
 
     Returns:
         ``(logprobs, entropy)``, float32 ``[B, T]``; see the module docstring for the alignment. Differentiable
@@ -309,7 +314,7 @@ def causal_lm_token_logprobs_entropy(
     # Row t-1 predicts token t: gather only the rows whose next token is scored.
     predict = completion_mask[:, 1:].bool()
     lp_rows, ent_rows = fused_head(base, hidden[:, :-1][predict], input_ids[:, 1:][predict], folded_temperature,
-                                   backend)
+                                   backend, check_labels)
 
     logprobs = hidden.new_zeros(input_ids.shape, dtype=torch.float32)
     entropy = hidden.new_zeros(input_ids.shape, dtype=torch.float32)
@@ -329,15 +334,17 @@ def sirl_reward(
     temperature: float = 1.0,
     *,
     verify_logits: bool | None = None,
+    check_labels: bool = True,
 ) -> Tensor:
     """The SIRL reward: minus the mean per-token entropy over each sequence's completion tokens, ``[B]`` float32.
 
     The entropy counted for token ``t`` is that of the distribution that produced it. Sequences with no scored
     token get 0. Call under ``torch.no_grad()`` (the reward is a constant for the policy gradient).
-    ``verify_logits``: as in :func:`causal_lm_token_logprobs_entropy`.
+    ``verify_logits``, ``check_labels``: as in :func:`causal_lm_token_logprobs_entropy`.
     """
     _, entropy = causal_lm_token_logprobs_entropy(
-        model, input_ids, attention_mask, completion_mask, temperature=temperature, verify_logits=verify_logits
+        model, input_ids, attention_mask, completion_mask, temperature=temperature, verify_logits=verify_logits,
+        check_labels=check_labels,
     )
     mask = completion_mask.clone()
     mask[:, 0] = 0

@@ -489,3 +489,25 @@ def test_soft_capping_raises_before_any_forward():
     with pytest.raises(NotImplementedError, match="softcapping"):
         causal_lm_token_logprobs_entropy(model, ids, attn, comp)
     assert forwards == [] and body == [] and sirl_hf._logits_verdicts == {}
+
+
+def test_check_labels_passes_through_to_the_op(monkeypatch):
+    """The trainer's sync-free path: check_labels=False reaches the fused op (no host-side label check)."""
+    import sirl_kernels.hf as hf
+
+    model = tiny_llama()
+    ids = torch.randint(0, model.config.vocab_size, (2, 6))
+    mask = torch.ones_like(ids)
+    seen = []
+    real = hf.linear_token_logprobs_entropy
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("check_labels"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hf, "linear_token_logprobs_entropy", spy)
+    with torch.no_grad():
+        checked = hf.sirl_reward(model, ids, mask, mask, verify_logits=False)
+        unchecked = hf.sirl_reward(model, ids, mask, mask, verify_logits=False, check_labels=False)
+    assert seen == [True, False]
+    torch.testing.assert_close(checked, unchecked, rtol=0, atol=0)
