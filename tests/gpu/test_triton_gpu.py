@@ -87,3 +87,22 @@ def test_linear_realistic(dtype):
         assert got.dtype == dtype
         scale = max(float(ref.abs().max()), 1.0)
         torch.testing.assert_close(got.double(), ref, rtol=rtol, atol=atol * scale)
+
+
+def test_linear_deterministic_bitwise_several_chunks():
+    """The fused-linear backward in 4 chunks (dW accumulated in fp32 across them), twice: identical bits."""
+    n, d, v = 1024, 1024, 32000
+    g = torch.Generator(device=DEV).manual_seed(3)
+    hidden = torch.randn(n, d, device=DEV, generator=g).to(torch.bfloat16)
+    weight = (torch.randn(v, d, device=DEV, generator=g) / d**0.5).to(torch.bfloat16)
+    bias = (torch.randn(v, device=DEV, generator=g) * 0.1).to(torch.bfloat16)
+    labels = torch.randint(0, v, (n,), device=DEV, generator=g)
+    outs = []
+    for _ in range(2):
+        leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+        lp, h = sirl_kernels.linear_token_logprobs_entropy(leaves[0], leaves[1], labels, bias=leaves[2],
+                                                           backend="triton", chunk_size=256)
+        (lp.sum() - 0.1 * h.sum()).backward()
+        outs.append([lp, h] + [t.grad for t in leaves])
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)

@@ -5,11 +5,16 @@
   the partial states in a fixed order (no atomics, deterministic). Backward recomputes p from the saved lse
   and entropy and writes the gradient of both outputs in one pass, optionally into the logits' own storage
   (``out=logits``, behind ``token_logprobs_entropy(..., inplace_backward=True)``).
-- fused linear (``linear.py``): logits tiles of ``hidden @ weight.T (+ bias)`` are produced by ``tl.dot`` and
-  consumed in registers; no logits tile is ever written to global memory, so the contract's ``chunk_size``
-  (a bound on materialised logits) has nothing to bound and is ignored. Backward recomputes the tiles; the
-  hidden gradient is reduced over V by one kernel and the weight (and bias) gradient over tokens by another:
-  fp32 accumulation, no atomics, deterministic.
+- fused linear (``linear.py``): the forward forms logits tiles of ``hidden @ weight.T (+ bias)`` with ``tl.dot``
+  and consumes them in registers (no logits in memory: ``chunk_size`` has nothing to bound there). The backward
+  recomputes each logits tile once, writes dL/dlogits of ``chunk_size`` rows at a time into a workspace in the
+  input dtype and forms dX and dW with a deterministic GEMM kernel: 8·N·D·V flops in all, fp32 accumulation,
+  no atomics; only the gradients asked for are computed.
+- ``utils.py``: the tile tables and the one launch helper; ``aot.py``: compiles every launch for sm_80/90/100
+  without a GPU and reads the binaries' resources (the CI test and docs/triton-kernels.md).
+- Labels outside [0, V) that are not ignore_index (``check_labels=False``) give NaN rows and are never used as
+  an offset; a NaN anywhere in a row gives NaN outputs for it whatever the GPU's max does with NaN. The
+  launchers never read tensor values (no host synchronisation; they run on ``meta`` tensors in ``aot.py``).
 
 Importing this package never fails because of Triton: if ``import triton`` fails the backend only reports
 itself unavailable, with the reason.
@@ -70,7 +75,7 @@ def logits_backward(grad_logprobs, grad_entropy, logits, labels, stats, entropy,
 
 
 def linear_forward(hidden, weight, bias, labels, temperature, ignore_index, chunk_size):
-    """``chunk_size`` is ignored: no logits are materialised."""
+    """``chunk_size`` is not needed: the forward materialises no logits."""
     _require()
     with _utils.quiet():
         return _linear.linear_forward(hidden, weight, bias, labels, temperature, ignore_index)
@@ -78,8 +83,8 @@ def linear_forward(hidden, weight, bias, labels, temperature, ignore_index, chun
 
 def linear_backward(grad_logprobs, grad_entropy, hidden, weight, bias, labels, stats, entropy, temperature,
                     ignore_index, chunk_size, needs_grad):
-    """``chunk_size`` is ignored: no logits are materialised."""
+    """Holds at most ``chunk_size`` rows of the logits gradient (in the input dtype) at once."""
     _require()
     with _utils.quiet():
         return _linear.linear_backward(grad_logprobs, grad_entropy, hidden, weight, bias, labels, stats, entropy,
-                                       temperature, ignore_index, needs_grad)
+                                       temperature, ignore_index, chunk_size, needs_grad)

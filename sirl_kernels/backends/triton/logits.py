@@ -32,12 +32,13 @@ LN2 = tl.constexpr(0.6931471805599453)
 def rescale_state(m_old, s, w2, m_new, scale2):
     """Rescale a state with max m_old to a max m_new >= m_old: w2 <- 2^d (w2 + d s), s <- 2^d s (d in base 2).
 
-    An empty state (m_old = -inf) stays empty instead of turning 0 * inf into NaN.
+    NaN is poison, whatever the GPU's max does with it: a state is empty only while s == 0, never because its
+    max is -inf (a tile of NaN leaves m = -inf under a NaN-dropping max but s = NaN, which must survive), and
+    equal maxima (both -inf included) rescale by exactly 1 instead of 2^(-inf + inf).
     """
-    d2 = (m_old - m_new) * scale2
+    d2 = tl.where(m_old == m_new, 0.0, (m_old - m_new) * scale2)
     a = tl.exp2(d2)
-    keep = m_old > float("-inf")
-    return tl.where(keep, a * s, 0.0), tl.where(keep, a * (w2 + d2 * s), 0.0)
+    return a * s, a * (w2 + tl.where(s == 0.0, 0.0, d2 * s))
 
 
 @triton.jit
@@ -45,7 +46,7 @@ def update_state_1d(m, s, w2, x, scale2):
     """Adds a 1-D fp32 tile x of raw logits (-inf where masked) to a scalar state."""
     m_new = tl.maximum(m, tl.max(x, axis=0))
     s, w2 = rescale_state(m, s, w2, m_new, scale2)
-    m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # NaN stays NaN
     d2 = (x - m_safe) * scale2
     e = tl.exp2(d2)
     s += tl.sum(e, axis=0)
@@ -58,7 +59,7 @@ def update_state_2d(m, s, w2, x, scale2):
     """Adds a [rows, cols] fp32 tile x of raw logits (-inf where masked) to per-row states."""
     m_new = tl.maximum(m, tl.max(x, axis=1))
     s, w2 = rescale_state(m, s, w2, m_new, scale2)
-    m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # NaN stays NaN
     d2 = (x - m_safe[:, None]) * scale2
     e = tl.exp2(d2)
     s += tl.sum(e, axis=1)
@@ -67,14 +68,26 @@ def update_state_2d(m, s, w2, x, scale2):
 
 
 @triton.jit
-def finalize_state(m, s, w2, x_y, inv_t):
-    """(logprob, entropy, ln s) of a state; x_y is the label's raw logit. All -inf rows give NaN like PyTorch."""
+def finalize_state(m, s, w2, x_y, inv_t, bad_label):
+    """(logprob, entropy, ln s) of a state; x_y is the label's raw logit. All -inf rows give NaN like PyTorch,
+    and so do rows whose label lies outside [0, V) (``bad_label``; possible with ``check_labels=False``)."""
+    s = tl.where(bad_label, float("nan"), s)
     log2s = tl.log2(s)
     log_s = LN2 * log2s
     h = LN2 * (log2s - w2 / s)
     h = tl.where(h < 0.0, 0.0, h)  # rounding can leave it a few ulp below 0; NaN stays NaN
     lp = (x_y - m) * inv_t - log_s
     return lp, h, log_s
+
+
+@triton.jit
+def load_labels(labels_ptr, rows, row_ok, V, ignore_index):
+    """(labels, valid, bad) of rows: valid = in the batch and not ignored; bad = valid with a label outside
+    [0, V), which must never be used as an offset (its row becomes NaN)."""
+    labels = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index)
+    valid = row_ok & (labels != ignore_index)
+    bad = valid & ((labels < 0) | (labels >= V))
+    return labels, valid, bad
 
 
 @triton.jit
@@ -112,7 +125,7 @@ def grad_tile(logp, is_label, lse_h, g_lp, g_h, inv_t):
 @triton.jit
 def merge_partials_kernel(
     part_m, part_s, part_w, xy_ptr, labels_ptr, out_lp, out_h, out_stats,
-    N, NUM_SPLITS, xy_stride, inv_t, scale2, ignore_index,
+    N, V, NUM_SPLITS, xy_stride, inv_t, scale2, ignore_index,
     LABEL_FROM_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """Merges the per-split partial states [N, NUM_SPLITS] of each row (a fixed-shape reduction: deterministic).
@@ -132,13 +145,12 @@ def merge_partials_kernel(
     s, w2 = rescale_state(pm, ps, pw, m[:, None], scale2)
     s = tl.sum(s, axis=1)
     w2 = tl.sum(w2, axis=1)
-    labels = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index)
-    valid = row_ok & (labels != ignore_index)
+    labels, valid, bad = load_labels(labels_ptr, rows, row_ok, V, ignore_index)
     if LABEL_FROM_ROWS:
-        x_y = tl.load(xy_ptr + rows * xy_stride + labels, mask=valid, other=0.0).to(tl.float32)
+        x_y = tl.load(xy_ptr + rows * xy_stride + labels, mask=valid & ~bad, other=0.0).to(tl.float32)
     else:
         x_y = tl.load(xy_ptr + rows, mask=valid, other=0.0)
-    lp, h, log_s = finalize_state(m, s, w2, x_y, inv_t)
+    lp, h, log_s = finalize_state(m, s, w2, x_y, inv_t, bad)
     store_row_outputs(out_lp, out_h, out_stats, rows, row_ok, valid, lp, h, m, log_s)
 
 
@@ -153,8 +165,7 @@ def _logits_fwd_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)  # row * stride_row can exceed 2**31
     split = tl.program_id(1)
-    label = tl.load(labels_ptr + row)
-    valid = label != ignore_index
+    label, valid, bad = load_labels(labels_ptr, row, True, V, ignore_index)
     v_begin = split * chunk
     v_stop = tl.minimum(v_begin + chunk, V)
     v_stop = tl.where(valid, v_stop, v_begin)  # ignored rows load nothing
@@ -172,8 +183,8 @@ def _logits_fwd_kernel(
         tl.store(part_s + row * NUM_SPLITS + split, s)
         tl.store(part_w + row * NUM_SPLITS + split, w2)
     else:
-        x_y = tl.load(base + label, mask=valid, other=0.0).to(tl.float32)
-        lp, h, log_s = finalize_state(m, s, w2, x_y, inv_t)
+        x_y = tl.load(base + label, mask=valid & ~bad, other=0.0).to(tl.float32)
+        lp, h, log_s = finalize_state(m, s, w2, x_y, inv_t, bad)
         store_row_outputs(out_lp, out_h, out_stats, row, True, valid, lp, h, m, log_s)
 
 
@@ -188,28 +199,34 @@ def logits_forward(logits, labels, temperature, ignore_index, num_splits=None):
     assert logits.stride(1) == 1 or v == 1
     labels = labels.contiguous()
     inv_t = 1.0 / temperature
-    block_v, warps = utils.logits_block_v(v, dev)
+    target = utils.target_of(dev)
+    block_v, warps = utils.logits_block_v(v, target)
     tiles = triton.cdiv(v, block_v)
-    splits = num_splits if num_splits is not None else utils.choose_num_splits(n, tiles, dev)
+    splits = num_splits if num_splits is not None else utils.choose_num_splits(n, tiles, target)
     chunk, splits = utils.split_chunk(v, block_v, max(1, min(splits, tiles)))
     args = (inv_t, inv_t * LOG2E, ignore_index)
     if splits == 1:
-        _logits_fwd_kernel[(n, 1)](
-            logits, labels, *out, out[0], out[0], out[0], logits.stride(0), v, *args, chunk, 1,
-            SPLIT=False, BLOCK_V=block_v, num_warps=warps,
-        )
+        utils.launch(_logits_fwd_kernel, (n, 1),
+                     logits, labels, *out, out[0], out[0], out[0], logits.stride(0), v, *args, chunk, 1,
+                     SPLIT=False, BLOCK_V=block_v, num_warps=warps)
         return tuple(out)
     parts = [torch.empty(n, splits, dtype=torch.float32, device=dev) for _ in range(3)]
-    _logits_fwd_kernel[(n, splits)](
-        logits, labels, *out, *parts, logits.stride(0), v, *args, chunk, splits,
-        SPLIT=True, BLOCK_V=block_v, num_warps=warps,
-    )
-    block_n = 64 if dev.type == "cuda" else min(1024, utils.next_pow2(n))
-    merge_partials_kernel[(triton.cdiv(n, block_n),)](
-        *parts, logits, labels, *out, n, splits, logits.stride(0), *args,
-        LABEL_FROM_ROWS=True, BLOCK_N=block_n, BLOCK_S=utils.next_pow2(splits),
-    )
+    utils.launch(_logits_fwd_kernel, (n, splits),
+                 logits, labels, *out, *parts, logits.stride(0), v, *args, chunk, splits,
+                 SPLIT=True, BLOCK_V=block_v, num_warps=warps)
+    launch_merge(parts, logits, labels, out, n, v, logits.stride(0), args, target, label_from_rows=True)
     return tuple(out)
+
+
+def launch_merge(parts, xy, labels, out, n, v, xy_stride, args, target, label_from_rows):
+    """Merges the split-V partial states ``parts`` (``merge_partials_kernel``) into the row outputs ``out``."""
+    splits = parts[0].shape[1]
+    block_s = utils.next_pow2(splits)
+    # on a GPU about 2048 partial states per program (three fp32 [BLOCK_N, BLOCK_S] tiles stay in registers)
+    block_n = max(2, min(64, 2048 // block_s)) if target.gpu else min(1024, utils.next_pow2(n))
+    utils.launch(merge_partials_kernel, (triton.cdiv(n, block_n),),
+                 *parts, xy, labels, *out, n, v, splits, xy_stride, *args,
+                 LABEL_FROM_ROWS=label_from_rows, BLOCK_N=block_n, BLOCK_S=block_s)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -225,8 +242,7 @@ def _logits_bwd_kernel(
     every program reads each of its tiles before writing it, and programs own disjoint tiles)."""
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
-    label = tl.load(labels_ptr + row)
-    valid = label != ignore_index
+    label, valid, bad = load_labels(labels_ptr, row, True, V, ignore_index)
     m = tl.load(stats_ptr + 2 * row)
     log_s = tl.load(stats_ptr + 2 * row + 1)
     ent = tl.load(h_ptr + row)
@@ -245,7 +261,7 @@ def _logits_bwd_kernel(
         inb = cols < v_stop
         x = tl.load(base + cols, mask=cols < load_stop, other=float("-inf")).to(tl.float32)
         dz = grad_tile((x - m) * inv_t - log_s, cols == label, ent, g_lp, g_h, inv_t)
-        dz = tl.where(valid, dz, 0.0)
+        dz = tl.where(bad, float("nan"), tl.where(valid, dz, 0.0))
         tl.store(out_base + cols, dz.to(out_ptr.dtype.element_ty), mask=inb)
 
 
@@ -258,15 +274,15 @@ def logits_backward(grad_logprobs, grad_entropy, logits, labels, stats, entropy,
         out = torch.empty((n, v), dtype=logits.dtype, device=dev)
     if n == 0:
         return out
-    block_v, warps = utils.logits_block_v(v, dev)
+    target = utils.target_of(dev)
+    block_v, warps = utils.logits_block_v(v, target)
     tiles = triton.cdiv(v, block_v)
-    splits = num_splits if num_splits is not None else utils.choose_num_splits(n, tiles, dev)
+    splits = num_splits if num_splits is not None else utils.choose_num_splits(n, tiles, target)
     chunk, splits = utils.split_chunk(v, block_v, max(1, min(splits, tiles)))
     f32 = torch.float32
-    _logits_bwd_kernel[(n, splits)](
-        logits, labels.contiguous(), stats.to(f32).contiguous(), entropy.to(f32).contiguous(),
-        grad_logprobs.to(f32).contiguous(), grad_entropy.to(f32).contiguous(), out,
-        logits.stride(0), out.stride(0), v, 1.0 / temperature, ignore_index, chunk,
-        BLOCK_V=block_v, num_warps=warps,
-    )
+    utils.launch(_logits_bwd_kernel, (n, splits),
+                 logits, labels.contiguous(), stats.to(f32).contiguous(), entropy.to(f32).contiguous(),
+                 grad_logprobs.to(f32).contiguous(), grad_entropy.to(f32).contiguous(), out,
+                 logits.stride(0), out.stride(0), v, 1.0 / temperature, ignore_index, chunk,
+                 BLOCK_V=block_v, num_warps=warps)
     return out

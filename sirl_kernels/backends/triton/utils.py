@@ -1,4 +1,12 @@
-"""Interpreter switches and tile choices of the Triton backend.
+"""Launch path, tile tables and interpreter switches of the Triton backend.
+
+Every kernel of this backend is launched through :func:`launch`, with tiles from the tables below, which take a
+:class:`TileTarget` (GPU or interpreter, and the SM count) rather than a device. That makes the GPU launch
+sequence reproducible without a GPU: under :func:`record_launches` the launchers run on ``meta`` tensors with a
+GPU target and every launch is recorded instead of run, which is what ``aot.py`` compiles for sm_80/90/100 and
+what the FLOP and byte counts of ``benchmarks/triton_memory_traffic.py`` use (via :func:`tile_target`). Running
+on ``meta`` tensors also proves the launchers never look at tensor values (no host synchronisation: a
+``.item()`` or ``bool(tensor)`` raises there).
 
 ``INTERPRET`` is read once, when this module is imported: ``triton.jit`` decides at decoration time whether a
 kernel is compiled or interpreted, so the flag the kernels see must be the one in force when they were created.
@@ -17,14 +25,32 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import dataclass, field
 
 import torch
 import triton
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"
 
+
+@dataclass(frozen=True)
+class TileTarget:
+    """What the tile tables need to know about where the kernels run."""
+
+    gpu: bool  # False: the interpreter (CPU tensors)
+    num_sms: int = 1  # streaming multiprocessors: how many programs fill the GPU
+
+
+INTERPRETER = TileTarget(gpu=False)
+# The SM counts of the GPUs this project targets: A100 (sm_80) 108, H100/H200 SXM (sm_90) 132, B200 (sm_100) 148.
+GPU_TARGETS = {80: TileTarget(True, 108), 90: TileTarget(True, 132), 100: TileTarget(True, 148)}
+
 # Set by ``force_num_splits`` (tests, benchmarks): overrides the split-V heuristic when not None.
 _FORCED_SPLITS: int | None = None
+# Set by ``tile_target``: the target every launcher plans for, whatever its tensors' device.
+_FORCED_TARGET: TileTarget | None = None
+# Set by ``record_launches``: launches are appended here instead of run.
+_RECORDING: list | None = None
 
 
 @contextlib.contextmanager
@@ -36,6 +62,62 @@ def force_num_splits(splits: int | None):
         yield
     finally:
         _FORCED_SPLITS = old
+
+
+@contextlib.contextmanager
+def tile_target(target: TileTarget | None):
+    """Within the block the launchers choose tiles and splits for ``target`` (e.g. a GPU's tile table measured
+    under the interpreter)."""
+    global _FORCED_TARGET
+    old, _FORCED_TARGET = _FORCED_TARGET, target
+    try:
+        yield
+    finally:
+        _FORCED_TARGET = old
+
+
+def target_of(device: torch.device) -> TileTarget:
+    if _FORCED_TARGET is not None:
+        return _FORCED_TARGET
+    if device.type == "cuda":
+        return TileTarget(True, torch.cuda.get_device_properties(device).multi_processor_count)
+    return INTERPRETER
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch as the launchers issue it: ``kernel[grid](*args, **kwargs)``."""
+
+    kernel: object
+    grid: tuple
+    args: tuple
+    kwargs: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.kernel.__name__ if hasattr(self.kernel, "__name__") else self.kernel.fn.__name__
+
+
+def launch(kernel, grid: tuple, *args, **kwargs) -> None:
+    """The one place this backend launches a kernel (recorded instead under :func:`record_launches`)."""
+    if _RECORDING is not None:
+        _RECORDING.append(Launch(kernel, tuple(grid), args, kwargs))
+        return
+    kernel[grid](*args, **kwargs)
+
+
+@contextlib.contextmanager
+def record_launches(target: TileTarget):
+    """Launches are recorded, not run, and planned for ``target``; yields the list they are appended to.
+
+    Call the launchers with ``meta`` tensors (shapes, strides and dtypes only)."""
+    global _RECORDING
+    old, _RECORDING = _RECORDING, []
+    try:
+        with tile_target(target):
+            yield _RECORDING
+    finally:
+        _RECORDING = old
 
 
 def quiet():
@@ -52,13 +134,11 @@ def next_pow2(x: int) -> int:
     return triton.next_power_of_2(max(1, int(x)))
 
 
-def num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
+def _clamp_pow2(x: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, next_pow2(x)))
 
 
-def choose_num_splits(row_programs: int, v_tiles: int, device: torch.device) -> int:
+def choose_num_splits(row_programs: int, v_tiles: int, target: TileTarget) -> int:
     """How many programs share one row (block) along V.
 
     With enough row programs to fill the GPU (two waves over the SMs) each program walks the whole vocabulary;
@@ -67,12 +147,12 @@ def choose_num_splits(row_programs: int, v_tiles: int, device: torch.device) -> 
     """
     if _FORCED_SPLITS is not None:
         return max(1, min(int(_FORCED_SPLITS), v_tiles))
-    if device.type != "cuda":
+    if not target.gpu:
         return 1
-    target = 2 * num_sms(device)
-    if row_programs >= target:
+    wanted = 2 * target.num_sms
+    if row_programs >= wanted:
         return 1
-    return max(1, min(v_tiles, triton.cdiv(target, max(1, row_programs))))
+    return max(1, min(v_tiles, triton.cdiv(wanted, max(1, row_programs))))
 
 
 def split_chunk(vocab: int, block_v: int, splits: int) -> tuple[int, int]:
@@ -83,42 +163,112 @@ def split_chunk(vocab: int, block_v: int, splits: int) -> tuple[int, int]:
 
 
 # --- tiles ----------------------------------------------------------------------------------------------------
+# GPU tiles are sized by the compiled kernels' resources (docs/triton-kernels.md, regenerated by
+# benchmarks/triton_resources.py): no spills, registers and shared memory within sm_80's limits.
 
 
-def logits_block_v(vocab: int, device: torch.device) -> tuple[int, int]:
+def logits_block_v(vocab: int, target: TileTarget) -> tuple[int, int]:
     """(BLOCK_V, num_warps) of the logits-input kernels (one row per program)."""
-    if device.type != "cuda":
-        return min(next_pow2(vocab), 4096), 4
     block = min(next_pow2(vocab), 4096)
+    if not target.gpu:
+        return block, 4
     return max(block, 128), 8 if block >= 2048 else 4
 
 
-def linear_blocks(n: int, vocab: int, dim: int, device: torch.device) -> dict:
-    """Tiles of the fused-linear kernels: rows BLOCK_N, vocabulary BLOCK_V, reduction BLOCK_D, and BLOCK_DO,
-    the slice of D one backward program owns (its accumulator is BLOCK_N x BLOCK_DO or BLOCK_V x BLOCK_DO).
+def linear_logits_blocks(n: int, vocab: int, dim: int, dtype: torch.dtype, target: TileTarget) -> dict:
+    """Tiles of the kernels that form logits tiles ``hidden @ weight.T`` in registers (the fused forward and the
+    backward's recompute): rows BLOCK_N, vocabulary BLOCK_V, reduction BLOCK_D. ``tl.dot`` needs every
+    dimension >= 16; tails are masked."""
+    if not target.gpu:
+        return {"BLOCK_N": _clamp_pow2(n, 16, 64), "BLOCK_V": _clamp_pow2(vocab, 16, 1024),
+                "BLOCK_D": _clamp_pow2(dim, 16, 256), "num_warps": 4, "num_stages": 1}
+    if dtype == torch.float32:
+        # true fp32 (ieee) dots run on the FMA units with both operand tiles in registers: 64 x 128 x 64 took
+        # 255 registers and spilled on sm_80, and so did 64 x 64 x 32 and 32 x 64 x 32 in some
+        # specialisations; 16 x 64 x 32 compiles without spills for sm_80, sm_90 and sm_100.
+        return {"BLOCK_N": 16, "BLOCK_V": 64, "BLOCK_D": _clamp_pow2(dim, 16, 32), "num_warps": 4,
+                "num_stages": 3}
+    return {"BLOCK_N": _clamp_pow2(n, 16, 64), "BLOCK_V": 128, "BLOCK_D": _clamp_pow2(dim, 16, 64),
+            "num_warps": 8, "num_stages": 3}
 
-    ``tl.dot`` needs every dimension >= 16; tails are masked.
-    """
-    if device.type != "cuda":
-        return {
-            "BLOCK_N": max(16, min(64, next_pow2(n))),
-            "BLOCK_V": max(16, min(1024, next_pow2(vocab))),
-            "BLOCK_D": max(16, min(256, next_pow2(dim))),
-            "BLOCK_DO": max(16, min(256, next_pow2(dim))),
-            "num_warps": 4,
-            "num_stages": 1,
-        }
-    return {
-        "BLOCK_N": max(16, min(64, next_pow2(n))),
-        "BLOCK_V": max(16, min(128, next_pow2(vocab))),
-        "BLOCK_D": max(16, min(64, next_pow2(dim))),
-        "BLOCK_DO": max(16, min(256, next_pow2(dim))),
-        "num_warps": 8,
-        "num_stages": 3,
-    }
+
+def matmul_blocks(m: int, n: int, k: int, dtype: torch.dtype, target: TileTarget) -> dict:
+    """Tiles of the plain GEMM ``C (+)= A @ B`` ([m, k] @ [k, n]) of the fused-linear backward."""
+    if not target.gpu:
+        return {"BLOCK_M": _clamp_pow2(m, 16, 64), "BLOCK_N": _clamp_pow2(n, 16, 256),
+                "BLOCK_K": _clamp_pow2(k, 16, 256), "GROUP_M": 8, "num_warps": 4, "num_stages": 1}
+    if dtype == torch.float32:  # FMA units; 4 warps left a stack frame on sm_80
+        return {"BLOCK_M": _clamp_pow2(m, 16, 64), "BLOCK_N": _clamp_pow2(n, 16, 64),
+                "BLOCK_K": _clamp_pow2(k, 16, 32), "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+    return {"BLOCK_M": _clamp_pow2(m, 16, 128), "BLOCK_N": _clamp_pow2(n, 16, 128),
+            "BLOCK_K": _clamp_pow2(k, 16, 64), "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
 
 
 def dot_flags(dtype: torch.dtype) -> tuple[bool, str | None]:
     """(DOT_F32, input precision): upcast matmul operands only under the interpreter; "ieee" for fp32 operands."""
     upcast = INTERPRET or dtype == torch.float32
     return INTERPRET, ("ieee" if upcast else None)
+
+
+
+# --- interpreter instrumentation (tests, benchmarks/triton_memory_traffic.py) --------------------------------------
+
+
+def _interpreter_builder():
+    if not INTERPRET:
+        raise RuntimeError("this instrumentation works under the Triton interpreter (TRITON_INTERPRET=1) only")
+    import triton.runtime.interpreter as interpreter
+
+    return interpreter.InterpreterBuilder
+
+
+@contextlib.contextmanager
+def count_dot_flops():
+    """Counts the flops of every ``tl.dot`` run within the block (2·M·N·K per call, tile shapes as launched,
+    masked lanes included); yields a dict whose ``"flops"`` and ``"calls"`` hold the running totals."""
+    builder = _interpreter_builder()
+    real_dot = builder.create_dot
+    counter = {"flops": 0, "calls": 0}
+
+    def counting_dot(self, a, b, d, *args, **kwargs):
+        m, k = a.data.shape[-2:]
+        counter["flops"] += 2 * m * k * b.data.shape[-1]
+        counter["calls"] += 1
+        return real_dot(self, a, b, d, *args, **kwargs)
+
+    builder.create_dot = counting_dot
+    try:
+        yield counter
+    finally:
+        builder.create_dot = real_dot
+
+
+@contextlib.contextmanager
+def watch_memory(on_access):
+    """Calls ``on_access(kind, addresses, elem_bytes)`` for every global load (kind "load") and store ("store")
+    run within the block, with the byte addresses (a numpy array) of the lanes whose mask is true. Unmasked
+    ``tl.load``/``tl.store`` go through the interpreter's masked handlers too."""
+    import numpy as np
+
+    builder = _interpreter_builder()
+    real_load, real_store = builder.create_masked_load, builder.create_masked_store
+
+    def active(ptrs, mask):
+        addr = np.asarray(ptrs.data)
+        if mask is None:
+            return addr.reshape(-1)
+        return addr[np.broadcast_to(np.asarray(mask.data), addr.shape).astype(bool)]
+
+    def load(self, ptrs, mask, *args, **kwargs):
+        on_access("load", active(ptrs, mask), ptrs.get_element_ty().primitive_bitwidth // 8)
+        return real_load(self, ptrs, mask, *args, **kwargs)
+
+    def store(self, ptrs, value, mask, *args, **kwargs):
+        on_access("store", active(ptrs, mask), ptrs.get_element_ty().primitive_bitwidth // 8)
+        return real_store(self, ptrs, value, mask, *args, **kwargs)
+
+    builder.create_masked_load, builder.create_masked_store = load, store
+    try:
+        yield
+    finally:
+        builder.create_masked_load, builder.create_masked_store = real_load, real_store
