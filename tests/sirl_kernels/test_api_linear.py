@@ -121,6 +121,8 @@ def test_default_chunk_bounds_workspace():
     assert chunk % 16 == 0 and 256 <= chunk
     assert chunk * v * 4 <= 256 * 1024 * 1024
     assert default_linear_chunk_size(1) >= 1
+    triton_rows = default_linear_chunk_size(v, "triton", torch.bfloat16)
+    assert triton_rows % 16 == 0 and triton_rows * v * 2 <= 1024**3 and triton_rows > 8 * chunk
 
 
 def test_bad_input():

@@ -115,7 +115,7 @@ def test_logprob_pass_memory_is_tokens_times_hidden(monkeypatch):
 
     trl_peak = max_allocation_bytes(step)
     add_sirl_lm_head(model)
-    monkeypatch.setattr(sirl_kernels.api, "default_linear_chunk_size", lambda v: 8)  # 8 x V fp32 workspace
+    monkeypatch.setattr(sirl_kernels.api, "default_linear_chunk_size", lambda v, *_: 8)  # 8 x V fp32 workspace
     ours_peak = max_allocation_bytes(step)
     weight_bytes = vocab * hidden * 4
     assert trl_peak >= logits_bytes  # the probe does see vocabulary-sized buffers
