@@ -77,15 +77,16 @@ def main(argv=None) -> int:
         results["ops"][name] = {"ms": ms, "GB/s": gbs}
         print(f"{name:<28} {ms:9.3f} ms  {gbs:8.1f} GB/s")
 
-    _, h, lse = cuda_backend.logits_forward(logits, labels, t, -100)
+    _, h, stats = cuda_backend.logits_forward(logits, labels, t, -100)
     report("cuda forward", _time_ms(lambda: cuda_backend.logits_forward(logits, labels, t, -100), args.warmup,
                                     args.iters), bytes_in)
     report("cuda backward", _time_ms(
-        lambda: cuda_backend.logits_backward(g_lp, g_h, logits, labels, lse, h, t, -100), args.warmup, args.iters
+        lambda: cuda_backend.logits_backward(g_lp, g_h, logits, labels, stats, h, t, -100), args.warmup, args.iters
     ), 2 * bytes_in)
     work = logits.clone()
     report("cuda backward (in place)", _time_ms(
-        lambda: cuda_backend.logits_backward_(g_lp, g_h, work, labels, lse, h, t, -100), args.warmup, args.iters
+        lambda: cuda_backend.logits_backward(g_lp, g_h, work, labels, stats, h, t, -100, out=work), args.warmup,
+        args.iters
     ), 2 * bytes_in)
     del work
     small = logits[:64]

@@ -6,13 +6,21 @@ the gradient. Writes OUT_DIR/token_logprobs_entropy.{json,md}.
 
     python benchmarks/bench_token_logprobs_entropy.py                      # all default shapes, this machine
     python benchmarks/bench_token_logprobs_entropy.py --n 4096 --v 151936 --dtypes float32
+
+    # This build's CPU kernels against another build's, in alternating processes (--old-build: a checkout whose
+    # torch extension sirl_kernels/_C_cpu*.so was built in place against this torch, e.g. commit 0adc168):
+    python benchmarks/bench_token_logprobs_entropy.py --old-build /tmp/old --n 4096 --v 151936 --rounds 3
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
+import statistics
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -141,13 +149,23 @@ def main(argv=None):
     parser.add_argument("--n", type=int, nargs="+", default=[1024, 4096])
     parser.add_argument("--v", type=int, nargs="+", default=[32000, 151936])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=sorted(DTYPES))
-    parser.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
+    parser.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd", "bwd-into"],
+                        help="bwd-into (with --old-build only): the backward into one reused gradient buffer")
     parser.add_argument("--impls", nargs="*", default=None, help="subset of implementation names")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out-dir", default="bench_results")
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile baseline")
+    parser.add_argument("--old-build", default=None,
+                        help="checkout whose in-place torch extension sirl_kernels/_C_cpu*.so to compare with this "
+                             "build's libsirl_cpu, alternating (only the 'cpu' kernels are timed)")
+    parser.add_argument("--rounds", type=int, default=3, help="with --old-build: processes per build and case")
+    parser.add_argument("--time-one", nargs=5, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.time_one:
+        return time_one_build(args)
+    if args.old_build:
+        return compare_builds(args)
 
     device = torch.device(args.device)
     meta = machine_info(device)
@@ -184,6 +202,95 @@ def main(argv=None):
     ]
     table = write_results(args.out_dir, "token_logprobs_entropy", meta, rows, columns)
     print(f"\nread bandwidth {read_bw / 1e9:.1f} GB/s\n{table}")
+
+
+def _old_cpu_ops(checkout: str):
+    """The torch.ops of an earlier build's torch extension (forward -> (lp, h, lse); backward -> grad)."""
+    found = sorted(Path(checkout, "sirl_kernels").glob("_C_cpu*.so"))
+    if not found:
+        raise SystemExit(f"no sirl_kernels/_C_cpu*.so in {checkout}: build it there with "
+                         "`python setup.py build_ext --inplace`")
+    torch.ops.load_library(str(found[0]))
+    return torch.ops.sirl_kernels_cpu
+
+
+def time_one_build(args) -> None:
+    """Child of compare_builds: times one build's kernels on one case, prints {"ms": [...]} (after a warm-up)."""
+    build, n, v, dtype_name, mode = args.time_one
+    n, v = int(n), int(v)
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randn(n, v, generator=gen) * 2).to(DTYPES[dtype_name])
+    labels = torch.randint(0, v, (n,), generator=gen)
+    g = torch.randn(n, generator=gen)
+    grad = torch.zeros_like(logits) if mode == "bwd-into" else None  # faulted in once, reused by every call
+    if build == "old":
+        old = _old_cpu_ops(args.old_build)
+        _, h, lse = old.forward(logits, labels, 1.0, -100)
+
+        def step(logits, labels, g):
+            if mode == "bwd-into":
+                return old.backward_out(g, g, logits, labels, lse, h, 1.0, -100, grad, None)
+            lp, h_, lse_ = old.forward(logits, labels, 1.0, -100)
+            return old.backward(g, g, logits, labels, lse_, h_, 1.0, -100) if mode == "fwd+bwd" else lp
+    else:
+        from sirl_kernels.backends import cpu
+
+        _, h, stats = cpu.logits_forward(logits, labels, 1.0, -100)
+
+        def step(logits, labels, g):
+            if mode == "bwd-into":
+                return cpu.logits_backward(g, g, logits, labels, stats, h, 1.0, -100, out=grad)
+            lp, h_, stats_ = cpu.logits_forward(logits, labels, 1.0, -100)
+            return cpu.logits_backward(g, g, logits, labels, stats_, h_, 1.0, -100) if mode == "fwd+bwd" else lp
+
+    times = []
+    for i in range(args.repeats + 1):  # the first call warms up (and faults in) everything
+        start = time.perf_counter()
+        out = step(logits, labels, g)
+        elapsed = time.perf_counter() - start
+        del out
+        if i:
+            times.append(elapsed * 1e3)
+    print(json.dumps({"ms": times}))
+
+
+def compare_builds(args) -> None:
+    """Old build's kernels vs this build's on the same cases: each timing in a fresh process (the same logits, seed
+    0), old and new alternating round by round (the order flipped every round) so that drift of the machine hits
+    both alike; per case the ratios new / old of the medians and of the best runs. Separate processes, because fresh
+    multi-GB gradients fault in pages whose cost depends on what the same process freed before; "bwd-into" leaves
+    that cost (the same torch allocation and huge-page advice in both builds) out."""
+    from sirl_kernels.backends import cpu
+
+    print(f"old: {args.old_build} | new: {cpu.library().path} ({cpu.isa()}) | {torch.get_num_threads()} threads",
+          flush=True)
+    rows = []
+    for n in args.n:
+        for v in args.v:
+            for dtype_name in args.dtypes:
+                for mode in args.modes:
+                    times = {"old": [], "new": []}
+                    for r in range(args.rounds):
+                        for build in ("old", "new") if r % 2 == 0 else ("new", "old"):
+                            cmd = [sys.executable, __file__, "--old-build", args.old_build, "--repeats",
+                                   str(args.repeats), "--time-one", build, str(n), str(v), dtype_name, mode]
+                            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+                            times[build] += json.loads(out.strip().splitlines()[-1])["ms"]
+                    old_ms, new_ms = (statistics.median(times[k]) for k in ("old", "new"))
+                    old_min, new_min = (min(times[k]) for k in ("old", "new"))
+                    row = {"n": n, "v": v, "dtype": dtype_name, "mode": mode, "old_ms": old_ms, "new_ms": new_ms,
+                           "ratio": new_ms / old_ms, "old_min_ms": old_min, "new_min_ms": new_min,
+                           "ratio_min": new_min / old_min, "runs": len(times["new"]),
+                           "old_all": [round(t) for t in times["old"]], "new_all": [round(t) for t in times["new"]]}
+                    rows.append(row)
+                    print(row, flush=True)
+    meta = machine_info(torch.device("cpu"))
+    meta.update(old_build=str(args.old_build), new_library=str(cpu.library().path), isa=cpu.isa())
+    columns = [("n", "N"), ("v", "V"), ("dtype", "dtype"), ("mode", "mode"), ("old_ms", "old median ms"),
+               ("new_ms", "new median ms"), ("ratio", "new / old (medians)"), ("old_min_ms", "old best ms"),
+               ("new_min_ms", "new best ms"), ("ratio_min", "new / old (best)"), ("runs", "runs each")]
+    table = write_results(args.out_dir, "cpu_old_vs_new_build", meta, rows, columns)
+    print(f"\n{table}")
 
 
 def _add_speedups(rows, n, v, dtype_name, mode):

@@ -1,4 +1,4 @@
-// The row kernels compiled for AVX-512 (x86-64-v4 class CPUs). Chosen at run time by sirl_cpu.cpp.
+// The row kernels compiled for AVX-512 (x86-64-v4 class CPUs). Chosen at run time by library.cpp.
 // Shared headers come first, outside the target region, so their inline functions are never emitted with
 // instructions the running CPU may lack.
 #include <math.h>
@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "kernels.h"
+#include "sirl/host_api.h"
 #include "sirl/online_state.h"
 
 #pragma GCC push_options

@@ -21,7 +21,8 @@ constexpr int64_t kBackwardSegment = 32768;  // elements per work item (a multip
 
 struct RowGrad {
   int64_t label;
-  float lse;
+  float max;
+  float log_sum;
   float entropy;
   float g_lp;
   float g_h;
@@ -30,9 +31,9 @@ struct RowGrad {
 
 template <typename T>
 __device__ __forceinline__ T grad_elem(int64_t i, T x, const RowGrad& r) {
-  const float z = dev::to_float<T>(x) * r.inv_t;
-  const float g = (i == r.label) ? sirl::grad_label(z, r.lse, r.entropy, r.g_lp, r.g_h, r.inv_t)
-                                 : sirl::grad_nonlabel(z, r.lse, r.entropy, r.g_lp, r.g_h, r.inv_t);
+  const float logp = sirl::log_prob(dev::to_float<T>(x) * r.inv_t, r.max, r.log_sum);
+  const float g = (i == r.label) ? sirl::grad_label(logp, r.entropy, r.g_lp, r.g_h, r.inv_t)
+                                 : sirl::grad_nonlabel(logp, r.entropy, r.g_lp, r.g_h, r.inv_t);
   return dev::from_float<T>(g);
 }
 
@@ -64,26 +65,30 @@ __device__ __forceinline__ void grad_segment(const T* in, T* out, int64_t lo, in
   }
 }
 
-// Ignored rows: zeros, without reading the logits.
+// Rows that are not read: zeros for an ignored row, NaN for a label outside [0, vocab).
 template <typename T, int kThreads>
-__device__ __forceinline__ void zero_segment(T* out, int64_t lo, int64_t hi) {
+__device__ __forceinline__ void fill_segment(T* out, int64_t lo, int64_t hi, float value) {
   constexpr int kVec = dev::VecWidth<T>::value;
   const int64_t n = hi - lo;
   T* pout = out + lo;
-  const T zero = dev::from_float<T>(0.0f);
+  const T fill = dev::from_float<T>(value);
+  uint4 fill_vec;
+  T* lanes = reinterpret_cast<T*>(&fill_vec);
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) lanes[k] = fill;
   const int64_t head = dev::min64(dev::head_elems<T>(pout), n);
-  for (int64_t i = threadIdx.x; i < head; i += kThreads) pout[i] = zero;
+  for (int64_t i = threadIdx.x; i < head; i += kThreads) pout[i] = fill;
   const int64_t nvec = (n - head) / kVec;
   uint4* vout = reinterpret_cast<uint4*>(pout + head);
-  for (int64_t v = threadIdx.x; v < nvec; v += kThreads) vout[v] = make_uint4(0u, 0u, 0u, 0u);
-  for (int64_t i = head + nvec * kVec + threadIdx.x; i < n; i += kThreads) pout[i] = zero;
+  for (int64_t v = threadIdx.x; v < nvec; v += kThreads) vout[v] = fill_vec;
+  for (int64_t i = head + nvec * kVec + threadIdx.x; i < n; i += kThreads) pout[i] = fill;
 }
 
 template <typename T, int kThreads>
 __global__ void __launch_bounds__(kThreads)
     backward_kernel(const float* __restrict__ grad_logprobs, const float* __restrict__ grad_entropy, const T* logits,
                     int64_t rows, int64_t vocab, int64_t row_stride, const int64_t* __restrict__ labels,
-                    int64_t label_stride, const float* __restrict__ lse, const float* __restrict__ entropy,
+                    int64_t label_stride, const float* __restrict__ stats, const float* __restrict__ entropy,
                     float inv_t, int64_t ignore_index, T* grad, int64_t grad_row_stride, int64_t segments,
                     int64_t seg_len) {
   const int64_t items = rows * segments;
@@ -93,89 +98,42 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t hi = dev::min64(vocab, lo + seg_len);
     T* out = grad + row * grad_row_stride;
     const int64_t label = labels[row * label_stride];
-    if (label == ignore_index) {
-      zero_segment<T, kThreads>(out, lo, hi);
+    if (label == ignore_index || label < 0 || label >= vocab) {
+      fill_segment<T, kThreads>(out, lo, hi, label == ignore_index ? 0.0f : NAN);
       continue;
     }
-    const RowGrad r{label, lse[row], entropy[row], grad_logprobs[row], grad_entropy[row], inv_t};
+    const RowGrad r{label, stats[2 * row], stats[2 * row + 1], entropy[row], grad_logprobs[row], grad_entropy[row],
+                    inv_t};
     grad_segment<T, kThreads>(logits + row * row_stride, out, lo, hi, r);
   }
 }
 
 template <typename T>
-Status launch_backward(const BackwardParams& p, cudaStream_t stream) {
-  const float inv_t = static_cast<float>(1.0 / p.temperature);
-  const int64_t segments = (p.vocab + kBackwardSegment - 1) / kBackwardSegment;
-  const int64_t seg_len = segments == 1 ? p.vocab : kBackwardSegment;
-  const int64_t items = p.rows * segments;
+sirl::Status launch(const sirl_backward_args& a, cudaStream_t stream) {
+  const sirl_rows& in = a.in;
+  const float inv_t = static_cast<float>(1.0 / in.temperature);
+  const int64_t segments = (in.vocab + kBackwardSegment - 1) / kBackwardSegment;
+  const int64_t seg_len = segments == 1 ? in.vocab : kBackwardSegment;
+  const int64_t items = in.rows * segments;
   const unsigned grid = static_cast<unsigned>(std::min(items, detail::kMaxGridBlocks));
   detail::note_cuda_call();
   backward_kernel<T, kBackwardThreads><<<grid, kBackwardThreads, 0, stream>>>(
-      p.grad_logprobs, p.grad_entropy, static_cast<const T*>(p.logits), p.rows, p.vocab, p.row_stride, p.labels,
-      p.label_stride, p.lse, p.entropy, inv_t, p.ignore_index, static_cast<T*>(p.grad_logits), p.grad_row_stride,
-      segments, seg_len);
-  return detail::cuda_status("sirl_cuda::logits_backward", "kernel launch", cudaGetLastError());
+      a.grad_logprobs, a.grad_entropy, static_cast<const T*>(in.logits), in.rows, in.vocab, in.row_stride,
+      in.labels, in.label_stride, a.stats, a.entropy, inv_t, in.ignore_index, static_cast<T*>(a.grad_logits),
+      a.grad_row_stride, segments, seg_len);
+  return detail::cuda_status("sirl_logits_backward", "kernel launch", cudaGetLastError());
 }
 
 }  // namespace
 
-Status logits_backward(const BackwardParams& p, cudaStream_t stream) {
-  using detail::invalid;
-  const char* fn = "sirl_cuda::logits_backward";
-  if (p.rows < 0) return invalid(fn, "rows must be >= 0, got " + std::to_string(p.rows));
-  if (p.vocab < 0) return invalid(fn, "vocab must be >= 0, got " + std::to_string(p.vocab));
-  if (!detail::dtype_supported(p.dtype)) {
-    return Status{Code::kUnsupportedDtype,
-                  std::string(fn) + ": dtype code " + std::to_string(p.dtype) +
-                      " is not supported (float32 = 0, bfloat16 = 1, float16 = 2)"};
-  }
-  if (p.rows == 0) return detail::ok();
-  if (p.vocab == 0) return invalid(fn, "vocab is 0 (empty vocabulary) with " + std::to_string(p.rows) + " rows");
-  if (p.logits == nullptr) return invalid(fn, "logits is a null pointer");
-  if (p.grad_logits == nullptr) return invalid(fn, "grad_logits is a null pointer");
-  if (p.labels == nullptr) return invalid(fn, "labels is a null pointer");
-  if (p.grad_logprobs == nullptr || p.grad_entropy == nullptr) {
-    return invalid(fn, "grad_logprobs or grad_entropy is a null pointer");
-  }
-  if (p.lse == nullptr || p.entropy == nullptr) return invalid(fn, "lse or entropy is a null pointer");
-  const size_t esize = dtype_size(p.dtype);
-  if (!detail::aligned_to(p.logits, esize) || !detail::aligned_to(p.grad_logits, esize)) {
-    return invalid(fn, std::string("logits or grad_logits is not aligned to its ") + dtype_name(p.dtype) +
-                           " elements");
-  }
-  if (!detail::aligned_to(p.labels, sizeof(int64_t))) return invalid(fn, "labels pointer is not 8-byte aligned");
-  if (!detail::aligned_to(p.grad_logprobs, 4) || !detail::aligned_to(p.grad_entropy, 4) ||
-      !detail::aligned_to(p.lse, 4) || !detail::aligned_to(p.entropy, 4)) {
-    return invalid(fn, "a per-row fp32 pointer is not 4-byte aligned");
-  }
-  if (p.row_stride < 0) return invalid(fn, "row_stride must be >= 0, got " + std::to_string(p.row_stride));
-  if (p.rows > 1 && p.row_stride != 0 && p.row_stride < p.vocab) {
-    return invalid(fn, "row_stride " + std::to_string(p.row_stride) + " is smaller than vocab " +
-                           std::to_string(p.vocab) + " (rows would overlap)");
-  }
-  if (p.grad_row_stride < 0 || (p.rows > 1 && p.grad_row_stride < p.vocab)) {
-    return invalid(fn, "grad_row_stride " + std::to_string(p.grad_row_stride) + " must be >= vocab " +
-                           std::to_string(p.vocab) + " (the gradient rows must not overlap)");
-  }
-  if (p.grad_logits == p.logits && p.grad_row_stride != p.row_stride) {
-    return invalid(fn, "in-place backward (grad_logits == logits) needs grad_row_stride == row_stride, got " +
-                           std::to_string(p.grad_row_stride) + " and " + std::to_string(p.row_stride));
-  }
-  if (p.label_stride < 0) return invalid(fn, "label_stride must be >= 0, got " + std::to_string(p.label_stride));
-  if (!detail::extent_fits(p.rows, p.row_stride, p.vocab) || !detail::extent_fits(p.rows, p.grad_row_stride, p.vocab) ||
-      !detail::extent_fits(p.rows, p.label_stride, 1)) {
-    return invalid(fn, "rows x stride overflows int64");
-  }
-  if (!detail::temperature_ok(p.temperature)) {
-    return invalid(fn, "temperature must be finite and > 0, got " + std::to_string(p.temperature));
-  }
-  switch (p.dtype) {
-    case kFloat32:
-      return launch_backward<float>(p, stream);
-    case kBFloat16:
-      return launch_backward<__nv_bfloat16>(p, stream);
+sirl::Status launch_logits_backward(const sirl_backward_args& args, cudaStream_t stream) {
+  switch (args.in.dtype) {
+    case SIRL_FLOAT32:
+      return launch<float>(args, stream);
+    case SIRL_BFLOAT16:
+      return launch<__nv_bfloat16>(args, stream);
     default:
-      return launch_backward<__half>(p, stream);
+      return launch<__half>(args, stream);
   }
 }
 

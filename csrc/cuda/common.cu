@@ -1,4 +1,4 @@
-// Host-side pieces shared by the launchers: names, the split-V plan, the CUDA call counter.
+// Host-side pieces shared by the launchers: the split-V plan, the CUDA call counter.
 #include <algorithm>
 #include <atomic>
 #include <string>
@@ -23,53 +23,13 @@ constexpr int64_t kSplitAlign = 8;  // elements: 16 bytes of a 16-bit dtype
 namespace detail {
 void note_cuda_call() { g_cuda_calls.fetch_add(1, std::memory_order_relaxed); }
 
-Status cuda_status(const char* fn, const char* what, cudaError_t err) {
-  if (err == cudaSuccess) return ok();
-  return Status{Code::kCudaError, std::string(fn) + ": " + what + ": " + cudaGetErrorName(err) + ": " +
-                                      cudaGetErrorString(err)};
+sirl::Status cuda_status(const char* fn, const char* what, cudaError_t err) {
+  if (err == cudaSuccess) return sirl::ok();
+  return sirl::device_error(fn, std::string(what) + ": " + cudaGetErrorName(err) + ": " + cudaGetErrorString(err));
 }
 }  // namespace detail
 
 int64_t cuda_runtime_calls() { return g_cuda_calls.load(std::memory_order_relaxed); }
-
-const char* code_name(Code code) {
-  switch (code) {
-    case Code::kOk:
-      return "ok";
-    case Code::kInvalidArgument:
-      return "invalid argument";
-    case Code::kUnsupportedDtype:
-      return "unsupported dtype";
-    case Code::kCudaError:
-      return "CUDA error";
-  }
-  return "unknown";
-}
-
-const char* dtype_name(int dtype) {
-  switch (dtype) {
-    case kFloat32:
-      return "float32";
-    case kBFloat16:
-      return "bfloat16";
-    case kFloat16:
-      return "float16";
-    default:
-      return "unknown";
-  }
-}
-
-size_t dtype_size(int dtype) {
-  switch (dtype) {
-    case kFloat32:
-      return 4;
-    case kBFloat16:
-    case kFloat16:
-      return 2;
-    default:
-      return 0;
-  }
-}
 
 int64_t forward_split_len(int64_t vocab, int num_splits) {
   if (vocab <= 0) return 0;

@@ -52,17 +52,36 @@ __device__ __forceinline__ sirl::OnlineState segment_state(const T* row, int64_t
   return st;
 }
 
-__device__ __forceinline__ void store_row(float* logprobs, float* entropy, float* lse, int64_t row, RowOutputs r) {
-  logprobs[row] = r.logprob;
-  entropy[row] = r.entropy;
-  lse[row] = r.lse;
+struct Outputs {
+  float* logprobs;
+  float* entropy;
+  float* stats;  // [rows, 2]: max, log sumexp
+
+  __device__ __forceinline__ void store(int64_t row, const sirl::RowResult& r) const {
+    logprobs[row] = r.logprob;
+    entropy[row] = r.entropy;
+    stats[2 * row] = r.max;
+    stats[2 * row + 1] = r.log_sum;
+  }
+};
+
+// A row whose label is ignore_index or outside [0, vocab) is never read: zeros, or NaN (never a wild read).
+__device__ __forceinline__ bool skipped_row(int64_t label, int64_t vocab, int64_t ignore_index,
+                                            sirl::RowResult* result) {
+  if (label == ignore_index) {
+    *result = sirl::ignored_row();
+    return true;
+  }
+  if (label < 0 || label >= vocab) {
+    *result = sirl::bad_label_row();
+    return true;
+  }
+  return false;
 }
 
 template <typename T>
-__device__ __forceinline__ RowOutputs finish(sirl::OnlineState st, const T* row, int64_t vocab, int64_t label,
-                                             float inv_t) {
-  if (label < 0 || label >= vocab) return bad_label_row();
-  return finish_row(st, dev::to_float<T>(row[label]) * inv_t);
+__device__ __forceinline__ sirl::RowResult finish(sirl::OnlineState st, const T* row, int64_t label, float inv_t) {
+  return sirl::finalize(st, dev::to_float<T>(row[label]) * inv_t);
 }
 
 // Work item = (row, segment). With one segment the block finishes the row; otherwise it writes its partial
@@ -71,15 +90,15 @@ template <typename T, int kThreads>
 __global__ void __launch_bounds__(kThreads)
     forward_kernel(const T* __restrict__ logits, int64_t rows, int64_t vocab, int64_t row_stride,
                    const int64_t* __restrict__ labels, int64_t label_stride, float inv_t, int64_t ignore_index,
-                   int num_splits, int64_t split_len, float* __restrict__ logprobs, float* __restrict__ entropy,
-                   float* __restrict__ lse, sirl::OnlineState* __restrict__ partial) {
+                   int num_splits, int64_t split_len, Outputs out, sirl::OnlineState* __restrict__ partial) {
   const int64_t items = rows * num_splits;
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
     const int64_t row = item / num_splits;
     const int64_t seg = item - row * num_splits;
     const int64_t label = labels[row * label_stride];
-    if (label == ignore_index) {  // uniform across the block
-      if (num_splits == 1 && threadIdx.x == 0) store_row(logprobs, entropy, lse, row, ignored_row());
+    sirl::RowResult skipped;
+    if (skipped_row(label, vocab, ignore_index, &skipped)) {  // uniform across the block
+      if (num_splits == 1 && threadIdx.x == 0) out.store(row, skipped);
       continue;
     }
     const T* rp = logits + row * row_stride;
@@ -89,7 +108,7 @@ __global__ void __launch_bounds__(kThreads)
     st = dev::block_reduce<kThreads>(st);
     if (threadIdx.x == 0) {
       if (num_splits == 1) {
-        store_row(logprobs, entropy, lse, row, finish<T>(st, rp, vocab, label, inv_t));
+        out.store(row, finish<T>(st, rp, label, inv_t));
       } else {
         partial[item] = st;
       }
@@ -104,18 +123,19 @@ __global__ void __launch_bounds__(kMergeThreads)
     forward_merge_kernel(const T* __restrict__ logits, int64_t rows, int64_t vocab, int64_t row_stride,
                          const int64_t* __restrict__ labels, int64_t label_stride, float inv_t,
                          int64_t ignore_index, int num_splits, const sirl::OnlineState* __restrict__ partial,
-                         float* __restrict__ logprobs, float* __restrict__ entropy, float* __restrict__ lse) {
+                         Outputs out) {
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * kMergeThreads + threadIdx.x; row < rows;
        row += static_cast<int64_t>(gridDim.x) * kMergeThreads) {
     const int64_t label = labels[row * label_stride];
-    if (label == ignore_index) {
-      store_row(logprobs, entropy, lse, row, ignored_row());
+    sirl::RowResult skipped;
+    if (skipped_row(label, vocab, ignore_index, &skipped)) {
+      out.store(row, skipped);
       continue;
     }
     sirl::OnlineState st = sirl::empty_state();
     const sirl::OnlineState* ps = partial + row * num_splits;
     for (int s = 0; s < num_splits; ++s) st = sirl::merge(st, ps[s]);
-    store_row(logprobs, entropy, lse, row, finish<T>(st, logits + row * row_stride, vocab, label, inv_t));
+    out.store(row, finish<T>(st, logits + row * row_stride, label, inv_t));
   }
 }
 
@@ -125,97 +145,44 @@ unsigned grid_for(int64_t items, int64_t per_block) {
 }
 
 template <typename T>
-Status launch_forward(const ForwardParams& p, int num_splits, int64_t split_len, cudaStream_t stream) {
-  const float inv_t = static_cast<float>(1.0 / p.temperature);
-  const T* logits = static_cast<const T*>(p.logits);
-  auto* partial = static_cast<sirl::OnlineState*>(p.workspace);
+sirl::Status launch(const sirl_forward_args& a, int num_splits, void* workspace, cudaStream_t stream) {
+  const sirl_rows& in = a.in;
+  const float inv_t = static_cast<float>(1.0 / in.temperature);
+  const T* logits = static_cast<const T*>(in.logits);
+  auto* partial = static_cast<sirl::OnlineState*>(workspace);
+  const int64_t split_len = num_splits > 1 ? forward_split_len(in.vocab, num_splits) : in.vocab;
+  const Outputs out{a.logprobs, a.entropy, a.stats};
   detail::note_cuda_call();
-  forward_kernel<T, kForwardThreads><<<grid_for(p.rows * num_splits, 1), kForwardThreads, 0, stream>>>(
-      logits, p.rows, p.vocab, p.row_stride, p.labels, p.label_stride, inv_t, p.ignore_index, num_splits,
-      split_len, p.logprobs, p.entropy, p.lse, num_splits > 1 ? partial : nullptr);
+  forward_kernel<T, kForwardThreads><<<grid_for(in.rows * num_splits, 1), kForwardThreads, 0, stream>>>(
+      logits, in.rows, in.vocab, in.row_stride, in.labels, in.label_stride, inv_t, in.ignore_index, num_splits,
+      split_len, out, num_splits > 1 ? partial : nullptr);
   if (num_splits > 1) {
-    forward_merge_kernel<T><<<grid_for(p.rows, kMergeThreads), kMergeThreads, 0, stream>>>(
-        logits, p.rows, p.vocab, p.row_stride, p.labels, p.label_stride, inv_t, p.ignore_index, num_splits, partial,
-        p.logprobs, p.entropy, p.lse);
+    forward_merge_kernel<T><<<grid_for(in.rows, kMergeThreads), kMergeThreads, 0, stream>>>(
+        logits, in.rows, in.vocab, in.row_stride, in.labels, in.label_stride, inv_t, in.ignore_index, num_splits,
+        partial, out);
   }
-  return detail::cuda_status("sirl_cuda::logits_forward", "kernel launch", cudaGetLastError());
+  return detail::cuda_status("sirl_logits_forward", "kernel launch", cudaGetLastError());
 }
 
 }  // namespace
 
-Status logits_forward(const ForwardParams& p, cudaStream_t stream) {
-  using detail::invalid;
-  const char* fn = "sirl_cuda::logits_forward";
-  if (p.rows < 0) return invalid(fn, "rows must be >= 0, got " + std::to_string(p.rows));
-  if (p.vocab < 0) return invalid(fn, "vocab must be >= 0, got " + std::to_string(p.vocab));
-  if (!detail::dtype_supported(p.dtype)) {
-    return Status{Code::kUnsupportedDtype,
-                  std::string(fn) + ": dtype code " + std::to_string(p.dtype) +
-                      " is not supported (float32 = 0, bfloat16 = 1, float16 = 2)"};
-  }
-  if (p.rows == 0) return detail::ok();  // nothing to do; pointers of empty tensors may be null
-  if (p.vocab == 0) return invalid(fn, "vocab is 0 (empty vocabulary) with " + std::to_string(p.rows) + " rows");
-  if (p.logits == nullptr) return invalid(fn, "logits is a null pointer");
-  if (p.labels == nullptr) return invalid(fn, "labels is a null pointer");
-  if (p.logprobs == nullptr || p.entropy == nullptr || p.lse == nullptr) {
-    return invalid(fn, "an output pointer (logprobs, entropy or lse) is null");
-  }
-  const size_t esize = dtype_size(p.dtype);
-  if (!detail::aligned_to(p.logits, esize)) {
-    return invalid(fn, std::string("logits pointer is not aligned to its ") + dtype_name(p.dtype) + " elements");
-  }
-  if (!detail::aligned_to(p.labels, sizeof(int64_t))) return invalid(fn, "labels pointer is not 8-byte aligned");
-  if (!detail::aligned_to(p.logprobs, 4) || !detail::aligned_to(p.entropy, 4) || !detail::aligned_to(p.lse, 4)) {
-    return invalid(fn, "an output pointer is not 4-byte aligned");
-  }
-  if (p.row_stride < 0) return invalid(fn, "row_stride must be >= 0, got " + std::to_string(p.row_stride));
-  if (p.rows > 1 && p.row_stride != 0 && p.row_stride < p.vocab) {
-    return invalid(fn, "row_stride " + std::to_string(p.row_stride) + " is smaller than vocab " +
-                           std::to_string(p.vocab) + " (rows would overlap)");
-  }
-  if (p.label_stride < 0) return invalid(fn, "label_stride must be >= 0, got " + std::to_string(p.label_stride));
-  if (!detail::extent_fits(p.rows, p.row_stride, p.vocab) || !detail::extent_fits(p.rows, p.label_stride, 1)) {
-    return invalid(fn, "rows x stride overflows int64");
-  }
-  if (!detail::temperature_ok(p.temperature)) {
-    return invalid(fn, "temperature must be finite and > 0, got " + std::to_string(p.temperature));
-  }
-  if (p.num_splits < 0 || p.num_splits > kMaxSplits) {
-    return invalid(fn, "num_splits must be in [0, " + std::to_string(kMaxSplits) + "], got " +
-                           std::to_string(p.num_splits));
-  }
-  if (p.workspace != nullptr && !detail::aligned_to(p.workspace, alignof(sirl::OnlineState))) {
-    return invalid(fn, "workspace is not 4-byte aligned");
-  }
-
-  int num_sms = p.num_sms;
-  if (p.num_splits == 0 && num_sms <= 0) {
-    int device = 0;
-    detail::note_cuda_call();
-    Status st = detail::cuda_status(fn, "cudaGetDevice", cudaGetDevice(&device));
-    if (!st.ok()) return st;
-    st = detail::cuda_status(fn, "cudaDeviceGetAttribute",
-                             cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device));
-    if (!st.ok()) return st;
-  }
-  int splits = forward_num_splits(p.rows, p.vocab, num_sms, p.num_splits);
-  if (splits > 1 && (p.workspace == nullptr || p.workspace_bytes < forward_workspace_bytes(p.rows, splits))) {
-    if (p.num_splits != 0) {
-      return invalid(fn, std::to_string(splits) + " splits need a workspace of " +
-                             std::to_string(forward_workspace_bytes(p.rows, splits)) + " bytes, got " +
-                             std::to_string(p.workspace == nullptr ? 0 : p.workspace_bytes));
-    }
-    splits = 1;  // automatic choice: fall back to one block per row
-  }
-  const int64_t split_len = splits > 1 ? forward_split_len(p.vocab, splits) : p.vocab;
-  switch (p.dtype) {
-    case kFloat32:
-      return launch_forward<float>(p, splits, split_len, stream);
-    case kBFloat16:
-      return launch_forward<__nv_bfloat16>(p, splits, split_len, stream);
+sirl::Status launch_logits_forward(const sirl_forward_args& args, int num_splits, void* workspace,
+                                   cudaStream_t stream) {
+  switch (args.in.dtype) {
+    case SIRL_FLOAT32:
+      return launch<float>(args, num_splits, workspace, stream);
+    case SIRL_BFLOAT16:
+      return launch<__nv_bfloat16>(args, num_splits, workspace, stream);
     default:
-      return launch_forward<__half>(p, splits, split_len, stream);
+      return launch<__half>(args, num_splits, workspace, stream);
   }
+}
+
+sirl::Status kernel_image_status() {
+  cudaFuncAttributes attr;
+  detail::note_cuda_call();
+  return detail::cuda_status("sirl_probe", "no kernel image of this build runs on this device (cudaFuncGetAttributes)",
+                             cudaFuncGetAttributes(&attr, forward_kernel<float, kForwardThreads>));
 }
 
 }  // namespace sirl_cuda

@@ -1,5 +1,5 @@
-// Small, torch-free helpers on top of sirl::OnlineState used by the CUDA kernels; __host__ __device__ so the
-// host-only test checks them against sirl::update on the CPU.
+// The CUDA kernels' vector form of sirl::OnlineState; __host__ __device__ so the host-only test checks it against
+// sirl::update (the header's scalar definition) on the CPU, adversarial values included.
 #pragma once
 
 #include "sirl/online_state.h"
@@ -15,14 +15,22 @@ namespace sirl_cuda {
 
 // The state of kN logits at once: one shared max, then sumexp and wsum relative to it. Equal (up to fp32
 // rounding) to folding sirl::update over the kN values, with one expf per element and no data-dependent
-// rescaling. -inf entries contribute nothing (their 0 * -inf term is skipped), an all -inf vector is the
-// empty state, and NaN propagates into sumexp.
+// rescaling. Special values as the header defines them:
+//   -inf entries contribute nothing (their 0 * -inf term is skipped); all -inf is the empty state;
+//   +inf makes z - max = inf - inf = NaN, so NaN sums;
+//   NaN: fmaxf skips it, so a finite max leaves exp(NaN - max) = NaN in the sums, and a vector holding only NaN
+//   and -inf (max -inf) is the NaN state, never the empty one a later merge would drop.
 template <int kN>
 SIRL_HD sirl::OnlineState vector_state(const float (&z)[kN]) {
   float m = z[0];
 SIRL_CUDA_UNROLL
   for (int i = 1; i < kN; ++i) m = fmaxf(m, z[i]);
-  if (m == -INFINITY) return sirl::empty_state();
+  if (m == -INFINITY || m != m) {
+    bool nan = false;
+SIRL_CUDA_UNROLL
+    for (int i = 0; i < kN; ++i) nan |= z[i] != z[i];
+    return nan ? sirl::nan_state() : sirl::empty_state();
+  }
   float s = 0.0f;
   float w = 0.0f;
 SIRL_CUDA_UNROLL
@@ -33,23 +41,6 @@ SIRL_CUDA_UNROLL
     w += (e > 0.0f) ? e * d : 0.0f;
   }
   return sirl::OnlineState{m, s, w};
-}
-
-// Outputs of one row from its full state (thread 0 of the block, or the split-V merge). A label outside
-// [0, vocab) that is not ignore_index (the Python API rejects it first) yields NaN rather than a wild read.
-struct RowOutputs {
-  float logprob;
-  float entropy;
-  float lse;
-};
-
-SIRL_HD RowOutputs ignored_row() { return RowOutputs{0.0f, 0.0f, 0.0f}; }
-
-SIRL_HD RowOutputs bad_label_row() { return RowOutputs{NAN, NAN, NAN}; }
-
-SIRL_HD RowOutputs finish_row(sirl::OnlineState s, float z_label) {
-  const sirl::RowResult r = sirl::finalize(s, z_label);
-  return RowOutputs{r.logprob, r.entropy, r.lse};
 }
 
 }  // namespace sirl_cuda

@@ -49,6 +49,9 @@ static bool close(long double got, long double want, long double rtol, long doub
 
 static bool same_bits(float a, float b) { return memcmp(&a, &b, sizeof(float)) == 0; }
 
+// The row's log-sum-exp from its stats (only the tests need it: the kernels never form it).
+static long double lse_of(const sirl::RowResult& r) { return (long double)r.max + r.log_sum; }
+
 static void test_random_rows() {
   std::mt19937 rng(1234);
   const int sizes[] = {1, 2, 7, 64, 1000, 4099, 50000};
@@ -66,8 +69,8 @@ static void test_random_rows() {
       for (const OnlineState& st : {seq, tr}) {
         const sirl::RowResult r = sirl::finalize(st, z[n / 2]);
         // lse: relative to its magnitude plus the fp32 rounding of log(sum) (n terms, each <= 1 ulp-ish).
-        CHECK(close(r.lse, ref.lse, 2e-6L, 2e-6L * (1 + log((double)n))), "n=%d scale=%g lse %.9g vs %.12Lg", n,
-              scale, r.lse, ref.lse);
+        CHECK(close(lse_of(r), ref.lse, 2e-6L, 2e-6L * (1 + log((double)n))), "n=%d scale=%g lse %.9Lg vs %.12Lg",
+              n, scale, lse_of(r), ref.lse);
         CHECK(close(r.entropy, ref.entropy, 1e-5L, 1e-5L), "n=%d scale=%g entropy %.9g vs %.12Lg", n, scale,
               r.entropy, ref.entropy);
         CHECK(close(r.logprob, (long double)z[n / 2] - ref.lse, 2e-6L, 2e-6L * (1 + log((double)n))),
@@ -126,14 +129,16 @@ static void test_neg_inf() {
   s = sirl::update(s, -INFINITY);
   s = sirl::update(s, 1.0f);
   const sirl::RowResult r = sirl::finalize(s, 1.0f);
-  CHECK(close(r.lse, 1.0L + logl(2.0L), 1e-7L, 0), "lse %.9g", r.lse);
+  CHECK(close(lse_of(r), 1.0L + logl(2.0L), 1e-7L, 0), "lse %.9Lg", lse_of(r));
   CHECK(close(r.entropy, logl(2.0L), 1e-7L, 1e-7L), "entropy %.9g", r.entropy);
   // A single finite entry: entropy exactly 0, logprob exactly 0.
   const sirl::RowResult single = sirl::finalize(sirl::update(sirl::empty_state(), 7.0f), 7.0f);
-  CHECK(single.entropy == 0.0f && single.logprob == 0.0f && single.lse == 7.0f, "single entry");
-  // All -inf: NaN entropy (like PyTorch), -inf lse.
+  CHECK(single.entropy == 0.0f && single.logprob == 0.0f && single.max == 7.0f && single.log_sum == 0.0f,
+        "single entry");
+  // All -inf: NaN logprob and entropy (like PyTorch), stats (-inf, -inf).
   const sirl::RowResult all = sirl::finalize(sirl::empty_state(), -INFINITY);
-  CHECK(all.lse == -INFINITY && isnan(all.entropy), "all -inf row: lse %g entropy %g", all.lse, all.entropy);
+  CHECK(all.max == -INFINITY && all.log_sum == -INFINITY && isnan(all.entropy) && isnan(all.logprob),
+        "all -inf row: max %g log_sum %g entropy %g logprob %g", all.max, all.log_sum, all.entropy, all.logprob);
   // Label at -inf in a finite row: logprob -inf.
   CHECK(sirl::finalize(s, -INFINITY).logprob == -INFINITY, "label at -inf");
 }
@@ -163,6 +168,7 @@ static void test_grads() {
     const Ref ref = reference(zs);
     const sirl::RowResult rr = sirl::finalize(sequential(zs, 0, n), zs[n - 1]);
     const float g_lp = nd(rng), g_h = nd(rng);
+    const auto logp = [&](int i) { return sirl::log_prob(zs[i], rr.max, rr.log_sum); };
     long double max_abs = 0;
     std::vector<long double> want(n);
     for (int i = 0; i < n; ++i) {
@@ -172,8 +178,8 @@ static void test_grads() {
       max_abs = fmaxl(max_abs, fabsl(want[i]));
     }
     for (int i = 0; i < n; ++i) {
-      const float got = i == n - 1 ? sirl::grad_label(zs[i], rr.lse, rr.entropy, g_lp, g_h, inv_t)
-                                   : sirl::grad_nonlabel(zs[i], rr.lse, rr.entropy, g_lp, g_h, inv_t);
+      const float got = i == n - 1 ? sirl::grad_label(logp(i), rr.entropy, g_lp, g_h, inv_t)
+                                   : sirl::grad_nonlabel(logp(i), rr.entropy, g_lp, g_h, inv_t);
       CHECK(!isnan(got), "grad NaN at %d", i);
       CHECK(close(got, want[i], 1e-4L, 1e-5L * fmaxl(max_abs, 1)), "trial %d i=%d grad %.9g vs %.12Lg", trial, i, got,
             want[i]);
@@ -190,20 +196,73 @@ static void test_grads() {
   // by one would round every one of them away.
   const OnlineState others = sirl::merge(sequential(z, 0, 11), sequential(z, 12, n));
   const sirl::RowResult rr = sirl::finalize(sirl::merge(others, sirl::singleton_state(0.0f)), 0.0f);
-  const float got = sirl::grad_label(0.0f, rr.lse, rr.entropy, 1.0f, 0.0f, 1.0f);
-  // Exact relative to the fp32 lse (whose own rounding, ~ulp(1) in sumexp, is the state's, not this function's).
-  const long double want = -expm1l(0.0L - (long double)rr.lse);
+  const float logp_y = sirl::log_prob(0.0f, rr.max, rr.log_sum);
+  const float got = sirl::grad_label(logp_y, rr.entropy, 1.0f, 0.0f, 1.0f);
+  // Exact relative to the fp32 log p_y (whose own rounding, ~ulp(1) in sumexp, is the state's, not this function's).
+  const long double want = -expm1l((long double)logp_y);
   CHECK(close(got, want, 1e-6L, 0), "1 - p_y: %.9g vs %.12Lg", got, want);
-  CHECK(close(rr.lse, ref.lse, 0.05L, 0), "lse of the p_y -> 1 row: %.9g vs %.12Lg", rr.lse, ref.lse);
+  CHECK(close(lse_of(rr), ref.lse, 0.05L, 0), "lse of the p_y -> 1 row: %.9Lg vs %.12Lg", lse_of(rr), ref.lse);
   // Label at -inf: p = 0, gradient g_lp / T exactly, no NaN.
-  CHECK(sirl::grad_label(-INFINITY, 1.0f, 0.5f, 2.0f, 3.0f, 0.5f) == 1.0f, "label at -inf");
-  CHECK(sirl::grad_nonlabel(-INFINITY, 1.0f, 0.5f, 2.0f, 3.0f, 0.5f) == 0.0f, "non-label at -inf");
-  // Far below lse (p underflows to 0): exactly 0, never 0 * huge.
-  CHECK(sirl::grad_nonlabel(-1e30f, 0.0f, 1.0f, 1.0f, 1.0f, 1.0f) == 0.0f, "underflowed p");
+  const float at_ninf = sirl::log_prob(-INFINITY, 1.0f, 0.5f);
+  CHECK(sirl::grad_label(at_ninf, 0.5f, 2.0f, 3.0f, 0.5f) == 1.0f, "label at -inf");
+  CHECK(sirl::grad_nonlabel(at_ninf, 0.5f, 2.0f, 3.0f, 0.5f) == 0.0f, "non-label at -inf");
+  // Far below the max (p underflows to 0): exactly 0, never 0 * huge.
+  CHECK(sirl::grad_nonlabel(sirl::log_prob(-1e30f, 0.0f, 0.0f), 1.0f, 1.0f, 1.0f, 1.0f) == 0.0f, "underflowed p");
+  // A NaN row's gradient is NaN.
+  CHECK(isnan(sirl::grad_nonlabel(sirl::log_prob(1.0f, 0.0f, NAN), 0.5f, 1.0f, 1.0f, 1.0f)), "NaN row gradient");
+}
+
+// NaN anywhere in a row, whatever the order of updates and merges, gives NaN logprob, entropy and stats; +inf
+// gives NaN logprob and entropy (exp(inf - inf)); the row [NaN, 1, 2] of issue 12 once gave a finite lse.
+static void test_nan_and_inf_poison() {
+  std::mt19937 rng(5);
+  std::normal_distribution<float> nd(0.0f, 3.0f);
+  for (float bad : {NAN, INFINITY}) {
+    for (int n : {1, 2, 3, 7, 64, 1000}) {
+      for (int pos : {0, n / 2, n - 1}) {
+        std::vector<float> z(n);
+        for (auto& v : z) v = nd(rng);
+        if (n > 2) z[(pos + 1) % n] = -INFINITY;  // -inf neighbours must not hide it either
+        z[pos] = bad;
+        for (const OnlineState& st : {sequential(z, 0, n), tree(z, 0, n, rng)}) {
+          for (int label : {0, pos, n - 1}) {
+            const sirl::RowResult r = sirl::finalize(st, z[label]);
+            CHECK(isnan(r.logprob) && isnan(r.entropy), "bad=%g n=%d pos=%d label=%d: logprob %g entropy %g", bad,
+                  n, pos, label, r.logprob, r.entropy);
+            if (bad != bad) CHECK(isnan(r.max) && isnan(r.log_sum), "NaN n=%d pos=%d: stats %g %g", n, pos, r.max,
+                                  r.log_sum);
+          }
+        }
+      }
+    }
+  }
+  // Merging a NaN state with anything, on either side, keeps it NaN; and the issue's row.
+  const OnlineState nan_first = sirl::update(sirl::empty_state(), NAN);
+  for (const OnlineState& other : {sirl::empty_state(), sirl::singleton_state(2.0f), OnlineState{1e30f, 1, 0}}) {
+    CHECK(isnan(sirl::merge(nan_first, other).max) && isnan(sirl::merge(other, nan_first).max), "NaN merge");
+  }
+  OnlineState s = sirl::empty_state();
+  for (float v : {NAN, 1.0f, 2.0f}) s = sirl::update(s, v);
+  CHECK(isnan(sirl::finalize(s, 1.0f).log_sum), "[NaN, 1, 2]: log_sum %g", sirl::finalize(s, 1.0f).log_sum);
+}
+
+// A common offset c on exactly representable logits costs nothing: logprob = (z_y - max) - log s.
+static void test_large_common_offset() {
+  for (float c : {1e4f, 1e5f, 1e6f}) {
+    const std::vector<float> z = {2.0f + c, -1.0f + c};
+    const sirl::RowResult r = sirl::finalize(sequential(z, 0, 2), z[0]);
+    const long double want = -log1pl(expl(-3.0L));
+    CHECK(fabsl(r.logprob - want) <= 1e-7L, "c=%g logprob %.9g vs %.12Lg", c, r.logprob, want);
+    const long double p1 = expl(-3.0L) / (1 + expl(-3.0L)), p0 = 1 - p1;
+    const long double h = -(p0 * logl(p0) + p1 * logl(p1));
+    CHECK(fabsl(r.entropy - h) <= 1e-7L, "c=%g entropy %.9g vs %.12Lg", c, r.entropy, h);
+  }
 }
 
 int main() {
   test_random_rows();
+  test_nan_and_inf_poison();
+  test_large_common_offset();
   test_merge_exactness();
   test_neg_inf();
   test_finalize_uniform();

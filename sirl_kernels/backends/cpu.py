@@ -1,14 +1,14 @@
-"""Backend "cpu": the fused C++ kernels of csrc/cpu (the ``sirl_kernels._C_cpu`` extension).
+"""Backend "cpu": the fused C++ kernels of csrc/cpu, in ``libsirl_cpu.so`` (C ABI, loaded by ``sirl_kernels._native``).
 
-Logits: one pass over each row's memory per direction (forward keeps the online-softmax state of
-``csrc/include/sirl/online_state.h`` in fp32; backward recomputes p from the saved lse and entropy), rows in
-parallel (``torch.set_num_threads`` applies), any row stride, fp32/bf16/fp16 inputs with fp32 math.
+Logits: one pass over each row's memory per direction (the forward keeps the online-softmax state of
+``csrc/include/sirl/online_state.h`` in fp32 and writes the row stats (max, log-sum); the backward recomputes p from
+them), any row stride, fp32/bf16/fp16 inputs with fp32 math. Rows are split over ``torch.get_num_threads()`` threads
+by the library (plain threads, not a second OpenMP runtime beside torch's); every row is reduced by one thread in a
+fixed order, so results never depend on the thread count.
 
-Fused linear: the shared chunked driver (``chunked_linear``) over these kernels, its fp32 chunk workspace
-allocated on transparent huge pages where the kernel allows it.
-
-Fresh gradients of the logits are also allocated on huge pages: first-touch page faults of a multi-GB tensor
-otherwise cost more than the kernel (measured 1.2 s vs 0.2 s for 2.5 GB here).
+Fused linear: the shared chunked driver (``chunked_linear``) over these kernels, its fp32 chunk workspace on
+transparent huge pages. Fresh gradients of the logits are also allocated on huge pages: first-touch page faults of a
+multi-GB tensor otherwise cost more than the kernel (measured 1.2 s vs 0.2 s for 2.5 GB here).
 
 The ISA build (AVX-512, AVX2 or baseline x86-64) is picked at load time from the CPU; ``$SIRL_KERNELS_CPU_ISA``
 (``avx512`` | ``avx2`` | ``baseline``) caps it, and :func:`set_isa` changes it at run time (tests).
@@ -16,70 +16,116 @@ The ISA build (AVX-512, AVX2 or baseline x86-64) is picked at load time from the
 
 from __future__ import annotations
 
+import ctypes
+import os
+
 import torch
 
+from sirl_kernels import _native
 from sirl_kernels.backends import chunked_linear
 
 name = "cpu"
 
-_IMPORT_ERROR: Exception | None = None
-try:
-    import sirl_kernels._C_cpu  # noqa: F401  (registers torch.ops.sirl_kernels_cpu)
-except Exception as exc:  # noqa: BLE001 - any failure (not built, ABI mismatch) makes the backend unavailable
-    _IMPORT_ERROR = exc
+_LIB = _native.load("cpu")
+_ISAS = ("avx512", "avx2", "baseline", "auto")
 
 
 def unavailable_reason(device: torch.device | None) -> str | None:
-    if _IMPORT_ERROR is not None:
-        if isinstance(_IMPORT_ERROR, ModuleNotFoundError):
-            return (
-                "the C++ extension sirl_kernels._C_cpu is not built; install with "
-                "`pip install --no-build-isolation .` after torch"
-            )
-        return f"the C++ extension sirl_kernels._C_cpu failed to load: {type(_IMPORT_ERROR).__name__}: {_IMPORT_ERROR}"
+    if isinstance(_LIB, str):
+        return _LIB
+    env = os.environ.get("SIRL_KERNELS_CPU_ISA", "")
+    if env and env not in _ISAS:
+        return f"$SIRL_KERNELS_CPU_ISA={env!r} is not one of {', '.join(_ISAS)}"
     if device is not None and torch.device(device).type != "cpu":
         return f"runs on CPU tensors only, got {torch.device(device).type}"
     return None
 
 
-def _ops():
-    return torch.ops.sirl_kernels_cpu
+def library() -> _native.NativeLibrary:
+    if isinstance(_LIB, str):
+        raise RuntimeError(f"backend 'cpu' is unusable: {_LIB}")
+    return _LIB
+
+
+def _launch() -> _native.Launch:
+    return _native.Launch(num_threads=torch.get_num_threads())
 
 
 def isa() -> str:
     """The kernel build in use: "avx512", "avx2" or "baseline"."""
-    return _ops().isa()
+    return library().fn("sirl_cpu_isa")().decode()
 
 
-def set_isa(name: str) -> str:
+def set_isa(build: str) -> str:
     """Caps the kernel build ("avx512", "avx2", "baseline", or "auto" for the best); returns the one chosen."""
-    return _ops().set_isa(name)
+    chosen = ctypes.c_char_p()
+    library().call("sirl_cpu_set_isa", str(build).encode(), ctypes.byref(chosen))
+    return chosen.value.decode()
 
 
-def _f32(t: torch.Tensor) -> torch.Tensor:
-    return t.to(torch.float32).contiguous()
+def empty_hugepage(shape, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised CPU tensor whose pages the kernel is asked to back with transparent huge pages."""
+    t = torch.empty(shape, dtype=dtype)
+    library().call("sirl_cpu_advise_hugepages", t.data_ptr(), t.numel() * t.element_size())
+    return t
 
 
-# Transitional: the C++ kernels still return a single lse; it is carried as stats (lse, 0) until the torch-free
-# library returns the (max, log-sum) pair.
+def _cpu_only(*tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if t.device.type != "cpu":
+            raise ValueError(f"backend 'cpu' takes CPU tensors, got one on {t.device}")
+
+
 def logits_forward(logits, labels, temperature, ignore_index):
-    lp, h, lse = _ops().forward(logits, labels.long().contiguous(), float(temperature), int(ignore_index))
-    return lp, h, torch.stack([lse, torch.zeros_like(lse)], dim=1)
+    _cpu_only(logits, labels)
+    return library().logits_forward(logits, labels, temperature, ignore_index, _launch())
 
 
 def logits_backward(grad_logprobs, grad_entropy, logits, labels, stats, entropy, temperature, ignore_index,
                     out=None):
+    _cpu_only(logits, labels)
     if out is None:
-        out = _ops().empty_hugepage(list(logits.shape), logits.dtype)
-    _ops().backward_out(
-        _f32(grad_logprobs), _f32(grad_entropy), logits, labels.long().contiguous(), _f32(stats.sum(1)),
-        _f32(entropy), float(temperature), int(ignore_index), out, None,
-    )
-    return out
+        out = empty_hugepage(logits.shape, logits.dtype)
+    return library().logits_backward(grad_logprobs, grad_entropy, logits, labels, stats, entropy, temperature,
+                                     ignore_index, out, _launch())
 
 
 def _hugepage_workspace(rows, vocab, dtype, device):
-    return _ops().empty_hugepage([rows, vocab], dtype)
+    return empty_hugepage((rows, vocab), dtype)
 
 
 linear_forward, linear_backward = chunked_linear.bind(logits_forward, logits_backward, _hugepage_workspace)
+
+
+# ---- test hooks: the active build's vector exps and conversions on their own, and the header's scalar reference ----
+def exp_hook(x: torch.Tensor, variant: int = 0) -> torch.Tensor:
+    """0: the vector exp (any x); 1: the backward's exp (x <= 0); 2: the forward's base-2 exp of x <= 0."""
+    x = x.to(torch.float32).contiguous()
+    y = torch.empty_like(x)
+    library().call("sirl_cpu_exp", x.data_ptr(), y.data_ptr(), x.numel(), int(variant))
+    return y
+
+
+def convert_hook(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The kernels' load (to fp32) or store (from fp32, round to nearest even) conversion of a whole tensor."""
+    x = x.contiguous()
+    y = torch.empty(x.shape, dtype=dtype)
+    library().call("sirl_cpu_convert", x.data_ptr(), _native.dtype_code(x.dtype), y.data_ptr(),
+                   _native.dtype_code(dtype), x.numel())
+    return y
+
+
+def reference_forward(logits, labels, temperature, ignore_index):
+    """The contract's forward computed by ``online_state.h`` alone, one element at a time (no SIMD)."""
+    _cpu_only(logits, labels)
+    return library().logits_forward(logits, labels, temperature, ignore_index, _launch(),
+                                    entry="sirl_reference_logits_forward")
+
+
+def reference_backward(grad_logprobs, grad_entropy, logits, labels, stats, entropy, temperature, ignore_index,
+                       out=None):
+    """The contract's backward from ``online_state.h``'s ``log_prob`` and ``grad_*`` alone."""
+    _cpu_only(logits, labels)
+    out = torch.empty_like(logits, memory_format=torch.contiguous_format) if out is None else out
+    return library().logits_backward(grad_logprobs, grad_entropy, logits, labels, stats, entropy, temperature,
+                                     ignore_index, out, _launch(), entry="sirl_reference_logits_backward")

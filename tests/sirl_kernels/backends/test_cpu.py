@@ -1,9 +1,13 @@
-"""Tests specific to the C++ CPU backend (csrc/cpu): vector exp, dtype conversions, ISA builds, strides, threads,
-int64 offsets and the fused-linear chunking, against float64 PyTorch references."""
+"""Tests specific to the C++ CPU backend (csrc/cpu, libsirl_cpu.so): vector exp, dtype conversions, ISA builds,
+strides, threads, int64 offsets, the C ABI's argument checks and the fused-linear chunking, against float64 PyTorch
+references."""
 
 from __future__ import annotations
 
 import math
+import re
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -83,17 +87,47 @@ def test_env_var_caps_the_build():
         assert out.stdout.strip() == (name if name in _supported_isas() else "baseline")
 
 
-def test_op_checks_its_inputs():
-    ops = torch.ops.sirl_kernels_cpu
+def test_library_checks_its_inputs_with_typed_one_line_errors():
     x = torch.randn(3, 10)
-    with pytest.raises(ValueError, match="label 10 at position 1"):
-        ops.forward(x, torch.tensor([0, 10, 2]), 1.0, -100)
+    labels = torch.tensor([0, 1, 2])
     with pytest.raises(ValueError, match="unit stride"):
-        ops.forward(torch.randn(10, 3).t(), torch.tensor([0, 1, 2]), 1.0, -100)
+        cpu.logits_forward(torch.randn(10, 3).t(), labels, 1.0, -100)
     with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
-        ops.forward(x.double(), torch.tensor([0, 1, 2]), 1.0, -100)
-    with pytest.raises(ValueError, match="shape"):
-        ops.forward(x, torch.tensor([0, 1]), 1.0, -100)
+        cpu.logits_forward(x.double(), labels, 1.0, -100)
+    with pytest.raises(ValueError, match=r"labels must be int64 \[3\]"):
+        cpu.logits_forward(x, torch.tensor([0, 1]), 1.0, -100)
+    # Checked in C++, reported through sirl_last_error():
+    with pytest.raises(ValueError, match=r"^libsirl_cpu: sirl_logits_forward: temperature must be finite and > 0"):
+        cpu.logits_forward(x, labels, -1.0, -100)
+    with pytest.raises(ValueError, match="rows would overlap"):
+        cpu.logits_forward(torch.randn(40).as_strided((3, 10), (5, 1)), labels, 1.0, -100)
+    lp, h, stats = cpu.logits_forward(x, labels, 1.0, -100)
+    wide = torch.randn(2, 20)  # in place, but the output rows 10 elements apart and the input rows 20
+    with pytest.raises(ValueError, match="in-place backward .* needs grad_row_stride == row_stride"):
+        cpu.logits_backward(torch.ones(2), torch.ones(2), wide[:, :10], labels[:2], stats[:2], h[:2], 1.0, -100,
+                            out=wide.view(4, 10)[:2])
+
+
+def test_bad_labels_give_nan_rows_never_an_error_or_a_wild_read():
+    """Labels are never rejected by the library: outside [0, V) and not ignore_index gives NaN outputs, NaN stats and
+    a NaN gradient row; the row is never indexed by that label (V + 10**12 would fault if it were)."""
+    x = torch.randn(4, 10)
+    labels = torch.tensor([3, 10**12, -7, -100])
+    lp, h, stats = cpu.logits_forward(x, labels, 1.0, -100)
+    assert torch.isnan(lp[1:3]).all() and torch.isnan(h[1:3]).all() and torch.isnan(stats[1:3]).all()
+    assert float(lp[3]) == 0.0 and float(h[3]) == 0.0 and bool((stats[3] == 0).all())
+    grad = cpu.logits_backward(torch.ones(4), torch.ones(4), x, labels, stats, h, 1.0, -100)
+    assert torch.isnan(grad[1:3]).all() and bool((grad[3] == 0).all()) and torch.isfinite(grad[0]).all()
+
+
+def test_library_is_torch_free():
+    """libsirl_cpu.so needs nothing but the C runtime: no torch, no Python, no libstdc++ (linked in), no OpenMP."""
+    readelf = shutil.which("readelf")
+    if readelf is None:
+        pytest.skip("readelf (binutils) is not installed")
+    out = subprocess.run([readelf, "-d", str(cpu.library().path)], capture_output=True, text=True, check=True).stdout
+    needed = set(re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", out))
+    assert needed <= {"libc.so.6", "libm.so.6", "libgcc_s.so.1", "ld-linux-x86-64.so.2"}, needed
 
 
 def _ulp(x: torch.Tensor) -> torch.Tensor:
@@ -114,7 +148,7 @@ def test_vector_exp_accuracy(isa, variant):
     ).float()
     if not variant:
         x = torch.cat([x, torch.tensor([1e-30, 88.0, 88.72, 88.73, 1e30, math.inf])])
-    y = torch.ops.sirl_kernels_cpu._exp(x, variant)
+    y = cpu.exp_hook(x, variant)
     want = x.double().exp()
     normal = want >= torch.finfo(torch.float32).tiny
     finite = want <= torch.finfo(torch.float32).max
@@ -125,7 +159,7 @@ def test_vector_exp_accuracy(isa, variant):
     assert bool((y[x < flush] == 0).all()) and bool((y[x == -math.inf] == 0).all())
     if not variant:
         assert bool((y[x > 88.7229] == math.inf).all())
-        assert torch.isnan(torch.ops.sirl_kernels_cpu._exp(torch.tensor([math.nan]), 0)).all()
+        assert torch.isnan(cpu.exp_hook(torch.tensor([math.nan]), 0)).all()
 
 
 def test_forward_exp2_accuracy(isa):
@@ -142,7 +176,7 @@ def test_forward_exp2_accuracy(isa):
             torch.tensor([0.0, -0.0, -1e-30, -math.inf, -1e30, -87.0, -87.6, -87.7, -88.0]),
         ]
     ).float()
-    y = torch.ops.sirl_kernels_cpu._exp(x, 2)
+    y = cpu.exp_hook(x, 2)
     want = x.double().exp()
     normal = want >= torch.finfo(torch.float32).tiny
     rel = (y.double() - want).abs() / want
@@ -151,21 +185,21 @@ def test_forward_exp2_accuracy(isa):
     assert float((y.double() - want).abs().max()) < 2.0**-23
     assert bool((y[x < -87.69] == 0).all()) and bool((y[x == -math.inf] == 0).all())
     assert bool((y[x == 0] == 1).all())
-    assert torch.isnan(torch.ops.sirl_kernels_cpu._exp(torch.tensor([math.nan]), 2)).all()
+    assert torch.isnan(cpu.exp_hook(torch.tensor([math.nan]), 2)).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_conversions_match_torch(isa, dtype):
     """Load (low precision -> fp32) and store (fp32 -> low precision, round to nearest even) are bit-exact with torch."""
     every = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(dtype)
-    up = torch.ops.sirl_kernels_cpu._convert(every, torch.float32)
+    up = cpu.convert_hook(every, torch.float32)
     ref_up = every.float()
     both_nan = up.isnan() & ref_up.isnan()
     assert bool(((up.view(torch.int32) == ref_up.view(torch.int32)) | both_nan).all())
     x = torch.cat([torch.randn(100_000) * 1000, torch.randn(100_000) * 1e-6, ref_up[~ref_up.isnan()]])
     x = torch.cat([x, (x.view(torch.int32) | 0x8000).view(torch.float32)])  # bf16 ties
     x = torch.cat([x, torch.tensor([65519.0, 65520.0, 1e10, -1e10, math.inf, -math.inf, 1e-8, -0.0])])
-    down = torch.ops.sirl_kernels_cpu._convert(x, dtype)
+    down = cpu.convert_hook(x, dtype)
     nan = x.isnan()  # NaN stays NaN (the payload may differ from torch's vectorised cast)
     assert bool(down[nan].isnan().all())
     assert torch.equal(down[~nan].view(torch.int16), x[~nan].to(dtype).view(torch.int16))
@@ -208,22 +242,21 @@ def test_row_stride_larger_than_v_and_zero():
     _check_logits(wide[:, 1000:4001], labels % 3001)  # stride(0) = 5000 > V = 3001, offset storage
     row = wide[:1, :4000].expand(5, 4000)  # stride(0) = 0: every row is the same memory
     assert row.stride(0) == 0
-    lp, h, lse = cpu.logits_forward(row, labels[:5] % 4000, 1.0, -100)
-    assert bool((lse == lse[0]).all()) and bool((h == h[0]).all())
+    lp, h, stats = cpu.logits_forward(row, labels[:5] % 4000, 1.0, -100)
+    assert bool((stats == stats[0]).all()) and bool((h == h[0]).all())
     ref_lp, ref_h = reference_logprobs_entropy(row, labels[:5] % 4000)
     torch.testing.assert_close(lp.double(), ref_lp, **FWD_TOL)
 
 
-def test_in_place_backward_out_and_fp32_side_output():
+def test_in_place_backward_equals_out_of_place(isa):
     logits, labels = _case(4, 3001, torch.bfloat16, seed=6)
-    lp, h, lse = cpu.logits_forward(logits, labels, 1.3, -100)
+    labels[2] = -100
+    lp, h, stats = cpu.logits_forward(logits, labels, 1.3, -100)
     g_lp, g_h = torch.randn(4), torch.randn(4)
-    expected = cpu.logits_backward(g_lp, g_h, logits, labels, lse, h, 1.3, -100)
+    expected = cpu.logits_backward(g_lp, g_h, logits, labels, stats, h, 1.3, -100)
     buf = logits.clone()
-    side = torch.empty(4, 3001)
-    torch.ops.sirl_kernels_cpu.backward_out(g_lp, g_h, buf, labels, lse.sum(1), h, 1.3, -100, buf, side)
+    assert cpu.logits_backward(g_lp, g_h, buf, labels, stats, h, 1.3, -100, out=buf) is buf
     assert torch.equal(buf.view(torch.int16), expected.view(torch.int16))
-    assert torch.equal(side.to(torch.bfloat16).view(torch.int16), expected.view(torch.int16))
 
 
 def test_threads_do_not_change_results():
@@ -234,9 +267,9 @@ def test_threads_do_not_change_results():
     try:
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            lp, h, lse = cpu.logits_forward(logits, labels, 1.0, -100)
-            grad = cpu.logits_backward(g_lp, g_h, logits, labels, lse, h, 1.0, -100)
-            outs.append((lp, h, lse, grad))
+            lp, h, stats = cpu.logits_forward(logits, labels, 1.0, -100)
+            grad = cpu.logits_backward(g_lp, g_h, logits, labels, stats, h, 1.0, -100)
+            outs.append((lp, h, stats, grad))
     finally:
         torch.set_num_threads(before)
     for out in outs[1:]:
@@ -254,7 +287,7 @@ def test_special_values():
     logits[4, :2048] = -math.inf  # an all -inf block followed by finite ones
     logits[5] = 0.0
     labels = torch.tensor([0, 3, 2, int(logits[3].argmax()), 2100, 7])
-    lp, h, lse = cpu.logits_forward(logits, labels, 1.0, -100)
+    lp, h, _ = cpu.logits_forward(logits, labels, 1.0, -100)
     assert float(lp[0]) == 0.0 and float(h[0]) == 0.0
     assert math.isnan(float(h[1])) and math.isnan(float(lp[1]))
     assert math.isnan(float(lp[2])) and math.isnan(float(h[2]))
@@ -272,13 +305,14 @@ def test_int64_row_offsets():
     logits.copy_(torch.randn(2, v).to(torch.bfloat16))
     labels = torch.tensor([3, 60])
     dense = logits.clone()
-    lp, h, lse = cpu.logits_forward(logits, labels, 1.0, -100)
+    lp, h, stats = cpu.logits_forward(logits, labels, 1.0, -100)
     ref = cpu.logits_forward(dense, labels, 1.0, -100)
-    for a, b in zip((lp, h, lse), ref):
+    for a, b in zip((lp, h, stats), ref):
         assert torch.equal(a, b)
     g = torch.ones(2)
-    grad = cpu.logits_backward(g, g, logits, labels, lse, h, 1.0, -100)
-    assert torch.equal(grad.view(torch.int16), cpu.logits_backward(g, g, dense, labels, lse, h, 1.0, -100).view(torch.int16))
+    grad = cpu.logits_backward(g, g, logits, labels, stats, h, 1.0, -100)
+    dense_grad = cpu.logits_backward(g, g, dense, labels, stats, h, 1.0, -100)
+    assert torch.equal(grad.view(torch.int16), dense_grad.view(torch.int16))
     del storage, logits
 
 

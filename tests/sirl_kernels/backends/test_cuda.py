@@ -1,9 +1,12 @@
-"""The "cuda" backend: GPU parity tests (skipped with the reason where there is no usable CUDA backend) and
-CPU-runnable checks of how it reports itself and of its host-only launcher tests (csrc/cuda)."""
+"""The "cuda" backend (libsirl_cuda.so): GPU parity tests (skipped with the reason where there is no usable CUDA
+backend) and CPU-runnable checks of how it reports itself, of the library loading and probing without a driver, and
+of its host-only launcher tests (csrc/cuda)."""
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -12,7 +15,7 @@ import torch
 
 import sirl_kernels
 from reference_impl import grad_tolerance, reference_grads, reference_logprobs_entropy
-from sirl_kernels import backends
+from sirl_kernels import _native, backends
 from sirl_kernels.backends import cuda as cuda_backend
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -32,7 +35,7 @@ def test_report_gives_a_precise_reason():
     elif not torch.cuda.is_available():
         assert not status.available and "no CUDA device" in status.reason
     elif _REASON is not None:
-        assert not status.available and "sirl_kernels._C_cuda" in status.reason
+        assert not status.available and ("libsirl_cuda" in status.reason or "sirl_probe" in status.reason)
     else:
         assert status.available and "cuda" in status.reason
 
@@ -42,6 +45,33 @@ def test_cpu_tensors_are_refused_with_reason():
     assert why is not None and ("CUDA" in why)
     with pytest.raises(RuntimeError, match="backend 'cuda' is not usable for cpu tensors"):
         backends.resolve("cuda", torch.device("cpu"))
+
+
+def _library():
+    lib = _native.load("cuda")
+    if isinstance(lib, str):
+        pytest.skip(lib)
+    return lib
+
+
+def test_library_loads_without_a_driver_and_its_probe_says_what_is_missing():
+    """The static CUDA runtime makes loading need nothing; the probe answers ok on a usable GPU, else a reason."""
+    lib = _library()
+    assert lib.fn("sirl_device_kind")() == b"cuda"
+    why = lib.probe(_native.Launch(device=0))
+    if why is not None:
+        assert why.startswith("sirl_probe: ") and ("driver" in why or "device" in why), why
+
+
+def test_library_needs_only_the_c_runtime():
+    """No torch, no Python, no libcudart.so, no libstdc++: the wheel works beside any torch."""
+    readelf = shutil.which("readelf")
+    if readelf is None:
+        pytest.skip("readelf (binutils) is not installed")
+    out = subprocess.run([readelf, "-d", str(_library().path)], capture_output=True, text=True, check=True).stdout
+    needed = set(re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", out))
+    assert needed <= {"libc.so.6", "libm.so.6", "libgcc_s.so.1", "ld-linux-x86-64.so.2", "libdl.so.2", "librt.so.1",
+                      "libpthread.so.0"}, needed
 
 
 def _launcher_test_binary() -> Path | None:
@@ -87,10 +117,6 @@ def _case(n, v, dtype, seed=0, scale=3.0, ignore_every=0, ninf_every=0):
     return logits.cuda(), labels.cuda()
 
 
-def _ops():
-    return torch.ops.sirl_kernels_cuda
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n,v", [(1, 1), (3, 7), (17, 1000), (64, 4099), (5, 32768 + 3)])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
@@ -98,7 +124,7 @@ def _ops():
 @needs_cuda
 def test_forward_matches_float64(dtype, n, v, temperature):
     logits, labels = _case(n, v, dtype, seed=n + v, ignore_every=4, ninf_every=3 if v > 7 else 0)
-    lp, h, lse = cuda_backend.logits_forward(logits, labels, temperature, -100)
+    lp, h, stats = cuda_backend.logits_forward(logits, labels, temperature, -100)
     ref_lp, ref_h = reference_logprobs_entropy(logits, labels, temperature, -100)
     torch.testing.assert_close(lp.double(), ref_lp, **_tol(dtype))
     torch.testing.assert_close(h.double(), ref_h, **_tol(dtype))
@@ -112,9 +138,9 @@ def test_forward_matches_float64(dtype, n, v, temperature):
 @needs_cuda
 def test_split_v_matches_unsplit_and_is_deterministic(dtype, splits):
     logits, labels = _case(6, 20011, dtype, seed=splits, ignore_every=5)
-    one = _ops().logits_forward(logits, labels, 0.9, -100, 1)
-    many = _ops().logits_forward(logits, labels, 0.9, -100, splits)
-    again = _ops().logits_forward(logits, labels, 0.9, -100, splits)
+    one = cuda_backend.logits_forward(logits, labels, 0.9, -100, num_splits=1)
+    many = cuda_backend.logits_forward(logits, labels, 0.9, -100, num_splits=splits)
+    again = cuda_backend.logits_forward(logits, labels, 0.9, -100, num_splits=splits)
     for a, b, c in zip(one, many, again):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
         assert torch.equal(b, c), "split-V merge must be bit-reproducible"
@@ -144,15 +170,15 @@ def test_backward_matches_float64_and_in_place(dtype, temperature):
     logits, labels = _case(33, 3001, dtype, seed=11, ignore_every=6, ninf_every=4)
     g_lp = torch.randn(33, device="cuda")
     g_h = torch.randn(33, device="cuda")
-    _, h, lse = cuda_backend.logits_forward(logits, labels, temperature, -100)
-    grad = cuda_backend.logits_backward(g_lp, g_h, logits, labels, lse, h, temperature, -100)
+    _, h, stats = cuda_backend.logits_forward(logits, labels, temperature, -100)
+    grad = cuda_backend.logits_backward(g_lp, g_h, logits, labels, stats, h, temperature, -100)
     assert grad.dtype == dtype and grad.shape == logits.shape
     ref = reference_grads(logits, labels, g_lp, g_h, temperature, -100)
     torch.testing.assert_close(grad.double(), ref, **grad_tolerance(dtype, ref))
     assert torch.all(grad[labels == -100] == 0)
     assert torch.all(grad[torch.isinf(logits)] == 0), "-inf logits get exactly zero gradient"
     inplace = logits.clone()
-    out = cuda_backend.logits_backward_(g_lp, g_h, inplace, labels, lse, h, temperature, -100)
+    out = cuda_backend.logits_backward(g_lp, g_h, inplace, labels, stats, h, temperature, -100, out=inplace)
     assert out.data_ptr() == inplace.data_ptr()
     assert torch.equal(inplace, grad), "in-place backward must equal the out-of-place one bit for bit"
 
@@ -209,17 +235,17 @@ def test_large_vocab_bf16_vs_float64_and_triton():
     logits = (torch.randn(n, v, device="cuda") * 4).to(torch.bfloat16)
     labels = torch.randint(0, v, (n,), device="cuda")
     labels[::13] = -100
-    lp, h, lse = cuda_backend.logits_forward(logits, labels, 1.0, -100)
+    lp, h, stats = cuda_backend.logits_forward(logits, labels, 1.0, -100)
     rows = torch.arange(0, n, 997, device="cuda")  # float64 on a sample of rows (the full tensor is 20 GB)
     ref_lp, ref_h = reference_logprobs_entropy(logits[rows], labels[rows])
     torch.testing.assert_close(lp[rows].double(), ref_lp, rtol=1e-4, atol=2e-4)
     torch.testing.assert_close(h[rows].double(), ref_h, rtol=1e-4, atol=2e-4)
     g_lp = torch.randn(n, device="cuda")
     g_h = torch.randn(n, device="cuda")
-    grad = cuda_backend.logits_backward(g_lp, g_h, logits, labels, lse, h, 1.0, -100)
+    grad = cuda_backend.logits_backward(g_lp, g_h, logits, labels, stats, h, 1.0, -100)
     ref = reference_grads(logits[rows], labels[rows], g_lp[rows], g_h[rows])
     torch.testing.assert_close(grad[rows].double(), ref, **grad_tolerance(torch.bfloat16, ref))
-    cuda_backend.logits_backward_(g_lp, g_h, logits, labels, lse, h, 1.0, -100)  # in place, 5 GB saved
+    cuda_backend.logits_backward(g_lp, g_h, logits, labels, stats, h, 1.0, -100, out=logits)  # in place, 5 GB saved
     assert torch.equal(logits, grad)
     del grad, logits
     torch.cuda.empty_cache()
@@ -232,5 +258,5 @@ def test_large_vocab_bf16_vs_float64_and_triton():
     torch.testing.assert_close(lp, t_lp, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(h, t_h, rtol=1e-5, atol=1e-4)
     t_grad = backends.get("triton").logits_backward(g_lp, g_h, logits, labels, t_lse, t_h, 1.0, -100)
-    c_grad = cuda_backend.logits_backward(g_lp, g_h, logits, labels, lse, h, 1.0, -100)
+    c_grad = cuda_backend.logits_backward(g_lp, g_h, logits, labels, stats, h, 1.0, -100)
     torch.testing.assert_close(c_grad.float(), t_grad.float(), rtol=1e-2, atol=1e-6)

@@ -1,0 +1,100 @@
+// The scalar reference of libsirl_cpu (sirl_reference_logits_forward/backward): the contract of the C ABI computed
+// with nothing but csrc/include/sirl/online_state.h, one element at a time on the calling thread. It is what the
+// SIMD kernels (row_kernels.inc), the CUDA vector form (row_state.h) and the Triton kernels are tested against, so
+// the softmax state has one source. Slow on purpose: no vector exp, no change of base. z = x * (1/T) is rounded
+// per element, as torch.log_softmax(x / T) rounds it.
+#include "kernels.h"
+#include "sirl/c_api.h"
+#include "sirl/host_api.h"
+#include "sirl/online_state.h"
+
+namespace {
+
+// Element conversions: the baseline build's scalar-exact ones (test_conversions_match_torch checks them bit for bit
+// against torch for every 16-bit pattern), one element at a time.
+float load(const sirl_rows& in, const void* base, int64_t index) {
+  float value;
+  const char* element = static_cast<const char*>(base) + index * static_cast<int64_t>(sirl::dtype_size(in.dtype));
+  sirl_cpu::baseline::convert_array(in.dtype, element, SIRL_FLOAT32, &value, 1);
+  return value;
+}
+
+void store(int32_t dtype, void* base, int64_t index, float value) {
+  char* element = static_cast<char*>(base) + index * static_cast<int64_t>(sirl::dtype_size(dtype));
+  sirl_cpu::baseline::convert_array(SIRL_FLOAT32, &value, dtype, element, 1);
+}
+
+float inv_temperature(const sirl_rows& in) { return static_cast<float>(1.0 / in.temperature); }
+
+// The state of row[lo, hi) by pairwise merges over runs of at most 16 updates: nothing but the header's update and
+// merge, in an order whose rounding grows with log V rather than V, so that it can judge long rows.
+sirl::OnlineState pairwise_state(const sirl_rows& in, const void* row, float inv_t, int64_t lo, int64_t hi) {
+  if (hi - lo <= 16) {
+    sirl::OnlineState state = sirl::empty_state();
+    for (int64_t i = lo; i < hi; ++i) state = sirl::update(state, load(in, row, i) * inv_t);
+    return state;
+  }
+  const int64_t mid = lo + (hi - lo) / 2;
+  return sirl::merge(pairwise_state(in, row, inv_t, lo, mid), pairwise_state(in, row, inv_t, mid, hi));
+}
+
+sirl::Status reference_forward(const sirl_forward_args& a) {
+  sirl::Status st = sirl::check_forward(a, "sirl_reference_logits_forward");
+  if (!st.ok()) return st;
+  const float inv_t = inv_temperature(a.in);
+  const size_t esize = sirl::dtype_size(a.in.dtype);
+  for (int64_t r = 0; r < a.in.rows; ++r) {
+    const char* row = static_cast<const char*>(a.in.logits) + r * a.in.row_stride * static_cast<int64_t>(esize);
+    const int64_t y = sirl::label_column(a.in, r);
+    sirl::RowResult res = y == sirl::kIgnoredRow ? sirl::ignored_row() : sirl::bad_label_row();
+    if (y >= 0) {
+      res = sirl::finalize(pairwise_state(a.in, row, inv_t, 0, a.in.vocab), load(a.in, row, y) * inv_t);
+    }
+    a.logprobs[r] = res.logprob;
+    a.entropy[r] = res.entropy;
+    a.stats[2 * r] = res.max;
+    a.stats[2 * r + 1] = res.log_sum;
+  }
+  return sirl::ok();
+}
+
+sirl::Status reference_backward(const sirl_backward_args& a) {
+  sirl::Status st = sirl::check_backward(a, "sirl_reference_logits_backward");
+  if (!st.ok()) return st;
+  const float inv_t = inv_temperature(a.in);
+  const int64_t esize = static_cast<int64_t>(sirl::dtype_size(a.in.dtype));
+  for (int64_t r = 0; r < a.in.rows; ++r) {
+    const char* row = static_cast<const char*>(a.in.logits) + r * a.in.row_stride * esize;
+    char* out = static_cast<char*>(a.grad_logits) + r * a.grad_row_stride * esize;
+    const int64_t y = sirl::label_column(a.in, r);
+    if (y < 0) {
+      for (int64_t i = 0; i < a.in.vocab; ++i) store(a.in.dtype, out, i, y == sirl::kIgnoredRow ? 0.0f : NAN);
+      continue;
+    }
+    const float m = a.stats[2 * r], log_sum = a.stats[2 * r + 1];
+    const float h = a.entropy[r], g_lp = a.grad_logprobs[r], g_h = a.grad_entropy[r];
+    const float logp_y = sirl::log_prob(load(a.in, row, y) * inv_t, m, log_sum);  // before an in-place overwrite
+    for (int64_t i = 0; i < a.in.vocab; ++i) {
+      const float logp = sirl::log_prob(load(a.in, row, i) * inv_t, m, log_sum);
+      store(a.in.dtype, out, i, i == y ? 0.0f : sirl::grad_nonlabel(logp, h, g_lp, g_h, inv_t));
+    }
+    store(a.in.dtype, out, y, sirl::grad_label(logp_y, h, g_lp, g_h, inv_t));
+  }
+  return sirl::ok();
+}
+
+}  // namespace
+
+extern "C" {
+
+SIRL_API int32_t sirl_reference_logits_forward(const sirl_forward_args* args, const sirl_launch*) {
+  const char* fn = "sirl_reference_logits_forward";
+  return sirl::run_exported(fn, [&] { return args ? reference_forward(*args) : sirl::invalid(fn, "args is null"); });
+}
+
+SIRL_API int32_t sirl_reference_logits_backward(const sirl_backward_args* args, const sirl_launch*) {
+  const char* fn = "sirl_reference_logits_backward";
+  return sirl::run_exported(fn, [&] { return args ? reference_backward(*args) : sirl::invalid(fn, "args is null"); });
+}
+
+}  // extern "C"

@@ -1,0 +1,174 @@
+// Host-side C++ shared by libsirl_cpu and libsirl_cuda (torch-free, no device code): the status type, the argument
+// checks both devices run before touching memory, and the four per-device hooks that csrc/common/c_api.cpp
+// exports as the C ABI of c_api.h. Each library defines the hooks once (csrc/cpu/library.cpp,
+// csrc/cuda/device.cpp); everything else about the ABI is written here and in c_api.cpp, once.
+#pragma once
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cmath>
+#include <exception>
+#include <limits>
+#include <string>
+
+#include "sirl/c_api.h"
+
+namespace sirl {
+
+struct Status {
+  sirl_status code = SIRL_OK;
+  std::string message;
+  bool ok() const { return code == SIRL_OK; }
+};
+
+inline Status ok() { return Status{}; }
+
+inline Status invalid(const char* fn, const std::string& what) {
+  return Status{SIRL_INVALID_ARGUMENT, std::string(fn) + ": " + what};
+}
+
+inline Status device_error(const char* fn, const std::string& what) {
+  return Status{SIRL_DEVICE_ERROR, std::string(fn) + ": " + what};
+}
+
+inline bool dtype_supported(int32_t dtype) {
+  return dtype == SIRL_FLOAT32 || dtype == SIRL_BFLOAT16 || dtype == SIRL_FLOAT16;
+}
+
+inline size_t dtype_size(int32_t dtype) { return dtype == SIRL_FLOAT32 ? 4 : dtype_supported(dtype) ? 2 : 0; }
+
+inline const char* dtype_name(int32_t dtype) {
+  switch (dtype) {
+    case SIRL_FLOAT32:
+      return "float32";
+    case SIRL_BFLOAT16:
+      return "bfloat16";
+    case SIRL_FLOAT16:
+      return "float16";
+    default:
+      return "unknown";
+  }
+}
+
+// (rows - 1) * stride + extent must fit in int64 (all kernel offsets are int64).
+inline bool extent_fits(int64_t rows, int64_t stride, int64_t extent) {
+  if (rows <= 1 || stride == 0) return true;
+  return rows - 1 <= (std::numeric_limits<int64_t>::max() - extent) / stride;
+}
+
+inline bool aligned_to(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
+// The inputs both directions read. rows == 0 passes with any pointers (empty tensors may have none): callers
+// return early on it after the checks.
+inline Status check_rows(const sirl_rows& in, const char* fn) {
+  if (in.rows < 0) return invalid(fn, "rows must be >= 0, got " + std::to_string(in.rows));
+  if (in.vocab < 0) return invalid(fn, "vocab must be >= 0, got " + std::to_string(in.vocab));
+  if (!dtype_supported(in.dtype)) {
+    return Status{SIRL_UNSUPPORTED_DTYPE, std::string(fn) + ": dtype code " + std::to_string(in.dtype) +
+                                              " is not supported (float32 = 0, bfloat16 = 1, float16 = 2)"};
+  }
+  if (in.rows == 0) return ok();
+  if (in.vocab == 0) return invalid(fn, "vocab is 0 (empty vocabulary) with " + std::to_string(in.rows) + " rows");
+  if (in.logits == nullptr) return invalid(fn, "logits is a null pointer");
+  if (in.labels == nullptr) return invalid(fn, "labels is a null pointer");
+  if (!aligned_to(in.logits, dtype_size(in.dtype))) {
+    return invalid(fn, std::string("logits pointer is not aligned to its ") + dtype_name(in.dtype) + " elements");
+  }
+  if (!aligned_to(in.labels, sizeof(int64_t))) return invalid(fn, "labels pointer is not 8-byte aligned");
+  if (in.row_stride < 0) return invalid(fn, "row_stride must be >= 0, got " + std::to_string(in.row_stride));
+  if (in.rows > 1 && in.row_stride != 0 && in.row_stride < in.vocab) {
+    return invalid(fn, "row_stride " + std::to_string(in.row_stride) + " is smaller than vocab " +
+                           std::to_string(in.vocab) + " (rows would overlap)");
+  }
+  if (in.label_stride < 0) return invalid(fn, "label_stride must be >= 0, got " + std::to_string(in.label_stride));
+  if (!extent_fits(in.rows, in.row_stride, in.vocab) || !extent_fits(in.rows, in.label_stride, 1)) {
+    return invalid(fn, "rows x stride overflows int64");
+  }
+  if (!(std::isfinite(in.temperature) && in.temperature > 0.0)) {
+    return invalid(fn, "temperature must be finite and > 0, got " + std::to_string(in.temperature));
+  }
+  return ok();
+}
+
+inline Status check_forward(const sirl_forward_args& a, const char* fn) {
+  Status st = check_rows(a.in, fn);
+  if (!st.ok() || a.in.rows == 0) return st;
+  if (a.logprobs == nullptr || a.entropy == nullptr || a.stats == nullptr) {
+    return invalid(fn, "an output pointer (logprobs, entropy or stats) is null");
+  }
+  if (!aligned_to(a.logprobs, 4) || !aligned_to(a.entropy, 4) || !aligned_to(a.stats, 4)) {
+    return invalid(fn, "an output pointer is not 4-byte aligned");
+  }
+  return ok();
+}
+
+inline Status check_backward(const sirl_backward_args& a, const char* fn) {
+  Status st = check_rows(a.in, fn);
+  if (!st.ok() || a.in.rows == 0) return st;
+  if (a.grad_logits == nullptr) return invalid(fn, "grad_logits is a null pointer");
+  if (a.grad_logprobs == nullptr || a.grad_entropy == nullptr) {
+    return invalid(fn, "grad_logprobs or grad_entropy is a null pointer");
+  }
+  if (a.stats == nullptr || a.entropy == nullptr) return invalid(fn, "stats or entropy is a null pointer");
+  if (!aligned_to(a.grad_logits, dtype_size(a.in.dtype))) {
+    return invalid(fn, std::string("grad_logits is not aligned to its ") + dtype_name(a.in.dtype) + " elements");
+  }
+  if (!aligned_to(a.grad_logprobs, 4) || !aligned_to(a.grad_entropy, 4) || !aligned_to(a.stats, 4) ||
+      !aligned_to(a.entropy, 4)) {
+    return invalid(fn, "a per-row fp32 pointer is not 4-byte aligned");
+  }
+  if (a.grad_row_stride < 0 || (a.in.rows > 1 && a.grad_row_stride < a.in.vocab)) {
+    return invalid(fn, "grad_row_stride " + std::to_string(a.grad_row_stride) + " must be >= vocab " +
+                           std::to_string(a.in.vocab) + " (the gradient rows must not overlap)");
+  }
+  if (a.grad_logits == a.in.logits && a.grad_row_stride != a.in.row_stride) {
+    return invalid(fn, "in-place backward (grad_logits == logits) needs grad_row_stride == row_stride, got " +
+                           std::to_string(a.grad_row_stride) + " and " + std::to_string(a.in.row_stride));
+  }
+  if (!extent_fits(a.in.rows, a.grad_row_stride, a.in.vocab)) return invalid(fn, "rows x stride overflows int64");
+  return ok();
+}
+
+// The label of row r as a column index, or -1 for a row to zero (ignore_index) and -2 for a row to poison (a label
+// outside [0, vocab): NaN outputs, never a read at that column).
+constexpr int64_t kIgnoredRow = -1;
+constexpr int64_t kBadLabelRow = -2;
+inline int64_t label_column(const sirl_rows& in, int64_t r) {
+  const int64_t y = in.labels[r * in.label_stride];
+  if (y == in.ignore_index) return kIgnoredRow;
+  return (y >= 0 && y < in.vocab) ? y : kBadLabelRow;
+}
+
+// The hooks each library implements once; c_api.cpp turns them into the exported C functions.
+namespace device {
+extern const char* const kKind;  // "cpu" | "cuda"
+Status probe(const sirl_launch& launch);
+Status forward_workspace_bytes(const sirl_forward_args& args, const sirl_launch& launch, uint64_t* bytes);
+Status logits_forward(const sirl_forward_args& args, const sirl_launch& launch);
+Status logits_backward(const sirl_backward_args& args, const sirl_launch& launch);
+}  // namespace device
+
+// Every exported function returns through here: the status code, with its message kept for sirl_last_error()
+// (cleared on success). An escaping C++ exception (allocation failure, thread creation) becomes an error, never
+// an abort across the C boundary.
+std::string& last_error_message();
+
+template <typename F>
+int32_t run_exported(const char* fn, F&& body) noexcept {
+  Status st;
+  try {
+    st = body();
+  } catch (const std::exception& e) {
+    st = device_error(fn, std::string("unexpected C++ exception: ") + e.what());
+  } catch (...) {
+    st = device_error(fn, "unexpected C++ exception");
+  }
+  try {
+    last_error_message() = st.message;
+  } catch (...) {  // out of memory for the message itself: the code still says what happened
+  }
+  return static_cast<int32_t>(st.code);
+}
+
+}  // namespace sirl
