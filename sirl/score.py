@@ -13,9 +13,10 @@ from sirl.rollout import Rollout
 from sirl_kernels.hf import causal_lm_token_logprobs_entropy
 
 
-def micro_batches(rollout: Rollout, token_budget: int) -> list[slice]:
-    """Consecutive row slices with at most ``token_budget`` padded tokens each (at least one row)."""
-    rows_per = max(1, token_budget // max(1, rollout.input_ids.shape[1]))
+def micro_batches(rollout: Rollout, token_budget: int, whole: int = 1) -> list[slice]:
+    """Consecutive row slices with at most ``token_budget`` padded tokens each (at least ``whole`` rows, and a
+    multiple of ``whole`` rows: ``whole=G`` keeps every group in one micro-batch)."""
+    rows_per = max(whole, token_budget // max(1, rollout.input_ids.shape[1]) // whole * whole)
     return [slice(s, min(s + rows_per, len(rollout))) for s in range(0, len(rollout), rows_per)]
 
 
@@ -103,11 +104,15 @@ def sirl_rewards(
         rewards = -total
     else:
         raise ValueError(f"aggregation must be 'mean' or 'sum', got {aggregation!r}")
-    valid = torch.ones_like(truncated, dtype=torch.bool)
-    if truncation == "mask":
-        valid = ~truncated
-    elif truncation == "penalize":
+    valid = valid_rows(truncated, truncation)
+    if truncation == "penalize":
         rewards = torch.where(truncated, torch.full_like(rewards, truncation_penalty), rewards)
-    elif truncation != "keep":
-        raise ValueError(f"truncation must be 'keep', 'mask' or 'penalize', got {truncation!r}")
     return rewards.float(), valid
+
+
+def valid_rows(truncated: Tensor, truncation: str = "keep") -> Tensor:
+    """``[N]`` bool: the sequences that take part in the loss and in their group's statistics (all of them, but
+    the truncated ones under ``truncation="mask"``); known before any reward is."""
+    if truncation not in ("keep", "mask", "penalize"):
+        raise ValueError(f"truncation must be 'keep', 'mask' or 'penalize', got {truncation!r}")
+    return ~truncated.bool() if truncation == "mask" else torch.ones_like(truncated, dtype=torch.bool)

@@ -1,8 +1,13 @@
 """The SIRL loop. One step, top to bottom:
 
-    prompts -> rollout (G samples each) -> score (old log-probs, entropy; reward = -mean entropy)
-            -> advantage (group z-score) -> loss (clipped surrogate + beta KL, micro-batched) -> optimizer step
-            -> metrics line, checkpoint
+    prompts -> rollout (G samples each) -> score (entropy -> reward = -mean entropy -> group z-score advantage)
+            -> reference log-probs -> loss (clipped surrogate + beta KL, micro-batched) -> optimizer step
+            -> evaluation (every eval_every steps) -> metrics line, checkpoint
+
+On-policy (one update per rollout, the default) the score comes from the loss pass itself: each micro-batch holds
+whole groups, its forward's entropies give the rewards and advantages before its loss is formed, and its detached
+log-probs are the sampler's, so no separate no-grad scoring pass runs (``reward_pass``; TRL's SIRLGRPOTrainer does
+the same). Off-policy (``updates_per_batch > 1``) or with a batch-wide advantage std, a no-grad pass scores first.
 
 Data parallel (``torchrun``): every rank builds the same prompt stream and takes a contiguous slice of each
 step's prompts, so groups never span ranks. Gradients are summed across ranks by hand after the backward passes:
@@ -20,7 +25,7 @@ import random
 import resource
 import shutil
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,12 +34,15 @@ import torch
 import torch.distributed as dist
 
 from sirl.advantage import group_advantages
-from sirl.config import SIRLConfig, save_config
+from sirl.config import SIRLConfig, check_resume_changes, reward_in_loss, save_config
 from sirl.data import PromptStream, encode_prompt, load_prompts
+from sirl.eval.report import distinct_n
+from sirl.eval.suite import EvalSuite, evaluate, load_llm_judge, load_suite
 from sirl.loss import sirl_loss
-from sirl.reference import Reference, reference_logprobs
+from sirl.reference import Reference, is_peft_model, reference_logprobs
 from sirl.rollout import Rollout, rollout
-from sirl.score import micro_batches, sirl_rewards, token_logprobs_entropy, trim
+from sirl.score import micro_batches, sirl_rewards, token_logprobs_entropy, trim, valid_rows
+from sirl.selection import BestTracker
 from sirl_kernels.hf import causal_lm_token_logprobs_entropy
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -64,6 +72,10 @@ class Dist:
         parts = [torch.empty_like(t) for _ in range(self.world)]
         dist.all_gather(parts, t.contiguous())
         return torch.cat(parts)
+
+    def rank0_flag(self, flag: bool) -> bool:
+        """Rank 0's ``flag`` on every rank (e.g. rank 0's evaluation decided to stop)."""
+        return self.all_sum([float(flag) if self.main else 0.0])[0] > 0
 
     def sum_gradients(self, params: list[torch.nn.Parameter]) -> None:
         if self.world == 1:
@@ -117,24 +129,79 @@ def loss_normalisers(batch: Rollout, loss_mask: torch.Tensor, dd: Dist) -> dict:
                 max_completion_tokens=batch.input_ids.shape[1] - batch.prompt_length)
 
 
+@dataclass
+class Scores:
+    """A rollout's rewards and advantages, and the per-token entropies they are made of."""
+
+    entropy: torch.Tensor  # [N, T] entropy of the distribution that produced each completion token
+    rewards: torch.Tensor  # [N] the SIRL reward
+    valid: torch.Tensor  # [N] bool: in the loss and in its group's statistics
+    advantages: torch.Tensor  # [N]
+    group_std: torch.Tensor  # [N / G]
+
+
+def score(batch: Rollout, entropy: torch.Tensor, cfg: SIRLConfig, dd: Dist) -> Scores:
+    """Entropies -> SIRL rewards (minus the mean entropy) -> group advantages (a batch std spans all ranks)."""
+    rewards, valid = sirl_rewards(
+        entropy, batch.completion_mask, batch.truncated, aggregation=cfg.reward_aggregation,
+        last_k=cfg.reward_last_k, truncation=cfg.truncation, truncation_penalty=cfg.truncation_penalty,
+    )
+    batch_std = None
+    if cfg.advantage_scale == "batch":
+        all_rewards, all_valid = dd.all_cat(rewards), dd.all_cat(valid)
+        batch_std = all_rewards[all_valid].std()
+    advantages, group_std = group_advantages(rewards, cfg.group_size, scale=cfg.advantage_scale,
+                                             min_std=cfg.advantage_min_std, valid=valid, batch_std=batch_std)
+    return Scores(entropy, rewards, valid, advantages, group_std)
+
+
+class ScoreInLoss:
+    """On-policy scoring from the training forward: called once per micro-batch (whole groups) with its rows and
+    their entropies, returns their advantages and fills ``scores`` for the whole rollout."""
+
+    def __init__(self, batch: Rollout, cfg: SIRLConfig):
+        self.batch, self.cfg = batch, cfg
+        n, g = len(batch), cfg.group_size
+        zeros = torch.zeros(n, device=batch.input_ids.device)
+        self.scores = Scores(torch.zeros(batch.input_ids.shape, device=zeros.device), zeros.clone(),
+                             torch.ones(n, dtype=torch.bool, device=zeros.device), zeros.clone(),
+                             torch.zeros(n // g, device=zeros.device))
+
+    def __call__(self, rows: slice, entropy: torch.Tensor) -> torch.Tensor:
+        s, g = self.scores, self.cfg.group_size
+        s.entropy[rows, : entropy.shape[1]] = entropy.float()
+        part = score(self.batch.select(rows), s.entropy[rows], self.cfg, Dist())  # per-group: no other rank needed
+        s.rewards[rows], s.valid[rows], s.advantages[rows] = part.rewards, part.valid, part.advantages.float()
+        s.group_std[rows.start // g: rows.stop // g] = part.group_std
+        return s.advantages[rows]
+
+
 def policy_gradient_pass(
     policy, batch: Rollout, old_logprobs, ref_logprobs, advantages, loss_mask, cfg: SIRLConfig, dd: Dist,
-    autocast,
+    autocast, score_in_loss: ScoreInLoss | None = None,
 ) -> dict:
-    """Forward + backward over micro-batches, gradients accumulated and summed across ranks. No optimizer step."""
+    """Forward + backward over micro-batches, gradients accumulated and summed across ranks. No optimizer step.
+
+    With ``score_in_loss`` (on-policy; ``old_logprobs`` and ``advantages`` are then None), each micro-batch holds
+    whole groups: its forward's own log-probs, detached, are the sampler's (the ratio is exactly 1, its gradient
+    the policy gradient) and its entropies give the rewards and advantages before its loss is formed."""
     norm = loss_normalisers(batch, loss_mask, dd)
     totals = {"tokens": 0.0, "clipped_tokens": 0.0, "kl_sum": 0.0, "loss": 0.0}
-    for rows in micro_batches(batch, cfg.micro_batch_tokens):
+    whole = cfg.group_size if score_in_loss is not None else 1
+    for rows in micro_batches(batch, cfg.micro_batch_tokens, whole):
         mb = trim(batch.select(rows))
         width = mb.input_ids.shape[1]
         with autocast:
-            new_logprobs, _ = causal_lm_token_logprobs_entropy(
+            new_logprobs, entropy = causal_lm_token_logprobs_entropy(
                 policy, mb.input_ids, mb.attention_mask, mb.completion_mask, temperature=cfg.temperature
             )
+        if score_in_loss is None:
+            old, adv = old_logprobs[rows, :width], advantages[rows]
+        else:
+            old, adv = new_logprobs.detach(), score_in_loss(rows, entropy.detach())
         loss, stats = sirl_loss(
-            new_logprobs, old_logprobs[rows, :width],
-            None if ref_logprobs is None else ref_logprobs[rows, :width],
-            advantages[rows], loss_mask[rows, :width],
+            new_logprobs, old, None if ref_logprobs is None else ref_logprobs[rows, :width],
+            adv, loss_mask[rows, :width],
             eps_low=cfg.clip_eps_low, eps_high=cfg.clip_eps_high, log_ratio_clamp=cfg.log_ratio_clamp,
             kl_beta=cfg.kl_beta, kl_estimator=cfg.kl_estimator, kl_clamp=cfg.kl_clamp,
             aggregation=cfg.loss_aggregation, **norm,
@@ -147,16 +214,49 @@ def policy_gradient_pass(
     return {"loss": loss, "clip_frac": clipped / max(tokens, 1.0), "kl": kl_sum / max(tokens, 1.0)}
 
 
-def distinct_n(sequences: list[list[int]], n: int = 2) -> float:
-    """Distinct n-grams / all n-grams over a batch of completions (1 = no repetition)."""
-    grams = [tuple(s[i:i + n]) for s in sequences for i in range(len(s) - n + 1)]
-    return len(set(grams)) / len(grams) if grams else 1.0
-
-
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# stage timings: where a step's time goes (generation usually dominates)
+
+STAGES = ("rollout", "score", "reference", "update", "eval")
+
+
+class StageTimer:
+    """Wall seconds per stage; on CUDA each stage ends with a synchronize so its kernels are counted in it."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds = dict.fromkeys(STAGES, 0.0)
+
+    @contextmanager
+    def __call__(self, stage: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.seconds[stage] += time.perf_counter() - t0
+
+
+def timing_metrics(seconds: dict, tokens: dict) -> dict:
+    """``time/STAGE_s`` for every stage, and ``time/STAGE_tokens_per_s`` for each stage given a token count
+    (rollout: generated tokens; score, reference: prompt + completion tokens; update: those times mu)."""
+    out = {f"time/{stage}_s": seconds.get(stage, 0.0) for stage in STAGES}
+    for stage, count in tokens.items():
+        out[f"time/{stage}_tokens_per_s"] = count / seconds[stage] if seconds.get(stage) else 0.0
+    return out
+
+
+def stage_split(row: dict) -> str:
+    """The progress bar's view of a row's timings: ``roll 12.1s score 0.9s ref 0.8s upd 3.0s eval 0.0s``."""
+    short = {"rollout": "roll", "score": "score", "reference": "ref", "update": "upd", "eval": "eval"}
+    return " ".join(f"{short[s]} {row[f'time/{s}_s']:.3g}s" for s in STAGES)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -188,7 +288,16 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
                   key=lambda p: int(p.name.split("-")[1]))
 
 
-def save_checkpoint(output_dir: Path, step: int, policy, optimizer, scheduler, stream, cfg, dd: Dist) -> None:
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Puts the finished directory ``tmp`` at ``final``, keeping the old one until the new one is in place."""
+    if final.exists():
+        final.rename(final.with_name(final.name + ".old"))
+    os.replace(tmp, final)  # atomic on POSIX: the directory exists whole or not at all
+    shutil.rmtree(final.with_name(final.name + ".old"), ignore_errors=True)
+
+
+def save_checkpoint(output_dir: Path, step: int, policy, optimizer, scheduler, stream, cfg, dd: Dist,
+                    selection: BestTracker) -> None:
     final = output_dir / f"checkpoint-{step:07d}"
     tmp = output_dir / f"checkpoint-{step:07d}.tmp"
     if dd.main:
@@ -201,22 +310,21 @@ def save_checkpoint(output_dir: Path, step: int, policy, optimizer, scheduler, s
     if dd.main:
         torch.save(trainable_state(policy), tmp / "trainable.pt")
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, "data": stream.state_dict()}))
+        (tmp / "state.json").write_text(json.dumps({"step": step, "data": stream.state_dict(),
+                                                    "selection": selection.state_dict()}))
         save_config(cfg, tmp / "config.json")
     if dd.world > 1:
         dist.barrier()
     if dd.main:
-        if final.exists():  # only when a step is saved twice (e.g. save_every hits the last step): keep it until
-            final.rename(final.with_name(final.name + ".old"))  # the new one is in place
-        os.replace(tmp, final)  # atomic on POSIX: the checkpoint exists whole or not at all
-        shutil.rmtree(final.with_name(final.name + ".old"), ignore_errors=True)
+        replace_dir(tmp, final)  # a step saved twice (early stop at a save_every step) keeps one copy
         for old in checkpoint_dirs(output_dir)[: -max(1, cfg.keep_checkpoints)]:
             shutil.rmtree(old, ignore_errors=True)
     if dd.world > 1:
         dist.barrier()
 
 
-def load_checkpoint(path: Path, policy, optimizer, scheduler, stream, dd: Dist) -> int:
+def load_checkpoint(path: Path, policy, optimizer, scheduler, stream, dd: Dist) -> dict:
+    """Restores weights, optimizer, schedule, data position and RNGs; returns the checkpoint's ``state.json``."""
     weights = torch.load(path / "trainable.pt", map_location="cpu")
     params = dict(policy.named_parameters())
     with torch.no_grad():
@@ -231,7 +339,40 @@ def load_checkpoint(path: Path, policy, optimizer, scheduler, stream, dd: Dist) 
     if not rng_file.exists():
         raise RuntimeError(f"{path} was written with a different number of ranks (no {rng_file.name})")
     set_rng_state(torch.load(rng_file, weights_only=False))
-    return int(state["step"])
+    return state
+
+
+def apply_optimizer_settings(optimizer, scheduler, cfg: SIRLConfig) -> None:
+    """Makes a restored optimizer and schedule follow ``cfg`` (a resume may change lr, betas, weight decay,
+    warm-up or schedule under --allow-config-change; with the saved settings this changes nothing)."""
+    scheduler.lr_lambdas = [lr_lambda(cfg)] * len(optimizer.param_groups)
+    scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+    for group, fn in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group.update(initial_lr=cfg.lr, lr=cfg.lr * fn(scheduler.last_epoch), weight_decay=cfg.weight_decay,
+                     betas=(cfg.adam_beta1, cfg.adam_beta2))
+
+
+def save_pretrained(policy, tokenizer, path: Path) -> None:
+    """The adapter (LoRA) or the whole model, loadable with from_pretrained, written whole or not at all."""
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if is_peft_model(policy):
+        # peft's "auto" would look the base model up on the Hub (base_model_name_or_path is the user's name for
+        # it) to decide whether to save the embeddings: save them exactly when training touched them.
+        trained_embeddings = any(p.requires_grad and ("embed" in n or "lm_head" in n)
+                                 for n, p in policy.named_parameters())
+        policy.save_pretrained(tmp, save_embedding_layers=trained_embeddings)
+    else:
+        policy.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    replace_dir(tmp, path)
+
+
+def save_best(output_dir: Path, policy, tokenizer, selection: BestTracker) -> None:
+    save_pretrained(policy, tokenizer, output_dir / "best")
+    (output_dir / "best" / "best.json").write_text(json.dumps(
+        {"step": selection.best_step, "metric": selection.metric, "mode": selection.mode,
+         "value": selection.best_value}, indent=2))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -287,6 +428,16 @@ class Logger:
             self.tb.close()
 
 
+def log_config_changes(output_dir: Path, step: int, changes: dict) -> None:
+    """A resume's accepted config changes, printed and appended to ``config_changes.jsonl``."""
+    if not changes:
+        return
+    print(f"--resume at step {step} applies config changes: "
+          + "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items()), flush=True)
+    with open(output_dir / "config_changes.jsonl", "a") as f:
+        f.write(json.dumps({"step": step, "changes": {k: list(v) for k, v in changes.items()}}) + "\n")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the loop
 
@@ -299,14 +450,16 @@ def build(cfg: SIRLConfig, dd: Dist):
     model, tokenizer = load_model_and_tokenizer(cfg.model, device=device, dtype=cfg.dtype, seed=cfg.seed)
     if cfg.lora:
         model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+        for adapter in model.peft_config.values():  # adapter_config.json names the model as the user gave it,
+            adapter.base_model_name_or_path = cfg.model  # not the path it was loaded from (e.g. inside the venv)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.lora:
             model.enable_input_require_grads()
     if cfg.compile:
-        from sirl_kernels.hf import _unwrap
+        from sirl_kernels.hf import unwrap_model
 
-        _unwrap(model).get_decoder().compile()
+        unwrap_model(model).get_decoder().compile()
     reference = Reference(model) if cfg.kl_beta != 0.0 else None
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
@@ -316,12 +469,37 @@ def build(cfg: SIRLConfig, dd: Dist):
     return model, tokenizer, reference, optimizer, scheduler, stream, device
 
 
-def train(cfg: SIRLConfig, resume: bool = False) -> list[dict]:
-    """Runs ``cfg.steps`` steps (continuing from the latest checkpoint when ``resume``); returns the metric rows."""
+def evaluation_row(policy, tokenizer, suite: EvalSuite, step: int, output_dir: Path, timer: StageTimer,
+                   dd: Dist) -> dict:
+    """Rank 0 evaluates (the others wait); returns the ``eval/*`` metrics (empty on other ranks)."""
+    metrics = {}
+    with timer("eval"):
+        if dd.main:
+            metrics = evaluate(policy, tokenizer, suite, step=step, output_dir=output_dir)
+        if dd.world > 1:
+            dist.barrier()
+    return metrics
+
+
+def train(cfg: SIRLConfig, resume: bool = False, allow_config_change: bool = False) -> list[dict]:
+    """Runs ``cfg.steps`` steps (continuing from the latest checkpoint when ``resume``); returns the metric rows.
+
+    Everything that can be checked without a model is checked first: the config, the evaluation sets and, on
+    ``resume``, the differences from the run's saved config (only ``MAY_CHANGE_ON_RESUME`` keys may differ
+    unless ``allow_config_change``; then every change is logged and applied, the optimizer's lr included)."""
+    cfg.validate()
     dd = init_distributed()
     if cfg.prompts_per_step % dd.world:
         raise ValueError(f"prompts_per_step={cfg.prompts_per_step} must be divisible by the {dd.world} ranks")
     output_dir = Path(cfg.output_dir)
+    found = checkpoint_dirs(output_dir) if output_dir.is_dir() else []
+    if not resume and found:
+        raise FileExistsError(f"{output_dir} already holds checkpoints: pass --resume, or pick a new --output-dir")
+    if resume and not found:
+        raise FileNotFoundError(f"--resume: no checkpoint in {output_dir}")
+    changes = check_resume_changes(json.loads((found[-1] / "config.json").read_text()), cfg,
+                                   allow_config_change) if resume else {}
+    suite = load_suite(cfg)
     output_dir.mkdir(parents=True, exist_ok=True)
     # Same seed everywhere for the model and data order; per-rank offset only for sampling (set below).
     random.seed(cfg.seed)
@@ -329,21 +507,25 @@ def train(cfg: SIRLConfig, resume: bool = False) -> list[dict]:
     torch.manual_seed(cfg.seed)
     policy, tokenizer, reference, optimizer, scheduler, stream, device = build(cfg, dd)
     torch.manual_seed(cfg.seed + 1000 * dd.rank)
+    if suite is not None:
+        load_llm_judge(suite, device, cfg.dtype)
+    selection = BestTracker(cfg.keep_best, cfg.keep_best_mode, cfg.early_stop_patience)
 
     start = 0
-    if not resume and checkpoint_dirs(output_dir):
-        raise FileExistsError(f"{output_dir} already holds checkpoints: pass --resume, or pick a new --output-dir")
     if resume:
-        found = checkpoint_dirs(output_dir)
-        if not found:
-            raise FileNotFoundError(f"--resume: no checkpoint in {output_dir}")
-        start = load_checkpoint(found[-1], policy, optimizer, scheduler, stream, dd)
+        state = load_checkpoint(found[-1], policy, optimizer, scheduler, stream, dd)
+        start = int(state["step"])
+        selection.load_state_dict(state.get("selection"))
+        apply_optimizer_settings(optimizer, scheduler, cfg)
+        if dd.main:
+            log_config_changes(output_dir, start, changes)
     if dd.main:
-        save_config(cfg, output_dir / "config.json")
+        save_config(cfg, output_dir / "config.json")  # only now: the settings this run goes on with
     logger = Logger(output_dir, cfg, dd, start)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                 if cfg.bf16 and device.type == "cuda" else nullcontext())
     per_rank = cfg.prompts_per_step // dd.world
+    in_loss = reward_in_loss(cfg)  # the reward from the training forward (on-policy): no separate score pass
     encoded = {}  # prompt index -> token ids (the chat template is applied once per prompt)
 
     bar = None
@@ -351,8 +533,34 @@ def train(cfg: SIRLConfig, resume: bool = False) -> list[dict]:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.steps, initial=start, desc="sirl", dynamic_ncols=True)
+
+    def evaluated(step: int, timer: StageTimer) -> dict:
+        """The evaluation at ``step``: eval/* metrics, the best model saved, the early-stop decision shared."""
+        if bar is not None:
+            bar.set_description(f"sirl (evaluating step {step})")
+        metrics = evaluation_row(policy, tokenizer, suite, step, output_dir, timer, dd)
+        if bar is not None:
+            bar.set_description("sirl")
+        if dd.main and selection.update(step, metrics) and cfg.keep_best:
+            save_best(output_dir, policy, tokenizer, selection)
+        return metrics
+
     rows = []
+    if selection.should_stop:
+        print(f"this run stopped early at step {start} ({selection.describe()}); raise early_stop_patience "
+              "to continue it")
+    elif suite is not None and start == 0:
+        timer = StageTimer(device)
+        row = {"step": 0, **evaluated(0, timer)}
+        row.update(timing_metrics(timer.seconds, {}))
+        rows.append(row)
+        logger.metrics(row)
+
+    stopped = dd.rank0_flag(selection.should_stop)
     for step in range(start + 1, cfg.steps + 1):
+        if stopped:
+            break
+        timer = StageTimer(device)
         t0 = time.perf_counter()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -363,51 +571,61 @@ def train(cfg: SIRLConfig, resume: bool = False) -> list[dict]:
             if i not in encoded:
                 encoded[i] = encode_prompt(tokenizer, stream.prompts[i], cfg.system_prompt, cfg.max_prompt_tokens)
 
-        # 2. rollout: G samples per prompt from the current policy
         with autocast:
-            batch = rollout(policy, tokenizer, [encoded[i] for i in indices], group_size=cfg.group_size,
-                            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                            top_k=cfg.top_k)
-            # 3. score: old log-probs and the entropy the reward is made of (one no-grad forward)
-            old_logprobs, entropy = token_logprobs_entropy(policy, batch, cfg.temperature, cfg.micro_batch_tokens)
-            ref_logprobs = (reference_logprobs(reference, policy, batch, cfg.temperature, cfg.micro_batch_tokens)
-                            if reference is not None else None)
-        rewards, valid = sirl_rewards(
-            entropy, batch.completion_mask, batch.truncated, aggregation=cfg.reward_aggregation,
-            last_k=cfg.reward_last_k, truncation=cfg.truncation, truncation_penalty=cfg.truncation_penalty,
-        )
+            # 2. rollout: G samples per prompt from the current policy
+            with timer("rollout"):
+                batch = rollout(policy, tokenizer, [encoded[i] for i in indices], group_size=cfg.group_size,
+                                max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                                top_k=cfg.top_k)
+            # 3. score: the entropies the reward is made of, the rewards, the group advantages. On-policy they come
+            #    from the training forward in step 5 (no extra pass); otherwise from one no-grad forward here,
+            #    whose log-probs are also the sampler's for the ratio.
+            scores = old_logprobs = None
+            if not in_loss:
+                with timer("score"):
+                    old_logprobs, entropy = token_logprobs_entropy(policy, batch, cfg.temperature,
+                                                                   cfg.micro_batch_tokens)
+                    scores = score(batch, entropy, cfg, dd)
+            # 4. reference: log-probs of the KL anchor (the adapters disabled, or the frozen copy)
+            with timer("reference"):
+                ref_logprobs = (reference_logprobs(reference, policy, batch, cfg.temperature,
+                                                   cfg.micro_batch_tokens) if reference is not None else None)
 
-        # 4. advantage: group z-score (the batch std, if asked, spans all ranks)
-        all_rewards, all_valid = dd.all_cat(rewards), dd.all_cat(valid)
-        batch_std = all_rewards[all_valid].std() if cfg.advantage_scale == "batch" else None
-        advantages, group_std = group_advantages(rewards, cfg.group_size, scale=cfg.advantage_scale,
-                                                 min_std=cfg.advantage_min_std, valid=valid, batch_std=batch_std)
-        loss_mask = batch.completion_mask.bool() & valid[:, None]
-
-        # 5. loss and update (mu passes over the same rollout; old log-probs stay those of the sampler)
-        policy.train()
-        for _ in range(cfg.updates_per_batch):
-            optimizer.zero_grad(set_to_none=True)
-            stats = policy_gradient_pass(policy, batch, old_logprobs, ref_logprobs, advantages, loss_mask, cfg,
-                                         dd, autocast)
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                [p for p in policy.parameters() if p.requires_grad], cfg.max_grad_norm
-            ).item()
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-        scheduler.step()
-
-        # 6. metrics over all ranks
+        with timer("update"):
+            # 5. loss and update (mu passes over the same rollout; old log-probs stay those of the sampler)
+            loss_mask = batch.completion_mask.bool() & valid_rows(batch.truncated, cfg.truncation)[:, None]
+            scorer = ScoreInLoss(batch, cfg) if in_loss else None
+            policy.train()
+            for _ in range(cfg.updates_per_batch):
+                optimizer.zero_grad(set_to_none=True)
+                stats = policy_gradient_pass(policy, batch, old_logprobs, ref_logprobs,
+                                             None if in_loss else scores.advantages, loss_mask, cfg, dd, autocast,
+                                             score_in_loss=scorer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    [p for p in policy.parameters() if p.requires_grad], cfg.max_grad_norm
+                ).item()
+                lr = optimizer.param_groups[0]["lr"]  # the rate this update used
+                optimizer.step()
+            scheduler.step()
+            scores = scorer.scores if in_loss else scores
         step_time = time.perf_counter() - t0
+
+        # 6. evaluation on the held-out sets (step 0 was before the loop), best model, early stop
+        eval_metrics = {}
+        if suite is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
+            eval_metrics = evaluated(step, timer)
+            stopped = dd.rank0_flag(selection.should_stop)
+
+        # 7. metrics over all ranks
         mask = batch.completion_mask.bool()
-        seq_entropy = (entropy * mask).sum(-1) / mask.sum(-1).clamp_min(1)
-        all_entropy = dd.all_cat(seq_entropy)
+        seq_entropy = (scores.entropy * mask).sum(-1) / mask.sum(-1).clamp_min(1)
+        all_rewards, all_entropy = dd.all_cat(scores.rewards), dd.all_cat(seq_entropy)
         all_len = dd.all_cat(batch.completion_lengths.float())
         all_trunc = dd.all_cat(batch.truncated.float())
-        all_gstd = dd.all_cat(group_std)
+        all_gstd = dd.all_cat(scores.group_std)
         completions = [row[m].tolist() for row, m in zip(batch.input_ids, mask)]
         distinct2 = dd.all_sum([distinct_n(completions, 2)])[0] / dd.world
-        tokens = dd.all_sum([float(batch.attention_mask.sum())])[0]
+        tokens, generated = dd.all_sum([float(batch.attention_mask.sum()), float(mask.sum())])
         row = {
             "step": step,
             "reward_mean": all_rewards.mean().item(),
@@ -426,9 +644,13 @@ def train(cfg: SIRLConfig, resume: bool = False) -> list[dict]:
             "distinct_2": distinct2,
             "repetition": 1.0 - distinct2,
             "tokens_per_s": tokens / step_time,
-            "step_time_s": step_time,
+            "step_time_s": step_time,  # rollout to optimizer step; the evaluation is time/eval_s
             "peak_mem_mb": peak_memory_mb(device),  # rank 0's
             "data_position": stream.position,
+            **timing_metrics(timer.seconds, {"rollout": generated, "score": 0.0 if in_loss else tokens,
+                                             "reference": tokens if reference is not None else 0.0,
+                                             "update": tokens * cfg.updates_per_batch}),
+            **eval_metrics,
         }
         rows.append(row)
         logger.metrics(row)
@@ -436,21 +658,21 @@ def train(cfg: SIRLConfig, resume: bool = False) -> list[dict]:
             logger.completions([
                 {"step": step, "prompt": str(stream.prompts[indices[int(batch.prompt_index[j])]]),
                  "completion": tokenizer.decode(completions[j], skip_special_tokens=True),
-                 "reward": rewards[j].item(), "truncated": bool(batch.truncated[j])}
+                 "reward": scores.rewards[j].item(), "truncated": bool(batch.truncated[j])}
                 for j in range(len(batch))
             ])
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(reward=f"{row['reward_mean']:.3f}", entropy=f"{row['entropy_mean']:.3f}",
-                            kl=f"{row['kl']:.2e}")
-        if step % cfg.save_every == 0 or step == cfg.steps:
-            save_checkpoint(output_dir, step, policy, optimizer, scheduler, stream, cfg, dd)
+            bar.set_postfix_str(f"reward {row['reward_mean']:.3f} entropy {row['entropy_mean']:.3f} "
+                                f"kl {row['kl']:.1e} | {stage_split(row)}")
+        if stopped and dd.main:
+            print(f"early stop at step {step}: {selection.describe()}", flush=True)
+        if step % cfg.save_every == 0 or step == cfg.steps or stopped:
+            save_checkpoint(output_dir, step, policy, optimizer, scheduler, stream, cfg, dd, selection)
 
     if bar is not None:
         bar.close()
     logger.close()
-    if dd.main and start < cfg.steps:
-        # The adapter (LoRA) or the whole model, loadable with from_pretrained, beside the checkpoints.
-        policy.save_pretrained(output_dir / "final")
-        tokenizer.save_pretrained(output_dir / "final")
+    if dd.main and rows and rows[-1]["step"] > start:
+        save_pretrained(policy, tokenizer, output_dir / "final")
     return rows

@@ -9,6 +9,7 @@ Modules (each small; the pure parts take lists and return dicts):
 - ``datasets``    prompt files (plain lists, JailbreakBench-expanded layouts, XSTest, MT-Bench, Alpaca) -> rows
 - ``generate``    model loading (+ LoRA adapter), batched generation, per-response entropy via the fused kernels
 - ``dsr``, ``overrefusal``, ``capability``, ``entropy_gap``, ``compare``: one command each
+- ``suite``       the held-out sets ``sirl train`` evaluates every ``eval_every`` steps, with those commands
 - ``report``      tables, summary.json and plots shared by the commands
 - ``cli``         ``sirl eval ...`` and ``sirl analyze ...``
 """

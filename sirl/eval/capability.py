@@ -19,7 +19,7 @@ from contextlib import nullcontext
 
 from sirl.eval.datasets import PromptSet
 from sirl.eval.judge import KEYWORD_SETS, apply_judge, describe
-from sirl.eval.report import bar_chart, markdown_table, mean, run_info, write_outputs
+from sirl.eval.report import bar_chart, distinct_n, markdown_table, mean, run_info, write_outputs
 
 
 def capability_summary(categories, n_tokens, truncated, words, base_logprobs, refused, scores=None) -> dict:
@@ -87,7 +87,7 @@ def perplexity_model(model, meta: dict | None) -> str:
 
 
 def run_capability(model, tokenizer, prompts: PromptSet, *, output_dir, gen: dict, base=None, score_fn=None,
-                   judge=None, meta: dict | None = None, plot: bool = True) -> dict:
+                   judge=None, meta: dict | None = None, plot: bool = True, echo: bool = True) -> dict:
     from sirl.eval.generate import generate
 
     start = time.time()
@@ -105,7 +105,8 @@ def run_capability(model, tokenizer, prompts: PromptSet, *, output_dir, gen: dic
     categories = prompts.categories()
     summary = capability_summary(categories, [g.n_tokens for g in gens], [g.truncated for g in gens],
                                  [len(r.split()) for r in responses], lps, refused, scores)
-    summary.update(command="capability", entropy_mean=mean(g.entropy_mean for g in gens), data=prompts.source,
+    summary.update(command="capability", entropy_mean=mean(g.entropy_mean for g in gens),
+                   repetition=1.0 - distinct_n([g.response_ids for g in gens]), data=prompts.source,
                    prompt_column=prompts.prompt_column, category_column=prompts.category_column,
                    perplexity_model=perplexity_model(model, meta), refusal_judge=describe(judge),
                    generation=gen, elapsed_s=round(time.time() - start, 1), **(meta or {}), **run_info())
@@ -119,5 +120,6 @@ def run_capability(model, tokenizer, prompts: PromptSet, *, output_dir, gen: dic
         bar_chart(out / "capability.png", [("refusal rate", {k: v["refusal_rate"] for k, v in per.items()}),
                                            ("truncated fraction", {k: v["truncated_frac"] for k, v in per.items()})],
                   "fraction of responses")
-    print(table)
+    if echo:
+        print(table)
     return summary

@@ -61,7 +61,8 @@ def add_common(p: argparse.ArgumentParser, data: bool = True) -> None:
                                    "py:MODULE:FUNCTION (see sirl/eval/judge.py)")
     g.add_argument("--output-dir", help="where summary.json, responses.jsonl, table.md and the PNG go")
     g.add_argument("--no-plot", action="store_true")
-    g.add_argument("--progress", action="store_true", help="print a line per generated batch")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="a progress bar over the answers being generated (default: on)")
 
 
 def resolve(args: argparse.Namespace, command: str) -> argparse.Namespace:
@@ -238,11 +239,18 @@ ANALYZE_COMMANDS = {
 }
 
 
+def add_debug_flag(p: argparse.ArgumentParser, default=argparse.SUPPRESS) -> None:
+    """``--debug`` at any level of ``sirl [--debug] CMD [--debug] [SUB [--debug]]`` (only the top level sets the
+    default, so a subcommand's parser does not overwrite a flag given earlier)."""
+    p.add_argument("--debug", action="store_true", default=default, help="show the traceback of an error")
+
+
 def _add_group(p: argparse.ArgumentParser, commands: dict) -> None:
     sub = p.add_subparsers(dest="subcommand", required=True)
     for name, (help_text, add_arguments, run) in commands.items():
         sp = sub.add_parser(name, help=help_text, description=help_text)
         add_arguments(sp)
+        add_debug_flag(sp)
         sp.set_defaults(sub_run=run)
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from sirl.eval.attacks import Attack
 from sirl.eval.datasets import PromptSet
 from sirl.eval.judge import apply_judge, describe
-from sirl.eval.report import bar_chart, mean, rate_table, rates_by, run_info, write_outputs
+from sirl.eval.report import bar_chart, distinct_n, mean, rate_table, rates_by, run_info, write_outputs
 
 
 @dataclass
@@ -54,7 +54,7 @@ def dsr_tables(summary: dict) -> str:
 
 
 def run_dsr(model, tokenizer, prompts: PromptSet, attacks: list[Attack], judge, *, output_dir, gen: dict,
-            meta: dict | None = None, plot: bool = True) -> dict:
+            meta: dict | None = None, plot: bool = True, echo: bool = True) -> dict:
     """Generate for every (attack, prompt), judge, write ``summary.json``, ``responses.jsonl``, ``table.md`` and
     ``dsr.png`` into ``output_dir``; returns the summary."""
     from sirl.eval.generate import generate
@@ -68,6 +68,7 @@ def run_dsr(model, tokenizer, prompts: PromptSet, attacks: list[Attack], judge, 
         command="dsr",
         entropy_mean=mean(g.entropy_mean for g in gens),
         response_tokens_mean=mean(g.n_tokens for g in gens),
+        repetition=1.0 - distinct_n([g.response_ids for g in gens]),
         judge=describe(judge), attacks=[a.name for a in attacks], n_prompts=len(prompts),
         data=prompts.source, prompt_column=prompts.prompt_column, category_column=prompts.category_column,
         generation=gen, elapsed_s=round(time.time() - start, 1), **(meta or {}), **run_info(),
@@ -80,6 +81,7 @@ def run_dsr(model, tokenizer, prompts: PromptSet, attacks: list[Attack], judge, 
         bar_chart(out / "dsr.png", [("DSR per attack", {k: v["dsr"] for k, v in summary["per_attack"].items()}),
                                     ("DSR per category", {k: v["dsr"] for k, v in summary["per_category"].items()})],
                   "defense success rate")
-    print(table)
+    if echo:
+        print(table)
     return summary
 

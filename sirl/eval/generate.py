@@ -116,6 +116,8 @@ def generate(
 ) -> list[Generation]:
     """``samples_per_prompt`` responses per prompt (contiguous, in prompt order). Prompts are batched by length
     (less padding); ``score_temperature=None`` skips the entropy/log-prob pass."""
+    from tqdm.auto import tqdm
+
     from sirl.data import encode_prompt
     from sirl.rollout import rollout
 
@@ -123,7 +125,9 @@ def generate(
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     out: list[list[Generation]] = [[] for _ in prompts]
     batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
-    for b, idx in enumerate(batches):
+    bar = tqdm(total=len(prompts) * samples_per_prompt, desc="generating", unit="answer", disable=not progress,
+               dynamic_ncols=True)
+    for idx in batches:
         r = rollout(model, tokenizer, [encoded[i] for i in idx], group_size=samples_per_prompt,
                     max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=0, do_sample=do_sample)
         lp, ent = score(model, r, score_temperature, token_budget) if score_temperature else ([None] * len(r),) * 2
@@ -136,8 +140,8 @@ def generate(
                 prompt_ids=encoded[i], response_ids=ids, truncated=bool(r.truncated[row]),
                 entropy_mean=ent[row], logprob_mean=lp[row],
             ))
-        if progress:
-            print(f"  generated batch {b + 1}/{len(batches)}", flush=True)
+        bar.update(len(r))
+    bar.close()
     return [g for per_prompt in out for g in per_prompt]
 
 

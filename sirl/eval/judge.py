@@ -169,10 +169,10 @@ class LLMJudge:
 
         from sirl.rollout import left_pad
         from sirl_kernels import linear_token_logprobs_entropy
-        from sirl_kernels.hf import _unwrap, final_hidden_states
+        from sirl_kernels.hf import final_hidden_states, unwrap_model
 
         device = next(self.model.parameters()).device
-        head = _unwrap(self.model).get_output_embeddings()
+        head = unwrap_model(self.model).get_output_embeddings()
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         out: list[float] = []
         self.model.eval()

@@ -10,7 +10,7 @@ import time
 
 from sirl.eval.datasets import PromptSet
 from sirl.eval.judge import apply_judge, describe
-from sirl.eval.report import bar_chart, mean, rate_table, rates_by, run_info, write_outputs
+from sirl.eval.report import bar_chart, distinct_n, mean, rate_table, rates_by, run_info, write_outputs
 
 DEFAULT_FILTERS = {"label": "safe"}
 
@@ -30,7 +30,7 @@ def overrefusal_tables(summary: dict) -> str:
 
 
 def run_overrefusal(model, tokenizer, prompts: PromptSet, judge, *, output_dir, gen: dict, meta: dict | None = None,
-                    plot: bool = True) -> dict:
+                    plot: bool = True, echo: bool = True) -> dict:
     from sirl.eval.generate import generate
 
     start = time.time()
@@ -41,6 +41,7 @@ def run_overrefusal(model, tokenizer, prompts: PromptSet, judge, *, output_dir, 
     summary.update(
         command="overrefusal",
         entropy_mean=mean(g.entropy_mean for g in gens), response_tokens_mean=mean(g.n_tokens for g in gens),
+        repetition=1.0 - distinct_n([g.response_ids for g in gens]),
         judge=describe(judge), data=prompts.source, prompt_column=prompts.prompt_column,
         type_column=prompts.category_column, generation=gen, elapsed_s=round(time.time() - start, 1),
         **(meta or {}), **run_info(),
@@ -53,5 +54,6 @@ def run_overrefusal(model, tokenizer, prompts: PromptSet, judge, *, output_dir, 
         bar_chart(out / "overrefusal.png",
                   [("over-refusal per type", {k: v["refusal_rate"] for k, v in summary["per_type"].items()}
                     or {"all": summary["refusal_rate"]})], "refusal rate")
-    print(table)
+    if echo:
+        print(table)
     return summary

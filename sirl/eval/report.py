@@ -131,6 +131,12 @@ def rates_by(keys: Sequence, flags: Sequence[bool], rate: str) -> dict:
     return out
 
 
+def distinct_n(sequences: Sequence[Sequence[int]], n: int = 2) -> float:
+    """Distinct n-grams / all n-grams over a batch of token sequences (1 = no repetition)."""
+    grams = [tuple(s[i:i + n]) for s in sequences for i in range(len(s) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 1.0
+
+
 def mean(values) -> float | None:
     values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else None

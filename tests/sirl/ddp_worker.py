@@ -53,6 +53,9 @@ def run(rank, world, port, out_dir):
     cfg = load_config(preset="tiny", overrides=dict(
         steps=2, save_every=2, max_new_tokens=5, prompts_per_step=4, output_dir=os.path.join(out_dir, "run"),
         progress=False, log_completions_every=0, kl_beta=0.01,
+        # rank 0 evaluates at steps 0 and 2 while rank 1 waits; both must agree on the early-stop decision
+        eval_every=2, eval_overrefusal="overrefusal_cpu_demo.jsonl", eval_limit=2, eval_max_new_tokens=2,
+        keep_best="eval/response_len", early_stop_patience=1,
     ))
     rows = train(cfg)
     torch.save({"rows": rows}, os.path.join(out_dir, f"rows{rank}.pt"))

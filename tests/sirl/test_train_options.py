@@ -24,14 +24,20 @@ def _config(tmp_path, **overrides):
     return load_config(preset="tiny", overrides={**base, **overrides})
 
 
-def _gradients(cfg):
-    """One rollout + policy-gradient pass from a fixed seed; returns {name: grad} of the trainable parameters."""
+def _built_and_rolled_out(cfg):
+    """The trainer's model and reference, and one rollout of the first prompts, from fixed seeds."""
     torch.manual_seed(0)
-    policy, tokenizer, _, _, _, stream, _ = build(cfg, Dist())
+    policy, tokenizer, reference, _, _, stream, _ = build(cfg, Dist())
     prompts = [encode_prompt(tokenizer, stream.prompts[i], None, 64) for i in range(cfg.prompts_per_step)]
     torch.manual_seed(1)
     batch = rollout(policy, tokenizer, prompts, group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
                     temperature=1.0, top_p=1.0, top_k=0)
+    return policy, reference, batch
+
+
+def _gradients(cfg):
+    """One rollout + policy-gradient pass from a fixed seed; returns {name: grad} of the trainable parameters."""
+    policy, _, batch = _built_and_rolled_out(cfg)
     old_logprobs, entropy = token_logprobs_entropy(policy, batch, 1.0, cfg.micro_batch_tokens)
     rewards = -(entropy.sum(-1) / batch.completion_mask.sum(-1).clamp_min(1))
     advantages, _ = group_advantages(rewards, cfg.group_size, scale="group", min_std=1e-4)
@@ -60,3 +66,44 @@ def test_compiled_decoder_gives_the_same_gradients(tmp_path):
     plain = _gradients(_config(tmp_path / "a"))
     compiled = _gradients(_config(tmp_path / "b", compile=True))
     _assert_same(plain, compiled)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(truncation="mask", max_new_tokens=3), dict(micro_batch_tokens=40),
+                                     dict(truncation="penalize", max_new_tokens=3, advantage_scale="none")])
+def test_reward_from_the_training_forward_equals_a_separate_scoring_pass(tmp_path, options):
+    """On-policy, the loss pass's own entropies and log-probs give the same rewards, advantages and gradients as a
+    no-grad scoring pass before it (micro-batches of whole groups; micro_batch_tokens=40 forces several)."""
+    from sirl.reference import reference_logprobs
+    from sirl.score import valid_rows
+    from sirl.train import ScoreInLoss, score
+
+    cfg = _config(tmp_path, lora=True, kl_beta=0.05, **options)
+    results = {}
+    for mode in ("separate", "loss"):
+        policy, reference, batch = _built_and_rolled_out(cfg)
+        with torch.no_grad():  # a trained-looking adapter, so the reference differs from the policy
+            for n, p in policy.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.05)
+        ref = reference_logprobs(reference, policy, batch, 1.0, cfg.micro_batch_tokens)
+        loss_mask = batch.completion_mask.bool() & valid_rows(batch.truncated, cfg.truncation)[:, None]
+        policy.train()
+        if mode == "separate":
+            old, entropy = token_logprobs_entropy(policy, batch, 1.0, cfg.micro_batch_tokens)
+            scores = score(batch, entropy, cfg, Dist())
+            stats = policy_gradient_pass(policy, batch, old, ref, scores.advantages, loss_mask, cfg, Dist(),
+                                         nullcontext())
+        else:
+            scorer = ScoreInLoss(batch, cfg)
+            stats = policy_gradient_pass(policy, batch, None, ref, None, loss_mask, cfg, Dist(), nullcontext(),
+                                         score_in_loss=scorer)
+            scores = scorer.scores
+        grads = {n: p.grad.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
+        results[mode] = (scores, stats, grads)
+    (a, sa, ga), (b, sb, gb) = results["separate"], results["loss"]
+    for field in ("entropy", "rewards", "advantages", "group_std"):
+        torch.testing.assert_close(getattr(a, field).float(), getattr(b, field).float(), rtol=1e-4, atol=1e-5,
+                                   msg=field)
+    assert torch.equal(a.valid, b.valid) and sa["clip_frac"] == sb["clip_frac"] == 0.0
+    assert sa["kl"] == pytest.approx(sb["kl"], rel=1e-4) and sa["loss"] == pytest.approx(sb["loss"], rel=1e-3, abs=1e-6)
+    _assert_same(ga, gb)

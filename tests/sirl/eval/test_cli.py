@@ -1,6 +1,7 @@
 """``sirl eval ...`` / ``sirl analyze ...`` end to end on the tiny random model (seconds each)."""
 
 import json
+import re
 
 import pytest
 
@@ -95,20 +96,25 @@ def test_analyze_entropy_gap_tiny(tmp_path, monkeypatch):
     assert s["gap"] is None and s["p_value"] is None and s["gap_status"].startswith("group too small")
 
 
-def test_bad_input_errors(tmp_path):
-    with pytest.raises(ValueError, match="unknown attack 'rot14'.*rot13"):
-        main(["eval", "dsr", "--preset", "tiny", "--attacks", "rot14", "--output-dir", str(tmp_path / "x")])
-    with pytest.raises(ValueError, match="--data"):
-        main(["eval", "dsr", "--model", "tiny-random-llama"])
-    with pytest.raises(ValueError, match="unknown preset"):
-        main(["eval", "dsr", "--preset", "nope"])
-    with pytest.raises(ValueError, match="--limit"):
-        main(["eval", "overrefusal", "--preset", "tiny", "--limit", "0"])
+def test_bad_input_errors(tmp_path, capsys):
+    """Each error is one stderr line naming the problem (exit status 2); --debug raises it with its traceback."""
     (tmp_path / "empty.csv").write_text("prompt\n")
-    with pytest.raises(ValueError, match="empty"):
-        main(["eval", "overrefusal", "--preset", "tiny", "--data", str(tmp_path / "empty.csv")])
-    with pytest.raises(ValueError, match="unknown judge"):
-        main(["eval", "overrefusal", "--preset", "tiny", "--judge", "gpt4", "--output-dir", str(tmp_path / "y")])
+    cases = [
+        (["eval", "dsr", "--preset", "tiny", "--attacks", "rot14", "--output-dir", str(tmp_path / "x")],
+         ValueError, "unknown attack 'rot14'.*rot13"),
+        (["eval", "dsr", "--model", "tiny-random-llama"], ValueError, "--data"),
+        (["eval", "dsr", "--preset", "nope"], ValueError, "unknown preset"),
+        (["eval", "overrefusal", "--preset", "tiny", "--limit", "0"], ValueError, "--limit"),
+        (["eval", "overrefusal", "--preset", "tiny", "--data", str(tmp_path / "empty.csv")], ValueError, "empty"),
+        (["eval", "overrefusal", "--preset", "tiny", "--judge", "gpt4", "--output-dir", str(tmp_path / "y")],
+         ValueError, "unknown judge"),
+    ]
+    for argv, exc_type, pattern in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("sirl eval ") and re.search(pattern, err), err
+        with pytest.raises(exc_type, match=pattern):
+            main(argv + ["--debug"])
 
 
 @pytest.mark.slow
@@ -124,3 +130,12 @@ def test_cpu_demo_entropy_gap_smollm2(tmp_path):
                  "--output-dir", str(out)]) == 0
     s = summary(out)
     assert s["n"] == 6 and s["model"] == "smollm2-135m-instruct" and s["harmful_entropy_mean"] > 0
+
+
+def test_progress_bar_by_default(tmp_path, capsys):
+    argv = ["eval", "overrefusal", "--preset", "tiny", "--limit", "3", "--max-new-tokens", "2", "--no-plot"]
+    assert main([*argv, "--output-dir", str(tmp_path / "a")]) == 0
+    err = capsys.readouterr().err
+    assert "generating" in err and "3/3" in err
+    assert main([*argv, "--no-progress", "--output-dir", str(tmp_path / "b")]) == 0
+    assert "generating" not in capsys.readouterr().err
