@@ -48,7 +48,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import _status_kib as status_kib  # noqa: E402  (VmRSS / VmHWM of this process, in KiB)
+from common import status_kib  # noqa: E402  (VmRSS / VmHWM of this process, in KiB)
 from common import machine_info, write_results  # noqa: E402
 
 TRAINERS = ("ours", "trl", "trl+sirl")

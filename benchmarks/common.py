@@ -36,7 +36,7 @@ def median_seconds(fn, repeats: int, device: torch.device, warmup: int = 1) -> f
 
 
 # --- memory ------------------------------------------------------------------------------------------------------
-def _status_kib(field: str) -> int:
+def status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -55,9 +55,9 @@ def cpu_peak_extra_bytes(fn) -> int | None:
         _honest_malloc(True)
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        start = _status_kib("VmRSS")
+        start = status_kib("VmRSS")
         result = fn()
-        peak = _status_kib("VmHWM")
+        peak = status_kib("VmHWM")
         del result
         return max(0, (peak - start) * 1024)
     except (OSError, RuntimeError):

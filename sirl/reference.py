@@ -35,9 +35,10 @@ class Reference:
 
 
 @torch.no_grad()
-def reference_logprobs(reference: Reference, policy, rollout, temperature: float, token_budget: int):
+def reference_logprobs(reference: Reference, policy, rollout, temperature: float, token_budget: int,
+                       check_labels: bool = True):
     from sirl.score import token_logprobs_entropy
 
     with reference.model(policy) as ref_model:
-        logprobs, _ = token_logprobs_entropy(ref_model, rollout, temperature, token_budget)
+        logprobs, _ = token_logprobs_entropy(ref_model, rollout, temperature, token_budget, check_labels)
     return logprobs

@@ -31,8 +31,12 @@ def trim(rollout: Rollout) -> Rollout:
 
 
 @torch.no_grad()
-def token_logprobs_entropy(model, rollout: Rollout, temperature: float, token_budget: int) -> tuple[Tensor, Tensor]:
-    """``(logprobs, entropy)`` ``[N, T]`` float32, zero outside the completion (alignment: sirl_kernels.hf)."""
+def token_logprobs_entropy(model, rollout: Rollout, temperature: float, token_budget: int, check_labels: bool = True
+                           ) -> tuple[Tensor, Tensor]:
+    """``(logprobs, entropy)`` ``[N, T]`` float32, zero outside the completion (alignment: sirl_kernels.hf).
+
+    ``check_labels=False`` skips the kernels' per-call token-id check (a host sync per micro-batch on CUDA): for
+    callers that validated the ids once (the trainer, once per rollout)."""
     width = rollout.input_ids.shape[1]
     logprobs = torch.zeros(rollout.input_ids.shape, dtype=torch.float32, device=rollout.input_ids.device)
     entropy = torch.zeros_like(logprobs)
@@ -42,7 +46,8 @@ def token_logprobs_entropy(model, rollout: Rollout, temperature: float, token_bu
         for rows in micro_batches(rollout, token_budget):
             mb = trim(rollout.select(rows))
             lp, ent = causal_lm_token_logprobs_entropy(
-                model, mb.input_ids, mb.attention_mask, mb.completion_mask, temperature=temperature
+                model, mb.input_ids, mb.attention_mask, mb.completion_mask, temperature=temperature,
+                check_labels=check_labels,
             )
             logprobs[rows, : lp.shape[1]] = lp
             entropy[rows, : ent.shape[1]] = ent

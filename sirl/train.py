@@ -43,7 +43,8 @@ from sirl.reference import Reference, is_peft_model, reference_logprobs
 from sirl.rollout import Rollout, rollout
 from sirl.score import micro_batches, sirl_rewards, token_logprobs_entropy, trim, valid_rows
 from sirl.selection import BestTracker
-from sirl_kernels.hf import causal_lm_token_logprobs_entropy
+from sirl_kernels import validate_labels
+from sirl_kernels.hf import causal_lm_token_logprobs_entropy, output_head, unwrap_model
 
 # ---------------------------------------------------------------------------------------------------------------
 # distributed helpers (all no-ops in a single process)
@@ -193,7 +194,8 @@ def policy_gradient_pass(
         width = mb.input_ids.shape[1]
         with autocast:
             new_logprobs, entropy = causal_lm_token_logprobs_entropy(
-                policy, mb.input_ids, mb.attention_mask, mb.completion_mask, temperature=cfg.temperature
+                policy, mb.input_ids, mb.attention_mask, mb.completion_mask, temperature=cfg.temperature,
+                check_labels=False,  # the ids were validated once after the rollout
             )
         if score_in_loss is None:
             old, adv = old_logprobs[rows, :width], advantages[rows]
@@ -457,8 +459,6 @@ def build(cfg: SIRLConfig, dd: Dist):
         if cfg.lora:
             model.enable_input_require_grads()
     if cfg.compile:
-        from sirl_kernels.hf import unwrap_model
-
         unwrap_model(model).get_decoder().compile()
     reference = Reference(model) if cfg.kl_beta != 0.0 else None
     params = [p for p in model.parameters() if p.requires_grad]
@@ -526,6 +526,7 @@ def train(cfg: SIRLConfig, resume: bool = False, allow_config_change: bool = Fal
                 if cfg.bf16 and device.type == "cuda" else nullcontext())
     per_rank = cfg.prompts_per_step // dd.world
     in_loss = reward_in_loss(cfg)  # the reward from the training forward (on-policy): no separate score pass
+    vocab_size = output_head(unwrap_model(policy))[0].shape[0]  # rows of lm_head: the valid token ids
     encoded = {}  # prompt index -> token ids (the chat template is applied once per prompt)
 
     bar = None
@@ -577,6 +578,9 @@ def train(cfg: SIRLConfig, resume: bool = False, allow_config_change: bool = Fal
                 batch = rollout(policy, tokenizer, [encoded[i] for i in indices], group_size=cfg.group_size,
                                 max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                                 top_k=cfg.top_k)
+                # One token-id check per rollout (one host sync) instead of one per kernel call: every pass below
+                # runs the kernels with check_labels=False, sync-free.
+                validate_labels(batch.input_ids, vocab_size)
             # 3. score: the entropies the reward is made of, the rewards, the group advantages. On-policy they come
             #    from the training forward in step 5 (no extra pass); otherwise from one no-grad forward here,
             #    whose log-probs are also the sampler's for the ratio.
@@ -584,12 +588,13 @@ def train(cfg: SIRLConfig, resume: bool = False, allow_config_change: bool = Fal
             if not in_loss:
                 with timer("score"):
                     old_logprobs, entropy = token_logprobs_entropy(policy, batch, cfg.temperature,
-                                                                   cfg.micro_batch_tokens)
+                                                                   cfg.micro_batch_tokens, check_labels=False)
                     scores = score(batch, entropy, cfg, dd)
             # 4. reference: log-probs of the KL anchor (the adapters disabled, or the frozen copy)
             with timer("reference"):
                 ref_logprobs = (reference_logprobs(reference, policy, batch, cfg.temperature,
-                                                   cfg.micro_batch_tokens) if reference is not None else None)
+                                                   cfg.micro_batch_tokens, check_labels=False)
+                                if reference is not None else None)
 
         with timer("update"):
             # 5. loss and update (mu passes over the same rollout; old log-probs stay those of the sampler)
@@ -604,6 +609,11 @@ def train(cfg: SIRLConfig, resume: bool = False, allow_config_change: bool = Fal
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     [p for p in policy.parameters() if p.requires_grad], cfg.max_grad_norm
                 ).item()
+                if not math.isfinite(grad_norm):  # NaN log-probs (a NaN in the model) must not reach the weights
+                    raise FloatingPointError(
+                        f"step {step}: the gradient norm is {grad_norm}; NaN or inf in the model's log-probs or "
+                        "loss, so no update was applied (see metrics.jsonl for the last good step)"
+                    )
                 lr = optimizer.param_groups[0]["lr"]  # the rate this update used
                 optimizer.step()
             scheduler.step()
