@@ -51,8 +51,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import status_kib  # noqa: E402  (VmRSS / VmHWM of this process, in KiB)
 from common import machine_info, write_results  # noqa: E402
 
+from sirl.train import STEP_STAGES as STAGES  # noqa: E402  (the stages of a step, as metrics.jsonl names them)
+
 TRAINERS = ("ours", "trl", "trl+sirl")
-STAGES = ("rollout", "score", "reference", "update")
 
 
 @dataclass
@@ -95,8 +96,6 @@ def prompt_list(setup: Setup, steps: int) -> list[str]:
 
 
 def run_ours(setup: Setup, steps: int, out_dir: Path) -> list[dict]:
-    import json as _json
-
     import torch
 
     from sirl.config import load_config
@@ -104,7 +103,7 @@ def run_ours(setup: Setup, steps: int, out_dir: Path) -> list[dict]:
 
     needed = prompt_list(setup, steps)
     prompt_file = out_dir / "prompts.jsonl"
-    prompt_file.write_text("".join(_json.dumps({"prompt": p}) + "\n" for p in needed))
+    prompt_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in needed))
     cfg = load_config(overrides=dict(
         model=setup.model, dtype="float32", device="cpu", lora=True, lora_r=setup.lora_r,
         lora_alpha=setup.lora_alpha, lora_target_modules=list(setup.lora_targets), prompts=str(prompt_file),
@@ -116,17 +115,7 @@ def run_ours(setup: Setup, steps: int, out_dir: Path) -> list[dict]:
     torch.set_num_threads(setup.threads)
     rows = [r for r in train(cfg) if "reward_mean" in r]
     return [{"step_s": r["step_time_s"], **{f"{s}_s": r[f"time/{s}_s"] for s in STAGES},
-             "tokens": r["tokens_per_s"] * r["step_time_s"],
-             "generated": r["time/rollout_tokens_per_s"] * r["time/rollout_s"]} for r in rows]
-
-
-def reference_active(model) -> bool:
-    """True while a PEFT model computes TRL's reference: adapters disabled, or TRL's frozen "ref" adapter active."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    if getattr(model, "active_adapter", None) == "ref":
-        return True
-    return next((m.disable_adapters for m in model.modules() if isinstance(m, BaseTunerLayer)), False)
+             "tokens": r["tokens"], "generated": r["generated_tokens"]} for r in rows]
 
 
 def plain_trl_sirl_reward(trainer_ref: dict, tokenizer, temperature: float):
@@ -163,11 +152,11 @@ def run_trl(setup: Setup, steps: int, out_dir: Path, with_sirl: bool) -> tuple[l
 
     from peft import LoraConfig
 
-    from sirl.models import drop_dequantized_gguf_marker, load_model_and_tokenizer
+    from sirl.integrations.trl import adapters_off
+    from sirl.models import load_model_and_tokenizer
 
     torch.manual_seed(setup.seed)
     model, tokenizer = load_model_and_tokenizer(setup.model, device=torch.device("cpu"), dtype="float32")
-    drop_dequantized_gguf_marker(model)
     # A new adapter, as TRL expects it: its reference is then the model with the adapter disabled (as ours)
     lora = LoraConfig(r=setup.lora_r, lora_alpha=setup.lora_alpha, lora_dropout=0.0,
                       target_modules=list(setup.lora_targets), task_type="CAUSAL_LM")
@@ -213,7 +202,7 @@ def run_trl(setup: Setup, steps: int, out_dir: Path, with_sirl: bool) -> tuple[l
     def logps_stage(model_arg, *rest):
         if torch.is_grad_enabled():
             return None  # the training forward: part of the update
-        return "reference" if reference_active(trainer.accelerator.unwrap_model(model_arg)) else "score"
+        return "reference" if adapters_off(trainer.accelerator.unwrap_model(model_arg)) else "score"
 
     timed("_generate", lambda *a: "rollout")
     timed("_calculate_rewards", lambda *a: "score")
@@ -263,7 +252,6 @@ def worker(name: str, setup: Setup, steps: int, out_dir: Path) -> dict:
         rows, extra = run_ours(setup, steps, out_dir), {}
     else:
         rows, extra = run_trl(setup, steps, out_dir, with_sirl=name == "trl+sirl")
-        setup_rss = None
     return {"trainer": name, "steps": rows, "train_peak_rss_mb": status_kib("VmHWM") / 1024,
             "setup_rss_mb": setup_rss / 1024 if setup_rss else None, **extra}
 
@@ -356,13 +344,12 @@ def rollout_variants(args, setup: Setup) -> None:
     from transformers import GenerationConfig
 
     from sirl.data import encode_prompt
-    from sirl.models import add_lora, drop_dequantized_gguf_marker, load_model_and_tokenizer
+    from sirl.models import add_lora, load_model_and_tokenizer
     from sirl.rollout import rollout
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(setup.seed)
     model, tokenizer = load_model_and_tokenizer(setup.model, device=torch.device("cpu"), dtype="float32")
-    drop_dequantized_gguf_marker(model)
     policy = add_lora(model, setup.lora_r, setup.lora_alpha, 0.0, list(setup.lora_targets))
     with torch.no_grad():  # a trained-looking adapter (B = 0 at init would make merging a no-op)
         for n, p in policy.named_parameters():

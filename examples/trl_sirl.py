@@ -53,11 +53,6 @@ def main(argv=None) -> dict:
 
     torch.manual_seed(0)
     model, tokenizer = load_model_and_tokenizer(args.model, device=torch.device(args.device), dtype="float32")
-    quantizer = getattr(model, "hf_quantizer", None)
-    if (quantizer is not None and str(quantizer.quantization_config.quant_method) in ("gguf", "QuantizationMethod.GGUF")
-            and all(type(p) is torch.nn.Parameter and p.is_floating_point() for p in model.parameters())):
-        model.hf_quantizer, model.is_quantized = None, False  # the GGUF file was dequantized to float on load;
-        #                                                       HF Trainer would refuse the leftover marker
     if args.lora:
         model = add_lora(model, r=16, alpha=32, dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
     prompts = load_prompts(args.prompts)[: args.num_prompts]

@@ -73,7 +73,13 @@ def run_train(args: argparse.Namespace) -> int:
 
 PLOTTED = ("reward_mean", "entropy_mean", "kl", "loss", "clip_frac", "grad_norm", "response_len_mean",
            "truncated_frac", "repetition", "lr")
-STAGE_KEYS = ("time/rollout_s", "time/score_s", "time/reference_s", "time/update_s")  # of one training step
+
+
+def stage_keys() -> tuple[str, ...]:
+    """The ``time/STAGE_s`` keys of one training step's stages (the evaluation's are ``time/eval_s``)."""
+    from sirl.train import STEP_STAGES  # imported here, not at the top: ``sirl --help`` stays instant
+
+    return tuple(f"time/{stage}_s" for stage in STEP_STAGES)
 
 
 def add_plot_arguments(p: argparse.ArgumentParser) -> None:
@@ -104,7 +110,7 @@ def plot_grid(path: Path, rows: list[dict], keys: list[str], stages: bool = Fals
         ax.set_xlabel("step")
     if stages:  # the stages of the training steps (an evaluation's seconds are time/eval_s, in the eval rows)
         ax = axes.flat[len(keys)]
-        for key in STAGE_KEYS:
+        for key in stage_keys():
             steps, values = curve([r for r in rows if "reward_mean" in r], key)
             if any(values):
                 ax.plot(steps, values, label=key[5:-2], marker="." if len(steps) < 50 else None)
@@ -140,7 +146,7 @@ def plot(output_dir: str | Path, keys: list[str] | None = None, out: str | Path 
         return [plot_grid(Path(out) if out else output_dir / "selected.png", rows, chosen, "stages" in keys)]
     keys = [k for k in PLOTTED if k in train_rows[0]]
     eval_keys = sorted({k for r in rows for k in r if k.startswith("eval/")})
-    stages = any(k in train_rows[0] for k in STAGE_KEYS)
+    stages = any(k in train_rows[0] for k in stage_keys())
     written = [plot_grid(output_dir / "curves.png", rows, keys + eval_keys, stages)]
 
     steps, rewards = curve(train_rows, "reward_mean")

@@ -391,18 +391,14 @@ def _selection(cfg: SIRLConfig) -> str | None:
         return None
     if not cfg.eval_every:
         return f"keep_best={_shown(cfg.keep_best)}: needs eval_every > 0 (the metric comes from the evaluations)"
-    from sirl.eval.suite import metric_names
-
-    names = metric_names(cfg)
-    if cfg.keep_best not in names:
-        return f"keep_best={_shown(cfg.keep_best)}: this configuration's evaluations give {', '.join(names)}"
-    return None
+    return None  # whether the evaluations give that metric is checked on the loaded suite (check_keep_best)
 
 
 def reward_in_loss_blocker(cfg: SIRLConfig) -> str | None:
     """Why the training forward cannot supply the reward (None when it can): it is the sampling policy's forward
     only on-policy (one update per rollout, no dropout), and it sees one micro-batch of whole groups at a time, so
-    the advantage may only use per-group statistics."""
+    the advantage may only use per-group statistics. The model's own dropout is known only once it is built:
+    ``sirl.train.reward_from_loss_pass`` checks it."""
     if cfg.updates_per_batch != 1:
         return f"updates_per_batch={cfg.updates_per_batch} (the policy moves between the updates of one rollout)"
     if cfg.advantage_scale == "batch":

@@ -96,7 +96,8 @@ def sirl_loss(
     total_sequences: float,
     max_completion_tokens: int,
 ) -> tuple[Tensor, dict]:
-    """Surrogate + beta * KL for one micro-batch, aggregated; plus sums for logging (over this micro-batch)."""
+    """Surrogate + beta * KL for one micro-batch, aggregated; plus sums for logging (over this micro-batch, as 0-d
+    tensors: reading each would be a host sync per micro-batch)."""
     pg, is_clipped = clipped_surrogate(
         new_logprobs, old_logprobs, advantages[:, None], eps_low=eps_low, eps_high=eps_high,
         log_ratio_clamp=log_ratio_clamp,
@@ -110,11 +111,11 @@ def sirl_loss(
     norm = dict(total_tokens=total_tokens, total_sequences=total_sequences,
                 max_completion_tokens=max_completion_tokens)
     loss = aggregate(per_token, mask, aggregation, **norm)
-    with torch.no_grad():
+    with torch.no_grad():  # 0-d tensors, not floats: the caller sums them on the device and reads them once
         stats = {
-            "tokens": mask.sum().item(),
-            "clipped_tokens": (is_clipped & mask).sum().item(),
-            "kl_sum": (kl * mask).sum().item() if kl is not None else 0.0,
-            "loss": loss.item(),
+            "tokens": mask.sum(),
+            "clipped_tokens": (is_clipped & mask).sum(),
+            "kl_sum": (kl * mask).sum() if kl is not None else loss.new_zeros(()),
+            "loss": loss.detach(),
         }
     return loss, stats

@@ -103,6 +103,7 @@ def load_model_and_tokenizer(name: str, *, device: torch.device, dtype: str = "a
             kwargs = dict(gguf_file=path.name)
             tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
             model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch_dtype, **kwargs)
+            drop_dequantized_gguf_marker(model)
         else:
             tokenizer = AutoTokenizer.from_pretrained(name)
             model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
@@ -114,12 +115,34 @@ def load_model_and_tokenizer(name: str, *, device: torch.device, dtype: str = "a
 
 def drop_dequantized_gguf_marker(model) -> None:
     """A GGUF file is dequantized to float when it loads, but the model keeps its quantizer marker, which HF's
-    Trainer refuses (TRL) and which blocks torch.compile in generate: drop it once every weight is a float tensor."""
+    Trainer refuses (TRL) and which blocks torch.compile in generate: drop it once every weight is a float tensor.
+    ``load_model_and_tokenizer`` does this for the GGUF it loads, so its callers never need to."""
     quantizer = getattr(model, "hf_quantizer", None)
     method = str(getattr(getattr(quantizer, "quantization_config", None), "quant_method", ""))
     if quantizer is not None and method in ("gguf", "QuantizationMethod.GGUF") and all(
             type(p) is torch.nn.Parameter and p.is_floating_point() for p in model.parameters()):
         model.hf_quantizer, model.is_quantized = None, False
+
+
+# Dropout that HF models apply functionally from their config (e.g. Llama's attention_dropout), not as a module.
+DROPOUT_CONFIG_KEYS = ("attention_dropout", "hidden_dropout", "dropout", "activation_dropout", "attn_pdrop",
+                       "resid_pdrop", "embd_pdrop", "hidden_dropout_prob", "attention_probs_dropout_prob")
+DROPOUT_MODULES = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d,
+                   torch.nn.AlphaDropout, torch.nn.FeatureAlphaDropout)
+
+
+def active_dropout(model) -> str | None:
+    """What makes ``model``'s forward random in train mode, in words (None when nothing does): a dropout module
+    with p > 0 (LoRA's included), or a dropout rate > 0 in the model's config."""
+    for name, module in model.named_modules():
+        if isinstance(module, DROPOUT_MODULES) and module.p > 0:
+            return f"dropout p={module.p} in {name}"
+    config = getattr(model, "config", None)
+    for key in DROPOUT_CONFIG_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            return f"the model config's {key}={value}"
+    return None
 
 
 def add_lora(model, r: int, alpha: int, dropout: float, target_modules):

@@ -36,7 +36,8 @@ def token_logprobs_entropy(model, rollout: Rollout, temperature: float, token_bu
     """``(logprobs, entropy)`` ``[N, T]`` float32, zero outside the completion (alignment: sirl_kernels.hf).
 
     ``check_labels=False`` skips the kernels' per-call token-id check (a host sync per micro-batch on CUDA): for
-    callers that validated the ids once (the trainer, once per rollout)."""
+    callers that validated the ids once (the trainer, once per rollout). The pass still syncs once per micro-batch
+    in ``sirl_kernels.hf``, whose boolean-mask gather of the predicting rows needs their count on the host."""
     width = rollout.input_ids.shape[1]
     logprobs = torch.zeros(rollout.input_ids.shape, dtype=torch.float32, device=rollout.input_ids.device)
     entropy = torch.zeros_like(logprobs)
@@ -69,15 +70,15 @@ def reward_mask(completion_mask: Tensor, last_k: int | None = None) -> Tensor:
 def reward_options(
     aggregation: str = "mean", last_k: int | None = None, truncation: str = "keep", truncation_penalty: float = -10.0
 ) -> dict:
-    """``sirl_rewards``' keyword options, checked up front with ``SIRLConfig``'s rules (for callers that take them
-    from their own configs: the TRL and verl integrations)."""
-    from sirl.config import SIRLConfig
+    """``sirl_rewards``' keyword options, each checked (and converted) by the rule of its ``SIRLConfig`` key, for
+    callers that take them from their own configs: the TRL and verl integrations. Only these four keys are checked:
+    a whole config's rules (files, device, evaluation) are no business of a reward."""
+    from sirl.config import check_value
 
-    options = dict(aggregation=aggregation, last_k=last_k, truncation=truncation,
-                   truncation_penalty=float(truncation_penalty))
-    SIRLConfig(reward_aggregation=aggregation, reward_last_k=last_k, truncation=truncation,
-               truncation_penalty=options["truncation_penalty"]).validate()
-    return options
+    return dict(aggregation=check_value("reward_aggregation", aggregation),
+                last_k=check_value("reward_last_k", last_k),
+                truncation=check_value("truncation", truncation),
+                truncation_penalty=check_value("truncation_penalty", truncation_penalty))
 
 
 def sirl_rewards(

@@ -7,7 +7,8 @@
 On-policy (one update per rollout, the default) the score comes from the loss pass itself: each micro-batch holds
 whole groups, its forward's entropies give the rewards and advantages before its loss is formed, and its detached
 log-probs are the sampler's, so no separate no-grad scoring pass runs (``reward_pass``; TRL's SIRLGRPOTrainer does
-the same). Off-policy (``updates_per_batch > 1``) or with a batch-wide advantage std, a no-grad pass scores first.
+the same). Off-policy (``updates_per_batch > 1``), with a batch-wide advantage std, or with dropout active in the
+model (the loss pass runs in train mode), a no-grad pass scores first.
 
 Data parallel (``torchrun``): every rank builds the same prompt stream and takes a contiguous slice of each
 step's prompts, so groups never span ranks. Gradients are summed across ranks by hand after the backward passes:
@@ -27,6 +28,7 @@ import shutil
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -34,11 +36,12 @@ import torch
 import torch.distributed as dist
 
 from sirl.advantage import group_advantages
-from sirl.config import SIRLConfig, check_resume_changes, reward_in_loss, save_config
+from sirl.config import ConfigError, SIRLConfig, check_resume_changes, reward_in_loss, save_config
 from sirl.data import PromptStream, encode_prompt, load_prompts
 from sirl.eval.report import distinct_n
-from sirl.eval.suite import EvalSuite, evaluate, load_llm_judge, load_suite
+from sirl.eval.suite import EvalSuite, check_keep_best, evaluate, load_llm_judge, load_suite
 from sirl.loss import sirl_loss
+from sirl.models import active_dropout
 from sirl.reference import Reference, is_peft_model, reference_logprobs
 from sirl.rollout import Rollout, rollout
 from sirl.score import micro_batches, sirl_rewards, token_logprobs_entropy, trim, valid_rows
@@ -54,17 +57,25 @@ from sirl_kernels.hf import causal_lm_token_logprobs_entropy, output_head, unwra
 class Dist:
     rank: int = 0
     world: int = 1
+    # Where the tensors of a collective live: NCCL (the backend on CUDA) only reduces CUDA tensors, gloo CPU ones.
+    device: torch.device = torch.device("cpu")
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
+    def all_sum_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over ranks, on this rank's collective device (``t`` itself in a single process)."""
+        if self.world == 1:
+            return t
+        t = t.to(self.device, torch.float64)
+        dist.all_reduce(t)
+        return t
+
     def all_sum(self, values: list[float]) -> list[float]:
         if self.world == 1:
             return list(values)
-        t = torch.tensor(values, dtype=torch.float64)
-        dist.all_reduce(t)
-        return t.tolist()
+        return self.all_sum_tensor(torch.tensor(values, dtype=torch.float64, device=self.device)).tolist()
 
     def all_cat(self, t: torch.Tensor) -> torch.Tensor:
         """Concatenation over ranks in rank order (every rank holds the same number of rows)."""
@@ -88,12 +99,21 @@ class Dist:
             g.copy_(synced)
 
 
-def init_distributed() -> Dist:
+# Rank 0 evaluates while the other ranks wait in a barrier: an evaluation (generation on every held-out set, an
+# LLM judge) can outlast NCCL's default 10-minute collective timeout, which would abort the waiting ranks.
+COLLECTIVE_TIMEOUT = timedelta(hours=2)
+
+
+def init_distributed(device: torch.device) -> Dist:
+    """The process group under torchrun (NCCL when ``device`` is CUDA, else gloo); a single-process Dist without."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # NCCL's barrier and communicators use the current device
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
     if dist.is_initialized():
-        return Dist(dist.get_rank(), dist.get_world_size())
+        collective = device if dist.get_backend() == "nccl" else torch.device("cpu")
+        return Dist(dist.get_rank(), dist.get_world_size(), collective)
     return Dist()
 
 
@@ -125,7 +145,8 @@ def lr_lambda(cfg: SIRLConfig):
 
 def loss_normalisers(batch: Rollout, loss_mask: torch.Tensor, dd: Dist) -> dict:
     """Token and sequence counts over the whole batch (all ranks): what makes micro-batch losses add up."""
-    tokens, seqs = dd.all_sum([loss_mask.sum().item(), loss_mask.any(-1).sum().item()])
+    counts = torch.stack([loss_mask.sum(), loss_mask.any(-1).sum()]).double()
+    tokens, seqs = dd.all_sum_tensor(counts).tolist()  # one host read for both
     return dict(total_tokens=tokens, total_sequences=seqs,
                 max_completion_tokens=batch.input_ids.shape[1] - batch.prompt_length)
 
@@ -136,7 +157,6 @@ class Scores:
 
     entropy: torch.Tensor  # [N, T] entropy of the distribution that produced each completion token
     rewards: torch.Tensor  # [N] the SIRL reward
-    valid: torch.Tensor  # [N] bool: in the loss and in its group's statistics
     advantages: torch.Tensor  # [N]
     group_std: torch.Tensor  # [N / G]
 
@@ -153,7 +173,7 @@ def score(batch: Rollout, entropy: torch.Tensor, cfg: SIRLConfig, dd: Dist) -> S
         batch_std = all_rewards[all_valid].std()
     advantages, group_std = group_advantages(rewards, cfg.group_size, scale=cfg.advantage_scale,
                                              min_std=cfg.advantage_min_std, valid=valid, batch_std=batch_std)
-    return Scores(entropy, rewards, valid, advantages, group_std)
+    return Scores(entropy, rewards, advantages, group_std)
 
 
 class ScoreInLoss:
@@ -164,15 +184,14 @@ class ScoreInLoss:
         self.batch, self.cfg = batch, cfg
         n, g = len(batch), cfg.group_size
         zeros = torch.zeros(n, device=batch.input_ids.device)
-        self.scores = Scores(torch.zeros(batch.input_ids.shape, device=zeros.device), zeros.clone(),
-                             torch.ones(n, dtype=torch.bool, device=zeros.device), zeros.clone(),
+        self.scores = Scores(torch.zeros(batch.input_ids.shape, device=zeros.device), zeros.clone(), zeros.clone(),
                              torch.zeros(n // g, device=zeros.device))
 
     def __call__(self, rows: slice, entropy: torch.Tensor) -> torch.Tensor:
         s, g = self.scores, self.cfg.group_size
         s.entropy[rows, : entropy.shape[1]] = entropy.float()
         part = score(self.batch.select(rows), s.entropy[rows], self.cfg, Dist())  # per-group: no other rank needed
-        s.rewards[rows], s.valid[rows], s.advantages[rows] = part.rewards, part.valid, part.advantages.float()
+        s.rewards[rows], s.advantages[rows] = part.rewards, part.advantages.float()
         s.group_std[rows.start // g: rows.stop // g] = part.group_std
         return s.advantages[rows]
 
@@ -187,7 +206,8 @@ def policy_gradient_pass(
     whole groups: its forward's own log-probs, detached, are the sampler's (the ratio is exactly 1, its gradient
     the policy gradient) and its entropies give the rewards and advantages before its loss is formed."""
     norm = loss_normalisers(batch, loss_mask, dd)
-    totals = {"tokens": 0.0, "clipped_tokens": 0.0, "kl_sum": 0.0, "loss": 0.0}
+    keys = ("tokens", "clipped_tokens", "kl_sum", "loss")
+    totals = torch.zeros(len(keys), dtype=torch.float64, device=batch.input_ids.device)  # summed on the device
     whole = cfg.group_size if score_in_loss is not None else 1
     for rows in micro_batches(batch, cfg.micro_batch_tokens, whole):
         mb = trim(batch.select(rows))
@@ -209,10 +229,9 @@ def policy_gradient_pass(
             aggregation=cfg.loss_aggregation, **norm,
         )
         loss.backward()
-        for k in totals:
-            totals[k] += stats[k]
+        totals += torch.stack([stats[k].double() for k in keys])
     dd.sum_gradients([p for p in policy.parameters() if p.requires_grad])
-    tokens, clipped, kl_sum, loss = dd.all_sum([totals[k] for k in ("tokens", "clipped_tokens", "kl_sum", "loss")])
+    tokens, clipped, kl_sum, loss = dd.all_sum_tensor(totals).tolist()  # the pass's one host read of its stats
     return {"loss": loss, "clip_frac": clipped / max(tokens, 1.0), "kl": kl_sum / max(tokens, 1.0)}
 
 
@@ -225,7 +244,8 @@ def peak_memory_mb(device: torch.device) -> float:
 # ---------------------------------------------------------------------------------------------------------------
 # stage timings: where a step's time goes (generation usually dominates)
 
-STAGES = ("rollout", "score", "reference", "update", "eval")
+STEP_STAGES = ("rollout", "score", "reference", "update")  # of one training step (bench_trainer, sirl plot)
+STAGES = STEP_STAGES + ("eval",)
 
 
 class StageTimer:
@@ -469,26 +489,89 @@ def build(cfg: SIRLConfig, dd: Dist):
     return model, tokenizer, reference, optimizer, scheduler, stream, device
 
 
-def evaluation_row(policy, tokenizer, suite: EvalSuite, step: int, output_dir: Path, timer: StageTimer,
-                   dd: Dist) -> dict:
-    """Rank 0 evaluates (the others wait); returns the ``eval/*`` metrics (empty on other ranks)."""
+def reward_from_loss_pass(cfg: SIRLConfig, policy, dd: Dist) -> bool:
+    """Whether the rewards come from the training forward. The config allows it (``reward_in_loss``) only
+    on-policy; the built model must also have no active dropout: the loss pass runs in train mode, so dropout would
+    noise the rewards that the separate (eval-mode) scoring pass gives. Under ``auto`` that falls back to the
+    separate pass; an explicit ``reward_pass=loss`` is refused."""
+    if not reward_in_loss(cfg):
+        return False
+    dropout = active_dropout(policy)
+    if dropout is None:
+        return True
+    if cfg.reward_pass == "loss":
+        raise ConfigError(f"reward_pass=loss: not with {dropout} (the training forward is not the sampling "
+                          "policy); use reward_pass=separate or auto")
+    if dd.main:
+        print(f"reward_pass=auto: the rewards come from a separate no-grad pass ({dropout} is active in the "
+              "training forward)", flush=True)
+    return False
+
+
+def evaluation(step: int, policy, tokenizer, suite: EvalSuite, output_dir: Path, timer: StageTimer, dd: Dist,
+               selection: BestTracker, bar=None) -> dict:
+    """The evaluation at ``step``: rank 0 evaluates (the others wait) and saves the model when it is the best so
+    far; returns the ``eval/*`` metrics (empty on other ranks). The caller shares the early-stop decision."""
+    if bar is not None:
+        bar.set_description(f"sirl (evaluating step {step})")
     metrics = {}
     with timer("eval"):
         if dd.main:
             metrics = evaluate(policy, tokenizer, suite, step=step, output_dir=output_dir)
         if dd.world > 1:
             dist.barrier()
+    if bar is not None:
+        bar.set_description("sirl")
+    if dd.main and selection.update(step, metrics):
+        save_best(output_dir, policy, tokenizer, selection)
     return metrics
+
+
+def step_metrics(step: int, batch: Rollout, scores: Scores, completions: list[list[int]], stats: dict, *,
+                 grad_norm: float, lr: float, step_time: float, dd: Dist) -> dict:
+    """One step's training metrics over all ranks (rollout statistics gathered, token counts summed), in the order
+    of metrics.jsonl; the caller adds memory, data position, stage timings and the evaluation."""
+    mask = batch.completion_mask.bool()
+    seq_entropy = (scores.entropy * mask).sum(-1) / mask.sum(-1).clamp_min(1)
+    all_rewards, all_entropy = dd.all_cat(scores.rewards), dd.all_cat(seq_entropy)
+    all_len = dd.all_cat(batch.completion_lengths.float())
+    all_trunc = dd.all_cat(batch.truncated.float())
+    all_gstd = dd.all_cat(scores.group_std)
+    distinct2 = dd.all_sum([distinct_n(completions, 2)])[0] / dd.world
+    tokens, generated = dd.all_sum([float(batch.attention_mask.sum()), float(mask.sum())])
+    return {
+        "step": step,
+        "reward_mean": all_rewards.mean().item(),
+        "reward_std": all_rewards.std().item(),
+        "reward_group_std": all_gstd.mean().item(),
+        "entropy_mean": all_entropy.mean().item(),
+        "entropy_p10": torch.quantile(all_entropy, 0.1).item(),
+        "entropy_p90": torch.quantile(all_entropy, 0.9).item(),
+        "kl": stats["kl"],
+        "loss": stats["loss"],
+        "clip_frac": stats["clip_frac"],
+        "grad_norm": grad_norm,
+        "lr": lr,
+        "response_len_mean": all_len.mean().item(),
+        "truncated_frac": all_trunc.mean().item(),
+        "distinct_2": distinct2,
+        "repetition": 1.0 - distinct2,
+        "tokens_per_s": tokens / step_time,
+        "step_time_s": step_time,  # rollout to optimizer step; the evaluation is time/eval_s
+        "tokens": tokens,  # prompt + completion tokens of the step's rollout, all ranks
+        "generated_tokens": generated,  # completion tokens, all ranks
+    }
 
 
 def train(cfg: SIRLConfig, resume: bool = False, allow_config_change: bool = False) -> list[dict]:
     """Runs ``cfg.steps`` steps (continuing from the latest checkpoint when ``resume``); returns the metric rows.
 
-    Everything that can be checked without a model is checked first: the config, the evaluation sets and, on
-    ``resume``, the differences from the run's saved config (only ``MAY_CHANGE_ON_RESUME`` keys may differ
-    unless ``allow_config_change``; then every change is logged and applied, the optimizer's lr included)."""
+    Everything that can be checked without a model is checked first: the config, the evaluation sets (and that
+    ``keep_best`` names a metric they give) and, on ``resume``, the differences from the run's saved config (only
+    ``MAY_CHANGE_ON_RESUME`` keys may differ unless ``allow_config_change``; then every change is logged and
+    applied, the optimizer's lr included)."""
     cfg.validate()
-    dd = init_distributed()
+    dd = init_distributed(pick_device(cfg))
     if cfg.prompts_per_step % dd.world:
         raise ValueError(f"prompts_per_step={cfg.prompts_per_step} must be divisible by the {dd.world} ranks")
     output_dir = Path(cfg.output_dir)
@@ -500,14 +583,16 @@ def train(cfg: SIRLConfig, resume: bool = False, allow_config_change: bool = Fal
     changes = check_resume_changes(json.loads((found[-1] / "config.json").read_text()), cfg,
                                    allow_config_change) if resume else {}
     suite = load_suite(cfg)
+    check_keep_best(cfg, suite)  # against the suite's attack names as resolved (e.g. columns -> column:NAME)
     output_dir.mkdir(parents=True, exist_ok=True)
     # Same seed everywhere for the model and data order; per-rank offset only for sampling (set below).
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     policy, tokenizer, reference, optimizer, scheduler, stream, device = build(cfg, dd)
+    in_loss = reward_from_loss_pass(cfg, policy, dd)  # the reward from the training forward: no separate pass
     torch.manual_seed(cfg.seed + 1000 * dd.rank)
-    if suite is not None:
+    if suite is not None and dd.main:  # only rank 0 evaluates
         load_llm_judge(suite, device, cfg.dtype)
     selection = BestTracker(cfg.keep_best, cfg.keep_best_mode, cfg.early_stop_patience)
 
@@ -525,7 +610,6 @@ def train(cfg: SIRLConfig, resume: bool = False, allow_config_change: bool = Fal
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                 if cfg.bf16 and device.type == "cuda" else nullcontext())
     per_rank = cfg.prompts_per_step // dd.world
-    in_loss = reward_in_loss(cfg)  # the reward from the training forward (on-policy): no separate score pass
     vocab_size = output_head(unwrap_model(policy))[0].shape[0]  # rows of lm_head: the valid token ids
     encoded = {}  # prompt index -> token ids (the chat template is applied once per prompt)
 
@@ -535,24 +619,13 @@ def train(cfg: SIRLConfig, resume: bool = False, allow_config_change: bool = Fal
 
         bar = tqdm(total=cfg.steps, initial=start, desc="sirl", dynamic_ncols=True)
 
-    def evaluated(step: int, timer: StageTimer) -> dict:
-        """The evaluation at ``step``: eval/* metrics, the best model saved, the early-stop decision shared."""
-        if bar is not None:
-            bar.set_description(f"sirl (evaluating step {step})")
-        metrics = evaluation_row(policy, tokenizer, suite, step, output_dir, timer, dd)
-        if bar is not None:
-            bar.set_description("sirl")
-        if dd.main and selection.update(step, metrics) and cfg.keep_best:
-            save_best(output_dir, policy, tokenizer, selection)
-        return metrics
-
     rows = []
     if selection.should_stop:
         print(f"this run stopped early at step {start} ({selection.describe()}); raise early_stop_patience "
               "to continue it")
     elif suite is not None and start == 0:
         timer = StageTimer(device)
-        row = {"step": 0, **evaluated(0, timer)}
+        row = {"step": 0, **evaluation(0, policy, tokenizer, suite, output_dir, timer, dd, selection, bar)}
         row.update(timing_metrics(timer.seconds, {}))
         rows.append(row)
         logger.metrics(row)
@@ -579,7 +652,9 @@ def train(cfg: SIRLConfig, resume: bool = False, allow_config_change: bool = Fal
                                 max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                                 top_k=cfg.top_k)
                 # One token-id check per rollout (one host sync) instead of one per kernel call: every pass below
-                # runs the kernels with check_labels=False, sync-free.
+                # runs the kernels with check_labels=False, and the kernel calls don't sync. (Each forward still
+                # does: trim() reads the used width, and the HF helper's boolean-mask gather of the rows that
+                # predict completion tokens needs their count.)
                 validate_labels(batch.input_ids, vocab_size)
             # 3. score: the entropies the reward is made of, the rewards, the group advantages. On-policy they come
             #    from the training forward in step 5 (no extra pass); otherwise from one no-grad forward here,
@@ -623,45 +698,18 @@ def train(cfg: SIRLConfig, resume: bool = False, allow_config_change: bool = Fal
         # 6. evaluation on the held-out sets (step 0 was before the loop), best model, early stop
         eval_metrics = {}
         if suite is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
-            eval_metrics = evaluated(step, timer)
+            eval_metrics = evaluation(step, policy, tokenizer, suite, output_dir, timer, dd, selection, bar)
             stopped = dd.rank0_flag(selection.should_stop)
 
         # 7. metrics over all ranks
-        mask = batch.completion_mask.bool()
-        seq_entropy = (scores.entropy * mask).sum(-1) / mask.sum(-1).clamp_min(1)
-        all_rewards, all_entropy = dd.all_cat(scores.rewards), dd.all_cat(seq_entropy)
-        all_len = dd.all_cat(batch.completion_lengths.float())
-        all_trunc = dd.all_cat(batch.truncated.float())
-        all_gstd = dd.all_cat(scores.group_std)
-        completions = [row[m].tolist() for row, m in zip(batch.input_ids, mask)]
-        distinct2 = dd.all_sum([distinct_n(completions, 2)])[0] / dd.world
-        tokens, generated = dd.all_sum([float(batch.attention_mask.sum()), float(mask.sum())])
-        row = {
-            "step": step,
-            "reward_mean": all_rewards.mean().item(),
-            "reward_std": all_rewards.std().item(),
-            "reward_group_std": all_gstd.mean().item(),
-            "entropy_mean": all_entropy.mean().item(),
-            "entropy_p10": torch.quantile(all_entropy, 0.1).item(),
-            "entropy_p90": torch.quantile(all_entropy, 0.9).item(),
-            "kl": stats["kl"],
-            "loss": stats["loss"],
-            "clip_frac": stats["clip_frac"],
-            "grad_norm": grad_norm,
-            "lr": lr,
-            "response_len_mean": all_len.mean().item(),
-            "truncated_frac": all_trunc.mean().item(),
-            "distinct_2": distinct2,
-            "repetition": 1.0 - distinct2,
-            "tokens_per_s": tokens / step_time,
-            "step_time_s": step_time,  # rollout to optimizer step; the evaluation is time/eval_s
-            "peak_mem_mb": peak_memory_mb(device),  # rank 0's
-            "data_position": stream.position,
-            **timing_metrics(timer.seconds, {"rollout": generated, "score": 0.0 if in_loss else tokens,
-                                             "reference": tokens if reference is not None else 0.0,
-                                             "update": tokens * cfg.updates_per_batch}),
-            **eval_metrics,
-        }
+        completions = [row[m].tolist() for row, m in zip(batch.input_ids, batch.completion_mask.bool())]
+        row = step_metrics(step, batch, scores, completions, stats, grad_norm=grad_norm, lr=lr, step_time=step_time,
+                           dd=dd)
+        tokens = row["tokens"]
+        stage_tokens = {"rollout": row["generated_tokens"], "score": 0.0 if in_loss else tokens,
+                        "reference": tokens if reference is not None else 0.0, "update": tokens * cfg.updates_per_batch}
+        row.update({"peak_mem_mb": peak_memory_mb(device),  # rank 0's
+                    "data_position": stream.position, **timing_metrics(timer.seconds, stage_tokens), **eval_metrics})
         rows.append(row)
         logger.metrics(row)
         if cfg.log_completions_every and step % cfg.log_completions_every == 0:

@@ -61,8 +61,10 @@ def main(argv=None) -> None:
     for row in harmbench:
         score, match = closest(row["Behavior"], references)
         record = {"prompt": row["Behavior"], "category": row["SemanticCategory"], "id": row["BehaviorID"]}
-        (dropped if score >= args.threshold else kept).append(
-            record if score < args.threshold else {**record, "similarity": round(score, 3), "jbb": match})
+        if score >= args.threshold:
+            dropped.append({**record, "similarity": round(score, 3), "jbb": match})
+        else:
+            kept.append(record)
     out.mkdir(parents=True, exist_ok=True)
     for name, rows in (("train.jsonl", kept), ("excluded.jsonl", dropped)):
         (out / name).write_text("".join(json.dumps(r) + "\n" for r in rows))

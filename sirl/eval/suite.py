@@ -37,32 +37,39 @@ from typing import Callable
 import numpy as np
 import torch
 
-from sirl.eval.attacks import ALIASES, Attack, resolve_attacks
+from sirl.eval.attacks import Attack, resolve_attacks
 from sirl.eval.datasets import PromptSet
 from sirl.eval.report import mean
 
 
-def _attack_names(names: list[str]) -> list[str]:
-    return [ALIASES.get(n, n) for part in names for n in part.split(",") if n.strip() and n != "columns"]
-
-
-def metric_names(cfg) -> list[str]:
-    """The ``eval/*`` keys an evaluation under ``cfg`` writes (what ``keep_best`` may name)."""
+def metric_names(suite: EvalSuite) -> list[str]:
+    """The ``eval/*`` keys an evaluation of ``suite`` writes (what ``keep_best`` may name), with the attack names
+    as ``resolve_attacks`` gave them (``columns`` becomes ``column:NAME`` per attack column of the file)."""
     names = []
-    if cfg.eval_harmful:
+    if suite.harmful is not None:
         names.append("eval/dsr")
-        attacks = _attack_names(cfg.eval_attacks)
-        if len(attacks) > 1 or "columns" in cfg.eval_attacks:
-            names += [f"eval/dsr/{a}" for a in attacks]
-    if cfg.eval_overrefusal:
+        if len(suite.attacks) > 1:  # as in eval_metrics: per-attack rates only when there are several
+            names += [f"eval/dsr/{a.name}" for a in suite.attacks]
+    if suite.overrefusal is not None:
         names.append("eval/overrefusal")
-    if cfg.eval_harmful and cfg.eval_overrefusal:
+    if suite.harmful is not None and suite.overrefusal is not None:
         names.append("eval/safety")
-    if cfg.eval_capability:
+    if suite.capability is not None:
         names.append("eval/capability_perplexity")
-        if cfg.eval_score_fn:
+        if suite.score_fn is not None:
             names.append("eval/capability_score")
     return names + ["eval/repetition", "eval/entropy", "eval/response_len"]
+
+
+def check_keep_best(cfg, suite: EvalSuite | None) -> None:
+    """ConfigError unless ``cfg.keep_best`` (when set) is a metric that evaluating ``suite`` writes."""
+    if cfg.keep_best is None:
+        return
+    from sirl.config import ConfigError
+
+    names = metric_names(suite) if suite is not None else []
+    if cfg.keep_best not in names:
+        raise ConfigError(f"keep_best={cfg.keep_best}: this configuration's evaluations give {', '.join(names)}")
 
 
 @dataclass
@@ -77,6 +84,7 @@ class EvalSuite:
     judge: Callable | None  # loaded with the model when it is an LLM judge (``load_llm_judge``)
     judge_spec: str
     gen: dict  # generation settings of sirl.eval.generate.generate
+    seed: int  # every evaluation runs under this seed (in an RNG forked from the training run's)
     meta: dict = field(default_factory=dict)  # recorded in every summary.json
 
 
@@ -114,7 +122,8 @@ def load_suite(cfg) -> EvalSuite | None:
                max_prompt_tokens=cfg.max_prompt_tokens, progress=False)
     meta = dict(model=cfg.model, seed=cfg.seed, limit=cfg.eval_limit, shuffle=cfg.eval_shuffle,
                 during_training=cfg.output_dir)
-    suite = EvalSuite(harmful, attacks, overrefusal, capability, score_fn, None, cfg.eval_judge, gen, meta)
+    suite = EvalSuite(harmful, attacks, overrefusal, capability, score_fn, None, cfg.eval_judge, gen, cfg.seed,
+                      meta)
     if not cfg.eval_judge.startswith("llm:"):
         suite.judge = checked("eval_judge", lambda: _judge(cfg.eval_judge, torch.device("cpu"), cfg.dtype,
                                                            cfg.eval_batch_size))
@@ -158,7 +167,7 @@ def evaluate(model, tokenizer, suite: EvalSuite, *, step: int, output_dir: str |
     common = dict(gen=suite.gen, meta=meta, plot=False, echo=False)
     summaries = {}
     device = next(model.parameters()).device
-    with forked_rng(suite.meta.get("seed", 0), device):
+    with forked_rng(suite.seed, device):
         if suite.harmful is not None:
             summaries["dsr"] = run_dsr(model, tokenizer, suite.harmful, suite.attacks, suite.judge,
                                        output_dir=out / "dsr", **common)

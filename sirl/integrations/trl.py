@@ -114,6 +114,18 @@ def _reward_options(args) -> dict:
     )
 
 
+def adapters_off(model) -> bool:
+    """True while a PEFT model computes TRL's reference: adapters disabled, or TRL's frozen "ref" adapter active
+    (False for a model without adapters)."""
+    if not is_peft_model(model):
+        return False
+    if "ref" in model.peft_config and model.active_adapter == "ref":
+        return True
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return next((m.disable_adapters for m in model.modules() if isinstance(m, BaseTunerLayer)), False)
+
+
 def add_sirl_lm_head(model, temperature: float = 1.0) -> None:
     """Re-patches a model that TRL gave a fused LM head: text-only ``model(input_ids=..., attention_mask=...,
     labels=..., fused_lm_head=True)`` calls are answered by ``sirl_kernels`` from the hidden states (same output
@@ -273,21 +285,11 @@ class SIRLGRPOTrainer(GRPOTrainer):
 
     # ---- the policy pass and its entropies ------------------------------------------------------------------
 
-    def _adapters_off(self, model) -> bool:
-        """True inside TRL's PEFT reference pass (adapters disabled, or the frozen "ref" adapter active)."""
-        if not is_peft_model(model):
-            return False
-        if "ref" in model.peft_config and model.active_adapter == "ref":
-            return True
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        return next((m.disable_adapters for m in model.modules() if isinstance(m, BaseTunerLayer)), False)
-
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
         bound = self._sirl_logps_signature.bind(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
         wanted = bound.arguments.get("compute_entropy", False)
         policy = self.accelerator.unwrap_model(model) is self.accelerator.unwrap_model(self.model) and not (
-            self._adapters_off(self.accelerator.unwrap_model(model))
+            adapters_off(self.accelerator.unwrap_model(model))
         )
         capture = self._sirl_want_entropy and not torch.is_grad_enabled() and policy
         in_loss = self._sirl_loss_inputs is not None and torch.is_grad_enabled() and policy

@@ -42,10 +42,10 @@ def run(rank, world, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+    import sirl.train as train_mod
     from sirl.config import load_config
-    from sirl.train import init_distributed, train
 
-    dd = init_distributed()
+    dd = train_mod.init_distributed(torch.device("cpu"))
     half = slice(rank * 4, (rank + 1) * 4)  # whole groups of 4 per rank
     grads, stats = gradient_pass(dd, half)
     torch.save({"grads": grads, "stats": stats}, os.path.join(out_dir, f"grads{rank}.pt"))
@@ -57,6 +57,13 @@ def run(rank, world, port, out_dir):
         eval_every=2, eval_overrefusal="overrefusal_cpu_demo.jsonl", eval_limit=2, eval_max_new_tokens=2,
         keep_best="eval/response_len", early_stop_patience=1,
     ))
-    rows = train(cfg)
-    torch.save({"rows": rows}, os.path.join(out_dir, f"rows{rank}.pt"))
+    judge_loads, real_load = [], train_mod.load_llm_judge
+
+    def counted_load(*args, **kwargs):  # only rank 0 evaluates, so only rank 0 may load an LLM judge
+        judge_loads.append(rank)
+        return real_load(*args, **kwargs)
+
+    train_mod.load_llm_judge = counted_load
+    rows = train_mod.train(cfg)
+    torch.save({"rows": rows, "judge_loads": judge_loads}, os.path.join(out_dir, f"rows{rank}.pt"))
     torch.distributed.destroy_process_group()

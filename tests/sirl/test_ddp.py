@@ -38,6 +38,8 @@ def test_two_ranks_match_one_process(tmp_path):
     # 2. A real 2-step run: every metric (rewards gathered over ranks, synced grad norm) agrees on both ranks.
     rows0 = torch.load(tmp_path / "rows0.pt")["rows"]
     rows1 = torch.load(tmp_path / "rows1.pt")["rows"]
+    assert torch.load(tmp_path / "rows0.pt")["judge_loads"] == [0] and torch.load(tmp_path / "rows1.pt")[
+        "judge_loads"] == []
     skip = {"tokens_per_s", "step_time_s", "peak_mem_mb"}
     assert [r["step"] for r in rows0] == [r["step"] for r in rows1] == [0, 1, 2]
     for a, b in zip(rows0, rows1):  # timings are each rank's own; only rank 0 evaluates

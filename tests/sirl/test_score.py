@@ -59,3 +59,23 @@ def test_reward_on_a_toy_distribution():
     # micro-batching (one row per pass) changes nothing
     lp1, ent1 = token_logprobs_entropy(model, r, temperature=1.0, token_budget=1)
     assert torch.equal(ent1, ent) and torch.equal(lp1, lp)
+
+
+def test_reward_options_check_only_the_reward_keys(monkeypatch):
+    """The integrations' reward options are checked (and converted) by their SIRLConfig keys' rules alone: no
+    whole config is built and validated (its files, device and evaluation rules are no business of a reward)."""
+    import sirl.config
+    from sirl.config import ConfigError
+    from sirl.score import reward_options
+
+    monkeypatch.setattr(sirl.config.SIRLConfig, "validate", lambda self: pytest.fail("a whole config was validated"))
+    assert reward_options() == dict(aggregation="mean", last_k=None, truncation="keep", truncation_penalty=-10.0)
+    options = reward_options("sum", "4", "penalize", -3)
+    assert options == dict(aggregation="sum", last_k=4, truncation="penalize", truncation_penalty=-3.0)
+    assert isinstance(options["truncation_penalty"], float)
+    for bad, message in [(dict(aggregation="max"), "reward_aggregation=max: must be one of mean, sum"),
+                         (dict(last_k=0), "reward_last_k=0: must be an integer >= 1"),
+                         (dict(truncation="drop"), "truncation=drop: must be one of keep, mask, penalize"),
+                         (dict(truncation_penalty=float("nan")), "truncation_penalty=nan: must be a number")]:
+        with pytest.raises(ConfigError, match=message):
+            reward_options(**bad)

@@ -104,6 +104,55 @@ def test_reward_from_the_training_forward_equals_a_separate_scoring_pass(tmp_pat
     for field in ("entropy", "rewards", "advantages", "group_std"):
         torch.testing.assert_close(getattr(a, field).float(), getattr(b, field).float(), rtol=1e-4, atol=1e-5,
                                    msg=field)
-    assert torch.equal(a.valid, b.valid) and sa["clip_frac"] == sb["clip_frac"] == 0.0
+    assert sa["clip_frac"] == sb["clip_frac"] == 0.0
     assert sa["kl"] == pytest.approx(sb["kl"], rel=1e-4) and sa["loss"] == pytest.approx(sb["loss"], rel=1e-3, abs=1e-6)
     _assert_same(ga, gb)
+
+
+def _tiny_with_attention_dropout(monkeypatch, p=0.1):
+    """The tiny Llama with attention dropout in its config and its attention layers (as HF builds it from one)."""
+    import sirl.models
+
+    real = sirl.models.tiny_random_llama
+
+    def built(*args, **kwargs):
+        model = real(*args, **kwargs)
+        model.config.attention_dropout = p
+        for layer in model.model.layers:
+            layer.self_attn.attention_dropout = p
+        return model
+
+    monkeypatch.setattr(sirl.models, "tiny_random_llama", built)
+
+
+def test_active_dropout_names_what_makes_the_training_forward_random(monkeypatch):
+    from sirl.models import active_dropout, add_lora, load_model_and_tokenizer
+
+    model, _ = load_model_and_tokenizer("tiny-random-llama", device=torch.device("cpu"))
+    assert active_dropout(model) is None
+    model.model.layers[0].mlp.act_fn = torch.nn.Sequential(model.model.layers[0].mlp.act_fn, torch.nn.Dropout(0.0))
+    assert active_dropout(model) is None  # p = 0 is no dropout
+    assert active_dropout(add_lora(model, 4, 8, 0.1, ["q_proj"])) == (
+        "dropout p=0.1 in base_model.model.model.layers.0.self_attn.q_proj.lora_dropout.default")
+    _tiny_with_attention_dropout(monkeypatch)
+    model, _ = load_model_and_tokenizer("tiny-random-llama", device=torch.device("cpu"))
+    assert active_dropout(model) == "the model config's attention_dropout=0.1"
+
+
+def test_dropout_in_the_model_keeps_the_reward_out_of_the_training_forward(tmp_path, monkeypatch, capsys):
+    """The loss pass runs in train mode: with dropout active there, auto scores in the separate (eval-mode) pass
+    and says so; an explicit reward_pass=loss is refused with a one-line error."""
+    import sirl.train as train_mod
+    from sirl.config import ConfigError
+
+    _tiny_with_attention_dropout(monkeypatch)
+    base = dict(steps=1, max_new_tokens=4, prompts_per_step=2, progress=False, save_every=1000, kl_beta=0.0)
+    rows = train_mod.train(load_config(preset="tiny", overrides={**base, "output_dir": str(tmp_path / "auto")}))
+    assert rows[0]["time/score_s"] > 0 and rows[0]["time/score_tokens_per_s"] > 0  # the separate pass ran
+    assert ("reward_pass=auto: the rewards come from a separate no-grad pass (the model config's "
+            "attention_dropout=0.1 is active in the training forward)") in capsys.readouterr().out
+    loss = load_config(preset="tiny", overrides={**base, "output_dir": str(tmp_path / "loss"), "reward_pass": "loss"})
+    with pytest.raises(ConfigError, match=r"^reward_pass=loss: not with the model config's attention_dropout=0.1 "
+                                          r"\(the training forward is not the sampling policy\); use "
+                                          r"reward_pass=separate or auto$"):
+        train_mod.train(loss)

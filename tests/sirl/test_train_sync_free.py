@@ -1,6 +1,6 @@
-"""The trainer runs the kernels on their sync-free path: token ids are checked once per rollout, every kernel
-call skips its own check (check_labels=False), and a NaN that the kernels then report stops training loudly
-instead of reaching the weights."""
+"""The trainer runs the kernels without their per-call token-id check: token ids are checked once per rollout,
+every kernel call skips its own check (check_labels=False), and a NaN that the kernels then report stops training
+loudly instead of reaching the weights."""
 
 import pytest
 import torch
@@ -54,3 +54,34 @@ def test_a_nan_in_the_log_probs_stops_training_before_the_update(tmp_path, monke
     torch.manual_seed(0)
     with pytest.raises(FloatingPointError, match="step 1: the gradient norm is nan"):
         train_mod.train(cfg)
+
+
+def test_loss_statistics_are_read_once_per_pass_not_per_micro_batch(monkeypatch):
+    """sirl_loss returns its statistics as 0-d tensors; policy_gradient_pass sums them on the device and reads
+    them once after its micro-batches, and the loss normalisers once before them (two host reads in all)."""
+    from contextlib import nullcontext
+
+    from sirl.config import SIRLConfig
+    from sirl.models import tiny_random_llama, tiny_tokenizer
+    from sirl.rollout import Rollout
+
+    model = tiny_random_llama(tiny_tokenizer(), seed=0)
+    ids = torch.randint(0, model.config.vocab_size, (8, 10), generator=torch.Generator().manual_seed(0))
+    comp = torch.zeros_like(ids)
+    comp[:, 4:] = 1
+    batch = Rollout(ids, torch.ones_like(ids), comp, torch.zeros(8, dtype=torch.bool), torch.arange(8) // 4, 4)
+    old, _ = score_mod.token_logprobs_entropy(model, batch, 1.0, 1000)
+    reads = {"item": 0, "tolist": 0}
+    for name in reads:
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _name=name, _real=real, **kwargs):
+            reads[_name] += 1
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    cfg = SIRLConfig(micro_batch_tokens=20, kl_beta=0.1)  # 2 rows of 10 tokens each: 4 micro-batches
+    stats = train_mod.policy_gradient_pass(model, batch, old - 0.3 * comp, old + 0.1 * comp, torch.linspace(-1, 1, 8),
+                                           comp.bool(), cfg, train_mod.Dist(), nullcontext())
+    assert reads == {"item": 0, "tolist": 2}, reads
+    assert stats["clip_frac"] > 0 and stats["kl"] > 0 and isinstance(stats["loss"], float)
