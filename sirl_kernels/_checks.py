@@ -72,3 +72,18 @@ def check_label_values(labels: torch.Tensor, vocab_size: int, ignore_index: int)
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """Outputs and accumulators: fp32 for fp32/bf16/fp16 inputs; float64 inputs stay float64."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_row_tensors(n: int, device: torch.device, dtype: torch.dtype, **tensors: torch.Tensor) -> None:
+    """Per-row tensors of a backward (``stats`` ``[n, 2]``, every other one ``[n]``) have ``dtype`` and sit on
+    ``device``: a kernel reads ``n`` rows of each through a raw pointer."""
+    for name, t in tensors.items():
+        shape = (n, 2) if name == "stats" else (n,)
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape} (one row per logits row), got {tuple(t.shape)}")
+        if t.dtype != dtype:
+            raise TypeError(f"{name} must be {dtype}, got {t.dtype}")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but the logits are on {device}")

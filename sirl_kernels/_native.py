@@ -17,9 +17,13 @@ from __future__ import annotations
 import ctypes
 import os
 from ctypes import POINTER, byref, c_char_p, c_double, c_int32, c_int64, c_uint64, c_void_p
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
+
+from sirl_kernels._checks import check_row_tensors
 
 ABI_VERSION = 1  # SIRL_ABI_VERSION of c_api.h
 LIB_DIR_ENV = "SIRL_KERNELS_LIB_DIR"
@@ -104,12 +108,10 @@ def _rows(logits, labels, temperature, ignore_index) -> Rows:
         raise ValueError(f"logits must have unit stride along V, got strides {logits.stride()}")
     if labels.dim() != 1 or labels.shape[0] != n or labels.dtype != torch.int64:
         raise ValueError(f"labels must be int64 [{n}], got {labels.dtype} {tuple(labels.shape)}")
+    if labels.device != logits.device:
+        raise ValueError(f"labels are on {labels.device} but the logits are on {logits.device}")
     return Rows(logits.data_ptr(), n, vocab, logits.stride(0), labels.data_ptr(), labels.stride(0),
                 float(temperature), int(ignore_index), dtype_code(logits.dtype))
-
-
-def _f32(t: torch.Tensor) -> torch.Tensor:
-    return t.to(torch.float32).contiguous()
 
 
 class NativeLibrary:
@@ -119,7 +121,7 @@ class NativeLibrary:
         self.kind = kind
         self.path = path
         self._dll = ctypes.CDLL(str(path))
-        self._functions: dict[str, ctypes._CFuncPtr] = {}
+        self._functions: dict[str, Callable[..., Any]] = {}
         version = self.fn("sirl_abi_version")()
         if version != ABI_VERSION:
             raise OSError(f"{path} has C ABI version {version}, this sirl_kernels expects {ABI_VERSION}: the package "
@@ -170,13 +172,19 @@ class NativeLibrary:
                         ignore_index, out, launch: Launch, entry: str = "sirl_logits_backward"):
         """Writes the logits' gradient into ``out`` (``[N, V]``, the logits' dtype, unit stride along V; may be
         ``logits`` itself) and returns it."""
-        if out.shape != logits.shape or out.dtype != logits.dtype or (out.dim() == 2 and out.shape[1] > 1
-                                                                        and out.stride(1) != 1):
-            raise ValueError(f"out must be a {logits.dtype} {tuple(logits.shape)} tensor with unit stride along V, "
-                             f"got {out.dtype} {tuple(out.shape)} with strides {out.stride()}")
-        stats, entropy, g_lp, g_h = _f32(stats), _f32(entropy), _f32(grad_logprobs), _f32(grad_entropy)
-        args = BackwardArgs(_rows(logits, labels, temperature, ignore_index), stats.data_ptr(), entropy.data_ptr(),
-                            g_lp.data_ptr(), g_h.data_ptr(), out.data_ptr(), out.stride(0))
+        rows = _rows(logits, labels, temperature, ignore_index)
+        if (out.shape != logits.shape or out.dtype != logits.dtype or out.device != logits.device
+                or (out.dim() == 2 and out.shape[1] > 1 and out.stride(1) != 1)):
+            raise ValueError(f"out must be a {logits.dtype} {tuple(logits.shape)} tensor on {logits.device} with unit "
+                             f"stride along V, got {out.dtype} {tuple(out.shape)} on {out.device} with strides "
+                             f"{out.stride()}")
+        check_row_tensors(logits.shape[0], logits.device, torch.float32, stats=stats, entropy=entropy,
+                          grad_logprobs=grad_logprobs, grad_entropy=grad_entropy)
+        # Contiguous copies only where a view is strided (an expanded zero gradient): the C side reads dense rows.
+        stats, entropy = stats.contiguous(), entropy.contiguous()
+        g_lp, g_h = grad_logprobs.contiguous(), grad_entropy.contiguous()
+        args = BackwardArgs(rows, stats.data_ptr(), entropy.data_ptr(), g_lp.data_ptr(), g_h.data_ptr(),
+                            out.data_ptr(), out.stride(0))
         self.call(entry, byref(args), byref(launch))
         return out
 
@@ -189,6 +197,14 @@ def load(kind: str) -> NativeLibrary | str:
     if kind not in _LOADED:
         _LOADED[kind] = _load(kind)
     return _LOADED[kind]
+
+
+def require(kind: str) -> NativeLibrary:
+    """``libsirl_<kind>.so``, or RuntimeError saying why backend ``kind`` cannot use it."""
+    lib = load(kind)
+    if isinstance(lib, str):
+        raise RuntimeError(f"backend {kind!r} is unusable: {lib}")
+    return lib
 
 
 def _load(kind: str) -> NativeLibrary | str:

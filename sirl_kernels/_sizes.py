@@ -26,7 +26,7 @@ def default_linear_chunk_size(vocab_size: int, backend: str = "torch", dtype: to
     the input dtype.
     """
     if backend == "triton":
-        rows = logits_chunk_rows(vocab_size, TRITON_WORKSPACE_BYTES, torch.empty((), dtype=dtype).element_size())
+        rows = logits_chunk_rows(vocab_size, TRITON_WORKSPACE_BYTES, dtype.itemsize)
     else:
         rows = logits_chunk_rows(vocab_size)
     return rows if rows < 16 else rows - rows % 16

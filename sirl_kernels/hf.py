@@ -17,8 +17,9 @@ Failing closed. Skipping ``model.forward`` skips whatever it does to the logits 
 rescalings are folded into the temperature (:func:`model_logit_temperature`: Cohere's ``logit_scale``, Granite's
 ``logits_scaling``) and soft-capping is refused up front; anything else (Falcon-H1's ``lm_head_multiplier``, a
 subclass whose ``forward`` edits the logits) is caught by a check that runs the first time a model class and
-config are seen in the process (:func:`verify_model_logits`): the fused head on the last position of a few tokens
-of the real input against ``model(...).logits`` there, and ``NotImplementedError`` if they disagree. Opt out with
+config are seen in the process (:func:`verify_model_logits`): ``model(...).logits`` at the last position of a few
+tokens of the real input against its output embedding recomputed in float64 from the hidden state there, to one or
+two roundings of the logits' dtype, and ``NotImplementedError`` if they disagree. Opt out with
 ``verify_logits=False`` or ``SIRL_KERNELS_HF_VERIFY=0``.
 
 Typical use in a custom trainer (the SIRL reward in three lines)::
@@ -35,6 +36,7 @@ import hashlib
 import inspect
 import json
 import os
+import weakref
 
 import torch
 from torch import Tensor
@@ -43,10 +45,11 @@ from sirl_kernels.api import linear_token_logprobs_entropy
 
 VERIFY_ENV = "SIRL_KERNELS_HF_VERIFY"
 VERIFY_TOKENS = 16  # tokens of one input row that the logits check runs the model on
-VERIFY_LABELS = 16  # vocabulary entries whose log-probs it compares (plus the entropy)
 
 # (model class, config fingerprint) -> None where the fused head agreed with model(...).logits, else the error
 _logits_verdicts: dict[tuple[type, str], str | None] = {}
+# unwrapped model -> (its config object, that config's fingerprint): no hashing of the config on every call
+_fingerprints: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def unwrap_model(model):
@@ -137,8 +140,20 @@ def verification_enabled(verify_logits: bool | None = None) -> bool:
 
 
 def clear_logits_verdicts() -> None:
-    """Forgets every cached verdict of :func:`verify_model_logits` (tests; a model class edited in a live session)."""
+    """Forgets every cached verdict of :func:`verify_model_logits` and every cached config fingerprint (tests; a
+    model class or config edited in a live session)."""
     _logits_verdicts.clear()
+    _fingerprints.clear()
+
+
+def _verdict_key(base) -> tuple[type, str]:
+    """``(class, config fingerprint)`` of an unwrapped model, the fingerprint computed once per model and config
+    object (a config edited in place afterwards keeps its first fingerprint until :func:`clear_logits_verdicts`)."""
+    cached = _fingerprints.get(base)
+    if cached is None or cached[0] is not base.config:
+        cached = (base.config, config_fingerprint(base.config))
+        _fingerprints[base] = cached
+    return type(base), cached[1]
 
 
 def config_fingerprint(config) -> str:
@@ -147,29 +162,31 @@ def config_fingerprint(config) -> str:
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=repr).encode()).hexdigest()
 
 
-def verify_model_logits(model, input_ids: Tensor, attention_mask: Tensor, *, temperature: float = 1.0,
-                        backend: str = "auto") -> None:
-    """Raises ``NotImplementedError`` naming the model class if the fused head does not reproduce
-    ``log_softmax(model(...).logits / temperature)`` and its entropy.
+def verify_model_logits(model, input_ids: Tensor, attention_mask: Tensor) -> None:
+    """Raises ``NotImplementedError`` naming the model class if ``model(...).logits`` are not its output embedding
+    (weight and bias) applied to the decoder output that the fused head is given, rescaled as
+    :func:`model_logit_temperature` folds into the temperature.
 
     Runs once per (model class, config) and process; later calls reuse the verdict (a failed one raises again).
     The check feeds up to ``VERIFY_TOKENS`` real tokens of the batch row with the most of them through the model
     once (``model(...)``, the LM head on the last position only where the forward takes ``logits_to_keep``) and
-    through the decoder once, under ``torch.no_grad()``, autocast off and every module in eval mode (each module's
-    training flag is restored afterwards), and compares ``VERIFY_LABELS`` log-probs (the most and least likely
-    tokens, the rest spread over the vocabulary) and the entropy within a tolerance set by the lowest matmul
-    precision involved (logits and weight dtype; TF32 / bf16 float32 matmuls). Skipped while torch.compile
-    traces; a batch without any attended token defers the check to a later call.
+    through the decoder once, under ``torch.no_grad()``, autocast off, every module in eval mode (each module's
+    training flag is restored afterwards) and, on CUDA, no 16-bit split-K reductions. It then requires (1) the row
+    the model's LM head received to equal this module's decoder output up to a few roundings, and (2) every one of
+    the ``V`` logits to lie within one or two roundings of the logits' dtype (plus the fp32 accumulation, and TF32 /
+    bf16 products of float32 matmuls) of the head recomputed in float64 from that row (:func:`head_logits_excess`).
+    No kernel runs and no temperature enters (the comparison is of logits). Skipped while torch.compile traces; a
+    batch without any attended token defers the check to a later call.
     """
     if torch.compiler.is_compiling():
         return
     base = unwrap_model(model)
-    key = (type(base), config_fingerprint(base.config))
+    key = _verdict_key(base)
     if key not in _logits_verdicts:
         tokens = verification_tokens(input_ids, attention_mask)
         if tokens is None:
             return
-        _logits_verdicts[key] = fused_head_disagreement(model, tokens, float(temperature), backend)
+        _logits_verdicts[key] = fused_head_disagreement(model, tokens)
     if _logits_verdicts[key] is not None:
         raise NotImplementedError(_logits_verdicts[key])
 
@@ -195,74 +212,129 @@ def eval_mode(model):
             module.training = training
 
 
-def model_last_logits(model, input_ids: Tensor) -> Tensor:
-    """``[V]`` logits of the unwrapped ``model``'s own forward at the last position of ``input_ids [1, L]``."""
+def model_last_logits(model, input_ids: Tensor) -> tuple[Tensor, Tensor | None]:
+    """``[V]`` logits of the unwrapped ``model``'s own forward at the last position of ``input_ids [1, L]``, and the
+    ``[D]`` row its output embedding received there (None when the forward does not call that module)."""
     kwargs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=False)
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
         kwargs["logits_to_keep"] = 1  # the LM head on one position, as in generation, never over a sequence
-    logits = getattr(model(**kwargs), "logits", None)
+    head_inputs = []
+    handle = model.get_output_embeddings().register_forward_pre_hook(
+        lambda module, args: head_inputs.append(args[0] if args and isinstance(args[0], Tensor) else None))
+    try:
+        logits = getattr(model(**kwargs), "logits", None)
+    finally:
+        handle.remove()
     if not isinstance(logits, Tensor):
         raise NotImplementedError(
             f"{type(model).__name__}.forward returns no logits, so sirl_kernels.hf cannot check its fused head "
             f"against them; pass verify_logits=False (or set {VERIFY_ENV}=0) if you know its logits are lm_head's"
         )
-    return logits[0, -1]
+    head_input = head_inputs[-1] if head_inputs else None
+    return logits[0, -1], None if head_input is None else head_input.reshape(-1, head_input.shape[-1])[-1]
 
 
-def compared_labels(logits: Tensor) -> Tensor:
-    """``VERIFY_LABELS`` vocabulary ids: the most and least likely, the rest evenly spread."""
-    spread = torch.linspace(0, logits.shape[-1] - 1, VERIFY_LABELS - 2, device=logits.device).long()
-    return torch.cat([logits.argmax()[None], logits.argmin()[None], spread])
-
-
-def matmul_epsilon(dtype: torch.dtype) -> float:
-    """Relative rounding of logits computed in ``dtype`` (float32 matmuls may run in TF32 or bf16)."""
-    if dtype == torch.float32:
+def _matmul_unit(weight: Tensor, logits: Tensor) -> float:
+    """Relative error of one product of the LM head's matmul: float32 weights may run in TF32 or bf16 ("high",
+    "medium"); 16-bit products are exact in the fp32 accumulator."""
+    if weight.dtype == torch.float32 and logits.dtype == torch.float32:
         precision = torch.get_float32_matmul_precision()
         if precision == "medium":
-            return torch.finfo(torch.bfloat16).eps
+            return 2.0 ** -8
         if precision == "high":
-            return 2.0 ** -10  # TF32: 10 mantissa bits
-    return torch.finfo(dtype).eps
+            return 2.0 ** -10
+    return 0.0
 
 
-def logits_tolerance(logits: Tensor, weight: Tensor, temperature: float) -> float:
-    """Allowed |difference| of log-probs and entropy: each logit / T may be off by eps / 2 of its size in the
-    lower-precision path, which moves a log-softmax value or the entropy by at most about twice that."""
-    eps = max(matmul_epsilon(logits.dtype), matmul_epsilon(weight.dtype))
-    largest = float(logits.detach().abs().max().float()) / temperature
-    return 1e-4 + 4.0 * eps * max(1.0, largest)
+def head_logits_excess(logits: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None, factor: float
+                       ) -> tuple[int, float]:
+    """``(how many, largest ratio)`` of ``logits [V]`` farther from ``factor * (hidden @ weight.T + bias)``
+    (float64, ``hidden`` rounded to the weight's dtype as the fused head does) than the rounding bound allows.
+
+    Bound per logit: one or two roundings to the logits' dtype (the head's output, then a folded rescaling), so
+    ``eps * |expected|`` (1-2 ulp), plus the fp32 accumulation of D products and the bias,
+    ``(D + 1) * 2^-24 * sum |h w|``, plus each product's own error where float32 matmuls run in TF32/bf16. A bf16
+    model scaling its logits by 1.05 is 5% off, six times bf16's 2^-7.
+    """
+    eps = torch.finfo(logits.dtype).eps
+    h = hidden.detach().to(weight.dtype).double()
+    unit = (weight.shape[1] + 1) * 2.0 ** -24 + _matmul_unit(weight, logits)
+    step = max(1, 2 ** 22 // max(1, weight.shape[1]))  # rows of the weight held in float64 at once (32 MiB)
+    count, worst = 0, 0.0
+    for v0 in range(0, weight.shape[0], step):
+        w = weight[v0:v0 + step].detach().double()
+        exact, size = w @ h, w.abs() @ h.abs()
+        if bias is not None:
+            b = bias[v0:v0 + step].detach().double()
+            exact, size = exact + b, size + b.abs()
+        expected = exact * factor
+        allowed = eps * expected.abs() + abs(factor) * unit * size + torch.finfo(torch.float64).tiny
+        ratio = (logits[v0:v0 + step].double() - expected).abs() / allowed
+        ratio = torch.where(torch.isnan(ratio), torch.full_like(ratio, float("inf")), ratio)
+        count += int((ratio > 1).sum())
+        worst = max(worst, float(ratio.max()))
+    return count, worst
 
 
-def fused_head_disagreement(model, input_ids: Tensor, temperature: float, backend: str) -> str | None:
-    """None if the fused head reproduces ``model``'s own logits on ``input_ids [1, L]``, else the error message."""
+def hidden_mismatch(ours: Tensor, model_input: Tensor) -> tuple[float, float]:
+    """``(relative L2 difference, allowed)`` of the decoder output this module computes and the row the model's
+    own LM head received: a few roundings of the hidden dtype (kernels may differ between the two runs on a GPU),
+    far below a rescaling of the hidden state between decoder and head."""
+    ours, theirs = ours.detach().double(), model_input.detach().double()
+    difference = float((ours - theirs).norm() / theirs.norm().clamp_min(torch.finfo(torch.float64).tiny))
+    return difference, max(4.0 * torch.finfo(model_input.dtype).eps, 2.0 ** -10)
+
+
+@contextlib.contextmanager
+def _full_precision_reductions(device: torch.device):
+    """cuBLAS may reduce bf16/fp16 split-K partial sums in 16 bits (torch's default allows it); inside, it may not,
+    so the model's logits carry only the roundings the check's bound counts."""
+    if device.type != "cuda":
+        yield
+        return
+    flags = torch.backends.cuda.matmul
+    saved = flags.allow_bf16_reduced_precision_reduction, flags.allow_fp16_reduced_precision_reduction
+    flags.allow_bf16_reduced_precision_reduction = flags.allow_fp16_reduced_precision_reduction = False
+    try:
+        yield
+    finally:
+        flags.allow_bf16_reduced_precision_reduction, flags.allow_fp16_reduced_precision_reduction = saved
+
+
+def fused_head_disagreement(model, input_ids: Tensor) -> str | None:
+    """None if ``model``'s own logits on ``input_ids [1, L]`` are its output embedding applied to the decoder output
+    this module computes, rescaled as :func:`model_logit_temperature` folds it; else the error message."""
     base = unwrap_model(model)
     name = type(base).__name__
-    with torch.no_grad(), torch.autocast(input_ids.device.type, enabled=False), eval_mode(model):
-        logits = model_last_logits(base, input_ids)
-        weight, _ = output_head(base)
+    with (torch.no_grad(), torch.autocast(input_ids.device.type, enabled=False), eval_mode(model),
+          _full_precision_reductions(input_ids.device)):
+        logits, head_input = model_last_logits(base, input_ids)
+        weight, bias = output_head(base)
         if logits.shape[-1] != weight.shape[0]:
             return (f"{name}.forward returns {logits.shape[-1]} logits per position but its output embedding has "
                     f"{weight.shape[0]} rows; sirl_kernels.hf cannot reproduce them")
-        labels = compared_labels(logits)
         hidden = final_hidden_states(model, input_ids, torch.ones_like(input_ids))[0, -1]
-        logprobs, entropy = fused_head(base, hidden[None].repeat(len(labels), 1), labels,
-                                       model_logit_temperature(base.config, temperature), backend)
-    reference = torch.log_softmax(logits.double() / temperature, -1)
-    logprob_error = float((logprobs.double() - reference[labels]).abs().max())
-    entropy_error = float((entropy.double() + (reference.exp() * reference).sum()).abs().max())
-    tolerance = logits_tolerance(logits, weight, temperature)
-    if logprob_error <= tolerance and entropy_error <= tolerance:  # False for NaN too
+        if head_input is not None:
+            difference, allowed = hidden_mismatch(hidden, head_input)
+            if not difference <= allowed:  # NaN too
+                return (f"{name}: the hidden state its lm_head receives differs from its decoder's output (relative "
+                        f"difference {difference:.3g}, allowed {allowed:.2g}): the model transforms hidden states "
+                        f"between the decoder and lm_head, which sirl_kernels.hf does not reproduce; {_ADVICE}")
+            hidden = head_input
+        factor = 1.0 / model_logit_temperature(base.config, 1.0)  # logits are linear in the folded rescaling
+        count, worst = head_logits_excess(logits, hidden, weight, bias, factor)
+    if count == 0:
         return None
     return (
-        f"{name}: the fused head (lm_head weight, temperature folded as for Cohere's logit_scale and Granite's "
-        f"logits_scaling) disagrees with {name}.forward's logits: max |log-prob difference| {logprob_error:.3g} "
-        f"over {len(labels)} vocabulary entries, |entropy difference| {entropy_error:.3g}, tolerance "
-        f"{tolerance:.2g} ({logits.dtype} logits, {weight.dtype} weight); the model transforms its logits after "
-        "lm_head in a way sirl_kernels.hf does not reproduce, so compute the logits yourself and use "
-        f"sirl_kernels.token_logprobs_entropy (pass verify_logits=False or set {VERIFY_ENV}=0 only if you know "
-        "the difference is harmless)"
+        f"{name}: {count} of {logits.shape[-1]} logits of {name}.forward differ from lm_head (weight and bias) applied "
+        f"to its hidden state, rescaled as sirl_kernels.hf folds Cohere's logit_scale and Granite's logits_scaling "
+        f"(factor {factor:.6g}), by up to {worst:.3g} times the rounding bound of {logits.dtype} logits from "
+        f"{weight.dtype} weights: the model transforms its logits after lm_head; {_ADVICE}"
     )
+
+
+_ADVICE = (f"compute the logits yourself and use sirl_kernels.token_logprobs_entropy (pass verify_logits=False or set "
+           f"{VERIFY_ENV}=0 only if you know the difference is harmless)")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -293,7 +365,10 @@ def causal_lm_token_logprobs_entropy(
             ``0``); False skips the check, for a model you know applies nothing after ``lm_head`` that
             :func:`model_logit_temperature` does not fold (otherwise the results are silently wrong).
         check_labels: as in :func:`sirl_kernels.token_logprobs_entropy`: False skips the host-side check that
-            token ids lie in ``[0, V)`` (one synchronisation on CUDA); an id outside it then gives NaN.
+            token ids lie in ``[0, V)`` (one synchronisation on CUDA); an id outside it then gives NaN. That makes
+            the kernel call sync-free, not this function: gathering the scored rows (``hidden[:, :-1][predict]``)
+            and scattering the results back are boolean-mask operations whose size depends on the mask, so on
+            CUDA each synchronises with the host (as does the logits check, once per model class and config).
 
     Returns:
         ``(logprobs, entropy)``, float32 ``[B, T]``; see the module docstring for the alignment. Differentiable
@@ -307,8 +382,8 @@ def causal_lm_token_logprobs_entropy(
     base = unwrap_model(model)
     folded_temperature = model_logit_temperature(base.config, float(temperature))
     output_head(base)  # a missing or wrapped head fails here, before any forward
-    if not torch.compiler.is_compiling() and verification_enabled(verify_logits):
-        verify_model_logits(model, input_ids, attention_mask, temperature=temperature, backend=backend)
+    if verification_enabled(verify_logits):  # skipped while torch.compile traces (verify_model_logits)
+        verify_model_logits(model, input_ids, attention_mask)
 
     hidden = final_hidden_states(model, input_ids, attention_mask)
     # Row t-1 predicts token t: gather only the rows whose next token is scored.

@@ -17,12 +17,23 @@ import torch
 from torch import Tensor
 
 from sirl_kernels import backends
-from sirl_kernels._checks import accumulation_dtype, check_label_values
+from sirl_kernels._checks import accumulation_dtype, check_label_values, check_row_tensors
 
 
 def _fake_outputs(like: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
     acc = accumulation_dtype(like.dtype)
     return like.new_empty(n, dtype=acc), like.new_empty(n, dtype=acc), like.new_empty((n, 2), dtype=acc)
+
+
+def _backward_rows(grad_logprobs: Tensor, grad_entropy: Tensor, stats: Tensor, entropy: Tensor, rows: Tensor
+                   ) -> tuple[Tensor, Tensor]:
+    """The backward ops' per-row inputs, checked (the public ops take them from anyone; kernels read them through
+    raw pointers), with the gradients in the accumulation dtype the backends take (the contract's ``grad_*``)."""
+    acc = accumulation_dtype(rows.dtype)
+    grad_logprobs, grad_entropy = grad_logprobs.to(acc), grad_entropy.to(acc)
+    check_row_tensors(rows.shape[0], rows.device, acc, grad_logprobs=grad_logprobs, grad_entropy=grad_entropy,
+                      stats=stats, entropy=entropy)
+    return grad_logprobs, grad_entropy
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -48,9 +59,9 @@ def token_logprobs_entropy_backward_op(
     grad_logprobs: Tensor, grad_entropy: Tensor, logits: Tensor, labels: Tensor, stats: Tensor, entropy: Tensor,
     temperature: float, ignore_index: int, backend: str,
 ) -> Tensor:
-    acc = accumulation_dtype(logits.dtype)
+    grad_logprobs, grad_entropy = _backward_rows(grad_logprobs, grad_entropy, stats, entropy, logits)
     return backends.get(backend).logits_backward(
-        grad_logprobs.to(acc), grad_entropy.to(acc), logits, labels, stats, entropy, temperature, ignore_index
+        grad_logprobs, grad_entropy, logits, labels, stats, entropy, temperature, ignore_index
     )
 
 
@@ -65,10 +76,9 @@ def token_logprobs_entropy_backward_inplace_op(
     temperature: float, ignore_index: int, backend: str,
 ) -> None:
     """Writes the gradient into ``logits`` itself (their values are destroyed); every backend supports it."""
-    acc = accumulation_dtype(logits.dtype)
+    grad_logprobs, grad_entropy = _backward_rows(grad_logprobs, grad_entropy, stats, entropy, logits)
     backends.get(backend).logits_backward(
-        grad_logprobs.to(acc), grad_entropy.to(acc), logits, labels, stats, entropy, temperature, ignore_index,
-        out=logits,
+        grad_logprobs, grad_entropy, logits, labels, stats, entropy, temperature, ignore_index, out=logits,
     )
 
 
@@ -127,11 +137,11 @@ def linear_token_logprobs_entropy_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Only the gradients asked for are computed; the others come back as empty ``[0]`` placeholders (custom ops
     cannot return None)."""
-    acc = accumulation_dtype(hidden.dtype)
+    grad_logprobs, grad_entropy = _backward_rows(grad_logprobs, grad_entropy, stats, entropy, hidden)
     needs = (needs_hidden_grad, needs_weight_grad, needs_bias_grad and bias is not None)
     grads = backends.get(backend).linear_backward(
-        grad_logprobs.to(acc), grad_entropy.to(acc), hidden, weight, bias, labels, stats, entropy, temperature,
-        ignore_index, chunk_size, needs,
+        grad_logprobs, grad_entropy, hidden, weight, bias, labels, stats, entropy, temperature, ignore_index,
+        chunk_size, needs,
     )
     return tuple(g if g is not None else hidden.new_empty(0) for g in grads)
 
@@ -158,10 +168,11 @@ def _linear_backward(ctx, grad_logprobs, grad_entropy, _grad_stats):
     need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
     grad_hidden, grad_weight, grad_bias = linear_token_logprobs_entropy_backward_op(
         grad_logprobs, grad_entropy, hidden, weight, bias, labels, stats, entropy, ctx.temperature,
-        ctx.ignore_index, ctx.backend, ctx.chunk_size, need_hidden, need_weight, need_bias and bias is not None,
+        ctx.ignore_index, ctx.backend, ctx.chunk_size, need_hidden, need_weight, need_bias,
     )
+    # needs_input_grad is False for a None bias, so need_bias already implies a bias.
     return (grad_hidden if need_hidden else None, grad_weight if need_weight else None,
-            grad_bias if need_bias and bias is not None else None, None, None, None, None, None, None)
+            grad_bias if need_bias else None, None, None, None, None, None, None)
 
 
 linear_token_logprobs_entropy_op.register_autograd(_linear_backward, setup_context=_linear_setup_context)

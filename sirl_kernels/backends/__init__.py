@@ -79,7 +79,10 @@ def available_backends() -> dict[str, BackendStatus]:
         reasons = []
         ok_on = []
         for dev in devices:
-            why = _reason(name, dev)
+            try:
+                why = _reason(name, dev)
+            except ValueError as exc:  # a bad setting of the backend's own (resolve raises it)
+                why = str(exc)
             if why is None:
                 ok_on.append(dev.type)
             else:
@@ -103,18 +106,20 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype = torch.float
         if name not in ("auto", "torch"):
             raise TypeError(f"backend {name!r} supports float32, bfloat16 and float16 inputs; float64 runs on 'torch'")
         return "torch"
-    return _resolve_constant(backend, device.type, os.environ.get(ENV_VAR, ""))
+    return _resolve_constant(backend, str(device), os.environ.get(ENV_VAR, ""))
 
 
 @torch.compiler.assume_constant_result
-def _resolve_constant(backend: str, device_type: str, env: str) -> str:
-    return _resolve(backend, torch.device(device_type), env)
+def _resolve_constant(backend: str, device: str, env: str) -> str:
+    """``device`` as a string ("cuda:1"), index included: a backend probes the device the tensors are on."""
+    return _resolve(backend, torch.device(device), env)
 
 
 def _resolve(backend: str, device: torch.device, env: str) -> str:
     """Turns a requested backend name into a concrete, usable one for tensors on ``device``.
 
-    Raises ValueError for unknown names and RuntimeError, with the reason, for a backend that cannot run.
+    Raises ValueError for unknown names (and a backend's bad setting, e.g. ``$SIRL_KERNELS_CPU_ISA``) and
+    RuntimeError, with the reason, for a backend that cannot run.
     """
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")

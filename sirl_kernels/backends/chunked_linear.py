@@ -83,22 +83,25 @@ def linear_backward(kernels: LogitsKernels, grad_logprobs: Tensor, grad_entropy:
                     bias: Tensor | None, labels: Tensor, stats: Tensor, entropy: Tensor, temperature: float,
                     ignore_index: int, chunk_size: int, needs_grad: NeedsGrad) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     need_hidden, need_weight, need_bias = needs_grad
-    need_bias = need_bias and bias is not None
     n, vocab = hidden.shape[0], weight.shape[0]
     acc = accumulation_dtype(hidden.dtype)
     grad_hidden = torch.empty_like(hidden) if need_hidden else None
     grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
     grad_bias = torch.zeros(vocab, dtype=acc, device=weight.device) if need_bias else None
     if n > 0 and (need_hidden or need_weight or need_bias):
-        buf = kernels.workspace(min(int(chunk_size), n), vocab, acc, hidden.device)
-        g_lp, g_h = grad_logprobs.to(acc), grad_entropy.to(acc)
+        rows = min(int(chunk_size), n)
+        buf = kernels.workspace(rows, vocab, acc, hidden.device)
+        # The matmul operand: the gradient rounded to the input dtype, in one buffer reused by every chunk (none
+        # for fp32 inputs, whose operand is the gradient itself, and none when only the bias gradient is needed).
+        rounded = (torch.empty((rows, vocab), dtype=hidden.dtype, device=hidden.device)
+                   if hidden.dtype != acc and (need_hidden or need_weight) else None)
         for s, e in _chunks(n, chunk_size):
             z = _logits_into(buf[: e - s], hidden[s:e], weight, bias)
-            dz = kernels.backward(g_lp[s:e], g_h[s:e], z, labels[s:e], stats[s:e], entropy[s:e],
-                                         temperature, ignore_index, out=z)
+            dz = kernels.backward(grad_logprobs[s:e], grad_entropy[s:e], z, labels[s:e], stats[s:e], entropy[s:e],
+                                  temperature, ignore_index, out=z)
             if need_bias:
                 grad_bias += dz.sum(0)
-            operand = dz.to(hidden.dtype)  # the matmul operand: rounded to the input dtype (a no-op for fp32)
+            operand = dz if rounded is None else rounded[: e - s].copy_(dz)
             if need_hidden:
                 matmul_into(grad_hidden[s:e], operand, weight)
             if need_weight:

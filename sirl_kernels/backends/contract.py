@@ -48,7 +48,8 @@ class Backend(Protocol):
                         out: Tensor | None = None) -> Tensor:
         """Gradient of ``sum(g_lp * logprobs + g_h * entropy)`` w.r.t. the logits, in ``out`` (a new tensor in
         the logits' dtype when None). ``out`` may be ``logits`` itself: the in-place backward every backend
-        supports (each element is read before it is overwritten). ``grad_*`` are fp32 ``[N]``."""
+        supports (each element is read before it is overwritten). ``grad_*`` are ``[N]`` in the accumulation dtype
+        (fp32; float64 for float64 logits), converted and checked by the backward ops."""
 
     def linear_forward(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
                        temperature: float, ignore_index: int, chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -60,26 +61,30 @@ class Backend(Protocol):
                         ignore_index: int, chunk_size: int, needs_grad: NeedsGrad
                         ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         """``(grad_hidden, grad_weight, grad_bias)`` in the inputs' dtypes; None (and no buffer, no matmul) for
-        each gradient ``needs_grad`` does not ask for, and for the bias when there is none."""
+        each gradient ``needs_grad`` does not ask for. ``needs_grad[2]`` is False when ``bias`` is None, and
+        ``grad_*`` are ``[N]`` in the accumulation dtype (fp32; float64 for float64 inputs): the backward op
+        normalises both."""
 
 
-REQUIRED = ("name", "unavailable_reason", "logits_forward", "logits_backward", "linear_forward", "linear_backward")
+def _members(protocol: type) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(attributes, functions) that ``protocol`` declares, in declaration order."""
+    attributes = tuple(protocol.__annotations__)
+    functions = tuple(k for k, v in vars(protocol).items() if callable(v) and not k.startswith("_"))
+    return attributes, functions
+
+
+# What check_backend requires: read off the Protocol, so the two never disagree.
+ATTRIBUTES, FUNCTIONS = _members(Backend)
 
 
 def check_backend(module: ModuleType) -> ModuleType:
     """Raises TypeError naming what a backend module lacks; returns it unchanged otherwise."""
-    missing = [attr for attr in REQUIRED if not hasattr(module, attr)]
-    not_callable = [attr for attr in REQUIRED[1:] if attr not in missing and not callable(getattr(module, attr))]
-    if missing or not_callable or not isinstance(getattr(module, "name", None), str):
+    missing = [attr for attr in ATTRIBUTES + FUNCTIONS if not hasattr(module, attr)]
+    not_callable = [attr for attr in FUNCTIONS if attr not in missing and not callable(getattr(module, attr))]
+    not_str = [attr for attr in ATTRIBUTES if attr not in missing and not isinstance(getattr(module, attr), str)]
+    if missing or not_callable or not_str:
         problems = [f"missing {', '.join(missing)}"] if missing else []
         problems += [f"not callable: {', '.join(not_callable)}"] if not_callable else []
-        if "name" not in missing and not isinstance(getattr(module, "name", None), str):
-            problems.append("`name` is not a str")
+        problems += [f"`{attr}` is not a str" for attr in not_str]
         raise TypeError(f"backend module {module.__name__} breaks the backend contract: {'; '.join(problems)}")
     return module
-
-
-def empty_stats(n: int, like: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    """An uninitialised ``[n, 2]`` stats tensor on ``like``'s device."""
-    return torch.empty((n, 2), dtype=dtype, device=like.device)
-

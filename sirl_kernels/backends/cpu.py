@@ -11,7 +11,8 @@ transparent huge pages. Fresh gradients of the logits are also allocated on huge
 multi-GB tensor otherwise cost more than the kernel (measured 1.2 s vs 0.2 s for 2.5 GB here).
 
 The ISA build (AVX-512, AVX2 or baseline x86-64) is picked at load time from the CPU; ``$SIRL_KERNELS_CPU_ISA``
-(``avx512`` | ``avx2`` | ``baseline``) caps it, and :func:`set_isa` changes it at run time (tests).
+(``avx512`` | ``avx2`` | ``baseline`` | ``auto``, read once) caps it, any other value is a ValueError on use, and
+:func:`set_isa` changes it at run time (tests).
 """
 
 from __future__ import annotations
@@ -27,24 +28,47 @@ from sirl_kernels.backends import chunked_linear
 name = "cpu"
 
 _LIB = _native.load("cpu")
-_ISAS = ("avx512", "avx2", "baseline", "auto")
-
-
-def unavailable_reason(device: torch.device | None) -> str | None:
-    if isinstance(_LIB, str):
-        return _LIB
-    env = os.environ.get("SIRL_KERNELS_CPU_ISA", "")
-    if env and env not in _ISAS:
-        return f"$SIRL_KERNELS_CPU_ISA={env!r} is not one of {', '.join(_ISAS)}"
-    if device is not None and torch.device(device).type != "cpu":
-        return f"runs on CPU tensors only, got {torch.device(device).type}"
-    return None
+ISA_ENV = "SIRL_KERNELS_CPU_ISA"
 
 
 def library() -> _native.NativeLibrary:
+    return _native.require("cpu")
+
+
+def set_isa(build: str) -> str:
+    """Caps the kernel build ("avx512", "avx2", "baseline", or "auto" for the best); returns the one chosen."""
+    chosen = ctypes.c_char_p()
+    library().call("sirl_cpu_set_isa", str(build).encode(), ctypes.byref(chosen))
+    return chosen.value.decode()
+
+
+def _isa_env_error() -> str | None:
+    """Why ``$SIRL_KERNELS_CPU_ISA`` is unusable, or None. Read once, at import, as the library reads it at load;
+    the library's own ``set_isa`` judges the value (re-picking for a valid one what the library picked at load),
+    so the list of builds lives in one place."""
+    value = os.environ.get(ISA_ENV, "")
+    if isinstance(_LIB, str) or not value:
+        return None
+    try:
+        set_isa(value)
+    except ValueError as exc:
+        return f"${ISA_ENV}={value!r}: {exc}"
+    return None
+
+
+_ISA_ENV_ERROR = _isa_env_error()
+
+
+def unavailable_reason(device: torch.device | None) -> str | None:
+    """Raises ValueError for a bad ``$SIRL_KERNELS_CPU_ISA`` (asked about CPU tensors or no device): a typo there is
+    an error, not a silent fall-back of "auto" to another backend."""
     if isinstance(_LIB, str):
-        raise RuntimeError(f"backend 'cpu' is unusable: {_LIB}")
-    return _LIB
+        return _LIB
+    if device is not None and torch.device(device).type != "cpu":
+        return f"runs on CPU tensors only, got {torch.device(device).type}"
+    if _ISA_ENV_ERROR is not None:
+        raise ValueError(_ISA_ENV_ERROR)
+    return None
 
 
 def _launch() -> _native.Launch:
@@ -54,13 +78,6 @@ def _launch() -> _native.Launch:
 def isa() -> str:
     """The kernel build in use: "avx512", "avx2" or "baseline"."""
     return library().fn("sirl_cpu_isa")().decode()
-
-
-def set_isa(build: str) -> str:
-    """Caps the kernel build ("avx512", "avx2", "baseline", or "auto" for the best); returns the one chosen."""
-    chosen = ctypes.c_char_p()
-    library().call("sirl_cpu_set_isa", str(build).encode(), ctypes.byref(chosen))
-    return chosen.value.decode()
 
 
 def empty_hugepage(shape, dtype: torch.dtype) -> torch.Tensor:

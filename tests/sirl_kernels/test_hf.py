@@ -239,7 +239,8 @@ def tiny(cls=transformers.LlamaForCausalLM, tie: bool = False, dtype=torch.float
     """A model of ``cls`` with ``tiny_llama``'s weights (the subclasses differ from it only after lm_head)."""
     source = tiny_llama(tie=tie)
     model = cls(source.config)
-    model.load_state_dict(source.state_dict())
+    missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
+    assert set(missing) <= {"lm_head.bias"} and not unexpected, (missing, unexpected)  # a biased head keeps its own
     return model.to(dtype).eval()
 
 
@@ -259,21 +260,96 @@ def training_flags(model) -> dict:
 def test_logits_edited_in_forward_raise_naming_the_class(cls, tie):
     model = tiny(cls, tie=tie)
     ids, attn, comp = batch()
-    with pytest.raises(NotImplementedError, match=rf"^{cls.__name__}: .*log-prob difference\| \d.*tolerance"):
+    with pytest.raises(NotImplementedError, match=rf"^{cls.__name__}: \d+ of {VOCAB} logits .* by up to \d"):
         causal_lm_token_logprobs_entropy(model, ids, attn, comp)
     with pytest.raises(NotImplementedError, match=cls.__name__), torch.no_grad():
         sirl_reward(model, ids, attn, comp)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_plain_model_passes_and_scaled_one_fails_in_every_dtype(dtype):
-    """The tolerance follows the dtype: a bf16 model's own bf16 logits pass, a bf16 model scaling them fails."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cls", [LogitsTimesTwoLlama, LogitsTimesOnePointOhFiveLlama, LogitsBiasLlama])
+def test_plain_model_passes_and_edited_ones_fail_in_every_dtype(dtype, cls):
+    """The bound follows the dtype: a 16-bit model's own 16-bit logits pass, and one scaling them by 1.05 (well
+    inside the old log-prob tolerance of 4 eps max|logit|) fails."""
     ids, attn, comp = batch()
     with torch.no_grad():
         lp, _ = causal_lm_token_logprobs_entropy(tiny(dtype=dtype), ids, attn, comp)
-        with pytest.raises(NotImplementedError, match="LogitsTimesTwoLlama"):
-            causal_lm_token_logprobs_entropy(tiny(LogitsTimesTwoLlama, dtype=dtype), ids, attn, comp)
+        with pytest.raises(NotImplementedError, match=f"^{cls.__name__}: "):
+            causal_lm_token_logprobs_entropy(tiny(cls, dtype=dtype), ids, attn, comp)
     assert torch.isfinite(lp).all()
+
+
+class HeadWithBiasLlama(transformers.LlamaForCausalLM):
+    """An lm_head with a bias (as some models have): the fused head adds it, and so does the check."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.lm_head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=True)
+        torch.nn.init.normal_(self.lm_head.bias, std=2.0)
+
+
+class HeadWithBiasTimesOnePointOhFiveLlama(HeadWithBiasLlama):
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = out.logits * 1.05
+        return out
+
+
+class HiddenScaledBeforeHeadLlama(transformers.LlamaForCausalLM):
+    """Rescales the hidden state between decoder and lm_head (as MiniCPM does), which the fused head skips."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.lm_head.register_forward_pre_hook(lambda module, args: (args[0] * 1.05,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_head_bias_is_reproduced_and_checked(dtype):
+    ids, attn, comp = batch()
+    model = tiny(HeadWithBiasLlama, dtype=dtype)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=attn).logits
+        lp, ent = causal_lm_token_logprobs_entropy(model, ids, attn, comp)
+    assert list(sirl_hf._logits_verdicts.values()) == [None]
+    ref_lp, ref_ent = reference_from_logits(logits, ids, comp)
+    tol = 1e-5 if dtype == torch.float32 else 0.1  # bf16: the model's logits are rounded, the fused head's not
+    torch.testing.assert_close(lp.double(), ref_lp, rtol=tol, atol=tol)
+    clear_logits_verdicts()
+    scaled = tiny(HeadWithBiasTimesOnePointOhFiveLlama, dtype=dtype)
+    scaled.lm_head.load_state_dict(model.lm_head.state_dict())
+    with pytest.raises(NotImplementedError, match="^HeadWithBiasTimesOnePointOhFiveLlama: "):
+        causal_lm_token_logprobs_entropy(scaled, ids, attn, comp)
+    clear_logits_verdicts()
+    unbiased = tiny(HeadWithBiasLlama, dtype=dtype)
+    with torch.no_grad():
+        unbiased.lm_head.bias.zero_()  # the bias is part of the check: a head without it is a different head
+    sirl_hf.verify_model_logits(unbiased, ids, attn)
+    clear_logits_verdicts()
+    with pytest.MonkeyPatch.context() as mp:  # the check must add the bias: without it the biased model fails
+        mp.setattr(sirl_hf, "output_head", lambda m: (m.get_output_embeddings().weight, None))
+        with pytest.raises(NotImplementedError, match="^HeadWithBiasLlama: "):
+            sirl_hf.verify_model_logits(model, ids, attn)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hidden_rescaled_before_the_head_is_caught(dtype):
+    ids, attn, comp = batch()
+    with pytest.raises(NotImplementedError, match="^HiddenScaledBeforeHeadLlama: the hidden state its lm_head"):
+        causal_lm_token_logprobs_entropy(tiny(HiddenScaledBeforeHeadLlama, dtype=dtype), ids, attn, comp)
+
+
+def test_fingerprint_is_computed_once_per_model_and_config(monkeypatch):
+    model = tiny()
+    ids, attn, comp = batch()
+    calls = []
+    fingerprint = sirl_hf.config_fingerprint
+    monkeypatch.setattr(sirl_hf, "config_fingerprint", lambda config: calls.append(1) or fingerprint(config))
+    for _ in range(3):
+        causal_lm_token_logprobs_entropy(model, ids, attn, comp)
+    assert len(calls) == 1
+    model.config = type(model.config)(**model.config.to_dict())  # a new config object: fingerprinted again
+    causal_lm_token_logprobs_entropy(model, ids, attn, comp)
+    assert len(calls) == 2
 
 
 def test_autocast_model_passes_and_is_checked_at_its_own_precision():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import sirl_kernels
@@ -63,3 +64,61 @@ def test_compile_fullgraph_matches_eager(backend, device):
         grads.append([out.detach()] + [t.grad for t in leaves])
     for eager, comp in zip(*grads):
         torch.testing.assert_close(comp, eager, rtol=1e-5, atol=1e-6)
+
+
+def _backward_case(backend, device):
+    logits = torch.randn(4, 300, device=device)
+    labels = torch.tensor([0, 5, -100, 299], device=device)
+    _, ent, stats = ops.token_logprobs_entropy_op(logits, labels, 1.0, -100, backend)
+    return torch.ones(4, device=device), torch.ones(4, device=device), logits, labels, stats, ent
+
+
+def test_public_backward_ops_refuse_mis_sized_row_tensors(backend, device):
+    """The backward custom ops are public (torch.ops.sirl_kernels.*) and their kernels read N rows of every per-row
+    tensor through raw pointers: a short or mis-shaped one is a typed one-line error, never an out-of-bounds read."""
+    g_lp, g_h, logits, labels, stats, ent = _backward_case(backend, device)
+    public = torch.ops.sirl_kernels
+    bad = {
+        "stats": (g_lp, g_h, logits, labels, stats[:2], ent),
+        "stats ": (g_lp, g_h, logits, labels, stats[:, :1], ent),
+        "grad_logprobs": (g_lp[:1], g_h, logits, labels, stats, ent),
+        "grad_entropy": (g_lp, torch.ones(3, device=device), logits, labels, stats, ent),
+        "entropy": (g_lp, g_h, logits, labels, stats, ent[:3]),
+    }
+    for name, args in bad.items():
+        for op in (public.token_logprobs_entropy_backward, public.token_logprobs_entropy_backward_):
+            with pytest.raises(ValueError, match=rf"^{name.strip()} must have shape \((4, 2|4,)\)"):
+                op(*args[:2], args[2].clone(), *args[3:], 1.0, -100, backend)
+    with pytest.raises(TypeError, match=r"^stats must be torch.float32, got torch.float64"):
+        public.token_logprobs_entropy_backward(g_lp, g_h, logits, labels, stats.double(), ent, 1.0, -100, backend)
+    # the linear backward op takes the same checks
+    hidden, weight = torch.randn(4, 8, device=device), torch.randn(300, 8, device=device)
+    _, ent, stats = ops.linear_token_logprobs_entropy_op(hidden, weight, None, labels, 1.0, -100, backend, 2)
+    with pytest.raises(ValueError, match=r"^stats must have shape \(4, 2\)"):
+        public.linear_token_logprobs_entropy_backward(g_lp, g_h, hidden, weight, None, labels, stats[:3], ent, 1.0,
+                                                      -100, backend, 2, True, True, False)
+
+
+def test_native_binding_checks_row_tensors_and_devices():
+    """The last layer before the raw pointers checks on its own (the backends' functions are callable directly)."""
+    from sirl_kernels.backends import cpu
+
+    why = cpu.unavailable_reason(torch.device("cpu"))
+    if why is not None:
+        pytest.skip(why)
+    g_lp, g_h, logits, labels, stats, ent = _backward_case("cpu", "cpu")
+    with pytest.raises(ValueError, match=r"^stats must have shape \(4, 2\)"):
+        cpu.logits_backward(g_lp, g_h, logits, labels, stats[:1], ent, 1.0, -100)
+    with pytest.raises(ValueError, match=r"^grad_entropy must have shape \(4,\)"):
+        cpu.logits_backward(g_lp, g_h[:2], logits, labels, stats, ent, 1.0, -100)
+    with pytest.raises(TypeError, match=r"^grad_logprobs must be torch.float32, got torch.float64"):
+        cpu.logits_backward(g_lp.double(), g_h, logits, labels, stats, ent, 1.0, -100)
+    meta = torch.empty(4, 300, device="meta")
+    with pytest.raises(ValueError, match=r"^out must be a torch.float32 \(4, 300\) tensor on cpu"):
+        cpu.library().logits_backward(g_lp, g_h, logits, labels, stats, ent, 1.0, -100, meta, cpu._launch())
+    with pytest.raises(ValueError, match=r"^labels are on meta but the logits are on cpu"):
+        cpu.library().logits_forward(logits, labels.to("meta"), 1.0, -100, cpu._launch())
+    # an expanded (stride 0) gradient, as autograd may hand over, is read correctly
+    expected = cpu.logits_backward(g_lp, torch.zeros(4), logits, labels, stats, ent, 1.0, -100)
+    got = cpu.logits_backward(g_lp, torch.zeros(1).expand(4), logits, labels, stats, ent, 1.0, -100)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)

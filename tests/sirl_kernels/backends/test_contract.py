@@ -7,7 +7,7 @@ import types
 import pytest
 
 from sirl_kernels import backends
-from sirl_kernels.backends.contract import REQUIRED, Backend, check_backend
+from sirl_kernels.backends.contract import ATTRIBUTES, FUNCTIONS, Backend, check_backend
 
 
 @pytest.mark.parametrize("name", backends.BACKEND_NAMES)
@@ -20,16 +20,38 @@ def test_every_backend_module_implements_the_contract(name):
     assert module.name == name
 
 
-def test_a_module_missing_a_function_is_refused_by_name():
-    broken = types.ModuleType("broken_backend")
-    broken.name = "broken"
-    for attr in REQUIRED[1:]:
-        setattr(broken, attr, lambda *a, **k: None)
-    del broken.linear_backward
-    with pytest.raises(TypeError, match="broken_backend breaks the backend contract: missing linear_backward"):
+def test_the_required_members_are_read_off_the_protocol():
+    assert ATTRIBUTES == ("name",)
+    assert set(FUNCTIONS) == {"unavailable_reason", "logits_forward", "logits_backward", "linear_forward",
+                              "linear_backward"}
+
+
+def _complete_module() -> types.ModuleType:
+    module = types.ModuleType("broken_backend")
+    module.name = "broken"
+    for attr in FUNCTIONS:
+        setattr(module, attr, lambda *a, **k: None)
+    return check_backend(module)
+
+
+@pytest.mark.parametrize("attr", FUNCTIONS)
+def test_a_module_missing_a_function_is_refused_by_name(attr):
+    broken = _complete_module()
+    delattr(broken, attr)
+    with pytest.raises(TypeError, match=f"broken_backend breaks the backend contract: missing {attr}$"):
         check_backend(broken)
-    broken.linear_backward = 3
-    with pytest.raises(TypeError, match="not callable: linear_backward"):
+    setattr(broken, attr, 3)
+    with pytest.raises(TypeError, match=f"not callable: {attr}$"):
+        check_backend(broken)
+
+
+def test_a_module_without_a_str_name_is_refused():
+    broken = _complete_module()
+    broken.name = 3
+    with pytest.raises(TypeError, match="`name` is not a str"):
+        check_backend(broken)
+    del broken.name
+    with pytest.raises(TypeError, match="missing name"):
         check_backend(broken)
 
 
