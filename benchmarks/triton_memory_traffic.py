@@ -2,15 +2,16 @@
 interpreter.
 
 Runs every kernel of the Triton backend on CPU tensors with TRITON_INTERPRET=1 and wraps the interpreter's
-masked load/store handlers (``utils.watch_memory``; unmasked ``tl.load``/``tl.store`` go through them too),
+masked load/store handlers (``instrument.watch_memory``; unmasked ``tl.load``/``tl.store`` go through them too),
 counting only lanes whose mask is true, times the element size. Each address is attributed to the tensor it
 falls in, so the fused-linear rows report how often the weight and the hidden states are re-read.
 
-Minimums: forward = logits read once + O(N) (labels, three fp32 outputs); backward = logits read once +
-gradient written once + O(N) (labels, lse, entropy, two upstream gradients). Targets: forward <= 1.05x,
-backward <= 1.1x.
+Minimums: forward = logits read once + O(N) (int64 labels read; fp32 logprob, entropy and [N, 2] row stats
+written: 8 + 4 + 4 + 8 bytes a row); backward = logits read once + gradient written once + O(N) (int64 labels,
+the [N, 2] fp32 row stats (max, log-sum), fp32 entropy and the two fp32 upstream gradients read: 8 + 8 + 3 x 4
+bytes a row). Targets: forward <= 1.05x, backward <= 1.1x.
 
-It also counts the matmul work: every ``tl.dot`` the interpreter runs (``utils.count_dot_flops``, 2·M·N·K of the
+It also counts the matmul work: every ``tl.dot`` the interpreter runs (``instrument.count_dot_flops``, 2·M·N·K of the
 tile shapes as launched). The fused-linear rows with "GPU tiles" use the tile table the launchers pick for an
 H100 (``utils.tile_target``), at D = 1024 and D = 4096; target forward + backward <= 8.2·N·D·V.
 
@@ -31,7 +32,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from sirl_kernels.backends import triton as tb  # noqa: E402
-from sirl_kernels.backends.triton import utils  # noqa: E402
+from sirl_kernels.backends.triton import instrument, utils  # noqa: E402
+
+# O(N) bytes a row: int64 label, fp32 logprob and entropy, the [N, 2] fp32 row stats, fp32 upstream gradients
+LABEL_B, OUT_B, STATS_B, GRAD_B = 8, 4, 2 * 4, 4
+FWD_ROW_BYTES = LABEL_B + 2 * OUT_B + STATS_B  # labels read; logprob, entropy and stats written
+BWD_ROW_BYTES = LABEL_B + STATS_B + OUT_B + 2 * GRAD_B  # labels, stats, entropy and both upstream grads read
 
 
 class Counter:
@@ -53,7 +59,7 @@ class Counter:
                 self.ranges[name] = (start, start + t.untyped_storage().nbytes())
 
     def on_access(self, kind, addresses, elem_bytes):
-        """``utils.watch_memory`` callback: the active lanes' byte addresses of one load or store."""
+        """``instrument.watch_memory`` callback: the active lanes' byte addresses of one load or store."""
         table = self.loads if kind == "load" else self.stores
         counted = np.zeros(addresses.shape, dtype=bool)
         for name, (lo, hi) in self.ranges.items():
@@ -82,8 +88,8 @@ def logits_rows(n, v, dtype, splits):
     with utils.force_num_splits(splits):
         COUNTER.track(logits=logits, labels=labels)
         COUNTER.reset()
-        lp, h, lse = tb.logits_forward(logits, labels, 1.0, -100)
-        minimum = n * v * esz + n * (8 + 3 * 4)
+        lp, h, stats = tb.logits_forward(logits, labels, 1.0, -100)
+        minimum = n * v * esz + n * FWD_ROW_BYTES
         moved = _total(COUNTER.loads) + _total(COUNTER.stores)
         rows.append({
             "kernel": f"logits forward ({dtype_name(dtype)}, splits={splits})", "shape": f"N={n} V={v}",
@@ -93,10 +99,8 @@ def logits_rows(n, v, dtype, splits):
         grad = torch.empty_like(logits)
         COUNTER.track(logits=logits, labels=labels, grad=grad)
         COUNTER.reset()
-        with utils.quiet():
-            from sirl_kernels.backends.triton import logits as tlog
-            tlog.logits_backward(g_lp, g_h, logits, labels, lse, h, 1.0, -100, out=grad)
-        minimum = 2 * n * v * esz + n * (8 + 4 * 4)
+        tb.logits_backward(g_lp, g_h, logits, labels, stats, h, 1.0, -100, out=grad)
+        minimum = 2 * n * v * esz + n * BWD_ROW_BYTES
         moved = _total(COUNTER.loads) + _total(COUNTER.stores)
         rows.append({
             "kernel": f"logits backward ({dtype_name(dtype)}, splits={splits})", "shape": f"N={n} V={v}",
@@ -122,7 +126,7 @@ def linear_rows(n, d, v, dtype, gpu_tiles, chunk_size=4096, needs=(True, True, T
     ndv = n * d * v
     wbytes, hbytes = weight.numel() * weight.element_size(), hidden.numel() * hidden.element_size()
     cfg = utils.linear_logits_blocks(n, v, d, dtype, target)
-    with utils.tile_target(target), utils.count_dot_flops() as dots:
+    with utils.tile_target(target), instrument.count_dot_flops() as dots:
         COUNTER.track(hidden=hidden, weight=weight, bias=bias, labels=labels)
         COUNTER.reset()
         lp, h, stats = tb.linear_forward(hidden, weight, bias, labels, 1.0, -100, chunk_size)
@@ -164,7 +168,7 @@ def main(argv=None):
     ap.add_argument("--v", type=int, default=32768 + 77)
     args = ap.parse_args(argv)
     rows = []
-    with utils.watch_memory(COUNTER.on_access):
+    with instrument.watch_memory(COUNTER.on_access):
         for dtype in (torch.float32, torch.bfloat16):
             for splits in (1, 4):
                 rows += logits_rows(args.n, args.v, dtype, splits)

@@ -1,9 +1,9 @@
 """Resource table of every compiled Triton kernel: registers, spills, shared memory, tensor-core instructions,
 occupancy and cold compile time, per GPU architecture, without a GPU.
 
-Runs ``python -m sirl_kernels.backends.triton.aot`` (the module the CI test uses: the backend's own launchers
-and tile tables, Triton's launch path, ptxas, cuobjdump) with a fresh Triton cache, so the compile times are
-cold, and writes a markdown table.
+Runs ``python -m sirl_kernels.backends.triton.aot`` through ``aot.run_subprocess`` (as the CI test does: the
+backend's own launchers and tile tables, Triton's launch path, ptxas, cuobjdump) with a fresh Triton cache, so
+the compile times are cold, and writes a markdown table.
 
     python benchmarks/triton_resources.py --out docs/triton-kernels.md [--json resources.json] [--arch 80 90 100]
 """
@@ -15,33 +15,31 @@ import datetime
 import json
 import os
 import platform
-import subprocess
 import sys
-import tempfile
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a checkout
 
-from sirl_kernels.backends.triton.aot import needs_tensor_cores  # noqa: E402
+from sirl_kernels.backends.triton import aot, utils  # noqa: E402
 
 FLAGS = ("SPLIT", "HAS_BIAS", "NEED_DB", "ACCUMULATE", "LABEL_FROM_ROWS")
 TILES = ("BLOCK_N", "BLOCK_V", "BLOCK_D", "BLOCK_M", "BLOCK_K", "BLOCK_S")
-ARCH_NAMES = {80: "sm_80 (A100)", 90: "sm_90 (H100/H200)", 100: "sm_100 (B200)"}
 
 
-def run_aot(archs, jobs) -> tuple[dict, float]:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
-    with tempfile.TemporaryDirectory() as tmp:
-        env["TRITON_CACHE_DIR"] = os.path.join(tmp, "cache")  # cold: the times are first-call compile times
-        out = os.path.join(tmp, "resources.json")
-        start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "sirl_kernels.backends.triton.aot", "--arch", *map(str, archs),
-                        "--jobs", str(jobs), "--json", out], cwd=ROOT, env=env, check=True)
-        wall = time.perf_counter() - start
-        with open(out) as f:
-            return json.load(f), wall
+def arch_name(arch: int) -> str:
+    gpu = utils.GPU_ARCHS.get(arch)
+    return f"sm_{arch} ({gpu.gpu})" if gpu else f"sm_{arch}"
+
+
+def _pointers(dtypes: str) -> str:
+    """The pointer arguments' dtypes in order, runs folded: "bfloat16, int64, float32 x6"."""
+    runs: list[list] = []
+    for d in dtypes.split(","):
+        if runs and runs[-1][0] == d:
+            runs[-1][1] += 1
+        else:
+            runs.append([d, 1])
+    return ", ".join(d if k == 1 else f"{d} x{k}" for d, k in runs)
 
 
 def _spec(b) -> str:
@@ -55,8 +53,8 @@ def _cell(b) -> str:
         return "-"
     if b["error"]:
         return "**compile error**"
-    spills = b["stack_bytes"] + b["local_bytes"] + b["spill_bytes"]
-    tc = "/".join(b["tensor_core_instrs"]) or ("**none**" if needs_tensor_cores(b) else "-")
+    spills = aot.spilled_bytes(b)
+    tc = "/".join(b["tensor_core_instrs"]) or ("**none**" if aot.needs_tensor_cores(b) else "-")
     parts = [f"{b['registers']} r", f"{b['shared_bytes'] / 1024:.0f} KiB", tc,
              f"{b['blocks_per_sm']}x{b['num_warps']}w", f"{b['compile_s']:.1f} s"]
     if spills:
@@ -68,10 +66,11 @@ def render(results: dict, wall: float | None) -> str:
     import triton
 
     archs = sorted(int(a) for a in results["archs"])
+    smem = ", ".join(f"{aot.SM_LIMITS[a]['smem'] // 1024} KiB on sm_{a}" for a in archs if a in aot.SM_LIMITS)
     table: dict = {}
     for arch in archs:
         for b in results["archs"][str(arch)]["binaries"]:
-            key = (b["kernel"], b["dtypes"].split(",")[0], _spec(b))
+            key = (b["kernel"], _pointers(b["dtypes"]), _spec(b))
             table.setdefault(key, {"case": b["case"]})[arch] = b
     lines = [
         "# Triton kernels: what ptxas made of them",
@@ -92,7 +91,7 @@ def render(results: dict, wall: float | None) -> str:
         "instructions in the SASS (HMMA: mma.sync; HGMMA: sm_90 wgmma; UTCHMMA: sm_100 tcgen05; `-`: no "
         "`tl.dot` or fp32 operands, which run on the FMA units as true fp32) · occupancy, resident blocks x "
         "warps per block per SM from registers (64K per SM, allocated per warp in units of 256) and shared "
-        "memory (164 KiB on sm_80, 228 KiB on sm_90/sm_100, 1 KiB reserved per block) · cold compile time "
+        f"memory ({smem}, 1 KiB reserved per block) · cold compile time "
         "(Triton front end + ptxas, one process per architecture, two architectures at a time on this machine).",
         "",
     ]
@@ -101,13 +100,13 @@ def render(results: dict, wall: float | None) -> str:
     for arch in archs:
         bins = results["archs"][str(arch)]["binaries"]
         ok = [b for b in bins if not b["error"]]
-        spilled = [b for b in ok if b["stack_bytes"] + b["local_bytes"] + b["spill_bytes"]]
-        gemms = [b for b in ok if needs_tensor_cores(b)]
+        spilled = [b for b in ok if aot.spilled_bytes(b)]
+        gemms = [b for b in ok if aot.needs_tensor_cores(b)]
         tc = sum(1 for b in gemms if b["tensor_core_instrs"])
         instrs = sorted({i for b in gemms for i in b["tensor_core_instrs"]})
         slow = max(ok, key=lambda b: b["compile_s"])
         summary.append(
-            f"| {ARCH_NAMES.get(arch, arch)} | {len(bins)} ({len(bins) - len(ok)} errors) | "
+            f"| {arch_name(arch)} | {len(bins)} ({len(bins) - len(ok)} errors) | "
             f"{max(b['registers'] for b in ok)} | {'none' if not spilled else f'**{len(spilled)} binaries**'} | "
             f"{tc}/{len(gemms)} ({', '.join(instrs)}) | {slow['compile_s']:.1f} s (`{slow['kernel']}`) | "
             f"{results['archs'][str(arch)]['seconds']:.0f} s |")
@@ -116,8 +115,8 @@ def render(results: dict, wall: float | None) -> str:
     lines += summary
     if wall is not None:
         lines += ["", f"Wall time of the whole compile: {wall:.0f} s."]
-    lines += ["", "| kernel | first pointer | specialisation (constexprs, tiles, warps/stages) | first case | "
-              + " | ".join(ARCH_NAMES.get(a, str(a)) for a in archs) + " |",
+    lines += ["", "| kernel | pointer dtypes (in argument order) | specialisation (constexprs, tiles, warps/stages) | first case | "
+              + " | ".join(arch_name(a) for a in archs) + " |",
               "|---|---|---|---|" + "---|" * len(archs)]
     for (kernel, dtype, spec), row in table.items():
         lines.append(f"| `{kernel}` | {dtype} | {spec} | {row['case']} | "
@@ -129,7 +128,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="markdown file to write")
     ap.add_argument("--json", help="also keep the raw results here")
-    ap.add_argument("--arch", type=int, nargs="+", default=[80, 90, 100])
+    ap.add_argument("--arch", type=int, nargs="+", default=list(aot.ARCHS))
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--from-json", help="render these results instead of compiling")
     args = ap.parse_args(argv)
@@ -137,7 +136,7 @@ def main(argv=None) -> int:
         with open(args.from_json) as f:
             results, wall = json.load(f), None
     else:
-        results, wall = run_aot(args.arch, args.jobs)
+        results, wall = aot.run_subprocess(args.arch, args.jobs)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

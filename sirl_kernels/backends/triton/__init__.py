@@ -2,16 +2,18 @@
 
 - logits input (``logits.py``): forward is one pass over V per row with the online (max, sumexp, weighted sum)
   state in fp32; with too few rows to fill the GPU, V is split across programs and a second kernel merges
-  the partial states in a fixed order (no atomics, deterministic). Backward recomputes p from the saved lse
-  and entropy and writes the gradient of both outputs in one pass, optionally into the logits' own storage
-  (``out=logits``, behind ``token_logprobs_entropy(..., inplace_backward=True)``).
+  the partial states in a fixed order (no atomics, deterministic). Backward recomputes p from the saved row
+  stats (max, log-sum) and entropy and writes the gradient of both outputs in one pass, optionally into the
+  logits' own storage (``out=logits``, behind ``token_logprobs_entropy(..., inplace_backward=True)``).
 - fused linear (``linear.py``): the forward forms logits tiles of ``hidden @ weight.T (+ bias)`` with ``tl.dot``
   and consumes them in registers (no logits in memory: ``chunk_size`` has nothing to bound there). The backward
   recomputes each logits tile once, writes dL/dlogits of ``chunk_size`` rows at a time into a workspace in the
   input dtype and forms dX and dW with a deterministic GEMM kernel: 8·N·D·V flops in all, fp32 accumulation,
   no atomics; only the gradients asked for are computed.
-- ``utils.py``: the tile tables and the one launch helper; ``aot.py``: compiles every launch for sm_80/90/100
-  without a GPU and reads the binaries' resources (the CI test and docs/triton-kernels.md).
+- ``utils.py``: the target architectures, the tile tables and the one launch helper; ``aot.py``: compiles every
+  launch for sm_80/90/100 without a GPU and reads the binaries' resources (the CI test and
+  docs/triton-kernels.md); ``instrument.py``: flop and memory-access counters for the interpreter (tests,
+  benchmarks).
 - Labels outside [0, V) that are not ignore_index (``check_labels=False``) give NaN rows and are never used as
   an offset; a NaN anywhere in a row gives NaN outputs for it whatever the GPU's max does with NaN. The
   launchers never read tensor values (no host synchronisation; they run on ``meta`` tensors in ``aot.py``).

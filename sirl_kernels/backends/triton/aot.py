@@ -16,7 +16,7 @@ made of each binary.
    Occupancy follows from registers, shared memory and warps against each architecture's per-SM limits.
 
 It must run in a process where ``TRITON_INTERPRET`` is unset (kernels created under the interpreter cannot be
-compiled): the test and ``benchmarks/triton_resources.py`` start it as a subprocess.
+compiled): the test and ``benchmarks/triton_resources.py`` start it with :func:`run_subprocess`.
 """
 
 from __future__ import annotations
@@ -32,19 +32,25 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
 
+from sirl_kernels._sizes import default_linear_chunk_size
 from sirl_kernels.backends.triton import linear, logits, utils
+
+ARCHS = tuple(utils.GPU_ARCHS)  # sm_XX compiled by default
+# the checkout (or site-packages) directory that holds the sirl_kernels package
+ROOT = Path(__file__).resolve().parents[3]
 
 # --- cases -----------------------------------------------------------------------------------------------------
 # Each case calls the launchers the way the ops do. Together they reach every specialisation that compiles
 # differently: dtype (fp32 / bf16 / fp16), split-V or not, bias or not, forward and backward, the in-place
 # logits backward, one or several backward chunks (dW written directly, or accumulated in fp32 across chunks),
 # and frozen-parameter backwards. Sizes are realistic (divisible by 16, as Triton specialises on it).
-N_TOKENS, VOCAB, DIM, CHUNK = 4096, 151936, 4096, 432
+N_TOKENS, VOCAB, DIM = 4096, 151936, 4096
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -62,7 +68,10 @@ def _logits_case(dtype, n, inplace=False):
     logits.logits_backward(*_row_grads(n), x, labels, stats, ent, 1.0, -100, out=x if inplace else None)
 
 
-def _linear_case(dtype, n, bias, needs=(True, True, True), chunk=CHUNK, backward=True):
+def _linear_case(dtype, n, bias, needs=(True, True, True), backward=True, chunk=None):
+    """``chunk`` None: the op's default ``chunk_size`` for the Triton backend (``_sizes.default_linear_chunk_size``;
+    at N_TOKENS = 4096 rows bf16/fp16 take 2 chunks of up to 3520 rows, fp32 3 of up to 1760)."""
+    chunk = default_linear_chunk_size(VOCAB, "triton", dtype) if chunk is None else chunk
     hidden, weight = _meta(n, DIM, dtype=dtype), _meta(VOCAB, DIM, dtype=dtype)
     b = _meta(VOCAB, dtype=dtype) if bias else None
     labels = _meta(n, dtype=torch.int64)
@@ -76,8 +85,11 @@ for _name, _dt in DTYPES.items():
     CASES[f"logits {_name}"] = lambda dt=_dt: _logits_case(dt, N_TOKENS)
     CASES[f"logits {_name}, 8 rows (split-V)"] = lambda dt=_dt: _logits_case(dt, 8)
     CASES[f"logits {_name}, in-place backward"] = lambda dt=_dt: _logits_case(dt, N_TOKENS, inplace=True)
-    # 4096 rows split V on these GPUs; the backward runs 11 chunks: dW accumulated in fp32
+    # 4096 rows split V on these GPUs; the backward runs 2-3 chunks (default chunk_size): dW accumulated in fp32
     CASES[f"linear {_name} bias"] = lambda dt=_dt: _linear_case(dt, N_TOKENS, True)
+    # 4 chunks: the middle ones add into the fp32 dW buffer (bf16/fp16: a GEMM whose output is fp32, which 2
+    # chunks never launch)
+    CASES[f"linear {_name} no bias, 4 chunks"] = lambda dt=_dt: _linear_case(dt, N_TOKENS, False, chunk=1024)
     # one chunk: dW written directly in the weight's dtype
     CASES[f"linear {_name} no bias, one chunk"] = lambda dt=_dt: _linear_case(dt, 256, False)
     CASES[f"linear {_name} frozen weight and bias"] = lambda dt=_dt: _linear_case(dt, N_TOKENS, True,
@@ -154,12 +166,10 @@ def _has_gpu_driver() -> bool:
 
 
 # --- inspect ---------------------------------------------------------------------------------------------------
-# Per-SM limits: registers, shared memory (bytes usable by blocks; each block also reserves 1 KiB), warps, blocks.
-SM_LIMITS = {
-    80: {"regs": 65536, "smem": 167936, "warps": 64, "blocks": 32},
-    90: {"regs": 65536, "smem": 233472, "warps": 64, "blocks": 32},
-    100: {"regs": 65536, "smem": 233472, "warps": 64, "blocks": 32},
-}
+# Per-SM limits: registers, shared memory (bytes usable by blocks; each block also reserves 1 KiB), warps, blocks;
+# all but shared memory are the same on every target architecture.
+SM_LIMITS = {arch: {"regs": 65536, "smem": g.smem_per_sm, "warps": 64, "blocks": 32}
+             for arch, g in utils.GPU_ARCHS.items()}
 TENSOR_CORE = re.compile(r"\b(HMMA|HGMMA|UTC\w*MMA)\b")
 
 
@@ -191,6 +201,11 @@ def needs_tensor_cores(binary: dict) -> bool:
     """A GEMM tile (the kernel has a tl.dot) whose inputs are bf16/fp16 (its first pointer argument): its
     matmuls must run on the tensor cores, whatever its dot operands were converted to."""
     return bool(binary["gemm_dtype"]) and binary["dtypes"].split(",")[0] in ("bfloat16", "float16")
+
+
+def spilled_bytes(binary: dict) -> int:
+    """Stack frame + local memory + ptxas' spill stores and loads of a binary: 0 when nothing spilled."""
+    return binary["stack_bytes"] + binary["local_bytes"] + binary["spill_bytes"]
 
 
 def _cuobjdump(*args: str) -> str:
@@ -234,6 +249,8 @@ def compile_launch(case: str, launch: utils.Launch, arch: int, seen: dict) -> Bi
 
     constexprs = {k: v for k, v in launch.kwargs.items() if k not in ("num_warps", "num_stages")}
     dtypes = ",".join(str(a.dtype).replace("torch.", "") for a in launch.args if isinstance(a, torch.Tensor))
+    # warps and stages as launched (Triton's defaults 4 and 3 when not given): what a compile error reports; a
+    # successful compile overwrites them with the compiled metadata
     binary = Binary(arch, launch.name, case, constexprs, dtypes, launch.kwargs.get("num_warps", 4),
                     launch.kwargs.get("num_stages", 3))
     log = io.StringIO()
@@ -297,7 +314,7 @@ def ptxas_accepts(arch: int) -> str | None:
 # --- command line ----------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--arch", type=int, nargs="+", default=[80, 90, 100])
+    ap.add_argument("--arch", type=int, nargs="+", default=list(ARCHS))
     ap.add_argument("--jobs", type=int, default=1, help="architectures compiled in parallel processes")
     ap.add_argument("--json", required=True, help="write the results here")
     args = ap.parse_args(argv)
@@ -320,7 +337,7 @@ def main(argv=None) -> int:
 
 def _parallel(archs, jobs, path) -> int:
     """One process per architecture, ``jobs`` at a time; their JSON merged into ``path``."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = _compile_env()
     pending = list(archs)
     running: list[tuple[subprocess.Popen, str]] = []
     merged = {"archs": {}, "skipped": {}}
@@ -342,6 +359,52 @@ def _parallel(archs, jobs, path) -> int:
     with open(path, "w") as f:
         json.dump(merged, f, indent=1, default=str)
     return rc
+
+
+def _compile_env(cache_dir: str | os.PathLike | None = None) -> dict:
+    """This process' environment without TRITON_INTERPRET, with this package importable and, if given, its own
+    Triton cache."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    if cache_dir is not None:
+        env["TRITON_CACHE_DIR"] = str(cache_dir)
+    return env
+
+
+def run_subprocess(archs=ARCHS, jobs: int = 1, workdir: str | os.PathLike | None = None,
+                   timeout: float | None = None) -> tuple[dict, float]:
+    """(results, wall seconds) of ``python -m sirl_kernels.backends.triton.aot`` run in a subprocess without
+    TRITON_INTERPRET (callable from an interpreter process: the tests, the resource benchmark), with a fresh
+    Triton cache in ``workdir`` (a temporary directory when None), so compile times are cold times.
+
+    Raises RuntimeError, with the end of the subprocess' stderr, when it fails or any of ``archs`` is in neither
+    ``results["archs"]`` nor ``results["skipped"]``."""
+    if workdir is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            return run_subprocess(archs, jobs, tmp, timeout)
+    workdir = Path(workdir)
+    out = workdir / "resources.json"
+    cmd = [sys.executable, "-m", "sirl_kernels.backends.triton.aot", "--arch", *map(str, archs),
+           "--jobs", str(jobs), "--json", str(out)]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=_compile_env(workdir / "triton-cache"), capture_output=True,
+                          text=True, timeout=timeout)
+    wall = time.perf_counter() - start
+
+    def failure(what: str) -> RuntimeError:
+        return RuntimeError(f"aot subprocess {what} (rc {proc.returncode}): {' '.join(cmd)}\n"
+                            f"--- stderr (end) ---\n{proc.stderr[-6000:]}\n"
+                            f"--- stdout (end) ---\n{proc.stdout[-2000:]}")
+
+    if proc.returncode != 0:
+        raise failure("failed")
+    if not out.exists():
+        raise failure("wrote no results")
+    results = json.loads(out.read_text())
+    missing = [a for a in archs if str(a) not in results["archs"] and str(a) not in results["skipped"]]
+    if missing:
+        raise failure(f"has no result for sm_{', sm_'.join(map(str, missing))}")
+    return results, wall
 
 
 if __name__ == "__main__":

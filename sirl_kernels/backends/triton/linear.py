@@ -13,7 +13,8 @@ rows through one workspace ``dz`` of ``chunk_rows x V`` elements in the input dt
 1. ``_dlogits_kernel`` recomputes each logits tile once per (row tile, vocabulary tile) (2·NDV), turns it into
    dL/dlogits in fp32 from the saved row stats and entropy, stores it rounded to the input dtype (the matmul
    operand, per the numeric policy of ``chunked_linear.py``) and, for the bias gradient, the fp32 column sums
-   of its tile, which ``_add_row_sums_kernel`` adds up in a fixed order (row tiles, then chunks);
+   of its tile, which ``_add_row_sums_kernel`` (``add_row_sums``) adds up in a fixed order (row tiles, then
+   chunks);
 2. ``_matmul_kernel`` (one GEMM kernel, fp32 accumulation over K in a fixed order, one program per output tile)
    forms ``dX[chunk] = dz @ W`` (2·NDV in total) and ``dW (+)= dz.T @ X[chunk]`` (2·NDV): the first chunk
    writes dW, later chunks add the fp32 dW accumulated so far, and the last writes it in the weight's dtype.
@@ -32,7 +33,8 @@ V = 151936, D = 4096), the price of bounding the workspace that the cuBLAS path 
 Liger's chunked loss pay too; a larger ``chunk_size`` divides it. The workspace holds at most
 ``chunk_size x V`` values in the input dtype, the bound the op promises.
 
-Offsets are int64 throughout (row and column indices are int64 before any stride multiplies them).
+Offsets are int64 throughout (row and column indices are int64 before any stride or row length multiplies
+them; the tests put offsets past 2**31 into the rows of hidden, weight and the bias-gradient partial sums).
 """
 
 from __future__ import annotations
@@ -154,7 +156,8 @@ def linear_forward(hidden, weight, bias, labels, temperature, ignore_index, num_
                      n, v, dim, hidden.stride(0), weight.stride(0), *args, chunk, 1, SPLIT=False, **common)
         return tuple(out)
     parts = [torch.empty(n, splits, dtype=torch.float32, device=dev) for _ in range(3)]
-    x_y = torch.zeros(n, dtype=torch.float32, device=dev)
+    # written by the split that owns the label, for every row with a label in [0, V); the merge reads no other row
+    x_y = torch.empty(n, dtype=torch.float32, device=dev)
     utils.launch(_linear_fwd_kernel, (row_programs, splits),
                  hidden, weight, b, labels, *out, *parts, x_y,
                  n, v, dim, hidden.stride(0), weight.stride(0), *args, chunk, splits, SPLIT=True, **common)
@@ -199,13 +202,16 @@ def _dlogits_kernel(
 
 
 @triton.jit
-def _add_row_sums_kernel(part_ptr, out_ptr, R, V, BLOCK: tl.constexpr):
-    """out[V] += sum over r of part[r, V], r in increasing order (fp32; a fixed order, so reproducible)."""
+def _add_row_sums_kernel(part_ptr, out_ptr, R, V, stride_part, BLOCK: tl.constexpr):
+    """out[V] += sum over r of part[r, V] (rows ``stride_part`` elements apart), r in increasing order (fp32; a
+    fixed order, so reproducible). The row offset is an int64 product, like every offset of this backend (at
+    V = 151936, r x V passes 2**31 from row tile r = 14134 on)."""
     cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     col_ok = cols < V
     acc = tl.load(out_ptr + cols, mask=col_ok, other=0.0)
+    stride = tl.cast(stride_part, tl.int64)  # r * stride in 64 bits
     for r in range(0, R):
-        acc += tl.load(part_ptr + r * V + cols, mask=col_ok, other=0.0)
+        acc += tl.load(part_ptr + r * stride + cols, mask=col_ok, other=0.0)
     tl.store(out_ptr + cols, acc, mask=col_ok)
 
 
@@ -255,12 +261,23 @@ def _dot_constexprs(dtype: torch.dtype) -> dict:
     return {"DOT_F32": dot_f32, "PRECISION": precision}
 
 
-def matmul(a, b, out, accumulate=None):
+def add_row_sums(part, out, rows=None):
+    """``out += part[:rows].sum(0)`` in fp32, rows added in increasing order: part [R, V] (unit stride along V),
+    out [V] contiguous fp32."""
+    rows = part.shape[0] if rows is None else rows
+    v = part.shape[1]
+    block = 1024
+    utils.launch(_add_row_sums_kernel, (triton.cdiv(v, block),), part, out, rows, v, part.stride(0), BLOCK=block)
+
+
+def matmul(a, b, out, accumulate=None, target=None):
     """``out = a @ b (+ accumulate)`` with fp32 accumulation in a fixed order: a [M, K], b [K, N] (any strides),
-    out and the fp32 ``accumulate`` [M, N] with unit stride along N (``accumulate`` may be ``out``)."""
+    out and the fp32 ``accumulate`` [M, N] with unit stride along N (``accumulate`` may be ``out``). ``target``:
+    the caller's ``utils.target_of`` (looked up when not given)."""
     m, k = a.shape
     n = b.shape[1]
-    cfg = utils.matmul_blocks(m, n, k, a.dtype, utils.target_of(a.device))
+    target = utils.target_of(a.device) if target is None else target
+    cfg = utils.matmul_blocks(m, n, k, a.dtype, target)
     acc = out if accumulate is None else accumulate
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     utils.launch(_matmul_kernel, grid, a, b, out, acc, m, n, k,
@@ -273,11 +290,6 @@ def chunk_rows(n: int, chunk_size: int, block_n: int) -> int:
     rounded down to whole row tiles when there is room for one."""
     rows = max(1, min(int(chunk_size), n))
     return rows - rows % block_n if rows >= block_n else rows
-
-
-def _row_slice(t, start, stop):
-    """``t[start:stop]``, or ``t`` itself when that is all of it (no new view of a frozen input)."""
-    return t if start == 0 and stop == t.shape[0] else t[start:stop]
 
 
 def linear_backward(grad_logprobs, grad_entropy, hidden, weight, bias, labels, stats, entropy, temperature,
@@ -313,8 +325,8 @@ def linear_backward(grad_logprobs, grad_entropy, hidden, weight, bias, labels, s
     inv_t = 1.0 / temperature
     for start in range(0, n, rows):
         stop = min(start + rows, n)
-        h_chunk = _row_slice(hidden, start, stop)
-        dz_chunk = _row_slice(dz, 0, stop - start)
+        h_chunk = hidden[start:stop]
+        dz_chunk = dz[:stop - start]
         tiles = triton.cdiv(stop - start, cfg["BLOCK_N"])
         utils.launch(_dlogits_kernel, (tiles, triton.cdiv(v, cfg["BLOCK_V"])),
                      h_chunk, weight, b, labels[start:stop], *(t[start:stop] for t in row_stats), dz,
@@ -322,13 +334,11 @@ def linear_backward(grad_logprobs, grad_entropy, hidden, weight, bias, labels, s
                      stop - start, v, dim, hidden.stride(0), weight.stride(0), dz.stride(0), inv_t, ignore_index,
                      HAS_BIAS=bias is not None, NEED_DB=need_bias, **_dot_constexprs(hidden.dtype), **cfg)
         if need_bias:
-            block = 1024
-            utils.launch(_add_row_sums_kernel, (triton.cdiv(v, block),), grad_bias_part, grad_bias_acc, tiles, v,
-                         BLOCK=block)
+            add_row_sums(grad_bias_part, grad_bias_acc, tiles)
         if need_hidden:
-            matmul(dz_chunk, weight, _row_slice(grad_hidden, start, stop))
+            matmul(dz_chunk, weight, grad_hidden[start:stop], target=target)
         if need_weight:
             first, last = start == 0, stop == n
             matmul(dz_chunk.t(), h_chunk, grad_weight if last else grad_weight_acc,
-                   accumulate=None if first else grad_weight_acc)
+                   accumulate=None if first else grad_weight_acc, target=target)
     return grad_hidden, grad_weight, None if grad_bias_acc is None else grad_bias_acc.to(bias.dtype)

@@ -19,8 +19,8 @@ import triton.language as tl
 
 from sirl_kernels.backends.triton import utils
 
-# tl.constexpr globals: the compiler rejects plain Python floats inside @triton.jit (only the interpreter
-# accepts them).
+# tl.constexpr globals: the compiler rejects any global a @triton.jit function reads that is not a tl.constexpr
+# (only the interpreter accepts a plain Python float).
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
@@ -131,7 +131,8 @@ def merge_partials_kernel(
     """Merges the per-split partial states [N, NUM_SPLITS] of each row (a fixed-shape reduction: deterministic).
 
     The label's raw logit is read at ``xy_ptr + row * xy_stride + label`` (logits input, LABEL_FROM_ROWS) or
-    at ``xy_ptr + row`` (fused-linear, where the split that owned the label wrote it).
+    at ``xy_ptr + row`` (fused-linear, where the split that owned the label wrote it; no other row of it is read,
+    so it may be left uninitialised).
     """
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
@@ -149,7 +150,7 @@ def merge_partials_kernel(
     if LABEL_FROM_ROWS:
         x_y = tl.load(xy_ptr + rows * xy_stride + labels, mask=valid & ~bad, other=0.0).to(tl.float32)
     else:
-        x_y = tl.load(xy_ptr + rows, mask=valid, other=0.0)
+        x_y = tl.load(xy_ptr + rows, mask=valid & ~bad, other=0.0)
     lp, h, log_s = finalize_state(m, s, w2, x_y, inv_t, bad)
     store_row_outputs(out_lp, out_h, out_stats, rows, row_ok, valid, lp, h, m, log_s)
 

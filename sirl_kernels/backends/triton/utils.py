@@ -4,7 +4,8 @@ Every kernel of this backend is launched through :func:`launch`, with tiles from
 :class:`TileTarget` (GPU or interpreter, and the SM count) rather than a device. That makes the GPU launch
 sequence reproducible without a GPU: under :func:`record_launches` the launchers run on ``meta`` tensors with a
 GPU target and every launch is recorded instead of run, which is what ``aot.py`` compiles for sm_80/90/100 and
-what the FLOP and byte counts of ``benchmarks/triton_memory_traffic.py`` use (via :func:`tile_target`). Running
+what the FLOP and byte counts of ``benchmarks/triton_memory_traffic.py`` use (via :func:`tile_target`, with the
+interpreter instrumentation of ``instrument.py``). Running
 on ``meta`` tensors also proves the launchers never look at tensor values (no host synchronisation: a
 ``.item()`` or ``bool(tensor)`` raises there).
 
@@ -24,6 +25,7 @@ fp32 (not tf32) on a GPU, so fp32 inputs keep fp32 accuracy.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from dataclasses import dataclass, field
 
@@ -41,9 +43,25 @@ class TileTarget:
     num_sms: int = 1  # streaming multiprocessors: how many programs fill the GPU
 
 
+@dataclass(frozen=True)
+class GpuArch:
+    """A GPU architecture this project targets: what the tile tables, the AOT compile (``aot.py``) and its
+    resource table (``benchmarks/triton_resources.py``) need to know about it."""
+
+    gpu: str  # the GPUs of that architecture, for tables
+    num_sms: int  # streaming multiprocessors
+    smem_per_sm: int  # shared memory per SM usable by blocks, in bytes (each block also reserves 1 KiB)
+
+
 INTERPRETER = TileTarget(gpu=False)
-# The SM counts of the GPUs this project targets: A100 (sm_80) 108, H100/H200 SXM (sm_90) 132, B200 (sm_100) 148.
-GPU_TARGETS = {80: TileTarget(True, 108), 90: TileTarget(True, 132), 100: TileTarget(True, 148)}
+# The one list of target architectures (sm_XX -> GPU): every other list (the tile targets below, the AOT
+# compile's architectures and per-SM limits, the resource table's columns) is derived from it.
+GPU_ARCHS = {
+    80: GpuArch("A100", 108, 167936),
+    90: GpuArch("H100/H200", 132, 233472),
+    100: GpuArch("B200", 148, 233472),
+}
+GPU_TARGETS = {arch: TileTarget(True, g.num_sms) for arch, g in GPU_ARCHS.items()}
 
 # Set by ``force_num_splits`` (tests, benchmarks): overrides the split-V heuristic when not None.
 _FORCED_SPLITS: int | None = None
@@ -76,11 +94,18 @@ def tile_target(target: TileTarget | None):
         _FORCED_TARGET = old
 
 
+@functools.lru_cache(maxsize=None)
+def _cuda_target(index: int) -> TileTarget:
+    """The target of CUDA device ``index``, queried once per device and process."""
+    return TileTarget(True, torch.cuda.get_device_properties(index).multi_processor_count)
+
+
 def target_of(device: torch.device) -> TileTarget:
+    """Where tensors on ``device`` run: a launcher calls this once and passes the target on."""
     if _FORCED_TARGET is not None:
         return _FORCED_TARGET
     if device.type == "cuda":
-        return TileTarget(True, torch.cuda.get_device_properties(device).multi_processor_count)
+        return _cuda_target(torch.cuda.current_device() if device.index is None else device.index)
     return INTERPRETER
 
 
@@ -95,7 +120,7 @@ class Launch:
 
     @property
     def name(self) -> str:
-        return self.kernel.__name__ if hasattr(self.kernel, "__name__") else self.kernel.fn.__name__
+        return self.kernel.fn.__name__  # JITFunction and the interpreter's InterpretedFunction both wrap .fn
 
 
 def launch(kernel, grid: tuple, *args, **kwargs) -> None:
@@ -208,67 +233,3 @@ def dot_flags(dtype: torch.dtype) -> tuple[bool, str | None]:
     """(DOT_F32, input precision): upcast matmul operands only under the interpreter; "ieee" for fp32 operands."""
     upcast = INTERPRET or dtype == torch.float32
     return INTERPRET, ("ieee" if upcast else None)
-
-
-
-# --- interpreter instrumentation (tests, benchmarks/triton_memory_traffic.py) --------------------------------------
-
-
-def _interpreter_builder():
-    if not INTERPRET:
-        raise RuntimeError("this instrumentation works under the Triton interpreter (TRITON_INTERPRET=1) only")
-    import triton.runtime.interpreter as interpreter
-
-    return interpreter.InterpreterBuilder
-
-
-@contextlib.contextmanager
-def count_dot_flops():
-    """Counts the flops of every ``tl.dot`` run within the block (2·M·N·K per call, tile shapes as launched,
-    masked lanes included); yields a dict whose ``"flops"`` and ``"calls"`` hold the running totals."""
-    builder = _interpreter_builder()
-    real_dot = builder.create_dot
-    counter = {"flops": 0, "calls": 0}
-
-    def counting_dot(self, a, b, d, *args, **kwargs):
-        m, k = a.data.shape[-2:]
-        counter["flops"] += 2 * m * k * b.data.shape[-1]
-        counter["calls"] += 1
-        return real_dot(self, a, b, d, *args, **kwargs)
-
-    builder.create_dot = counting_dot
-    try:
-        yield counter
-    finally:
-        builder.create_dot = real_dot
-
-
-@contextlib.contextmanager
-def watch_memory(on_access):
-    """Calls ``on_access(kind, addresses, elem_bytes)`` for every global load (kind "load") and store ("store")
-    run within the block, with the byte addresses (a numpy array) of the lanes whose mask is true. Unmasked
-    ``tl.load``/``tl.store`` go through the interpreter's masked handlers too."""
-    import numpy as np
-
-    builder = _interpreter_builder()
-    real_load, real_store = builder.create_masked_load, builder.create_masked_store
-
-    def active(ptrs, mask):
-        addr = np.asarray(ptrs.data)
-        if mask is None:
-            return addr.reshape(-1)
-        return addr[np.broadcast_to(np.asarray(mask.data), addr.shape).astype(bool)]
-
-    def load(self, ptrs, mask, *args, **kwargs):
-        on_access("load", active(ptrs, mask), ptrs.get_element_ty().primitive_bitwidth // 8)
-        return real_load(self, ptrs, mask, *args, **kwargs)
-
-    def store(self, ptrs, value, mask, *args, **kwargs):
-        on_access("store", active(ptrs, mask), ptrs.get_element_ty().primitive_bitwidth // 8)
-        return real_store(self, ptrs, value, mask, *args, **kwargs)
-
-    builder.create_masked_load, builder.create_masked_store = load, store
-    try:
-        yield
-    finally:
-        builder.create_masked_load, builder.create_masked_store = real_load, real_store

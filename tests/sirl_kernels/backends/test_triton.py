@@ -24,6 +24,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 if tb._IMPORT_ERROR is None:
+    from sirl_kernels.backends.triton import instrument
     from sirl_kernels.backends.triton import linear as tlin
     from sirl_kernels.backends.triton import logits as tlog
     from sirl_kernels.backends.triton import utils
@@ -296,8 +297,11 @@ def test_linear_needs_grad(needs):
             assert torch.equal(got, ref)
 
 
-def test_linear_deterministic_and_public_api():
-    hidden, weight, b, labels, g_lp, g_h = _lin_case(20, 32, 700, torch.bfloat16, seed=9)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_deterministic_and_public_api(dtype):
+    """Through the public op (7 chunks of 3 rows): two runs equal bitwise, and every output (logprob, entropy,
+    dX, dW, db) matches float64 within the dtype's tolerance."""
+    hidden, weight, b, labels, g_lp, g_h = _lin_case(20, 32, 700, dtype, seed=9)
     outs = []
     for _ in range(2):
         leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, b)]
@@ -307,8 +311,36 @@ def test_linear_deterministic_and_public_api():
         outs.append([lp, h] + [t.grad for t in leaves])
     for a, c in zip(*outs):
         assert torch.equal(a, c)
-    ref = _lin_reference_grads(hidden, weight, b, labels, g_lp, g_h, 1.0)
-    torch.testing.assert_close(outs[0][3].double().cpu(), ref[3], rtol=3e-2, atol=5e-2 * float(ref[3].abs().max()))
+    lp, h, *grads = outs[0]
+    _lin_check(hidden, weight, b, labels, g_lp, g_h, 1.0, lp, h, grads)
+
+
+def test_linear_split_forward_reads_no_uninitialised_memory(monkeypatch):
+    """The split-V forward's per-row label logits (and partial states) are allocated uninitialised: filled with
+    NaN here, every row with a label in [0, V) must still come out right, ignored rows 0 and bad labels NaN."""
+    hidden, weight, b, labels, _, _ = _lin_case(12, 16, 700, torch.float32, seed=19)
+    labels[1], labels[5] = 700, -3  # outside [0, V), not ignore_index (check_labels=False)
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    with utils.quiet():
+        lp, h, stats = tlin.linear_forward(hidden, weight, b, labels, 1.0, -100, num_splits=3)
+    monkeypatch.undo()
+    bad = torch.zeros(12, dtype=torch.bool, device=DEV)
+    bad[[1, 5]] = True
+    ignored = labels == -100
+    assert bool(ignored.any()) and bool((~ignored & ~bad).sum() >= 6)
+    assert bool(torch.isnan(lp[bad]).all()) and bool(torch.isnan(h[bad]).all())
+    assert bool((lp[ignored] == 0).all()) and bool((h[ignored] == 0).all()) and bool((stats[ignored] == 0).all())
+    good = ~bad
+    zeros = torch.zeros(int(good.sum()), device=DEV)
+    ref_lp, ref_h, *_ = _lin_reference_grads(hidden[good], weight, b, labels[good], zeros, zeros, 1.0)
+    torch.testing.assert_close(lp[good].double().cpu(), ref_lp.detach(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(h[good].double().cpu(), ref_h.detach(), rtol=1e-4, atol=1e-4)
 
 
 def _spy_allocations(monkeypatch):
@@ -351,15 +383,15 @@ def test_backward_workspace_is_bounded_by_chunk_size(monkeypatch):
 
 @pytest.mark.parametrize("d,v", [(1024, 1024), (4096, 256)])
 def test_fused_linear_flops_with_gpu_tiles(d, v):
-    """Every tl.dot counted (utils.count_dot_flops) with the tiles an H100 gets: forward 2·NDV, backward 6·NDV
-    (each logits tile recomputed once, then dX and dW), <= 8.2·NDV in all; 4·NDV with a frozen weight or input,
+    """Every tl.dot counted (instrument.count_dot_flops) with the tiles an H100 gets: forward 2·NDV, backward
+    6·NDV (each logits tile recomputed once, then dX and dW), 8·NDV in all; 4·NDV with a frozen weight or input,
     2·NDV for the bias alone."""
     if DEV.type != "cpu":
         pytest.skip("counts tl.dot under the interpreter")
     n = 64
     case = _lin_case(n, d, v, torch.bfloat16, seed=12)
     ndv = n * d * v
-    with utils.tile_target(utils.GPU_TARGETS[90]), utils.count_dot_flops() as dots:
+    with utils.tile_target(utils.GPU_TARGETS[90]), instrument.count_dot_flops() as dots:
         with utils.quiet():
             lp, h, stats = tlin.linear_forward(*case[:4], 1.0, -100)
         forward = dots["flops"]
@@ -370,7 +402,7 @@ def test_fused_linear_flops_with_gpu_tiles(d, v):
                 tb.linear_backward(*case[4:], *case[:4], stats, h, 1.0, -100, 4096, needs)
             backward[needs] = (dots["flops"] - before) / ndv
     assert forward / ndv == 2.0
-    assert backward[(True, True, True)] == 6.0 and forward / ndv + backward[(True, True, True)] <= 8.2
+    assert backward[(True, True, True)] == 6.0
     assert backward[(True, False, False)] == 4.0 and backward[(False, True, False)] == 4.0
     assert backward[(False, False, True)] == 2.0
 
@@ -407,6 +439,28 @@ def test_offsets_past_2_31_are_int64():
     _check_fwd(got[0], got[1], logits, labels)
     ref = reference_grads(logits, labels, g_lp, g_h)
     torch.testing.assert_close(got[3].double(), ref, **grad_tolerance(torch.bfloat16, ref))
+
+
+def test_bias_row_sums_offsets_past_2_31_are_int64():
+    """The bias-gradient reduction over the rows of its fp32 partial sums (``add_row_sums``), with rows 2**30
+    elements apart: row 2 starts at 2**31 elements, where a 32-bit ``r * stride`` wraps to -2**31."""
+    if DEV.type != "cpu":
+        pytest.skip("the lazily allocated 8 GiB view is for the interpreter")
+    g = torch.Generator().manual_seed(20)
+    values = torch.randn(3, 1100, generator=g)  # two column blocks of 1024, the second a tail
+    part = _huge_stride_view(values, 2**30)
+    assert 2 * part.stride(0) >= 2**31 and part.stride(0) < 2**31
+    out = torch.randn(1100, generator=g)
+    want = out.double() + values.double().sum(0)
+    buffers = [(t.data_ptr(), t.data_ptr() + t.untyped_storage().nbytes()) for t in (part, out)]
+
+    def inside(kind, addresses, elem_bytes):  # before the access: a wrapped offset fails here, not by a segfault
+        ok = sum((addresses >= lo) & (addresses + elem_bytes <= hi) for lo, hi in buffers)
+        assert ok.all(), f"{kind} at byte offsets {[int(a) - buffers[0][0] for a in addresses[ok == 0][:4]]} of part"
+
+    with utils.quiet(), instrument.watch_memory(inside):
+        tlin.add_row_sums(part, out)
+    torch.testing.assert_close(out.double(), want, rtol=1e-6, atol=1e-6)
 
 
 # --- NaN and bad labels ------------------------------------------------------------------------------------------
@@ -482,7 +536,7 @@ def test_unchecked_bad_label_never_reads_outside_its_row():
     x, buf = _guarded(values)
     watch = _ReadsOutside(logits=(x, buf))
     for splits in (1, 2):
-        with utils.watch_memory(watch), utils.quiet():
+        with instrument.watch_memory(watch), utils.quiet():
             lp, h, stats, grad = _run(x, labels, g_lp, g_h, splits=splits, bwd_splits=splits)
         assert watch.outside == []
         assert bool(torch.isnan(lp[1:3]).all()) and bool(torch.isnan(h[1:3]).all())
@@ -502,7 +556,7 @@ def test_linear_unchecked_bad_label_gives_nan_never_a_wild_read(splits):
     leaves = [h_view.detach().requires_grad_(True), w_view.detach().requires_grad_(True),
               b.clone().requires_grad_(True)]
     watch = _ReadsOutside(hidden=(h_view, h_buf), weight=(w_view, w_buf))
-    with utils.watch_memory(watch), utils.force_num_splits(splits):
+    with instrument.watch_memory(watch), utils.force_num_splits(splits):
         lp, h = sirl_kernels.linear_token_logprobs_entropy(leaves[0], leaves[1], labels, bias=leaves[2],
                                                            backend="triton", check_labels=False, chunk_size=2)
         (lp * g_lp + h * g_h).sum().backward()

@@ -1,6 +1,7 @@
 """Every Triton kernel compiles with the real compiler for sm_80, sm_90 and sm_100, without a GPU.
 
-One subprocess (``python -m sirl_kernels.backends.triton.aot``, without TRITON_INTERPRET) records every launch
+One subprocess (``aot.run_subprocess``: ``python -m sirl_kernels.backends.triton.aot`` without TRITON_INTERPRET)
+records every launch
 the backend's own launchers issue on a GPU of each architecture (``aot.CASES``: every dtype, split-V or not,
 bias or not, forward and backward, in-place, one or several backward chunks, frozen parameters), compiles each
 distinct specialisation with Triton's own launch path and ptxas, and reads the binaries with cuobjdump. The
@@ -16,11 +17,6 @@ The resource table in docs/triton-kernels.md comes from the same module:
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -31,9 +27,10 @@ if tb._IMPORT_ERROR is None:
     from sirl_kernels.backends.triton import aot
 
 ROOT = Path(__file__).resolve().parents[3]
-ARCHS = (80, 90, 100)
+ARCHS = aot.ARCHS if tb._IMPORT_ERROR is None else ()  # utils.GPU_ARCHS: sm_80, sm_90, sm_100
 MAX_COMPILE_S = 60.0
-# specialisations each architecture must have compiled: (kernel, dtype of its first pointer, constexprs)
+# specialisations each architecture must have compiled: (kernel, dtype of its first pointer or, with commas, of
+# all its pointers, constexprs)
 EXPECTED = [
     (kernel, dtype, flags)
     for dtype in ("float32", "bfloat16", "float16")
@@ -49,6 +46,12 @@ EXPECTED = [
         ("_dlogits_kernel", {"HAS_BIAS": False, "NEED_DB": False}),
         ("_matmul_kernel", {"ACCUMULATE": False}), ("_matmul_kernel", {"ACCUMULATE": True}),
     ]
+] + [
+    # the dW GEMM of a bf16/fp16 weight over several chunks (A = dz.T, B = X, C, ACC): the first chunk writes the
+    # fp32 buffer, the middle ones add into it, the last adds and writes dW in the weight's dtype
+    ("_matmul_kernel", f"{dtype},{dtype},{c},float32", {"ACCUMULATE": acc})
+    for dtype in ("bfloat16", "float16")
+    for c, acc in (("float32", False), ("float32", True), (dtype, True))
 ] + [("merge_partials_kernel", "float32", {"LABEL_FROM_ROWS": True}),
      ("merge_partials_kernel", "float32", {"LABEL_FROM_ROWS": False}),
      ("_add_row_sums_kernel", "float32", {})]
@@ -59,21 +62,12 @@ pytestmark = pytest.mark.skipif(tb._IMPORT_ERROR is not None, reason=f"triton no
 @pytest.fixture(scope="session")
 def compiled(tmp_path_factory):
     """The aot module's results for every architecture, compiled once per pytest run; prints its wall time."""
-    tmp = tmp_path_factory.mktemp("triton_aot")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp / "triton-cache")  # one cache for the session, cold at its start
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    out = tmp / "resources.json"
-    start = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-m", "sirl_kernels.backends.triton.aot", "--arch", *map(str, ARCHS), "--jobs", "2",
-         "--json", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200,
-    )
-    wall = time.perf_counter() - start
-    if not out.exists():
-        pytest.fail(f"the AOT compile produced no results (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
-    results = json.loads(out.read_text())
+    # one Triton cache for the session, cold at its start
+    try:
+        results, wall = aot.run_subprocess(ARCHS, jobs=2, workdir=tmp_path_factory.mktemp("triton_aot"),
+                                           timeout=1200)
+    except RuntimeError as exc:  # the subprocess failed or left an architecture out: its stderr is in exc
+        pytest.fail(str(exc), pytrace=False)
     results["wall_s"] = wall
     print(f"\nTriton AOT compile of {sum(len(a['binaries']) for a in results['archs'].values())} binaries for "
           f"sm_{', sm_'.join(results['archs'])}: {wall:.0f} s wall")
@@ -81,6 +75,7 @@ def compiled(tmp_path_factory):
 
 
 def _binaries(compiled, arch):
+    assert str(arch) in compiled["archs"] or str(arch) in compiled["skipped"]  # run_subprocess checked it
     if str(arch) in compiled["skipped"]:
         if arch < 100:
             pytest.fail(f"sm_{arch} must compile: {compiled['skipped'][str(arch)]}")
@@ -104,7 +99,7 @@ def test_every_specialisation_is_covered(compiled, arch):
     binaries = [b for b in _binaries(compiled, arch) if not b["error"]]
 
     def found(kernel, dtype, flags):
-        return any(b["kernel"] == kernel and b["dtypes"].split(",")[0] == dtype
+        return any(b["kernel"] == kernel and (b["dtypes"] if "," in dtype else b["dtypes"].split(",")[0]) == dtype
                    and all(b["constexprs"].get(k) == v for k, v in flags.items()) for b in binaries)
 
     missing = [e for e in EXPECTED if not found(*e)]
@@ -115,7 +110,7 @@ def test_every_specialisation_is_covered(compiled, arch):
 def test_no_spills_or_local_memory(compiled, arch):
     spilled = [f"{_describe(b)}: {b['registers']} registers, stack {b['stack_bytes']} B, local "
                f"{b['local_bytes']} B, spills {b['spill_bytes']} B" for b in _binaries(compiled, arch)
-               if b["stack_bytes"] or b["local_bytes"] or b["spill_bytes"]]
+               if aot.spilled_bytes(b)]
     assert not spilled, "\n".join(spilled)
     assert all(0 < b["registers"] <= 255 for b in _binaries(compiled, arch) if not b["error"])
 
@@ -133,6 +128,12 @@ def test_cold_compile_within_budget(compiled, arch):
     slow = [f"{_describe(b)}: {b['compile_s']:.0f} s" for b in _binaries(compiled, arch)
             if b["compile_s"] > MAX_COMPILE_S]
     assert not slow, slow
+
+
+def test_aot_subprocess_failure_reports_its_stderr(tmp_path):
+    """A failing compile process fails the caller with the process' own error, not a missing key later."""
+    with pytest.raises(RuntimeError, match=r"(?s)rc 2.*--- stderr.*invalid int value: 'sm_80'"):
+        aot.run_subprocess(("sm_80",), workdir=tmp_path, timeout=300)
 
 
 def test_resource_table_names_every_kernel():
