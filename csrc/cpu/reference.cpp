@@ -3,6 +3,10 @@
 // SIMD kernels (row_kernels.inc), the CUDA vector form (row_state.h) and the Triton kernels are tested against, so
 // the softmax state has one source. Slow on purpose: no vector exp, no change of base. z = x * (1/T) is rounded
 // per element, as torch.log_softmax(x / T) rounds it.
+//
+// Its stats are libsirl_cpu's, so that any forward of the library pairs with any backward of it (c_api.h): the row
+// max in RAW logits (as the SIMD kernels keep it), then log sumexp. The header's state keeps the max of z; since
+// rounding x * (1/T) is monotone, that max is exactly (float)(raw max * (1/T)), which the backward forms back.
 #include "kernels.h"
 #include "sirl/c_api.h"
 #include "sirl/host_api.h"
@@ -24,7 +28,15 @@ void store(int32_t dtype, void* base, int64_t index, float value) {
   sirl_cpu::baseline::convert_array(SIRL_FLOAT32, &value, dtype, element, 1);
 }
 
-float inv_temperature(const sirl_rows& in) { return static_cast<float>(1.0 / in.temperature); }
+// The max of row[0, vocab) in raw logits (NaN entries skipped: a NaN makes the whole row NaN anyway).
+float raw_max(const sirl_rows& in, const void* row) {
+  float m = -INFINITY;
+  for (int64_t i = 0; i < in.vocab; ++i) {
+    const float x = load(in, row, i);
+    m = x > m ? x : m;
+  }
+  return m;
+}
 
 // The state of row[lo, hi) by pairwise merges over runs of at most 16 updates: nothing but the header's update and
 // merge, in an order whose rounding grows with log V rather than V, so that it can judge long rows.
@@ -38,10 +50,8 @@ sirl::OnlineState pairwise_state(const sirl_rows& in, const void* row, float inv
   return sirl::merge(pairwise_state(in, row, inv_t, lo, mid), pairwise_state(in, row, inv_t, mid, hi));
 }
 
-sirl::Status reference_forward(const sirl_forward_args& a) {
-  sirl::Status st = sirl::check_forward(a, "sirl_reference_logits_forward");
-  if (!st.ok()) return st;
-  const float inv_t = inv_temperature(a.in);
+sirl::Status reference_forward(const sirl_forward_args& a, const sirl_launch&) {
+  const float inv_t = sirl::inv_temperature(a.in);
   const size_t esize = sirl::dtype_size(a.in.dtype);
   for (int64_t r = 0; r < a.in.rows; ++r) {
     const char* row = static_cast<const char*>(a.in.logits) + r * a.in.row_stride * static_cast<int64_t>(esize);
@@ -49,6 +59,7 @@ sirl::Status reference_forward(const sirl_forward_args& a) {
     sirl::RowResult res = y == sirl::kIgnoredRow ? sirl::ignored_row() : sirl::bad_label_row();
     if (y >= 0) {
       res = sirl::finalize(pairwise_state(a.in, row, inv_t, 0, a.in.vocab), load(a.in, row, y) * inv_t);
+      if (res.max == res.max) res.max = raw_max(a.in, row);  // the library's unit (NaN stats stay NaN)
     }
     a.logprobs[r] = res.logprob;
     a.entropy[r] = res.entropy;
@@ -58,10 +69,8 @@ sirl::Status reference_forward(const sirl_forward_args& a) {
   return sirl::ok();
 }
 
-sirl::Status reference_backward(const sirl_backward_args& a) {
-  sirl::Status st = sirl::check_backward(a, "sirl_reference_logits_backward");
-  if (!st.ok()) return st;
-  const float inv_t = inv_temperature(a.in);
+sirl::Status reference_backward(const sirl_backward_args& a, const sirl_launch&) {
+  const float inv_t = sirl::inv_temperature(a.in);
   const int64_t esize = static_cast<int64_t>(sirl::dtype_size(a.in.dtype));
   for (int64_t r = 0; r < a.in.rows; ++r) {
     const char* row = static_cast<const char*>(a.in.logits) + r * a.in.row_stride * esize;
@@ -71,7 +80,7 @@ sirl::Status reference_backward(const sirl_backward_args& a) {
       for (int64_t i = 0; i < a.in.vocab; ++i) store(a.in.dtype, out, i, y == sirl::kIgnoredRow ? 0.0f : NAN);
       continue;
     }
-    const float m = a.stats[2 * r], log_sum = a.stats[2 * r + 1];
+    const float m = a.stats[2 * r] * inv_t, log_sum = a.stats[2 * r + 1];  // the max of z, as the forward had it
     const float h = a.entropy[r], g_lp = a.grad_logprobs[r], g_h = a.grad_entropy[r];
     const float logp_y = sirl::log_prob(load(a.in, row, y) * inv_t, m, log_sum);  // before an in-place overwrite
     for (int64_t i = 0; i < a.in.vocab; ++i) {
@@ -87,14 +96,15 @@ sirl::Status reference_backward(const sirl_backward_args& a) {
 
 extern "C" {
 
-SIRL_API int32_t sirl_reference_logits_forward(const sirl_forward_args* args, const sirl_launch*) {
+// The same checked path as sirl_logits_forward/backward (run_checked), errors under the reference's own names.
+SIRL_API int32_t sirl_reference_logits_forward(const sirl_forward_args* args, const sirl_launch* launch) {
   const char* fn = "sirl_reference_logits_forward";
-  return sirl::run_exported(fn, [&] { return args ? reference_forward(*args) : sirl::invalid(fn, "args is null"); });
+  return sirl::run_checked(fn, fn, args, launch, reference_forward);
 }
 
-SIRL_API int32_t sirl_reference_logits_backward(const sirl_backward_args* args, const sirl_launch*) {
+SIRL_API int32_t sirl_reference_logits_backward(const sirl_backward_args* args, const sirl_launch* launch) {
   const char* fn = "sirl_reference_logits_backward";
-  return sirl::run_exported(fn, [&] { return args ? reference_backward(*args) : sirl::invalid(fn, "args is null"); });
+  return sirl::run_checked(fn, fn, args, launch, reference_backward);
 }
 
 }  // extern "C"

@@ -5,7 +5,6 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <algorithm>
 #include <string>
 
 #include "device_utils.cuh"
@@ -97,9 +96,9 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t lo = (item - row * segments) * seg_len;
     const int64_t hi = dev::min64(vocab, lo + seg_len);
     T* out = grad + row * grad_row_stride;
-    const int64_t label = labels[row * label_stride];
-    if (label == ignore_index || label < 0 || label >= vocab) {
-      fill_segment<T, kThreads>(out, lo, hi, label == ignore_index ? 0.0f : NAN);
+    const int64_t label = sirl::label_column(labels[row * label_stride], vocab, ignore_index);
+    if (label < 0) {
+      fill_segment<T, kThreads>(out, lo, hi, label == sirl::kIgnoredRow ? 0.0f : NAN);
       continue;
     }
     const RowGrad r{label, stats[2 * row], stats[2 * row + 1], entropy[row], grad_logprobs[row], grad_entropy[row],
@@ -111,13 +110,11 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T>
 sirl::Status launch(const sirl_backward_args& a, cudaStream_t stream) {
   const sirl_rows& in = a.in;
-  const float inv_t = static_cast<float>(1.0 / in.temperature);
+  const float inv_t = sirl::inv_temperature(in);
   const int64_t segments = (in.vocab + kBackwardSegment - 1) / kBackwardSegment;
   const int64_t seg_len = segments == 1 ? in.vocab : kBackwardSegment;
-  const int64_t items = in.rows * segments;
-  const unsigned grid = static_cast<unsigned>(std::min(items, detail::kMaxGridBlocks));
   detail::note_cuda_call();
-  backward_kernel<T, kBackwardThreads><<<grid, kBackwardThreads, 0, stream>>>(
+  backward_kernel<T, kBackwardThreads><<<detail::grid_for(in.rows * segments, 1), kBackwardThreads, 0, stream>>>(
       a.grad_logprobs, a.grad_entropy, static_cast<const T*>(in.logits), in.rows, in.vocab, in.row_stride,
       in.labels, in.label_stride, a.stats, a.entropy, inv_t, in.ignore_index, static_cast<T*>(a.grad_logits),
       a.grad_row_stride, segments, seg_len);

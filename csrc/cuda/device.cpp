@@ -138,25 +138,20 @@ Status probe(const sirl_launch& launch) {
   return st;
 }
 
-Status forward_workspace_bytes(const sirl_forward_args& args, const sirl_launch& launch, uint64_t* bytes) {
-  const char* fn = "sirl_logits_forward";  // the forward's own checks, reported under its name
-  Status st = check_forward(args, fn);
-  if (!st.ok() || args.in.rows == 0) return st;
+Status forward_workspace_bytes(const char* fn, const sirl_forward_args& args, const sirl_launch& launch,
+                               uint64_t* bytes) {
   int splits = 1;
-  st = plan_splits(fn, args, launch, &splits);
+  Status st = plan_splits(fn, args, launch, &splits);
   if (st.ok()) *bytes = sirl_cuda::forward_workspace_bytes(args.in.rows, splits);
   return st;
 }
 
-Status logits_forward(const sirl_forward_args& args, const sirl_launch& launch) {
-  const char* fn = "sirl_logits_forward";
-  Status st = check_forward(args, fn);
-  if (!st.ok() || args.in.rows == 0) return st;
+Status logits_forward(const char* fn, const sirl_forward_args& args, const sirl_launch& launch) {
   if (launch.workspace != nullptr && !aligned_to(launch.workspace, alignof(sirl::OnlineState))) {
     return invalid(fn, "workspace is not 4-byte aligned");
   }
   int splits = 1;
-  st = plan_splits(fn, args, launch, &splits);
+  Status st = plan_splits(fn, args, launch, &splits);
   if (!st.ok()) return st;
   const size_t needed = sirl_cuda::forward_workspace_bytes(args.in.rows, splits);
   if (splits > 1 && (launch.workspace == nullptr || launch.workspace_bytes < needed)) {
@@ -172,12 +167,9 @@ Status logits_forward(const sirl_forward_args& args, const sirl_launch& launch) 
   return sirl_cuda::launch_logits_forward(args, splits, launch.workspace, static_cast<cudaStream_t>(launch.stream));
 }
 
-Status logits_backward(const sirl_backward_args& args, const sirl_launch& launch) {
-  const char* fn = "sirl_logits_backward";
-  Status st = check_backward(args, fn);
-  if (!st.ok() || args.in.rows == 0) return st;
+Status logits_backward(const char* fn, const sirl_backward_args& args, const sirl_launch& launch) {
   DeviceGuard guard;
-  st = guard.enter(fn, launch.device);
+  Status st = guard.enter(fn, launch.device);
   if (!st.ok()) return st;
   return sirl_cuda::launch_logits_backward(args, static_cast<cudaStream_t>(launch.stream));
 }

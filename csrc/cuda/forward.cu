@@ -5,7 +5,6 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <algorithm>
 #include <string>
 
 #include "device_utils.cuh"
@@ -66,17 +65,10 @@ struct Outputs {
 };
 
 // A row whose label is ignore_index or outside [0, vocab) is never read: zeros, or NaN (never a wild read).
-__device__ __forceinline__ bool skipped_row(int64_t label, int64_t vocab, int64_t ignore_index,
-                                            sirl::RowResult* result) {
-  if (label == ignore_index) {
-    *result = sirl::ignored_row();
-    return true;
-  }
-  if (label < 0 || label >= vocab) {
-    *result = sirl::bad_label_row();
-    return true;
-  }
-  return false;
+__device__ __forceinline__ bool skipped_row(int64_t column, sirl::RowResult* result) {
+  if (column >= 0) return false;
+  *result = column == sirl::kIgnoredRow ? sirl::ignored_row() : sirl::bad_label_row();
+  return true;
 }
 
 template <typename T>
@@ -95,9 +87,9 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
     const int64_t row = item / num_splits;
     const int64_t seg = item - row * num_splits;
-    const int64_t label = labels[row * label_stride];
+    const int64_t label = sirl::label_column(labels[row * label_stride], vocab, ignore_index);
     sirl::RowResult skipped;
-    if (skipped_row(label, vocab, ignore_index, &skipped)) {  // uniform across the block
+    if (skipped_row(label, &skipped)) {  // uniform across the block
       if (num_splits == 1 && threadIdx.x == 0) out.store(row, skipped);
       continue;
     }
@@ -126,9 +118,9 @@ __global__ void __launch_bounds__(kMergeThreads)
                          Outputs out) {
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * kMergeThreads + threadIdx.x; row < rows;
        row += static_cast<int64_t>(gridDim.x) * kMergeThreads) {
-    const int64_t label = labels[row * label_stride];
+    const int64_t label = sirl::label_column(labels[row * label_stride], vocab, ignore_index);
     sirl::RowResult skipped;
-    if (skipped_row(label, vocab, ignore_index, &skipped)) {
+    if (skipped_row(label, &skipped)) {
       out.store(row, skipped);
       continue;
     }
@@ -139,25 +131,20 @@ __global__ void __launch_bounds__(kMergeThreads)
   }
 }
 
-unsigned grid_for(int64_t items, int64_t per_block) {
-  const int64_t blocks = (items + per_block - 1) / per_block;
-  return static_cast<unsigned>(std::max<int64_t>(1, std::min(blocks, detail::kMaxGridBlocks)));
-}
-
 template <typename T>
 sirl::Status launch(const sirl_forward_args& a, int num_splits, void* workspace, cudaStream_t stream) {
   const sirl_rows& in = a.in;
-  const float inv_t = static_cast<float>(1.0 / in.temperature);
+  const float inv_t = sirl::inv_temperature(in);
   const T* logits = static_cast<const T*>(in.logits);
   auto* partial = static_cast<sirl::OnlineState*>(workspace);
   const int64_t split_len = num_splits > 1 ? forward_split_len(in.vocab, num_splits) : in.vocab;
   const Outputs out{a.logprobs, a.entropy, a.stats};
   detail::note_cuda_call();
-  forward_kernel<T, kForwardThreads><<<grid_for(in.rows * num_splits, 1), kForwardThreads, 0, stream>>>(
+  forward_kernel<T, kForwardThreads><<<detail::grid_for(in.rows * num_splits, 1), kForwardThreads, 0, stream>>>(
       logits, in.rows, in.vocab, in.row_stride, in.labels, in.label_stride, inv_t, in.ignore_index, num_splits,
       split_len, out, num_splits > 1 ? partial : nullptr);
   if (num_splits > 1) {
-    forward_merge_kernel<T><<<grid_for(in.rows, kMergeThreads), kMergeThreads, 0, stream>>>(
+    forward_merge_kernel<T><<<detail::grid_for(in.rows, kMergeThreads), kMergeThreads, 0, stream>>>(
         logits, in.rows, in.vocab, in.row_stride, in.labels, in.label_stride, inv_t, in.ignore_index, num_splits,
         partial, out);
   }

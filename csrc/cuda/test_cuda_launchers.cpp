@@ -116,6 +116,8 @@ void test_forward_checks() {
   uint64_t bytes = 7;
   expect_code(sirl_forward_workspace_bytes(&empty, &automatic, &bytes), SIRL_OK, "workspace of N=0");
   EXPECT(bytes == 0, "no workspace for N=0");
+  expect_code(sirl_forward_workspace_bytes(&empty, &automatic, nullptr), SIRL_INVALID_ARGUMENT, "null bytes", "bytes");
+  const sirl_launch l0 = host_launch();
 
   p = valid_forward();
   p.in.vocab = 0;
@@ -155,6 +157,17 @@ void test_forward_checks() {
     p.in.temperature = t;
     expect_code(forward(p), SIRL_INVALID_ARGUMENT, "fwd bad temperature", "temperature");
   }
+  // Finite and > 0, but (float)(1 / T) is inf: rejected too (the workspace query says the same).
+  for (double t : {1e-39, 1e-300, 4.9e-324}) {
+    p = valid_forward();
+    p.in.temperature = t;
+    expect_code(forward(p), SIRL_INVALID_ARGUMENT, "fwd tiny temperature", "overflows float32");
+    expect_code(sirl_forward_workspace_bytes(&p, &l0, &bytes), SIRL_INVALID_ARGUMENT, "workspace tiny temperature",
+                "sirl_logits_forward: temperature");
+  }
+  p = valid_forward();
+  p.in.temperature = 3e-38;  // 1/T = 3.3e37: finite in fp32, accepted
+  expect_code(sirl_forward_workspace_bytes(&p, &l0, &bytes), SIRL_OK, "workspace small finite 1/T");
   p = valid_forward();
   sirl_launch l = host_launch();
   l.num_splits = -1;
@@ -227,6 +240,10 @@ void test_backward_checks() {
   p = valid_backward();
   p.in.temperature = -0.5;
   expect_code(backward(p), SIRL_INVALID_ARGUMENT, "bwd bad temperature", "temperature");
+  p = valid_backward();
+  p.in.temperature = 1e-40;
+  expect_code(backward(p), SIRL_INVALID_ARGUMENT, "bwd tiny temperature", "overflows float32");
+  expect_code(sirl_logits_backward(&p, nullptr), SIRL_INVALID_ARGUMENT, "bwd null launch", "null");
 }
 
 void test_split_plan() {
@@ -246,7 +263,8 @@ void test_split_plan() {
       EXPECT(n >= 1 && n <= sirl_cuda::kMaxSplits, "split count in range");
       EXPECT(len % 8 == 0, "segment length 8-aligned");
       EXPECT((n - 1) * len < vocab && n * len >= vocab, "segments cover V, none empty");
-      EXPECT(forward_num_splits(3, vocab, 132, n) == n, "plan is idempotent (binding and launcher agree)");
+      // device.cpp plans twice per forward (the workspace query, then the launch): both must agree.
+      EXPECT(forward_num_splits(3, vocab, 132, n) == n, "plan is idempotent (workspace query and launch agree)");
     }
   }
   EXPECT(sirl_cuda::forward_workspace_bytes(10, 1) == 0, "no workspace without split");

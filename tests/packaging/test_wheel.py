@@ -111,6 +111,12 @@ def test_the_installed_wheel_passes_the_kernel_tests_outside_the_repo(tmp_path):
     assert Path(location).is_relative_to(venv) and not Path(location).is_relative_to(ROOT), location
     assert "'cpu': (True" in backends, backends
     timings.update(torch_version=torch_version, backends=backends, cuda_probe=cuda_probe)
+    # The wheel's libsirl_cuda loaded (else .probe above raised) and its probe says "None" (it runs on device 0) or,
+    # in words, why not (no driver, a driver too old, no device, no kernel image): never an empty or garbled reason.
+    assert cuda_probe == "None" or re.fullmatch(r"sirl_probe: \S.{10,}", cuda_probe), cuda_probe
+    # ... and agrees with the "cuda" backend: it is usable exactly when the probe passes (and torch sees the GPU).
+    if "'cuda': (True" in backends:
+        assert cuda_probe == "None", (backends, cuda_probe)
 
     # test_triton_compile.py checks the Triton compiler's output against docs/ of the checkout with the Triton the
     # dev venv pins (3.9); it is about the source tree, not the installed package (torch 2.14.1 brings Triton 3.8).

@@ -45,13 +45,17 @@ typedef struct sirl_rows {
   int64_t row_stride;
   const int64_t* labels;
   int64_t label_stride;
-  double temperature;     /* finite and > 0; the kernels multiply by (float)(1 / temperature) */
+  double temperature;     /* > 0, with (float)(1 / temperature) finite: the factor the kernels multiply by */
   int64_t ignore_index;   /* rows with this label get 0 outputs, 0 stats and a zero gradient */
   int32_t dtype;          /* a sirl_dtype */
 } sirl_rows;
 
 /* Forward: per row, logprob = log softmax(z)[label] and entropy = H(softmax(z)) with z = logits / T, and
- * stats [rows, 2] = (max of z as the kernel forms it, log sum exp(z - max)), all contiguous fp32. */
+ * stats [rows, 2] = (row max, log sum exp(z - max z)), all contiguous fp32. The stats are for the backward of the
+ * same library only, and every forward and backward entry point of one library keeps them in that library's one
+ * unit (any of its forwards pairs with any of its backwards, any ISA build or the reference): the row max is the
+ * max of the RAW logits in libsirl_cpu (its kernels scale differences x - max, exact near the top of the row) and
+ * the max of z in libsirl_cuda. */
 typedef struct sirl_forward_args {
   sirl_rows in;
   float* logprobs;

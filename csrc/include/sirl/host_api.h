@@ -8,11 +8,13 @@
 #include <stdint.h>
 
 #include <cmath>
+#include <cstdio>
 #include <exception>
 #include <limits>
 #include <string>
 
 #include "sirl/c_api.h"
+#include "sirl/online_state.h"
 
 namespace sirl {
 
@@ -59,8 +61,12 @@ inline bool extent_fits(int64_t rows, int64_t stride, int64_t extent) {
 
 inline bool aligned_to(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
-// The inputs both directions read. rows == 0 passes with any pointers (empty tensors may have none): callers
-// return early on it after the checks.
+// 1/T as every kernel multiplies by it: the division in double, then rounded to fp32 once (the "torch" backend's
+// rounding). check_rows rejects a temperature whose fp32 1/T would not be finite.
+inline float inv_temperature(const sirl_rows& in) { return static_cast<float>(1.0 / in.temperature); }
+
+// The inputs both directions read. rows == 0 passes with any pointers (empty tensors may have none): the exported
+// functions return early on it after the checks (run_checked), so no hook ever sees it.
 inline Status check_rows(const sirl_rows& in, const char* fn) {
   if (in.rows < 0) return invalid(fn, "rows must be >= 0, got " + std::to_string(in.rows));
   if (in.vocab < 0) return invalid(fn, "vocab must be >= 0, got " + std::to_string(in.vocab));
@@ -87,6 +93,11 @@ inline Status check_rows(const sirl_rows& in, const char* fn) {
   }
   if (!(std::isfinite(in.temperature) && in.temperature > 0.0)) {
     return invalid(fn, "temperature must be finite and > 0, got " + std::to_string(in.temperature));
+  }
+  if (!std::isfinite(inv_temperature(in))) {
+    char t[32];
+    std::snprintf(t, sizeof(t), "%.9g", in.temperature);
+    return invalid(fn, std::string("temperature ") + t + " is too small: 1 / temperature overflows float32");
   }
   return ok();
 }
@@ -130,23 +141,22 @@ inline Status check_backward(const sirl_backward_args& a, const char* fn) {
   return ok();
 }
 
-// The label of row r as a column index, or -1 for a row to zero (ignore_index) and -2 for a row to poison (a label
-// outside [0, vocab): NaN outputs, never a read at that column).
-constexpr int64_t kIgnoredRow = -1;
-constexpr int64_t kBadLabelRow = -2;
+// The label of row r as a column index, or kIgnoredRow / kBadLabelRow (online_state.h's label_column).
 inline int64_t label_column(const sirl_rows& in, int64_t r) {
-  const int64_t y = in.labels[r * in.label_stride];
-  if (y == in.ignore_index) return kIgnoredRow;
-  return (y >= 0 && y < in.vocab) ? y : kBadLabelRow;
+  return label_column(in.labels[r * in.label_stride], in.vocab, in.ignore_index);
 }
 
-// The hooks each library implements once; c_api.cpp turns them into the exported C functions.
+// The hooks each library implements once; c_api.cpp turns them into the exported C functions. Except probe, every
+// hook is called by run_checked only: with arguments that passed check_forward / check_backward, rows > 0, and
+// `fn`, the exported function's name to report errors under.
 namespace device {
 extern const char* const kKind;  // "cpu" | "cuda"
 Status probe(const sirl_launch& launch);
-Status forward_workspace_bytes(const sirl_forward_args& args, const sirl_launch& launch, uint64_t* bytes);
-Status logits_forward(const sirl_forward_args& args, const sirl_launch& launch);
-Status logits_backward(const sirl_backward_args& args, const sirl_launch& launch);
+// *bytes is 0 on entry.
+Status forward_workspace_bytes(const char* fn, const sirl_forward_args& args, const sirl_launch& launch,
+                               uint64_t* bytes);
+Status logits_forward(const char* fn, const sirl_forward_args& args, const sirl_launch& launch);
+Status logits_backward(const char* fn, const sirl_backward_args& args, const sirl_launch& launch);
 }  // namespace device
 
 // Every exported function returns through here: the status code, with its message kept for sirl_last_error()
@@ -169,6 +179,23 @@ int32_t run_exported(const char* fn, F&& body) noexcept {
   } catch (...) {  // out of memory for the message itself: the code still says what happened
   }
   return static_cast<int32_t>(st.code);
+}
+
+inline Status check_args(const sirl_forward_args& a, const char* fn) { return check_forward(a, fn); }
+inline Status check_args(const sirl_backward_args& a, const char* fn) { return check_backward(a, fn); }
+
+// The one path of every exported forward / backward entry point (c_api.cpp, and libsirl_cpu's reference): null
+// pointers rejected, the direction's checks (under `check_as`, the name whose contract they are), nothing to do
+// for rows == 0, then hook(args, launch) with checked arguments. Every check runs before the hook, so before any
+// device call.
+template <typename Args, typename Hook>
+int32_t run_checked(const char* fn, const char* check_as, const Args* args, const sirl_launch* launch, Hook&& hook) {
+  return run_exported(fn, [&]() -> Status {
+    if (args == nullptr || launch == nullptr) return invalid(fn, "args or launch is a null pointer");
+    Status st = check_args(*args, check_as);
+    if (!st.ok() || args->in.rows == 0) return st;
+    return hook(*args, *launch);
+  });
 }
 
 }  // namespace sirl

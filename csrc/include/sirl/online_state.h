@@ -25,6 +25,7 @@
 #pragma once
 
 #include <math.h>
+#include <stdint.h>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define SIRL_HD __host__ __device__ __forceinline__
@@ -121,6 +122,16 @@ SIRL_HD RowResult finalize(OnlineState s, float z_label) {
   RowResult r = finalize_stats(s);
   r.logprob = log_prob(z_label, r.max, r.log_sum);
   return r;
+}
+
+// What a row's label makes of it: its column (>= 0), or kIgnoredRow (label == ignore_index: zero outputs and
+// gradient) or kBadLabelRow (a label outside [0, vocab): NaN outputs and gradient, and the row is never indexed by
+// it). One classification for the host kernels and both CUDA kernels.
+constexpr int64_t kIgnoredRow = -1;
+constexpr int64_t kBadLabelRow = -2;
+SIRL_HD int64_t label_column(int64_t label, int64_t vocab, int64_t ignore_index) {
+  if (label == ignore_index) return kIgnoredRow;
+  return (label >= 0 && label < vocab) ? label : kBadLabelRow;
 }
 
 // Rows whose label is ignore_index: zeros (the stats are never read back). Rows whose label is outside [0, V)

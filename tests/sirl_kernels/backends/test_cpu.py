@@ -101,7 +101,13 @@ def test_library_checks_its_inputs_with_typed_one_line_errors():
         cpu.logits_forward(x, labels, -1.0, -100)
     with pytest.raises(ValueError, match="rows would overlap"):
         cpu.logits_forward(torch.randn(40).as_strided((3, 10), (5, 1)), labels, 1.0, -100)
+    # Finite and > 0, yet (float)(1 / T) overflows: rejected by every entry point, never an inf scale.
+    for entry in (cpu.logits_forward, cpu.reference_forward):
+        with pytest.raises(ValueError, match=r"temperature 1e-39 is too small: 1 / temperature overflows float32"):
+            entry(x, labels, 1e-39, -100)
     lp, h, stats = cpu.logits_forward(x, labels, 1.0, -100)
+    with pytest.raises(ValueError, match=r"sirl_logits_backward: temperature .* overflows float32"):
+        cpu.logits_backward(torch.ones(3), torch.ones(3), x, labels, stats, h, 1e-40, -100)
     wide = torch.randn(2, 20)  # in place, but the output rows 10 elements apart and the input rows 20
     with pytest.raises(ValueError, match="in-place backward .* needs grad_row_stride == row_stride"):
         cpu.logits_backward(torch.ones(2), torch.ones(2), wide[:, :10], labels[:2], stats[:2], h[:2], 1.0, -100,
@@ -235,6 +241,46 @@ def test_builds_agree_closely():
     for out in outs.values():
         for a, b in zip(first, out):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_any_forward_pairs_with_any_backward_of_the_library(dtype):
+    """Every forward and backward entry point of libsirl_cpu keeps the row stats in ONE unit (c_api.h: the max of the
+    raw logits, then log sumexp): the stats of any ISA build's forward or of the scalar reference, fed to any other
+    one's backward, give the float64 reference's gradient. At T = 0.7 with logits near 20, a forward storing the
+    max of z = x / T where its backward reads the raw max (or the reverse) shifts every log p by max (1/T - 1)."""
+    temperature = 0.7
+    logits, labels = _case(6, 3001, dtype, seed=12)
+    logits = logits + 20.0
+    logits[1, ::5] = -math.inf
+    labels[4] = -100
+    g = torch.Generator().manual_seed(13)
+    g_lp, g_h = torch.randn(6, generator=g), torch.randn(6, generator=g)
+    ref = reference_grads(logits, labels, g_lp, g_h, temperature, -100)
+    ref_lp, ref_h = reference_logprobs_entropy(logits, labels, temperature, -100)
+    tol = grad_tolerance(dtype, ref)
+
+    def isa_forward(name):
+        cpu.set_isa(name)
+        return cpu.logits_forward(logits, labels, temperature, -100)
+
+    def isa_backward(name, stats, h):
+        cpu.set_isa(name)
+        return cpu.logits_backward(g_lp, g_h, logits, labels, stats, h, temperature, -100)
+
+    forwards = {"reference": cpu.reference_forward(logits, labels, temperature, -100)}
+    forwards.update((name, isa_forward(name)) for name in _supported_isas())
+    try:
+        for fwd, (lp, h, stats) in forwards.items():
+            torch.testing.assert_close(lp.double(), ref_lp, **FWD_TOL, msg=lambda m, fwd=fwd: f"{fwd}: {m}")
+            torch.testing.assert_close(h.double(), ref_h, **FWD_TOL, msg=lambda m, fwd=fwd: f"{fwd}: {m}")
+            grads = {"reference": cpu.reference_backward(g_lp, g_h, logits, labels, stats, h, temperature, -100)}
+            grads.update((name, isa_backward(name, stats, h)) for name in _supported_isas())
+            for bwd, grad in grads.items():
+                torch.testing.assert_close(grad.double(), ref, **tol,
+                                           msg=lambda m, fwd=fwd, bwd=bwd: f"forward {fwd}, backward {bwd}: {m}")
+    finally:
+        cpu.set_isa("auto")
 
 
 def test_row_stride_larger_than_v_and_zero():
