@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import status_kib  # noqa: E402  (VmRSS / VmHWM of this process, in KiB)
 from common import machine_info, write_results  # noqa: E402
 
-from sirl.train import STEP_STAGES as STAGES  # noqa: E402  (the stages of a step, as metrics.jsonl names them)
+from sirl.metrics import STEP_STAGES as STAGES  # noqa: E402  (the stages of a step, as metrics.jsonl names them)
 
 TRAINERS = ("ours", "trl", "trl+sirl")
 
@@ -95,7 +95,7 @@ def prompt_list(setup: Setup, steps: int) -> list[str]:
     return (prompts * (needed // len(prompts) + 1))[:needed]
 
 
-def run_ours(setup: Setup, steps: int, out_dir: Path) -> list[dict]:
+def run_ours(setup: Setup, steps: int, out_dir: Path, on_build=None) -> list[dict]:
     import torch
 
     from sirl.config import load_config
@@ -113,7 +113,7 @@ def run_ours(setup: Setup, steps: int, out_dir: Path) -> list[dict]:
         seed=setup.seed, output_dir=str(out_dir / "run"),
         save_every=10 ** 6, log_completions_every=0, progress=False))
     torch.set_num_threads(setup.threads)
-    rows = [r for r in train(cfg) if "reward_mean" in r]
+    rows = [r for r in train(cfg, on_build=on_build) if "reward_mean" in r]
     return [{"step_s": r["step_time_s"], **{f"{s}_s": r[f"time/{s}_s"] for s in STAGES},
              "tokens": r["tokens"], "generated": r["generated_tokens"]} for r in rows]
 
@@ -237,19 +237,12 @@ def worker(name: str, setup: Setup, steps: int, out_dir: Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     setup_rss = None
     if name == "ours":
-        import sirl.train as train_mod
-
-        real_build = train_mod.build
-
-        def build_then_reset(*args, **kwargs):  # the training peak starts after the model is set up
+        def built(*_):  # the training peak starts after the model is set up
             nonlocal setup_rss
-            built = real_build(*args, **kwargs)
             setup_rss = status_kib("VmRSS")
             reset_peak_rss()
-            return built
 
-        train_mod.build = build_then_reset
-        rows, extra = run_ours(setup, steps, out_dir), {}
+        rows, extra = run_ours(setup, steps, out_dir, on_build=built), {}
     else:
         rows, extra = run_trl(setup, steps, out_dir, with_sirl=name == "trl+sirl")
     return {"trainer": name, "steps": rows, "train_peak_rss_mb": status_kib("VmHWM") / 1024,

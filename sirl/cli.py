@@ -8,7 +8,6 @@ prints one line (``sirl train: error: lr=-1: must be a number > 0``); ``--debug`
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -32,6 +31,10 @@ def train_epilog() -> str:
         "config keys (key=value on the command line, or in a --config YAML file; booleans: true/false, 1/0, "
         "yes/no; null for none):", describe_keys(), "",
         f"--resume may change only {', '.join(MAY_CHANGE_ON_RESUME)}; anything else needs --allow-config-change.",
+        "",
+        "trust: a config and a run directory are data, except that eval_judge=py:MODULE:FN and eval_score_fn "
+        "import that module and run its code (after every other check); checkpoints are read as safetensors, JSON "
+        "and weights_only torch files, never as pickled objects.",
     ])
 
 
@@ -42,7 +45,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", help="a preset in sirl/presets (listed below), e.g. cpu-demo")
     p.add_argument("--steps", help="total optimizer steps (the same as steps=N)")
     p.add_argument("--output-dir", help="where checkpoints, metrics.jsonl and completions.jsonl go")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    p.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint in --output-dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start again in an --output-dir that holds another run: its files are moved into "
+                        "OUTPUT_DIR/previous-<time>/, never deleted")
     p.add_argument("--allow-config-change", action="store_true",
                    help="with --resume: apply settings that differ from the run's saved config (logged in "
                         "config_changes.jsonl) instead of refusing")
@@ -50,19 +56,17 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from sirl.config import ConfigError, load_config
+    from sirl.config import ConfigError, load_config, merge_flags, parse_overrides
     from sirl.train import train
 
-    overrides = list(args.overrides)
-    if args.steps is not None:
-        overrides.append(f"steps={args.steps}")
-    if args.output_dir is not None:
-        overrides.append(f"output_dir={args.output_dir}")
+    overrides = merge_flags(parse_overrides(args.overrides), {"steps": args.steps, "output_dir": args.output_dir})
     if args.allow_config_change and not args.resume:
         raise ConfigError("--allow-config-change only applies with --resume")
+    if args.overwrite and args.resume:
+        raise ConfigError("--overwrite starts the run again and --resume continues it: give one of them")
     cfg = load_config(args.config, args.preset, overrides)
-    rows = [r for r in train(cfg, resume=args.resume, allow_config_change=args.allow_config_change)
-            if "reward_mean" in r]
+    rows = [r for r in train(cfg, resume=args.resume, allow_config_change=args.allow_config_change,
+                             overwrite=args.overwrite) if "reward_mean" in r]
     if rows:
         first, last = rows[0], rows[-1]
         print(f"steps {first['step']}..{last['step']}: reward {first['reward_mean']:.4f} -> {last['reward_mean']:.4f}, "
@@ -77,7 +81,7 @@ PLOTTED = ("reward_mean", "entropy_mean", "kl", "loss", "clip_frac", "grad_norm"
 
 def stage_keys() -> tuple[str, ...]:
     """The ``time/STAGE_s`` keys of one training step's stages (the evaluation's are ``time/eval_s``)."""
-    from sirl.train import STEP_STAGES  # imported here, not at the top: ``sirl --help`` stays instant
+    from sirl.metrics import STEP_STAGES  # imported here, not at the top: ``sirl --help`` stays instant
 
     return tuple(f"time/{stage}_s" for stage in STEP_STAGES)
 
@@ -132,8 +136,10 @@ def plot(output_dir: str | Path, keys: list[str] | None = None, out: str | Path 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from sirl.metrics import read_metrics
+
     output_dir = Path(output_dir)
-    rows = [json.loads(ln) for ln in (output_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    rows = read_metrics(output_dir)
     train_rows = [r for r in rows if "reward_mean" in r]
     if not train_rows:
         raise ValueError(f"{output_dir / 'metrics.jsonl'} has no training rows")
@@ -200,6 +206,15 @@ def one_line(exc: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Runs a command; an error prints one line to stderr and returns 2 (``--debug``: the traceback instead)."""
+    import warnings
+
+    with warnings.catch_warnings():  # restores the caller's warning display when the command returns
+        # A warning is one line, like an error: what happened and the file it concerns, not the source line.
+        warnings.showwarning = lambda message, *_args, **_kwargs: print(f"warning: {message}", file=sys.stderr)
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may come anywhere, also after an option (argparse stops a positional list there)

@@ -14,11 +14,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-PRESET_DIR = Path(__file__).parent / "presets"
+from sirl.files import FileFormatError, read_json
+from sirl.presets import PRESET_DIR, resolve_prompt_path
 
 TRUE_WORDS = ("true", "1", "yes")
 FALSE_WORDS = ("false", "0", "no")
@@ -140,9 +142,9 @@ class SIRLConfig:
     eval_capability: str | None = knob(None, "questions for a capability probe (base-model perplexity of the "
                                        "answers, and eval_score_fn)", nonempty=True)
     eval_score_fn: str | None = knob(None, "py:MODULE:FUNCTION(questions, responses) -> scores for the "
-                                     "capability probe", nonempty=True)
-    eval_judge: str = knob("keyword", "refusal judge: keyword[:gcg|jbb|xstest|FILE], llm:MODEL or py:MODULE:FN",
-                           nonempty=True)
+                                     "capability probe (imports and runs that module's code)", nonempty=True)
+    eval_judge: str = knob("keyword", "refusal judge: keyword[:gcg|jbb|xstest|FILE], llm:MODEL or py:MODULE:FN "
+                           "(py: imports and runs that module's code)", nonempty=True)
     eval_limit: int = knob(20, "prompts per evaluation set (a seeded random subset when eval_shuffle)", ge=1)
     eval_shuffle: bool = knob(True, "take a seeded random eval_limit prompts rather than the first ones")
     eval_max_new_tokens: int = knob(64, "greedy answer length limit during evaluation", ge=1)
@@ -268,9 +270,7 @@ def _typed(name: str, value, hint):
         return _as_str_list(name, value)
     if hint is dict:
         if isinstance(value, str):
-            import yaml
-
-            value = yaml.safe_load(value)
+            value = parse_yaml(value, name)
         if not isinstance(value, dict):
             raise _fail(name, value, "must be a mapping")
         return value
@@ -322,10 +322,10 @@ def check_value(name: str, value):
         raise _fail(name, value, "must not be empty")
     if bad:
         raise _fail(name, value, f"must be {allowed_range(name)}")
-    if name == "device":
-        device_error = _device_problem(typed)
-        if device_error:
-            raise _fail(name, value, device_error)
+    special = KEY_CHECKS.get(name)
+    problem = special(typed) if special is not None else None
+    if problem:
+        raise _fail(name, value, problem)
     return typed
 
 
@@ -352,14 +352,44 @@ def _device_problem(name: str) -> str | None:
     return "must be auto, cpu, cuda or cuda:N (a device this machine has)"
 
 
+def _temperature_problem(value: float) -> str | None:
+    """The kernels' own rule (T and 1/T normal float32 numbers), so a run never fails mid-rollout on it."""
+    from sirl_kernels import TEMPERATURE_RANGE
+
+    low, high = TEMPERATURE_RANGE
+    return None if low <= value <= high else f"must be in [{low:.3g}, {high:.3g}] (T and 1/T normal float32 numbers)"
+
+
+PY_REFERENCE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
+
+
+def _py_reference_problem(spec: str, prefix_required: bool) -> str | None:
+    """Syntax of a ``py:MODULE:FUNCTION`` reference, checked without importing anything (the import happens only
+    once every other check of a run has passed: ``sirl.eval.suite.load_suite_code``)."""
+    if spec.startswith("py:"):
+        spec = spec[3:]
+    elif prefix_required:
+        return None
+    if not PY_REFERENCE.fullmatch(spec):
+        return "must be py:MODULE:FUNCTION with a dotted module name and a function name"
+    return None
+
+
+# Checks of one key beyond its type and range: value -> the problem in words, or None.
+KEY_CHECKS = {
+    "device": _device_problem,
+    "temperature": _temperature_problem,
+    "eval_judge": lambda v: _py_reference_problem(v, prefix_required=True),
+    "eval_score_fn": lambda v: _py_reference_problem(v, prefix_required=False),
+}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # rules between keys (each returns the one-line problem, or None)
 
 
 def _sources_exist(cfg: SIRLConfig) -> str | None:
     """The training and evaluation prompt sources are files (here or shipped in sirl/presets) or hf:NAME."""
-    from sirl.data import resolve_prompt_path
-
     for key in ("prompts", "eval_harmful", "eval_overrefusal", "eval_capability"):
         source = getattr(cfg, key)
         path = None if source is None else source.partition("?")[0] if key != "prompts" else source
@@ -428,7 +458,8 @@ CROSS_RULES = (_sources_exist, _eval_sets_named, _judge_spec, _selection, _rewar
 
 def parse_overrides(overrides: list[str] | dict | None) -> dict:
     """``["lr=1e-5", "lora=no"]`` or ``{"lr": 1e-5}`` -> ``{key: value}``; text values are converted by
-    ``validate`` according to each key's type ("no" is False for a boolean, "1e-5" a float for a float)."""
+    ``validate`` according to each key's type ("no" is False for a boolean, "1e-5" a float for a float). Every
+    value is checked here, so one replaced by a later ``key=value`` (the last one wins) is never left unchecked."""
     if not overrides:
         return {}
     items = overrides.items() if isinstance(overrides, dict) else (_split(o) for o in overrides)
@@ -437,6 +468,23 @@ def parse_overrides(overrides: list[str] | dict | None) -> dict:
         key = key.replace("-", "_")
         if key not in FIELDS:
             raise unknown_key(key)
+        check_value(key, value)  # each one, also when a later one replaces it
+        out[key] = value
+    return out
+
+
+def merge_flags(overrides: dict, flags: dict) -> dict:
+    """``overrides`` plus command-line flags (``--steps``: ``{"steps": "3"}``; None when not given). A key set by
+    both is checked in both spellings, and must agree: a flag never hides an invalid ``key=value``."""
+    out = dict(overrides)
+    for key, value in flags.items():
+        if value is None:
+            continue
+        if key in out:
+            given, flagged = check_value(key, out[key]), check_value(key, value)
+            if given != flagged:
+                raise ConfigError(f"--{key.replace('_', '-')} {value} and {key}={_shown(out[key])} disagree: give "
+                                  "one of them")
         out[key] = value
     return out
 
@@ -467,13 +515,50 @@ def preset_path(name: str) -> Path:
     return path
 
 
-def load_yaml(path: str | Path) -> dict:
+def _yaml_loader():
+    """PyYAML's safe loader (data only: no tags that build objects) that refuses a key given twice in a mapping,
+    which plain YAML loading silently resolves in favour of the last one."""
     import yaml
 
+    class UniqueKeyLoader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(f"line {line}: duplicate key {key!r} (first given on line {seen[key]})")
+            seen[key] = line
+        return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+    UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return UniqueKeyLoader
+
+
+def parse_yaml(text: str, where: str):
+    """YAML text as data (duplicate keys refused); errors name ``where`` and the line."""
+    import yaml
+
+    try:
+        return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
+    except ConfigError as exc:
+        raise ConfigError(f"{where}, {exc}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f", line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{where}{line}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
+
+
+def load_yaml(path: str | Path) -> dict:
     if not Path(path).is_file():
         raise ConfigError(f"config file {path} does not exist")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path}: cannot be read ({exc})") from None
+    data = parse_yaml(text, str(path)) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys")
     for key in data:
@@ -502,7 +587,10 @@ def save_config(cfg: SIRLConfig, path: str | Path) -> None:
 
 
 def config_from_json(path: str | Path) -> SIRLConfig:
-    data = json.loads(Path(path).read_text())
+    try:
+        data = read_json(Path(path))
+    except FileFormatError as exc:
+        raise ConfigError(str(exc)) from None
     unknown = sorted(set(data) - set(FIELDS))
     if unknown:
         raise ConfigError(f"{path}: unknown config keys {unknown} (written by another version of sirl?)")

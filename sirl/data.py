@@ -2,36 +2,52 @@
 
 from __future__ import annotations
 
-import csv
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from sirl.config import PRESET_DIR
+from sirl.files import FileFormatError, read_records
+from sirl.presets import PRESET_DIR, resolve_prompt_path
+
+CHAT_ROLES = ("system", "user", "assistant")
 
 
-def resolve_prompt_path(source: str) -> Path | None:
-    """A path as given, else a file of that name shipped in sirl/presets; None if neither exists."""
-    path = Path(source).expanduser()
-    if path.exists():
-        return path
-    shipped = PRESET_DIR / source
-    return shipped if shipped.exists() else None
+def prompt_problem(value) -> str | None:
+    """Why ``value`` is not a prompt (None when it is): a non-empty string (one user message), or a list of
+    ``{"role", "content"}`` chat messages with roles in ``CHAT_ROLES``, string contents and a user message."""
+    if isinstance(value, str):
+        return None if value.strip() else "the prompt is empty"
+    if not isinstance(value, list) or not value:
+        return f"a prompt must be a string or a list of chat messages, got {type(value).__name__}"
+    for i, message in enumerate(value):
+        if not isinstance(message, dict):
+            return f"message {i} must be an object with role and content, got {type(message).__name__}"
+        if message.get("role") not in CHAT_ROLES:
+            return f"message {i} has role {message.get('role')!r}; expected one of {', '.join(CHAT_ROLES)}"
+        if not isinstance(message.get("content"), str):
+            return f"message {i} ({message['role']}) needs a string content, got {message.get('content')!r:.60}"
+    if not any(m["role"] == "user" for m in value):
+        return "the chat messages hold no user message"
+    return None
 
 
-def _column(row, column: str, where: str):
-    if isinstance(row, str):
-        return row
-    if not isinstance(row, dict) or column not in row:
-        raise ValueError(f"{where}: no column {column!r} (set prompt_column)")
-    return row[column]
+def _prompt(where: str, row, column: str):
+    value = row
+    if isinstance(row, dict):
+        if column not in row:
+            raise FileFormatError(f"{where}: no column {column!r} (it has {', '.join(map(str, row))}; set "
+                                  "prompt_column)")
+        value = row[column]
+    problem = prompt_problem(value)
+    if problem is not None:
+        raise FileFormatError(f"{where}: {problem}")
+    return value
 
 
 def load_prompts(source: str, prompt_column: str = "prompt", split: str = "train") -> list:
     """Prompts from a .jsonl / .json / .csv file, or ``hf:NAME`` (a Hugging Face dataset by name or local
-    directory, read with ``datasets.load_dataset``; needs ``datasets``).
+    directory, read with ``datasets.load_dataset``; needs ``datasets``), every one checked (``prompt_problem``):
+    a bad row is a FileFormatError naming the file and line, raised before any model loads.
 
     Each prompt is a string (one user message) or a list of ``{"role", "content"}`` messages.
     """
@@ -41,29 +57,18 @@ def load_prompts(source: str, prompt_column: str = "prompt", split: str = "train
             import datasets
         except ImportError as exc:
             raise ImportError(f"prompt source {source!r} is a Hugging Face dataset: `pip install datasets`") from exc
-        rows = datasets.load_dataset(name, split=split)
-        prompts = [_column(r, prompt_column, name) for r in rows]
+        records = [(f"{source}, row {i}", r) for i, r in enumerate(datasets.load_dataset(name, split=split))]
     elif (path := resolve_prompt_path(source)) is None:
         raise FileNotFoundError(
             f"prompt source {source!r}: no such file here or in {PRESET_DIR} (a Hugging Face dataset is 'hf:NAME')"
         )
-    elif path.suffix == ".jsonl":
-        with open(path) as f:
-            prompts = [_column(json.loads(line), prompt_column, str(path)) for line in f if line.strip()]
-    elif path.suffix == ".json":
-        rows = json.loads(path.read_text())
-        if isinstance(rows, dict):  # {"prompt": [...]} column layout
-            if prompt_column not in rows:
-                raise ValueError(f"{path}: no column {prompt_column!r} (set prompt_column)")
-            rows = rows[prompt_column]
-        prompts = [_column(r, prompt_column, str(path)) for r in rows]
-    elif path.suffix == ".csv":
-        with open(path, newline="") as f:
-            prompts = [_column(r, prompt_column, str(path)) for r in csv.DictReader(f)]
+    elif path.suffix not in (".jsonl", ".json", ".csv"):
+        raise FileFormatError(f"{path}: expected .jsonl, .json or .csv")
     else:
-        raise ValueError(f"{path}: expected .jsonl, .json or .csv")
+        records = read_records(path)
+    prompts = [_prompt(where, row, prompt_column) for where, row in records]
     if not prompts:
-        raise ValueError(f"prompt source {source!r} is empty")
+        raise FileFormatError(f"prompt source {source!r} is empty")
     return prompts
 
 

@@ -105,12 +105,29 @@ def load_model_and_tokenizer(name: str, *, device: torch.device, dtype: str = "a
             model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch_dtype, **kwargs)
             drop_dequantized_gguf_marker(model)
         else:
-            tokenizer = AutoTokenizer.from_pretrained(name)
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
+            tokenizer, model = _load_hf(name, torch_dtype)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     return model.to(device=device, dtype=torch_dtype), tokenizer
+
+
+def _load_hf(name: str, torch_dtype: torch.dtype):
+    """A Hugging Face name or local directory: a directory saved by ``sirl train`` is checked against its
+    manifest first; weights are read as data (transformers reads ``.bin`` files with ``weights_only=True``)."""
+    import pickle
+
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sirl.files import check_saved_dir, load_error
+
+    if Path(name).is_dir():
+        check_saved_dir(Path(name))
+    try:
+        return AutoTokenizer.from_pretrained(name), AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
+    except (SafetensorError, pickle.UnpicklingError, EOFError, ValueError) as exc:
+        raise load_error(exc, name, "model") from None
 
 
 def drop_dequantized_gguf_marker(model) -> None:

@@ -19,111 +19,50 @@ so a plain all-reduce sum gives exactly the single-process gradient (tested).
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import random
-import resource
-import shutil
 import time
-from contextlib import contextmanager, nullcontext
+import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from sirl.advantage import group_advantages
+from sirl.checkpoint import (
+    choose_checkpoint,
+    load_checkpoint,
+    prepare_output_dir,
+    recover_dir,
+    save_best,
+    save_checkpoint,
+    save_model,
+    saved_config,
+)
 from sirl.config import ConfigError, SIRLConfig, check_resume_changes, reward_in_loss, save_config
 from sirl.data import PromptStream, encode_prompt, load_prompts
+from sirl.dist import Dist, init_distributed, pick_device
 from sirl.eval.report import distinct_n
-from sirl.eval.suite import EvalSuite, check_keep_best, evaluate, load_llm_judge, load_suite
+from sirl.eval.suite import EvalSuite, check_keep_best, evaluate, load_llm_judge, load_suite, load_suite_code
 from sirl.loss import sirl_loss
+from sirl.metrics import (
+    Logger,
+    StageTimer,
+    check_logs,
+    log_config_changes,
+    peak_memory_mb,
+    stage_split,
+    timing_metrics,
+)
 from sirl.models import active_dropout
-from sirl.reference import Reference, is_peft_model, reference_logprobs
+from sirl.reference import Reference, reference_logprobs
 from sirl.rollout import Rollout, rollout
 from sirl.score import micro_batches, sirl_rewards, token_logprobs_entropy, trim, valid_rows
 from sirl.selection import BestTracker
 from sirl_kernels import validate_labels
 from sirl_kernels.hf import causal_lm_token_logprobs_entropy, output_head, unwrap_model
-
-# ---------------------------------------------------------------------------------------------------------------
-# distributed helpers (all no-ops in a single process)
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    # Where the tensors of a collective live: NCCL (the backend on CUDA) only reduces CUDA tensors, gloo CPU ones.
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def all_sum_tensor(self, t: torch.Tensor) -> torch.Tensor:
-        """``t`` summed over ranks, on this rank's collective device (``t`` itself in a single process)."""
-        if self.world == 1:
-            return t
-        t = t.to(self.device, torch.float64)
-        dist.all_reduce(t)
-        return t
-
-    def all_sum(self, values: list[float]) -> list[float]:
-        if self.world == 1:
-            return list(values)
-        return self.all_sum_tensor(torch.tensor(values, dtype=torch.float64, device=self.device)).tolist()
-
-    def all_cat(self, t: torch.Tensor) -> torch.Tensor:
-        """Concatenation over ranks in rank order (every rank holds the same number of rows)."""
-        if self.world == 1:
-            return t
-        parts = [torch.empty_like(t) for _ in range(self.world)]
-        dist.all_gather(parts, t.contiguous())
-        return torch.cat(parts)
-
-    def rank0_flag(self, flag: bool) -> bool:
-        """Rank 0's ``flag`` on every rank (e.g. rank 0's evaluation decided to stop)."""
-        return self.all_sum([float(flag) if self.main else 0.0])[0] > 0
-
-    def sum_gradients(self, params: list[torch.nn.Parameter]) -> None:
-        if self.world == 1:
-            return
-        grads = [p.grad for p in params if p.grad is not None]
-        flat = torch._utils._flatten_dense_tensors(grads)
-        dist.all_reduce(flat)
-        for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-            g.copy_(synced)
-
-
-# Rank 0 evaluates while the other ranks wait in a barrier: an evaluation (generation on every held-out set, an
-# LLM judge) can outlast NCCL's default 10-minute collective timeout, which would abort the waiting ranks.
-COLLECTIVE_TIMEOUT = timedelta(hours=2)
-
-
-def init_distributed(device: torch.device) -> Dist:
-    """The process group under torchrun (NCCL when ``device`` is CUDA, else gloo); a single-process Dist without."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)  # NCCL's barrier and communicators use the current device
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
-    if dist.is_initialized():
-        collective = device if dist.get_backend() == "nccl" else torch.device("cpu")
-        return Dist(dist.get_rank(), dist.get_world_size(), collective)
-    return Dist()
-
-
-def pick_device(cfg: SIRLConfig) -> torch.device:
-    if cfg.device != "auto":
-        return torch.device(cfg.device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # the stages of one step (each a small function of tensors; tested alone in tests/sirl)
@@ -141,6 +80,16 @@ def lr_lambda(cfg: SIRLConfig):
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return f
+
+
+def apply_optimizer_settings(optimizer, scheduler, cfg: SIRLConfig) -> None:
+    """Makes a restored optimizer and schedule follow ``cfg`` (a resume may change lr, betas, weight decay,
+    warm-up or schedule under --allow-config-change; with the saved settings this changes nothing)."""
+    scheduler.lr_lambdas = [lr_lambda(cfg)] * len(optimizer.param_groups)
+    scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+    for group, fn in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group.update(initial_lr=cfg.lr, lr=cfg.lr * fn(scheduler.last_epoch), weight_decay=cfg.weight_decay,
+                     betas=(cfg.adam_beta1, cfg.adam_beta2))
 
 
 def loss_normalisers(batch: Rollout, loss_mask: torch.Tensor, dd: Dist) -> dict:
@@ -235,240 +184,15 @@ def policy_gradient_pass(
     return {"loss": loss, "clip_frac": clipped / max(tokens, 1.0), "kl": kl_sum / max(tokens, 1.0)}
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# stage timings: where a step's time goes (generation usually dominates)
-
-STEP_STAGES = ("rollout", "score", "reference", "update")  # of one training step (bench_trainer, sirl plot)
-STAGES = STEP_STAGES + ("eval",)
-
-
-class StageTimer:
-    """Wall seconds per stage; on CUDA each stage ends with a synchronize so its kernels are counted in it."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.seconds = dict.fromkeys(STAGES, 0.0)
-
-    @contextmanager
-    def __call__(self, stage: str):
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            self.seconds[stage] += time.perf_counter() - t0
-
-
-def timing_metrics(seconds: dict, tokens: dict) -> dict:
-    """``time/STAGE_s`` for every stage, and ``time/STAGE_tokens_per_s`` for each stage given a token count
-    (rollout: generated tokens; score, reference: prompt + completion tokens; update: those times mu)."""
-    out = {f"time/{stage}_s": seconds.get(stage, 0.0) for stage in STAGES}
-    for stage, count in tokens.items():
-        out[f"time/{stage}_tokens_per_s"] = count / seconds[stage] if seconds.get(stage) else 0.0
-    return out
-
-
-def stage_split(row: dict) -> str:
-    """The progress bar's view of a row's timings: ``roll 12.1s score 0.9s ref 0.8s upd 3.0s eval 0.0s``."""
-    short = {"rollout": "roll", "score": "score", "reference": "ref", "update": "upd", "eval": "eval"}
-    return " ".join(f"{short[s]} {row[f'time/{s}_s']:.3g}s" for s in STAGES)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# checkpoints: written to a temporary directory, then renamed, so a crash mid-save leaves the previous one intact
-
-
-def rng_state() -> dict:
-    return {
-        "python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    }
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def trainable_state(model) -> dict:
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def checkpoint_dirs(output_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (a ``.tmp`` directory is an interrupted save and never counts)."""
-    return sorted((p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[1].isdigit()),
-                  key=lambda p: int(p.name.split("-")[1]))
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Puts the finished directory ``tmp`` at ``final``, keeping the old one until the new one is in place."""
-    if final.exists():
-        final.rename(final.with_name(final.name + ".old"))
-    os.replace(tmp, final)  # atomic on POSIX: the directory exists whole or not at all
-    shutil.rmtree(final.with_name(final.name + ".old"), ignore_errors=True)
-
-
-def save_checkpoint(output_dir: Path, step: int, policy, optimizer, scheduler, stream, cfg, dd: Dist,
-                    selection: BestTracker) -> None:
-    final = output_dir / f"checkpoint-{step:07d}"
-    tmp = output_dir / f"checkpoint-{step:07d}.tmp"
-    if dd.main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    if dd.world > 1:
-        dist.barrier()
-    # Each rank samples with its own RNG stream: each saves its own.
-    torch.save(rng_state(), tmp / f"rng_rank{dd.rank}.pt")
-    if dd.main:
-        torch.save(trainable_state(policy), tmp / "trainable.pt")
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, "data": stream.state_dict(),
-                                                    "selection": selection.state_dict()}))
-        save_config(cfg, tmp / "config.json")
-    if dd.world > 1:
-        dist.barrier()
-    if dd.main:
-        replace_dir(tmp, final)  # a step saved twice (early stop at a save_every step) keeps one copy
-        for old in checkpoint_dirs(output_dir)[: -max(1, cfg.keep_checkpoints)]:
-            shutil.rmtree(old, ignore_errors=True)
-    if dd.world > 1:
-        dist.barrier()
-
-
-def load_checkpoint(path: Path, policy, optimizer, scheduler, stream, dd: Dist) -> dict:
-    """Restores weights, optimizer, schedule, data position and RNGs; returns the checkpoint's ``state.json``."""
-    weights = torch.load(path / "trainable.pt", map_location="cpu")
-    params = dict(policy.named_parameters())
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value)
-    optim = torch.load(path / "optim.pt", map_location="cpu", weights_only=False)
-    optimizer.load_state_dict(optim["optimizer"])
-    scheduler.load_state_dict(optim["scheduler"])
-    state = json.loads((path / "state.json").read_text())
-    stream.load_state_dict(state["data"])
-    rng_file = path / f"rng_rank{dd.rank}.pt"
-    if not rng_file.exists():
-        raise RuntimeError(f"{path} was written with a different number of ranks (no {rng_file.name})")
-    set_rng_state(torch.load(rng_file, weights_only=False))
-    return state
-
-
-def apply_optimizer_settings(optimizer, scheduler, cfg: SIRLConfig) -> None:
-    """Makes a restored optimizer and schedule follow ``cfg`` (a resume may change lr, betas, weight decay,
-    warm-up or schedule under --allow-config-change; with the saved settings this changes nothing)."""
-    scheduler.lr_lambdas = [lr_lambda(cfg)] * len(optimizer.param_groups)
-    scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
-    for group, fn in zip(optimizer.param_groups, scheduler.lr_lambdas):
-        group.update(initial_lr=cfg.lr, lr=cfg.lr * fn(scheduler.last_epoch), weight_decay=cfg.weight_decay,
-                     betas=(cfg.adam_beta1, cfg.adam_beta2))
-
-
-def save_pretrained(policy, tokenizer, path: Path) -> None:
-    """The adapter (LoRA) or the whole model, loadable with from_pretrained, written whole or not at all."""
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if is_peft_model(policy):
-        # peft's "auto" would look the base model up on the Hub (base_model_name_or_path is the user's name for
-        # it) to decide whether to save the embeddings: save them exactly when training touched them.
-        trained_embeddings = any(p.requires_grad and ("embed" in n or "lm_head" in n)
-                                 for n, p in policy.named_parameters())
-        policy.save_pretrained(tmp, save_embedding_layers=trained_embeddings)
-    else:
-        policy.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    replace_dir(tmp, path)
-
-
-def save_best(output_dir: Path, policy, tokenizer, selection: BestTracker) -> None:
-    save_pretrained(policy, tokenizer, output_dir / "best")
-    (output_dir / "best" / "best.json").write_text(json.dumps(
-        {"step": selection.best_step, "metric": selection.metric, "mode": selection.mode,
-         "value": selection.best_value}, indent=2))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# logging
-
-
-class Logger:
-    """metrics.jsonl (+ TensorBoard when asked and installed) + completions.jsonl, written by rank 0 only."""
-
-    def __init__(self, output_dir: Path, cfg: SIRLConfig, dd: Dist, resume_step: int):
-        self.enabled = dd.main
-        self.metrics_path = output_dir / "metrics.jsonl"
-        self.completions_path = output_dir / "completions.jsonl"
-        self.tb = None
-        if not self.enabled:
-            return
-        # A crash after logging but before checkpointing leaves lines the resumed run will write again.
-        for path in (self.metrics_path, self.completions_path):
-            if path.exists():
-                lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-                kept = [ln for ln in lines if json.loads(ln)["step"] <= resume_step]
-                path.write_text("".join(ln + "\n" for ln in kept))
-        if cfg.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(output_dir / "tensorboard"))
-            except ImportError:
-                print("tensorboard is not installed; logging to metrics.jsonl only")
-
-    def metrics(self, row: dict) -> None:
-        if not self.enabled:
-            return
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if self.tb is not None:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, row["step"])
-
-    def completions(self, rows: list[dict]) -> None:
-        if not self.enabled:
-            return
-        with open(self.completions_path, "a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
-        if self.tb is not None and rows:
-            text = "\n\n".join(f"**reward {r['reward']:.3f}** | {r['prompt']} -> {r['completion']}" for r in rows)
-            self.tb.add_text("completions", text, rows[0]["step"])
-
-    def close(self):
-        if self.tb is not None:
-            self.tb.close()
-
-
-def log_config_changes(output_dir: Path, step: int, changes: dict) -> None:
-    """A resume's accepted config changes, printed and appended to ``config_changes.jsonl``."""
-    if not changes:
-        return
-    print(f"--resume at step {step} applies config changes: "
-          + "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items()), flush=True)
-    with open(output_dir / "config_changes.jsonl", "a") as f:
-        f.write(json.dumps({"step": step, "changes": {k: list(v) for k, v in changes.items()}}) + "\n")
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # the loop
 
 
-def build(cfg: SIRLConfig, dd: Dist):
+def build(cfg: SIRLConfig, dd: Dist, prompts: list):
     """Model (+ LoRA), tokenizer, reference, optimizer, schedule and prompt stream, all seeded."""
     from sirl.models import add_lora, load_model_and_tokenizer
 
-    device = pick_device(cfg)
+    device = pick_device(cfg.device)
     model, tokenizer = load_model_and_tokenizer(cfg.model, device=device, dtype=cfg.dtype, seed=cfg.seed)
     if cfg.lora:
         model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
@@ -485,7 +209,7 @@ def build(cfg: SIRLConfig, dd: Dist):
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    stream = PromptStream(load_prompts(cfg.prompts, cfg.prompt_column, cfg.dataset_split), cfg.seed, cfg.shuffle)
+    stream = PromptStream(prompts, cfg.seed, cfg.shuffle)
     return model, tokenizer, reference, optimizer, scheduler, stream, device
 
 
@@ -518,8 +242,7 @@ def evaluation(step: int, policy, tokenizer, suite: EvalSuite, output_dir: Path,
     with timer("eval"):
         if dd.main:
             metrics = evaluate(policy, tokenizer, suite, step=step, output_dir=output_dir)
-        if dd.world > 1:
-            dist.barrier()
+        dd.barrier()
     if bar is not None:
         bar.set_description("sirl")
     if dd.main and selection.update(step, metrics):
@@ -563,33 +286,40 @@ def step_metrics(step: int, batch: Rollout, scores: Scores, completions: list[li
     }
 
 
-def train(cfg: SIRLConfig, resume: bool = False, allow_config_change: bool = False) -> list[dict]:
-    """Runs ``cfg.steps`` steps (continuing from the latest checkpoint when ``resume``); returns the metric rows.
+def train(cfg: SIRLConfig, resume: bool = False, allow_config_change: bool = False, overwrite: bool = False,
+          on_build=None) -> list[dict]:
+    """Runs ``cfg.steps`` steps (continuing from the newest intact checkpoint when ``resume``); returns the metric
+    rows. ``on_build(policy, tokenizer, reference, optimizer)``, when given, sees what was built (benchmarks).
 
-    Everything that can be checked without a model is checked first: the config, the evaluation sets (and that
-    ``keep_best`` names a metric they give) and, on ``resume``, the differences from the run's saved config (only
-    ``MAY_CHANGE_ON_RESUME`` keys may differ unless ``allow_config_change``; then every change is logged and
-    applied, the optimizer's lr included)."""
+    Everything that can be checked without a model is checked first, in this order: the config; on ``resume``,
+    the checkpoint (the newest one whose manifest and ``state.json`` hold), the differences from its saved config
+    (only ``MAY_CHANGE_ON_RESUME`` keys may differ unless ``allow_config_change``; then every change is logged and
+    applied, the optimizer's lr included) and the run's logs; the training prompts; the evaluation sets (and that
+    ``keep_best`` names a metric they give); the output directory (a fresh run refuses another run's files unless
+    ``overwrite``, which moves them aside; it must be writable). Code named by ``py:`` references is imported
+    last, once all of that passed."""
     cfg.validate()
-    dd = init_distributed(pick_device(cfg))
+    dd = init_distributed(pick_device(cfg.device))
     if cfg.prompts_per_step % dd.world:
-        raise ValueError(f"prompts_per_step={cfg.prompts_per_step} must be divisible by the {dd.world} ranks")
+        raise ConfigError(f"prompts_per_step={cfg.prompts_per_step}: must be divisible by the {dd.world} ranks")
     output_dir = Path(cfg.output_dir)
-    found = checkpoint_dirs(output_dir) if output_dir.is_dir() else []
-    if not resume and found:
-        raise FileExistsError(f"{output_dir} already holds checkpoints: pass --resume, or pick a new --output-dir")
-    if resume and not found:
-        raise FileNotFoundError(f"--resume: no checkpoint in {output_dir}")
-    changes = check_resume_changes(json.loads((found[-1] / "config.json").read_text()), cfg,
-                                   allow_config_change) if resume else {}
+    checkpoint, state, changes = None, None, {}
+    if resume:
+        checkpoint, state = choose_checkpoint(output_dir, cfg, dd.world)
+        changes = check_resume_changes(saved_config(checkpoint), cfg, allow_config_change)
+        check_logs(output_dir)
+    prompts = load_prompts(cfg.prompts, cfg.prompt_column, cfg.dataset_split)
     suite = load_suite(cfg)
     check_keep_best(cfg, suite)  # against the suite's attack names as resolved (e.g. columns -> column:NAME)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    prepare_output_dir(output_dir, resume=resume, overwrite=overwrite)  # the first write, once all that passed
+    load_suite_code(suite, cfg)  # imports py: references: only now that everything else has passed
     # Same seed everywhere for the model and data order; per-rank offset only for sampling (set below).
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    policy, tokenizer, reference, optimizer, scheduler, stream, device = build(cfg, dd)
+    policy, tokenizer, reference, optimizer, scheduler, stream, device = build(cfg, dd, prompts)
+    if on_build is not None:
+        on_build(policy, tokenizer, reference, optimizer)
     in_loss = reward_from_loss_pass(cfg, policy, dd)  # the reward from the training forward: no separate pass
     torch.manual_seed(cfg.seed + 1000 * dd.rank)
     if suite is not None and dd.main:  # only rank 0 evaluates
@@ -598,15 +328,16 @@ def train(cfg: SIRLConfig, resume: bool = False, allow_config_change: bool = Fal
 
     start = 0
     if resume:
-        state = load_checkpoint(found[-1], policy, optimizer, scheduler, stream, dd)
-        start = int(state["step"])
+        load_checkpoint(checkpoint, policy, optimizer, scheduler, stream, dd)
+        start = state["step"]
         selection.load_state_dict(state.get("selection"))
         apply_optimizer_settings(optimizer, scheduler, cfg)
         if dd.main:
             log_config_changes(output_dir, start, changes)
+            restore_best(output_dir, policy, tokenizer, selection, start)
     if dd.main:
         save_config(cfg, output_dir / "config.json")  # only now: the settings this run goes on with
-    logger = Logger(output_dir, cfg, dd, start)
+    logger = Logger(output_dir, cfg.tensorboard, dd.main, start)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                 if cfg.bf16 and device.type == "cuda" else nullcontext())
     per_rank = cfg.prompts_per_step // dd.world
@@ -731,6 +462,30 @@ def train(cfg: SIRLConfig, resume: bool = False, allow_config_change: bool = Fal
     if bar is not None:
         bar.close()
     logger.close()
-    if dd.main and rows and rows[-1]["step"] > start:
-        save_pretrained(policy, tokenizer, output_dir / "final")
+    last = rows[-1]["step"] if rows and "reward_mean" in rows[-1] else start
+    if dd.main and (last == cfg.steps or stopped or selection.should_stop):
+        # The run is complete: final/ holds its model. A resumed complete run whose final/ was lost (a crash
+        # after the last checkpoint) rebuilds it from that checkpoint's weights, now loaded.
+        if last > start:
+            save_model(policy, tokenizer, output_dir / "final")
+        elif not recover_dir(output_dir / "final"):
+            print(f"the run is complete at step {start}; rebuilding {output_dir / 'final'} from its checkpoint",
+                  flush=True)
+            save_model(policy, tokenizer, output_dir / "final")
+        elif start == cfg.steps:
+            print(f"nothing to do: the run is complete at step {start} and {output_dir / 'final'} is intact",
+                  flush=True)
     return rows
+
+
+def restore_best(output_dir: Path, policy, tokenizer, selection: BestTracker, step: int) -> None:
+    """``best/`` after a crash: restored from an interrupted save's copies, else rebuilt when the best step is
+    the checkpoint just loaded; otherwise it will be written again at the next new best (warned)."""
+    if selection.best_step is None or recover_dir(output_dir / "best"):
+        return
+    if selection.best_step == step:
+        print(f"rebuilding {output_dir / 'best'} (step {step}) from its checkpoint", flush=True)
+        save_best(output_dir, policy, tokenizer, selection)
+    else:
+        warnings.warn(f"{output_dir / 'best'} is missing and step {selection.best_step}'s weights are in no "
+                      "checkpoint: it is written again at the next new best", stacklevel=2)

@@ -4,12 +4,15 @@ Forward and backward in one pass over the logits (or, in the fused-linear varian
 ``hidden @ weight.T``) without ever materialising a ``[tokens x vocab]`` probability tensor.
 """
 
+from sirl_kernels._checks import TEMPERATURE_RANGE, check_temperature
 from sirl_kernels.api import linear_token_logprobs_entropy, token_logprobs_entropy, validate_labels
 from sirl_kernels.backends import BackendStatus, available_backends
 
 __all__ = [
+    "TEMPERATURE_RANGE",
     "BackendStatus",
     "available_backends",
+    "check_temperature",
     "linear_token_logprobs_entropy",
     "token_logprobs_entropy",
     "validate_labels",

@@ -20,24 +20,119 @@ def check_float_tensor(name: str, t) -> None:
         raise TypeError(f"{name} must be float32, bfloat16 or float16 (float64 on the 'torch' backend), got {t.dtype}")
 
 
-def check_label_tensor(labels, expected_shape, device: torch.device) -> None:
+def check_label_tensor(labels, expected_shape, device: torch.device, exact_dtype: torch.dtype | None = None) -> None:
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
-    if labels.dtype not in INT_DTYPES:
-        raise TypeError(f"labels must have an integer dtype, got {labels.dtype}")
+    if labels.dtype not in INT_DTYPES or (exact_dtype is not None and labels.dtype != exact_dtype):
+        raise TypeError(f"labels must have {exact_dtype or 'an integer dtype'}, got {labels.dtype}")
     if tuple(labels.shape) != tuple(expected_shape):
         raise ValueError(f"labels shape {tuple(labels.shape)} must equal the leading shape {tuple(expected_shape)}")
     if labels.device != device:
         raise ValueError(f"labels are on {labels.device} but the inputs are on {device}")
 
 
-def check_temperature(temperature) -> float:
+def check_logits_args(logits, temperature, ignore_index) -> tuple[float, int]:
+    """The checks of a logits call that need no labels: ``(temperature, ignore_index)`` as float and int."""
+    check_float_tensor("logits", logits)
+    if logits.dim() < 1:
+        raise ValueError("logits must have at least one dimension (the vocabulary)")
+    if logits.shape[-1] == 0:
+        raise ValueError("logits have an empty vocabulary dimension (V = 0)")
+    return check_temperature(temperature), check_ignore_index(ignore_index)
+
+
+def check_linear_args(hidden, weight, bias, temperature, ignore_index) -> tuple[float, int]:
+    """The checks of a fused-linear call that need no labels: ``(temperature, ignore_index)``."""
+    check_float_tensor("hidden", hidden)
+    check_float_tensor("weight", weight)
+    if hidden.dim() < 1:
+        raise ValueError("hidden must have at least one dimension (the model dimension)")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [V, D], got shape {tuple(weight.shape)}")
+    vocab, dim = weight.shape
+    if hidden.shape[-1] != dim:
+        raise ValueError(f"hidden's last dim {hidden.shape[-1]} does not match weight's D = {dim}")
+    if vocab == 0:
+        raise ValueError("weight has an empty vocabulary dimension (V = 0)")
+    if dim == 0:
+        raise ValueError("hidden and weight have an empty model dimension (D = 0)")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
+    if bias is not None:
+        check_float_tensor("bias", bias)
+        if tuple(bias.shape) != (vocab,):
+            raise ValueError(f"bias must have shape ({vocab},), got {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} differs from hidden dtype {hidden.dtype}")
+        if bias.device != hidden.device:
+            raise ValueError(f"bias is on {bias.device} but hidden is on {hidden.device}")
+    return check_temperature(temperature), check_ignore_index(ignore_index)
+
+
+def has_dense_rows(flat: torch.Tensor) -> bool:
+    """Whether a 2-D ``[N, W]`` tensor has unit stride along W and rows that do not overlap (reads only strides,
+    so it also answers for fake tensors while tracing)."""
+    n, width = flat.shape
+    if n == 0 or width == 0:
+        return True
+    return (flat.stride(1) == 1 or width == 1) and (n == 1 or flat.stride(0) >= width)
+
+
+def dense_rows(t: torch.Tensor) -> torch.Tensor:
+    """``[..., W]`` -> ``[N, W]`` with unit stride along W and rows that do not overlap (what every kernel reads);
+    a copy only when no such view exists (a strided last dim, an ``expand``-ed or otherwise overlapping view)."""
+    flat = t.reshape(-1, t.shape[-1])
+    return flat if has_dense_rows(flat) else flat.contiguous()
+
+
+def check_inplace_target(logits: torch.Tensor) -> None:
+    """``inplace_backward`` writes the gradient into the logits' storage: refused where torch refuses an in-place
+    write (a leaf that requires grad, or a view of one: its ``.grad`` would share its storage)."""
+    t = logits
+    while t is not None:
+        if t.is_leaf and t.requires_grad:
+            raise RuntimeError("inplace_backward=True on logits that are (a view of) a leaf tensor requiring grad: "
+                               "backward would overwrite it with its own gradient (torch refuses in-place writes to "
+                               "such leaves); pass logits computed from it, or inplace_backward=False")
+        t = t._base  # the tensor a view was taken of (None for a tensor with its own storage)
+
+
+# Every backend computes with T and 1/T as float32 (the Triton and native kernels take them as fp32 scalars, the
+# torch backend scales fp32 logits): both must be normal float32 numbers, or 1/T rounds to 0 or inf there
+# (T = 1e46: NaN outputs; T = 1e-40: NaN) and backends would disagree.
+FP32_MIN_NORMAL = 1.1754943508222875e-38
+FP32_MAX = 3.4028234663852886e38
+TEMPERATURE_RANGE = (FP32_MIN_NORMAL, 1.0 / FP32_MIN_NORMAL)  # [1.18e-38, 8.51e37]
+
+
+def temperature_problem(temperature) -> str | None:
+    """Why ``temperature`` cannot be used (None when it can): it must be a real number with T and 1/T both
+    normal float32 values, i.e. within ``TEMPERATURE_RANGE``."""
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
-        raise TypeError(f"temperature must be a real number, got {type(temperature).__name__}")
+        return f"must be a real number, got {type(temperature).__name__}"
     t = float(temperature)
     if not math.isfinite(t) or t <= 0.0:
-        raise ValueError(f"temperature must be finite and > 0, got {temperature!r}")
-    return t
+        return f"must be finite and > 0, got {temperature!r}"
+    low, high = TEMPERATURE_RANGE
+    if not low <= t <= high:
+        return (f"{temperature!r} is outside [{low:.3g}, {high:.3g}]: T and 1/T must both be normal float32 "
+                "numbers, which every backend computes with")
+    return None
+
+
+def check_temperature(temperature) -> float:
+    """``temperature`` as a float; TypeError for a non-number, ValueError outside ``TEMPERATURE_RANGE``.
+
+    While ``torch.compile`` traces (``dynamic=True`` makes a temperature argument a symbolic float, whose value
+    is unknown then) it is returned unchecked: the custom op checks the real value each time it runs."""
+    if torch.compiler.is_compiling():
+        return temperature
+    problem = temperature_problem(temperature)
+    if problem is not None:
+        raise (TypeError if problem.startswith("must be a real") else ValueError)(f"temperature {problem}")
+    return float(temperature)
 
 
 def check_ignore_index(ignore_index) -> int:

@@ -9,20 +9,16 @@ from torch import Tensor
 
 from sirl_kernels import backends, ops
 from sirl_kernels._checks import (
+    INT_DTYPES,
     check_bool,
-    check_float_tensor,
     check_ignore_index,
     check_label_tensor,
     check_label_values,
-    check_temperature,
+    check_linear_args,
+    check_logits_args,
+    dense_rows,
 )
 from sirl_kernels._sizes import default_linear_chunk_size
-
-
-def _unit_stride_rows(t: Tensor, width: int) -> Tensor:
-    """[..., width] -> [N, width] with stride 1 along the last dim; a copy only when no such view exists."""
-    flat = t.reshape(-1, width)
-    return flat if flat.stride(-1) == 1 or flat.shape[0] == 0 else flat.contiguous()
 
 
 def token_logprobs_entropy(
@@ -38,16 +34,19 @@ def token_logprobs_entropy(
     """Per-position log-probability of the label and entropy of softmax(logits / temperature).
 
     Args:
-        logits: ``[..., V]`` float32, bfloat16 or float16, any strides (float64 too, on the "torch" backend,
-            which then also returns float64: that is what gradcheck needs).
+        logits: ``[..., V]`` float32, bfloat16 or float16, any strides (a view whose rows are strided along V or
+            overlap, e.g. ``expand``, is copied to dense rows first; float64 too, on the "torch" backend, which then
+            also returns float64: that is what gradcheck needs).
         labels: ``[...]`` integer tensor; values in ``[0, V)`` or ``ignore_index``.
-        temperature: divides the logits; finite and > 0.
+        temperature: divides the logits; T and 1/T must be normal float32 numbers (``TEMPERATURE_RANGE``,
+            about [1.2e-38, 8.5e37]): every backend computes with them in fp32.
         ignore_index: positions with this label get 0 in both outputs and zero gradient.
         backend: "auto", "torch", "cpu", "triton" or "cuda" (``$SIRL_KERNELS_BACKEND`` overrides "auto").
         inplace_backward: backward writes the gradient into the logits' own storage instead of allocating an
             ``[N, V]`` gradient (every backend): **the logits' values are destroyed by backward** (they then
             hold their gradient), so nothing else may still need them. A logits tensor that had to be copied to
-            unit stride is copied first and left intact.
+            unit stride or non-overlapping rows is copied first and left intact. Refused (RuntimeError) for a leaf
+            that requires grad, or a view of one, as torch refuses in-place writes to them.
         check_labels: True (default) raises ``ValueError`` naming the first label outside ``[0, V)`` that is
             not ``ignore_index``; on CUDA that check synchronises with the host. False skips it, so the call
             never synchronises (CUDA-graph capture, no round trip per micro-batch): a bad label then gives NaN
@@ -59,20 +58,13 @@ def token_logprobs_entropy(
         ``logits`` through either or both; the gradient has the logits' dtype. No ``[N, V]`` probability
         tensor is materialised.
     """
-    check_float_tensor("logits", logits)
-    if logits.dim() < 1:
-        raise ValueError("logits must have at least one dimension (the vocabulary)")
-    vocab = logits.shape[-1]
-    if vocab == 0:
-        raise ValueError("logits have an empty vocabulary dimension (V = 0)")
+    temperature, ignore_index = check_logits_args(logits, temperature, ignore_index)
     check_label_tensor(labels, logits.shape[:-1], logits.device)
-    temperature = check_temperature(temperature)
-    ignore_index = check_ignore_index(ignore_index)
     inplace_backward = check_bool("inplace_backward", inplace_backward)
     check_labels = check_bool("check_labels", check_labels)
     name = backends.resolve(backend, logits.device, logits.dtype)
 
-    flat = (_unit_stride_rows(logits, vocab), labels.reshape(-1).long(), temperature, ignore_index, name)
+    flat = (dense_rows(logits), labels.reshape(-1).long(), temperature, ignore_index, name)
     if inplace_backward or not check_labels:
         logprobs, entropy, _ = ops.token_logprobs_entropy_op(*flat, inplace_backward, check_labels)
     else:  # the default path keeps the 5-argument call that torch.compile and opcheck see
@@ -110,32 +102,9 @@ def linear_token_logprobs_entropy(
         input dtype; the weight and bias gradients are accumulated in fp32 and only computed when required
         (a frozen ``lm_head`` costs no ``[V, D]`` buffer and no matmul).
     """
-    check_float_tensor("hidden", hidden)
-    check_float_tensor("weight", weight)
-    if hidden.dim() < 1:
-        raise ValueError("hidden must have at least one dimension (the model dimension)")
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D [V, D], got shape {tuple(weight.shape)}")
-    vocab, dim = weight.shape
-    if hidden.shape[-1] != dim:
-        raise ValueError(f"hidden's last dim {hidden.shape[-1]} does not match weight's D = {dim}")
-    if vocab == 0:
-        raise ValueError("weight has an empty vocabulary dimension (V = 0)")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
-    if weight.device != hidden.device:
-        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
-    if bias is not None:
-        check_float_tensor("bias", bias)
-        if tuple(bias.shape) != (vocab,):
-            raise ValueError(f"bias must have shape ({vocab},), got {tuple(bias.shape)}")
-        if bias.dtype != hidden.dtype:
-            raise TypeError(f"bias dtype {bias.dtype} differs from hidden dtype {hidden.dtype}")
-        if bias.device != hidden.device:
-            raise ValueError(f"bias is on {bias.device} but hidden is on {hidden.device}")
+    temperature, ignore_index = check_linear_args(hidden, weight, bias, temperature, ignore_index)
+    vocab = weight.shape[0]
     check_label_tensor(labels, hidden.shape[:-1], hidden.device)
-    temperature = check_temperature(temperature)
-    ignore_index = check_ignore_index(ignore_index)
     if chunk_size is not None and (
         isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1
     ):
@@ -146,8 +115,8 @@ def linear_token_logprobs_entropy(
         chunk_size = default_linear_chunk_size(vocab, name, hidden.dtype)
 
     args = (
-        _unit_stride_rows(hidden, dim),
-        weight if weight.stride(-1) == 1 else weight.contiguous(),
+        dense_rows(hidden),
+        dense_rows(weight),
         bias if bias is None or bias.stride(-1) == 1 else bias.contiguous(),
         labels.reshape(-1).long(),
         temperature,
@@ -170,4 +139,6 @@ def validate_labels(labels: Tensor, vocab_size: int, ignore_index: int = -100) -
     """
     if not isinstance(labels, Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype not in INT_DTYPES:
+        raise TypeError(f"labels must have an integer dtype, got {labels.dtype}")
     check_label_values(labels.reshape(-1), int(vocab_size), check_ignore_index(ignore_index))

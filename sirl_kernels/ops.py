@@ -17,12 +17,46 @@ import torch
 from torch import Tensor
 
 from sirl_kernels import backends
-from sirl_kernels._checks import accumulation_dtype, check_label_values, check_row_tensors
+from sirl_kernels._checks import (
+    accumulation_dtype,
+    check_inplace_target,
+    check_label_tensor,
+    check_label_values,
+    check_linear_args,
+    check_logits_args,
+    check_row_tensors,
+    dense_rows,
+    has_dense_rows,
+)
 
 
 def _fake_outputs(like: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
     acc = accumulation_dtype(like.dtype)
     return like.new_empty(n, dtype=acc), like.new_empty(n, dtype=acc), like.new_empty((n, 2), dtype=acc)
+
+
+# The ops are public (torch.ops.sirl_kernels.*), so each one checks its inputs as the API does, with the same
+# errors: the API's users pay for the cheap checks twice, which is nothing next to a pass over [N, V].
+def _logits_inputs(logits: Tensor, labels: Tensor, temperature: float, ignore_index: int, backend: str
+                   ) -> tuple[Tensor, str]:
+    """The checked logits (dense rows: a strided or overlapping view is copied) and the concrete backend."""
+    check_logits_args(logits, temperature, ignore_index)
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be 2-D [N, V] (the public function takes [..., V]), got {tuple(logits.shape)}")
+    check_label_tensor(labels, logits.shape[:1], logits.device, exact_dtype=torch.int64)
+    return dense_rows(logits), backends.resolve(backend, logits.device, logits.dtype)
+
+
+def _linear_inputs(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, temperature: float,
+                   ignore_index: int, backend: str, chunk_size: int) -> tuple[Tensor, Tensor, Tensor | None, str]:
+    check_linear_args(hidden, weight, bias, temperature, ignore_index)
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be 2-D [N, D] (the public function takes [..., D]), got {tuple(hidden.shape)}")
+    check_label_tensor(labels, hidden.shape[:1], hidden.device, exact_dtype=torch.int64)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    bias = bias if bias is None or bias.stride(0) == 1 else bias.contiguous()
+    return dense_rows(hidden), dense_rows(weight), bias, backends.resolve(backend, hidden.device, hidden.dtype)
 
 
 def _backward_rows(grad_logprobs: Tensor, grad_entropy: Tensor, stats: Tensor, entropy: Tensor, rows: Tensor
@@ -44,6 +78,7 @@ def token_logprobs_entropy_op(
     logits: Tensor, labels: Tensor, temperature: float, ignore_index: int, backend: str,
     inplace_backward: bool = False, check_labels: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    logits, backend = _logits_inputs(logits, labels, temperature, ignore_index, backend)
     if check_labels:
         check_label_values(labels, logits.shape[-1], ignore_index)
     return backends.get(backend).logits_forward(logits, labels, temperature, ignore_index)
@@ -59,6 +94,7 @@ def token_logprobs_entropy_backward_op(
     grad_logprobs: Tensor, grad_entropy: Tensor, logits: Tensor, labels: Tensor, stats: Tensor, entropy: Tensor,
     temperature: float, ignore_index: int, backend: str,
 ) -> Tensor:
+    logits, backend = _logits_inputs(logits, labels, temperature, ignore_index, backend)
     grad_logprobs, grad_entropy = _backward_rows(grad_logprobs, grad_entropy, stats, entropy, logits)
     return backends.get(backend).logits_backward(
         grad_logprobs, grad_entropy, logits, labels, stats, entropy, temperature, ignore_index
@@ -76,6 +112,10 @@ def token_logprobs_entropy_backward_inplace_op(
     temperature: float, ignore_index: int, backend: str,
 ) -> None:
     """Writes the gradient into ``logits`` itself (their values are destroyed); every backend supports it."""
+    _, backend = _logits_inputs(logits, labels, temperature, ignore_index, backend)
+    if not has_dense_rows(logits):
+        raise ValueError("the in-place backward needs logits with unit stride along V and rows that do not overlap, "
+                         f"got strides {logits.stride()} for shape {tuple(logits.shape)}")
     grad_logprobs, grad_entropy = _backward_rows(grad_logprobs, grad_entropy, stats, entropy, logits)
     backends.get(backend).logits_backward(
         grad_logprobs, grad_entropy, logits, labels, stats, entropy, temperature, ignore_index, out=logits,
@@ -94,6 +134,11 @@ def _logits_setup_context(ctx, inputs, output):
     ctx.save_for_backward(logits, labels, stats, entropy)
     ctx.temperature, ctx.ignore_index, ctx.backend = temperature, ignore_index, backend
     ctx.inplace_backward = bool(inputs[5]) if len(inputs) > 5 else False
+    if ctx.inplace_backward:  # runs only when autograd records the call: the logits will receive a gradient
+        check_inplace_target(logits)
+        if not has_dense_rows(logits):
+            raise ValueError("inplace_backward=True needs logits with unit stride along V and rows that do not "
+                             f"overlap, got strides {logits.stride()} (the public function copies such views)")
 
 
 def _logits_backward(ctx, grad_logprobs, grad_entropy, _grad_stats):
@@ -119,6 +164,8 @@ def linear_token_logprobs_entropy_op(
     hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, temperature: float, ignore_index: int,
     backend: str, chunk_size: int, check_labels: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    hidden, weight, bias, backend = _linear_inputs(hidden, weight, bias, labels, temperature, ignore_index, backend,
+                                                   chunk_size)
     if check_labels:
         check_label_values(labels, weight.shape[0], ignore_index)
     return backends.get(backend).linear_forward(hidden, weight, bias, labels, temperature, ignore_index, chunk_size)
@@ -137,6 +184,8 @@ def linear_token_logprobs_entropy_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Only the gradients asked for are computed; the others come back as empty ``[0]`` placeholders (custom ops
     cannot return None)."""
+    hidden, weight, bias, backend = _linear_inputs(hidden, weight, bias, labels, temperature, ignore_index, backend,
+                                                   chunk_size)
     grad_logprobs, grad_entropy = _backward_rows(grad_logprobs, grad_entropy, stats, entropy, hidden)
     needs = (needs_hidden_grad, needs_weight_grad, needs_bias_grad and bias is not None)
     grads = backends.get(backend).linear_backward(

@@ -17,14 +17,12 @@ the repository, see ``data_dir()``); nothing here needs it.
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 import random
-import sys
 from pathlib import Path
 
-from sirl.data import resolve_prompt_path
+from sirl.files import FileFormatError, read_records
+from sirl.presets import resolve_prompt_path
 
 PROMPT_COLUMNS = ("prompt", "goal", "Goal", "forbidden_prompt", "Behavior", "behavior", "instruction", "question",
                   "turns", "text", "query")
@@ -58,23 +56,16 @@ def split_filters(source: str) -> tuple[str, dict[str, str]]:
 
 
 def read_rows(path: Path) -> list[dict]:
-    """Rows of one file as dicts; a bare string row becomes ``{"prompt": text}``."""
-    if path.suffix == ".csv":
-        csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # jailbreak prompts can be long
-        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: JailbreakBench files start with a BOM
-            return list(csv.DictReader(f))
-    if path.suffix == ".jsonl":
-        rows = [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    elif path.suffix == ".json":
-        rows = json.loads(path.read_text(encoding="utf-8"))
-        if isinstance(rows, dict):  # {"column": [values...]} layout
-            keys = list(rows)
-            rows = [dict(zip(keys, values)) for values in zip(*(rows[k] for k in keys))]
-    elif path.suffix == ".txt":
-        rows = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    else:
-        raise ValueError(f"{path}: expected .csv, .jsonl, .json or .txt")
-    return [{"prompt": r} if isinstance(r, str) else r for r in rows]
+    """Rows of one file as dicts (a BOM-tolerant CSV, JSON lines, JSON, text lines); a bare string row becomes
+    ``{"prompt": text}``; anything else that is not an object is an error naming the file and line."""
+    rows = []
+    for where, row in read_records(path):
+        if isinstance(row, str):
+            row = {"prompt": row}
+        if not isinstance(row, dict):
+            raise FileFormatError(f"{where}: expected an object or a string, got {type(row).__name__}")
+        rows.append(row)
+    return rows
 
 
 def load_rows(source: str, split: str = "train") -> list[dict]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -43,12 +44,22 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def load_adapter(model, path: str):
-    """A LoRA (or other PEFT) adapter saved by ``sirl train`` (``OUTPUT_DIR/final``) on top of ``model``."""
+    """A LoRA (or other PEFT) adapter saved by ``sirl train`` (``OUTPUT_DIR/final``) on top of ``model``: checked
+    against its manifest when it has one, its weights read as data (safetensors, or weights-only ``.bin``)."""
+    import pickle
+
+    from sirl.files import check_saved_dir, load_error
+
     try:
         import peft
+        from safetensors import SafetensorError
     except ImportError as exc:
         raise ImportError("--adapter needs peft: pip install peft") from exc
-    return peft.PeftModel.from_pretrained(model, path, is_trainable=False)
+    check_saved_dir(Path(path))
+    try:
+        return peft.PeftModel.from_pretrained(model, path, is_trainable=False)
+    except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError, ValueError) as exc:
+        raise load_error(exc, path, "adapter") from None
 
 
 def load_model(name: str, adapter: str | None = None, *, device: str = "auto", dtype: str = "auto", seed: int = 0):

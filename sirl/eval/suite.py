@@ -56,7 +56,7 @@ def metric_names(suite: EvalSuite) -> list[str]:
         names.append("eval/safety")
     if suite.capability is not None:
         names.append("eval/capability_perplexity")
-        if suite.score_fn is not None:
+        if suite.score_fn_spec is not None:
             names.append("eval/capability_score")
     return names + ["eval/repetition", "eval/entropy", "eval/response_len"]
 
@@ -80,7 +80,8 @@ class EvalSuite:
     attacks: list[Attack]
     overrefusal: PromptSet | None
     capability: PromptSet | None
-    score_fn: Callable | None
+    score_fn: Callable | None  # imported by ``load_suite_code``
+    score_fn_spec: str | None  # what eval_score_fn names
     judge: Callable | None  # loaded with the model when it is an LLM judge (``load_llm_judge``)
     judge_spec: str
     gen: dict  # generation settings of sirl.eval.generate.generate
@@ -89,12 +90,11 @@ class EvalSuite:
 
 
 def load_suite(cfg) -> EvalSuite | None:
-    """``cfg``'s evaluation sets (None when ``eval_every`` is 0). Keyword and ``py:`` judges load here; an
-    ``llm:`` judge loads in ``load_llm_judge`` once the policy is on its device."""
+    """``cfg``'s evaluation sets (None when ``eval_every`` is 0). Keyword judges load here, ``py:`` references
+    in ``load_suite_code`` (last), an ``llm:`` judge in ``load_llm_judge`` once the policy is on its device."""
     if not cfg.eval_every:
         return None
     from sirl.config import ConfigError
-    from sirl.eval.judge import import_callable
     from sirl.eval.overrefusal import DEFAULT_FILTERS
 
     def checked(key: str, build: Callable):
@@ -113,21 +113,38 @@ def load_suite(cfg) -> EvalSuite | None:
                       ) if harmful else []
     overrefusal = prompt_set("eval_overrefusal", default_filters=DEFAULT_FILTERS) if cfg.eval_overrefusal else None
     capability = prompt_set("eval_capability") if cfg.eval_capability else None
-    score_fn = None
-    if cfg.eval_score_fn:
-        spec = cfg.eval_score_fn
-        score_fn = checked("eval_score_fn", lambda: import_callable(spec[3:] if spec.startswith("py:") else spec))
     gen = dict(max_new_tokens=cfg.eval_max_new_tokens, batch_size=cfg.eval_batch_size, do_sample=False,
                temperature=1.0, top_p=1.0, samples_per_prompt=1, system_prompt=cfg.system_prompt,
                max_prompt_tokens=cfg.max_prompt_tokens, progress=False)
     meta = dict(model=cfg.model, seed=cfg.seed, limit=cfg.eval_limit, shuffle=cfg.eval_shuffle,
                 during_training=cfg.output_dir)
-    suite = EvalSuite(harmful, attacks, overrefusal, capability, score_fn, None, cfg.eval_judge, gen, cfg.seed,
-                      meta)
-    if not cfg.eval_judge.startswith("llm:"):
+    suite = EvalSuite(harmful, attacks, overrefusal, capability, None, cfg.eval_score_fn, None, cfg.eval_judge, gen,
+                      cfg.seed, meta)
+    if cfg.eval_judge.startswith("keyword"):
         suite.judge = checked("eval_judge", lambda: _judge(cfg.eval_judge, torch.device("cpu"), cfg.dtype,
                                                            cfg.eval_batch_size))
     return suite
+
+
+def load_suite_code(suite: EvalSuite | None, cfg) -> None:
+    """Imports the code that ``py:`` references of ``cfg`` name (``eval_score_fn``, ``eval_judge=py:...``).
+    A config that names one runs that module's code: ``sirl train`` calls this only after every other check of the
+    run has passed, just before the model loads."""
+    if suite is None:
+        return
+    from sirl.config import ConfigError
+    from sirl.eval.judge import import_callable
+
+    def imported(key: str, spec: str):
+        try:
+            return import_callable(spec.removeprefix("py:"))
+        except (ValueError, ImportError, AttributeError) as exc:
+            raise ConfigError(f"{key}={spec}: {exc}") from exc
+
+    if cfg.eval_score_fn:
+        suite.score_fn = imported("eval_score_fn", cfg.eval_score_fn)
+    if cfg.eval_judge.startswith("py:"):
+        suite.judge = imported("eval_judge", cfg.eval_judge)
 
 
 def _judge(spec: str, device, dtype: str, batch_size: int):

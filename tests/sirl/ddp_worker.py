@@ -43,9 +43,10 @@ def run(rank, world, port, out_dir):
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     import sirl.train as train_mod
+    from sirl.dist import init_distributed
     from sirl.config import load_config
 
-    dd = train_mod.init_distributed(torch.device("cpu"))
+    dd = init_distributed(torch.device("cpu"))
     half = slice(rank * 4, (rank + 1) * 4)  # whole groups of 4 per rank
     grads, stats = gradient_pass(dd, half)
     torch.save({"grads": grads, "stats": stats}, os.path.join(out_dir, f"grads{rank}.pt"))

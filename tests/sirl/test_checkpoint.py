@@ -8,6 +8,7 @@ import torch
 pytest.importorskip("transformers", reason="transformers is not installed")
 pytest.importorskip("peft", reason="peft is not installed")
 
+import sirl.checkpoint as checkpoint_mod  # noqa: E402
 import sirl.train as train_mod  # noqa: E402
 from sirl.config import load_config  # noqa: E402
 
@@ -48,20 +49,20 @@ def test_resume_after_a_crash_mid_save_reproduces_the_run(tmp_path, monkeypatch)
 
     # Interrupted run: the final save (step 4) dies half-way, after metrics of steps 3-4 were written.
     monkeypatch.undo()
-    real_save = torch.save
+    real_save = checkpoint_mod._save_tensors
 
-    def dying_save(obj, path, *a, **k):
-        if "checkpoint-0000004" in str(path) and str(path).endswith("trainable.pt"):
+    def dying_save(tensors, path):
+        if "checkpoint-0000004" in str(path):
             raise KeyboardInterrupt("killed mid-save")
-        return real_save(obj, path, *a, **k)
+        return real_save(tensors, path)
 
-    monkeypatch.setattr(torch, "save", dying_save)
+    monkeypatch.setattr(checkpoint_mod, "_save_tensors", dying_save)
     with pytest.raises(KeyboardInterrupt):
         train_mod.train(config(tmp_path / "cut"))
     monkeypatch.undo()
     cut = tmp_path / "cut"
     assert (cut / "checkpoint-0000004.tmp").exists() and not (cut / "checkpoint-0000004").exists()
-    assert (cut / "checkpoint-0000002" / "trainable.pt").exists()  # the previous checkpoint is intact
+    assert (cut / "checkpoint-0000002" / "trainable.safetensors").exists()  # the previous checkpoint is intact
     assert len(metrics(cut)) == 4
 
     resumed_batches = record_batches(monkeypatch)
@@ -75,8 +76,10 @@ def test_resume_after_a_crash_mid_save_reproduces_the_run(tmp_path, monkeypatch)
         assert a == pytest.approx(b, rel=1e-6, abs=1e-9)
     steps = [json.loads(x)["step"] for x in (cut / "completions.jsonl").read_text().splitlines()]
     assert steps == sorted(steps) and steps.count(3) == 16  # 4 prompts x G=4, not duplicated by the resume
-    ckpt = torch.load(cut / "checkpoint-0000004" / "trainable.pt")
-    assert all("lora" in k for k in ckpt)  # only the adapter is trained and saved
+    from safetensors.torch import load_file
+
+    ckpt = load_file(cut / "checkpoint-0000004" / "trainable.safetensors")
+    assert ckpt and all("lora" in k for k in ckpt)  # only the adapter is trained and saved
 
 
 def test_resume_without_checkpoint_raises(tmp_path):

@@ -24,7 +24,7 @@ def test_two_ranks_match_one_process(tmp_path):
     torch.multiprocessing.spawn(ddp_worker.run, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
 
     # 1. Gradients: each rank saw half the batch; after the all-reduce both hold the full-batch gradient.
-    from sirl.train import Dist
+    from sirl.dist import Dist
 
     full_grads, full_stats = ddp_worker.gradient_pass(Dist(), slice(0, 8))
     for rank in range(2):
@@ -50,5 +50,5 @@ def test_two_ranks_match_one_process(tmp_path):
     assert len(lines) == 3  # rank 0 writes: the step-0 evaluation and two steps
     assert (tmp_path / "run" / "best" / "best.json").exists()
     ckpt = tmp_path / "run" / "checkpoint-0000002"
-    assert (ckpt / "rng_rank0.pt").exists() and (ckpt / "rng_rank1.pt").exists()
+    assert (ckpt / "rng_rank0.json").exists() and (ckpt / "rng_rank1.json").exists()
     assert rows0[1]["data_position"] == 4  # 4 prompts per step over both ranks, 2 each

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from sirl.train import COLLECTIVE_TIMEOUT, Dist, init_distributed
+from sirl.dist import COLLECTIVE_TIMEOUT, Dist, init_distributed
 
 
 class Reduced(Exception):

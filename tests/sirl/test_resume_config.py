@@ -90,5 +90,5 @@ def test_allow_config_change_logs_and_applies_the_new_lr(tmp_path, capsys):
     assert logged["changes"]["weight_decay"] == [0.0, 0.1]
     import torch
 
-    optim = torch.load(out / "checkpoint-0000004" / "optim.pt", weights_only=False)["optimizer"]
+    optim = torch.load(out / "checkpoint-0000004" / "optim.pt", weights_only=True)["optimizer"]
     assert optim["param_groups"][0]["weight_decay"] == 0.1 and optim["param_groups"][0]["initial_lr"] == 0.5

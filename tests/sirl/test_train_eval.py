@@ -9,9 +9,10 @@ pytest.importorskip("transformers", reason="transformers is not installed")
 pytest.importorskip("peft", reason="peft is not installed")
 
 import sirl.train as train_mod  # noqa: E402
+from sirl.data import load_prompts  # noqa: E402
 from sirl.cli import main, plot  # noqa: E402
 from sirl.config import load_config  # noqa: E402
-from sirl.eval.suite import eval_metrics, evaluate, load_suite, metric_names  # noqa: E402
+from sirl.eval.suite import eval_metrics, evaluate, load_suite, load_suite_code, metric_names  # noqa: E402
 from sirl.selection import BestTracker  # noqa: E402
 
 # The judge calls a refusal exactly the requests that mention a bomb or a balloon: with the first four prompts
@@ -147,7 +148,8 @@ def test_evaluation_leaves_the_training_run_unchanged_and_is_deterministic(tmp_p
     assert training_part(with_eval) == training_part(plain)  # the evaluation drew nothing from the RNG stream
     cfg = config(tmp_path / "again", eval_every=1, **{**EVAL, "eval_shuffle": True})
     suite = load_suite(cfg)
-    policy, tokenizer, *_ = train_mod.build(cfg, train_mod.Dist())
+    load_suite_code(suite, cfg)
+    policy, tokenizer, *_ = train_mod.build(cfg, train_mod.Dist(), load_prompts(cfg.prompts))
     first = evaluate(policy, tokenizer, suite, step=0, output_dir=tmp_path / "e1")
     torch.manual_seed(123)  # whatever the global RNG holds: greedy and seeded
     second = evaluate(policy, tokenizer, suite, step=0, output_dir=tmp_path / "e2")

@@ -4,6 +4,7 @@ Gradient checkpointing and torch.compile of the decoder body are checked against
 rollout (same gradients); bf16 autocast is CUDA-only and is covered by the GPU suite when a GPU is present.
 """
 
+import math
 from contextlib import nullcontext
 
 import pytest
@@ -13,7 +14,7 @@ pytest.importorskip("transformers", reason="transformers is not installed")
 
 from sirl.advantage import group_advantages  # noqa: E402
 from sirl.config import load_config  # noqa: E402
-from sirl.data import encode_prompt  # noqa: E402
+from sirl.data import encode_prompt, load_prompts  # noqa: E402
 from sirl.rollout import rollout  # noqa: E402
 from sirl.score import token_logprobs_entropy  # noqa: E402
 from sirl.train import Dist, build, policy_gradient_pass  # noqa: E402
@@ -27,7 +28,7 @@ def _config(tmp_path, **overrides):
 def _built_and_rolled_out(cfg):
     """The trainer's model and reference, and one rollout of the first prompts, from fixed seeds."""
     torch.manual_seed(0)
-    policy, tokenizer, reference, _, _, stream, _ = build(cfg, Dist())
+    policy, tokenizer, reference, _, _, stream, _ = build(cfg, Dist(), load_prompts(cfg.prompts))
     prompts = [encode_prompt(tokenizer, stream.prompts[i], None, 64) for i in range(cfg.prompts_per_step)]
     torch.manual_seed(1)
     batch = rollout(policy, tokenizer, prompts, group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
@@ -72,14 +73,19 @@ def test_compiled_decoder_gives_the_same_gradients(tmp_path):
                                      dict(truncation="penalize", max_new_tokens=3, advantage_scale="none")])
 def test_reward_from_the_training_forward_equals_a_separate_scoring_pass(tmp_path, options):
     """On-policy, the loss pass's own entropies and log-probs give the same rewards, advantages and gradients as a
-    no-grad scoring pass before it (micro-batches of whole groups; micro_batch_tokens=40 forces several)."""
+    no-grad scoring pass before it (micro-batches of whole groups; micro_batch_tokens=40 forces several).
+
+    The two passes see different micro-batches, so their fp32 matmuls may round differently (they do on AMD Zen 4
+    with micro_batch_tokens=40: 4.8e-7 in the rewards), and a group's standardisation divides that by its std.
+    So: the rewards agree to the rounding bound of the model's fp32 forward; the advantages to what that reward
+    difference becomes after standardisation; and the gradients, given the same advantages, tightly."""
     from sirl.reference import reference_logprobs
     from sirl.score import valid_rows
     from sirl.train import ScoreInLoss, score
 
     cfg = _config(tmp_path, lora=True, kl_beta=0.05, **options)
-    results = {}
-    for mode in ("separate", "loss"):
+
+    def run(mode, advantages=None):
         policy, reference, batch = _built_and_rolled_out(cfg)
         with torch.no_grad():  # a trained-looking adapter, so the reference differs from the policy
             for n, p in policy.named_parameters():
@@ -91,22 +97,42 @@ def test_reward_from_the_training_forward_equals_a_separate_scoring_pass(tmp_pat
         if mode == "separate":
             old, entropy = token_logprobs_entropy(policy, batch, 1.0, cfg.micro_batch_tokens)
             scores = score(batch, entropy, cfg, Dist())
-            stats = policy_gradient_pass(policy, batch, old, ref, scores.advantages, loss_mask, cfg, Dist(),
-                                         nullcontext())
+            stats = policy_gradient_pass(policy, batch, old, ref, scores.advantages if advantages is None
+                                         else advantages, loss_mask, cfg, Dist(), nullcontext())
         else:
             scorer = ScoreInLoss(batch, cfg)
             stats = policy_gradient_pass(policy, batch, None, ref, None, loss_mask, cfg, Dist(), nullcontext(),
                                          score_in_loss=scorer)
             scores = scorer.scores
         grads = {n: p.grad.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
-        results[mode] = (scores, stats, grads)
-    (a, sa, ga), (b, sb, gb) = results["separate"], results["loss"]
-    for field in ("entropy", "rewards", "advantages", "group_std"):
-        torch.testing.assert_close(getattr(a, field).float(), getattr(b, field).float(), rtol=1e-4, atol=1e-5,
-                                   msg=field)
-    assert sa["clip_frac"] == sb["clip_frac"] == 0.0
-    assert sa["kl"] == pytest.approx(sb["kl"], rel=1e-4) and sa["loss"] == pytest.approx(sb["loss"], rel=1e-3, abs=1e-6)
-    _assert_same(ga, gb)
+        with torch.no_grad():
+            logit_scale = policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.abs().max()
+        return scores, stats, grads, policy, logit_scale.item()
+
+    loss, loss_stats, loss_grads, policy, logit_scale = run("loss")
+    separate, separate_stats, *_ = run("separate")
+    # Rewards: minus mean entropies of the same logits z. Each fp32 matmul of the forward (about 10 in a row, of
+    # length <= 2 * hidden) rounds to within 2 * hidden * u relatively, so |dz| <= 10 * 2 * hidden * u * max|z|,
+    # and |dH| <= max|dz| * sum_i p_i |log p_i + H| <= max|dz| * log V.
+    hidden, vocab = policy.config.hidden_size, policy.config.vocab_size
+    u = torch.finfo(torch.float32).eps / 2
+    reward_tol = 10 * 2 * hidden * u * logit_scale * math.log(vocab)
+    torch.testing.assert_close(separate.entropy, loss.entropy, rtol=0, atol=reward_tol)
+    delta = (separate.rewards - loss.rewards).abs().max().item()
+    assert delta <= reward_tol
+    # Advantages (r - mean) / std: a reward error delta moves the numerator by <= 2 delta and the std by <= 2 delta,
+    # so A by <= delta (2 + 2 |A|) / std (std 1 when not scaled), plus the fp32 rounding of A itself.
+    std = (torch.ones_like(loss.group_std) if cfg.advantage_scale == "none"
+           else loss.group_std.clamp_min(cfg.advantage_min_std)).repeat_interleave(cfg.group_size)
+    bound = delta * (2 + 2 * loss.advantages.abs()) / std + 8 * u * (1 + loss.advantages.abs())
+    assert ((separate.advantages - loss.advantages).abs() <= bound).all(), (separate.advantages, loss.advantages)
+    assert separate.group_std.shape == loss.group_std.shape
+    # Gradients, given the same advantages: only the loss pass's own rounding may differ.
+    _, same_stats, same_grads, *_ = run("separate", advantages=loss.advantages)
+    assert same_stats["clip_frac"] == loss_stats["clip_frac"] == separate_stats["clip_frac"] == 0.0
+    assert same_stats["kl"] == pytest.approx(loss_stats["kl"], rel=1e-4)
+    assert same_stats["loss"] == pytest.approx(loss_stats["loss"], rel=1e-3, abs=1e-6)
+    _assert_same(same_grads, loss_grads)
 
 
 def _tiny_with_attention_dropout(monkeypatch, p=0.1):

@@ -13,7 +13,8 @@ def test_opcheck_logits_op(backend, device):
     logits = torch.randn(6, 300, device=device, requires_grad=True)
     labels = torch.tensor([0, 5, -100, 299, 7, 1], device=device)
     torch.library.opcheck(ops.token_logprobs_entropy_op, (logits, labels, 0.9, -100, backend))
-    torch.library.opcheck(ops.token_logprobs_entropy_op, (logits, labels, 0.9, -100, backend, True, False))
+    # in place: on logits computed from the leaf (the leaf itself is refused, as torch refuses in-place writes to it)
+    torch.library.opcheck(ops.token_logprobs_entropy_op, (logits * 1.0, labels, 0.9, -100, backend, True, False))
     _, ent, stats = ops.token_logprobs_entropy_op(logits.detach(), labels, 0.9, -100, backend)
     grads = (torch.randn(6, device=device), torch.randn(6, device=device))
     torch.library.opcheck(
