@@ -13,31 +13,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import re
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from sirl import knobs
 from sirl.files import FileFormatError, read_json
+from sirl.knobs import ConfigError, knob, parse_yaml, shown
 from sirl.presets import PRESET_DIR, resolve_prompt_path
-
-TRUE_WORDS = ("true", "1", "yes")
-FALSE_WORDS = ("false", "0", "no")
-NONE_WORDS = ("null", "none", "~")
-
-
-class ConfigError(ValueError):
-    """A config value that is not allowed; the message is one line: key, value, what is allowed."""
-
-
-def knob(default, doc: str, *, choices=None, gt=None, ge=None, lt=None, le=None, nonempty=False):
-    """A config field: its default, a one-line doc and its allowed range (checked by ``SIRLConfig.validate``)."""
-    meta = dict(doc=doc, choices=choices, gt=gt, ge=ge, lt=lt, le=le, nonempty=nonempty)
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
-
+from sirl.reward import RewardSpec
 
 @dataclass
 class SIRLConfig:
@@ -74,14 +59,21 @@ class SIRLConfig:
     top_p: float = knob(1.0, "nucleus sampling; 1.0 (and top_k 0) samples the policy itself, as the policy "
                         "gradient assumes", gt=0, le=1)
     top_k: int = knob(0, "top-k sampling; 0 = off", ge=0)
+    rollout_engine: str = knob("auto", "hf = transformers generate on the policy; vllm = a vLLM engine in this process, "
+                               "given the policy's weights after every update; auto = vllm on CUDA when installed, "
+                               "else hf", choices=("auto", "hf", "vllm"))
+    vllm_gpu_memory_utilization: float = knob(0.3, "share of the GPU's memory vLLM may take for weights and KV cache "
+                                              "(CUDA; it sleeps during the update)", gt=0, le=1)
+    tis_cap: float | None = knob(None, "truncated importance sampling: weight each token's policy gradient by "
+                                 "min(p_trainer / p_sampler, tis_cap) (needs the vllm engine's log-probs); null = off",
+                                 gt=0)
 
-    # ---- reward (score.py) -------------------------------------------------------------------------------
-    reward_aggregation: str = knob("mean", "minus the mean (paper) or the sum of the completion tokens' entropy",
-                                   choices=("mean", "sum"))
-    reward_last_k: int | None = knob(None, "only the last k completion tokens count toward the reward", ge=1)
-    truncation: str = knob("keep", "completions cut at max_new_tokens: keep, mask (no loss) or penalize",
-                           choices=("keep", "mask", "penalize"))
-    truncation_penalty: float = knob(-10.0, "the fixed reward of a truncated completion under truncation=penalize")
+    # ---- reward (sirl/reward.py owns these keys: RewardSpec) -------------------------------------------------
+    reward: str = RewardSpec.knob("reward")
+    reward_aggregation: str = RewardSpec.knob("reward_aggregation")
+    reward_last_k: int | None = RewardSpec.knob("reward_last_k")
+    truncation: str = RewardSpec.knob("truncation")
+    truncation_penalty: float = RewardSpec.knob("truncation_penalty")
     reward_pass: str = knob("auto", "where the reward's entropies come from: loss = the training forward (no extra "
                             "pass; on-policy only), separate = a no-grad pass before the update, auto = loss where "
                             "it applies", choices=("auto", "loss", "separate"))
@@ -118,6 +110,9 @@ class SIRLConfig:
     bf16: bool = knob(True, "bf16 autocast, on CUDA only")
     gradient_checkpointing: bool = knob(False, "recompute activations in the loss pass (never in no-grad passes)")
     compile: bool = knob(False, "torch.compile the decoder body")
+    parallel: str = knob("ddp", "under torchrun: ddp = a full model per rank, gradients summed; fsdp = parameters, "
+                         "gradients and optimizer state sharded over the ranks (FSDP2: bf16 compute on CUDA, fp32 "
+                         "reduction and optimizer state)", choices=("ddp", "fsdp"))
 
     # ---- run ---------------------------------------------------------------------------------------------
     steps: int = knob(100, "total optimizer steps", ge=1)
@@ -181,151 +176,31 @@ class SIRLConfig:
 FIELDS = {f.name: f for f in dataclasses.fields(SIRLConfig)}
 HINTS = typing.get_type_hints(SIRLConfig)
 # Where `sirl train --help` starts a new group of keys.
-SECTIONS = {"model": "model", "prompts": "data", "group_size": "rollout", "reward_aggregation": "reward",
+SECTIONS = {"model": "model", "prompts": "data", "group_size": "rollout", "reward": "reward",
             "advantage_scale": "advantage", "clip_eps_low": "loss", "lr": "optimisation", "steps": "run",
             "eval_every": "evaluation during training", "extra": "other"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# one key: its type, then its range
-
-
-def _shown(value) -> str:
-    return value if isinstance(value, str) and value and " " not in value else repr(value)
-
-
-def _fail(name: str, value, allowed: str) -> ConfigError:
-    return ConfigError(f"{name}={_shown(value)}: {allowed}")
-
-
-def _as_bool(name, value):
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in TRUE_WORDS + FALSE_WORDS:
-        return value.strip().lower() in TRUE_WORDS
-    raise _fail(name, value, "must be a boolean: true/false, 1/0 or yes/no")
-
-
-def _expected(name: str) -> str:
-    return f"must be {allowed_range(name)}"
-
-
-def _as_int(name, value):
-    if isinstance(value, str):
-        try:
-            value = float(value) if any(c in value for c in ".eE") else int(value)
-        except ValueError:
-            raise _fail(name, value, _expected(name)) from None
-    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
-        return int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _fail(name, value, _expected(name))
-    return value
-
-
-def _as_float(name, value):
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            raise _fail(name, value, _expected(name)) from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise _fail(name, value, _expected(name) + " (finite)")
-    return float(value)
-
-
-def _as_str_list(name, value):
-    if isinstance(value, str):  # key=a,b or key=[a, b] on the command line
-        value = [v.strip() for v in value.strip().strip("[]").split(",") if v.strip()]
-    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
-        raise _fail(name, value, "must be a list of names")
-    return list(value)
-
-
-def _typed(name: str, value, hint):
-    """``value`` as the type of the annotation ``hint`` (text from the command line is converted)."""
-    args = typing.get_args(hint)
-    if type(None) in args:  # X | None
-        if value is None or (isinstance(value, str) and value.strip().lower() in NONE_WORDS):
-            return None
-        (hint,) = [a for a in args if a is not type(None)]
-        args = typing.get_args(hint)
-    if hint is bool:
-        return _as_bool(name, value)
-    if hint is int:
-        return _as_int(name, value)
-    if hint is float:
-        return _as_float(name, value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise _fail(name, value, _expected(name))
-        return value
-    if typing.get_origin(hint) is list:
-        return _as_str_list(name, value)
-    if str in args and any(typing.get_origin(a) is list for a in args):  # str | list[str]
-        if isinstance(value, str) and not value.strip().startswith("[") and "," not in value:
-            return value  # one name (e.g. all-linear); a,b or [a, b] is a list
-        return _as_str_list(name, value)
-    if hint is dict:
-        if isinstance(value, str):
-            value = parse_yaml(value, name)
-        if not isinstance(value, dict):
-            raise _fail(name, value, "must be a mapping")
-        return value
-    raise TypeError(f"config key {name}: unsupported annotation {hint}")  # a programming error, not user input
+# one key: its type, its range, then what else it must be
 
 
 def allowed_range(name: str) -> str:
     """What ``name`` accepts, in words: "a number > 0", "one of mean, sum", ... (for errors and --help)."""
-    meta = FIELDS[name].metadata
-    hint = HINTS[name]
-    optional = type(None) in typing.get_args(hint)
-    base = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-    kind = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}.get(
-        base[0] if len(base) == 1 else None, "a name or a list of names")
-    if meta["choices"]:
-        text = "one of " + ", ".join(meta["choices"])
-    else:
-        lo = f"> {meta['gt']}" if meta["gt"] is not None else f">= {meta['ge']}" if meta["ge"] is not None else None
-        hi = f"< {meta['lt']}" if meta["lt"] is not None else f"<= {meta['le']}" if meta["le"] is not None else None
-        if lo and hi:
-            left = "(" if meta["gt"] is not None else "["
-            right = ")" if meta["lt"] is not None else "]"
-            low, high = (meta["gt"] if meta["gt"] is not None else meta["ge"]), (
-                meta["lt"] if meta["lt"] is not None else meta["le"])
-            text = f"{kind} in {left}{low}, {high}{right}"
-        else:
-            text = " ".join(x for x in (kind, lo or hi) if x)
-    return text + (" or null" if optional else "")
+    return knobs.allowed_range(FIELDS[name], HINTS[name])
 
 
 def check_value(name: str, value):
     """``value`` converted to ``name``'s type and checked against its range; ConfigError otherwise."""
     if name not in FIELDS:
         raise unknown_key(name)
-    typed = _typed(name, value, HINTS[name])
+    typed = knobs.check_field(name, value, FIELDS[name], HINTS[name])
     if typed is None:
         return None
-    meta = FIELDS[name].metadata
-    bad = False
-    if meta["choices"] and typed not in meta["choices"]:
-        bad = True
-    if isinstance(typed, (int, float)) and not isinstance(typed, bool):
-        bad |= meta["gt"] is not None and not typed > meta["gt"]
-        bad |= meta["ge"] is not None and not typed >= meta["ge"]
-        bad |= meta["lt"] is not None and not typed < meta["lt"]
-        bad |= meta["le"] is not None and not typed <= meta["le"]
-    if meta["nonempty"] and (isinstance(typed, (str, list)) and not (typed.strip() if isinstance(typed, str)
-                                                                          else typed)):
-        raise _fail(name, value, "must not be empty")
-    if bad:
-        raise _fail(name, value, f"must be {allowed_range(name)}")
     special = KEY_CHECKS.get(name)
     problem = special(typed) if special is not None else None
     if problem:
-        raise _fail(name, value, problem)
+        raise knobs.fail(name, value, problem)
     return typed
 
 
@@ -394,7 +269,7 @@ def _sources_exist(cfg: SIRLConfig) -> str | None:
         source = getattr(cfg, key)
         path = None if source is None else source.partition("?")[0] if key != "prompts" else source
         if path is not None and not path.startswith("hf:") and resolve_prompt_path(path) is None:
-            return f"{key}={_shown(source)}: no such file here or in {PRESET_DIR} (a Hugging Face dataset is hf:NAME)"
+            return f"{key}={shown(source)}: no such file here or in {PRESET_DIR} (a Hugging Face dataset is hf:NAME)"
     return None
 
 
@@ -403,7 +278,7 @@ def _eval_sets_named(cfg: SIRLConfig) -> str | None:
         return (f"eval_every={cfg.eval_every}: name at least one evaluation set "
                 "(eval_harmful, eval_overrefusal or eval_capability), or set eval_every=0")
     if cfg.eval_score_fn and not cfg.eval_capability:
-        return f"eval_score_fn={_shown(cfg.eval_score_fn)}: needs eval_capability (the questions it scores)"
+        return f"eval_score_fn={shown(cfg.eval_score_fn)}: needs eval_capability (the questions it scores)"
     return None
 
 
@@ -411,7 +286,7 @@ def _judge_spec(cfg: SIRLConfig) -> str | None:
     kind, _, arg = cfg.eval_judge.partition(":")
     if kind == "keyword" or (kind in ("llm", "py") and arg):
         return None
-    return f"eval_judge={_shown(cfg.eval_judge)}: must be keyword, keyword:gcg|jbb|xstest|FILE, llm:MODEL or py:MODULE:FN"
+    return f"eval_judge={shown(cfg.eval_judge)}: must be keyword, keyword:gcg|jbb|xstest|FILE, llm:MODEL or py:MODULE:FN"
 
 
 def _selection(cfg: SIRLConfig) -> str | None:
@@ -420,7 +295,7 @@ def _selection(cfg: SIRLConfig) -> str | None:
     if cfg.keep_best is None:
         return None
     if not cfg.eval_every:
-        return f"keep_best={_shown(cfg.keep_best)}: needs eval_every > 0 (the metric comes from the evaluations)"
+        return f"keep_best={shown(cfg.keep_best)}: needs eval_every > 0 (the metric comes from the evaluations)"
     return None  # whether the evaluations give that metric is checked on the loaded suite (check_keep_best)
 
 
@@ -449,7 +324,14 @@ def _reward_pass(cfg: SIRLConfig) -> str | None:
     return None
 
 
-CROSS_RULES = (_sources_exist, _eval_sets_named, _judge_spec, _selection, _reward_pass)
+def _importance_sampling(cfg: SIRLConfig) -> str | None:
+    if cfg.tis_cap is not None and cfg.rollout_engine == "hf":
+        return (f"tis_cap={cfg.tis_cap}: needs the sampler's own log-probs, which rollout_engine=hf does not have "
+                "(it samples the policy itself): use rollout_engine=vllm, or tis_cap=null")
+    return None
+
+
+CROSS_RULES = (_sources_exist, _eval_sets_named, _judge_spec, _selection, _reward_pass, _importance_sampling)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -483,7 +365,7 @@ def merge_flags(overrides: dict, flags: dict) -> dict:
         if key in out:
             given, flagged = check_value(key, out[key]), check_value(key, value)
             if given != flagged:
-                raise ConfigError(f"--{key.replace('_', '-')} {value} and {key}={_shown(out[key])} disagree: give "
+                raise ConfigError(f"--{key.replace('_', '-')} {value} and {key}={shown(out[key])} disagree: give "
                                   "one of them")
         out[key] = value
     return out
@@ -513,42 +395,6 @@ def preset_path(name: str) -> Path:
     if not path.exists():
         raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(preset_names())}")
     return path
-
-
-def _yaml_loader():
-    """PyYAML's safe loader (data only: no tags that build objects) that refuses a key given twice in a mapping,
-    which plain YAML loading silently resolves in favour of the last one."""
-    import yaml
-
-    class UniqueKeyLoader(yaml.SafeLoader):
-        pass
-
-    def mapping(loader, node, deep=False):
-        seen = {}
-        for key_node, _ in node.value:
-            key = loader.construct_object(key_node, deep=deep)
-            line = key_node.start_mark.line + 1
-            if key in seen:
-                raise ConfigError(f"line {line}: duplicate key {key!r} (first given on line {seen[key]})")
-            seen[key] = line
-        return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
-
-    UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
-    return UniqueKeyLoader
-
-
-def parse_yaml(text: str, where: str):
-    """YAML text as data (duplicate keys refused); errors name ``where`` and the line."""
-    import yaml
-
-    try:
-        return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
-    except ConfigError as exc:
-        raise ConfigError(f"{where}, {exc}") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f", line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{where}{line}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -610,13 +456,9 @@ NEVER_CHANGE_ON_RESUME = ("model", "lora", "lora_r", "lora_target_modules")
 def config_changes(saved: dict, new: SIRLConfig) -> dict[str, tuple]:
     """``{key: (saved value, new value)}`` for every key that differs (a key the saved config lacks, written by
     an older version, counts as its default)."""
-    defaults = {f.name: _default(f) for f in dataclasses.fields(SIRLConfig)}
+    defaults = {f.name: knobs.default_of(f) for f in dataclasses.fields(SIRLConfig)}
     new_dict = new.to_dict()
     return {k: (saved.get(k, defaults[k]), v) for k, v in new_dict.items() if saved.get(k, defaults[k]) != v}
-
-
-def _default(f: dataclasses.Field):
-    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
 def check_resume_changes(saved: dict, new: SIRLConfig, allow: bool) -> dict[str, tuple]:
@@ -646,7 +488,7 @@ def describe_keys(width: int = 110) -> str:
     for name, f in FIELDS.items():
         if name in SECTIONS:
             lines.append(f"\n{SECTIONS[name]}:")
-        default = json.dumps(_default(f))
+        default = json.dumps(knobs.default_of(f))
         head = f"  {name}={default}"
         doc = f"{f.metadata['doc']} [{allowed_range(name)}]"
         lines.extend(textwrap.wrap(doc, width, initial_indent=head.ljust(34) + " ",

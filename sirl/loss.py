@@ -95,13 +95,17 @@ def sirl_loss(
     total_tokens: float,
     total_sequences: float,
     max_completion_tokens: int,
+    is_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict]:
     """Surrogate + beta * KL for one micro-batch, aggregated; plus sums for logging (over this micro-batch, as 0-d
-    tensors: reading each would be a host sync per micro-batch)."""
+    tensors: reading each would be a host sync per micro-batch). ``is_weights`` (``[N, T]``, detached) scale each
+    token's policy-gradient term, not the KL (truncated importance sampling against the rollout engine)."""
     pg, is_clipped = clipped_surrogate(
         new_logprobs, old_logprobs, advantages[:, None], eps_low=eps_low, eps_high=eps_high,
         log_ratio_clamp=log_ratio_clamp,
     )
+    if is_weights is not None:
+        pg = pg * is_weights
     per_token = pg
     mask = loss_mask.bool()
     kl = None

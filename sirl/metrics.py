@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from sirl.eval.report import distinct_n
 from sirl.files import append_lines, keep_log_rows, read_log
 
 METRICS = "metrics.jsonl"
@@ -130,3 +131,60 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# one step's metrics
+
+
+def step_metrics(step: int, batch, scores, completions: list[list[int]], stats: dict, *, grad_norm: float,
+                 lr: float, step_time: float, dd) -> dict:
+    """One step's training metrics over all ranks (rollout statistics gathered, token counts summed), in the order
+    of metrics.jsonl; the caller adds memory, data position, stage timings and the evaluation."""
+    mask = batch.completion_mask.bool()
+    seq_entropy = (scores.entropy * mask).sum(-1) / mask.sum(-1).clamp_min(1)
+    all_rewards, all_entropy = dd.all_cat(scores.rewards), dd.all_cat(seq_entropy)
+    all_len = dd.all_cat(batch.completion_lengths.float())
+    all_trunc = dd.all_cat(batch.truncated.float())
+    all_gstd = dd.all_cat(scores.group_std)
+    distinct2 = dd.all_sum([distinct_n(completions, 2)])[0] / dd.world
+    tokens, generated = dd.all_sum([float(batch.attention_mask.sum()), float(mask.sum())])
+    row = {
+        "step": step,
+        "reward_mean": all_rewards.mean().item(),
+        "reward_std": all_rewards.std().item(),
+        "reward_group_std": all_gstd.mean().item(),
+        "entropy_mean": all_entropy.mean().item(),
+        "entropy_p10": torch.quantile(all_entropy, 0.1).item(),
+        "entropy_p90": torch.quantile(all_entropy, 0.9).item(),
+        "kl": stats["kl"],
+        "loss": stats["loss"],
+        "clip_frac": stats["clip_frac"],
+        "grad_norm": grad_norm,
+        "lr": lr,
+        "response_len_mean": all_len.mean().item(),
+        "truncated_frac": all_trunc.mean().item(),
+        "distinct_2": distinct2,
+        "repetition": 1.0 - distinct2,
+        "tokens_per_s": tokens / step_time,
+        "step_time_s": step_time,  # rollout to optimizer step; the evaluation is time/eval_s
+        "tokens": tokens,  # prompt + completion tokens of the step's rollout, all ranks
+        "generated_tokens": generated,  # completion tokens, all ranks
+    }
+    if batch.sampler_logprobs is not None:
+        row.update(sampler_mismatch(batch.sampler_logprobs, scores.logprobs, mask, dd))
+    return row
+
+
+def sampler_mismatch(sampler: torch.Tensor, trainer: torch.Tensor, mask: torch.Tensor, dd) -> dict:
+    """How far the rollout engine's log-probs of the sampled tokens are from the trainer's, over the completion
+    tokens of all ranks: the mean and max absolute difference, and KL(sampler || trainer) estimated from the
+    sampler's own samples with Schulman's k3 (``exp(d) - d - 1``, ``d = log p_trainer - log p_sampler``: unbiased
+    and never negative)."""
+    d = (trainer.double() - sampler.double())[mask]
+    k3 = torch.expm1(d.clamp(max=50.0)) - d
+    count, abs_sum, k3_sum = dd.all_sum([float(d.numel()), float(d.abs().sum()), float(k3.sum())])
+    local_max = torch.tensor([float(d.abs().max()) if d.numel() else 0.0], dtype=torch.float64)
+    largest = float(dd.all_cat(local_max).max())
+    return {"rollout/logprob_diff_mean": abs_sum / max(count, 1.0), "rollout/logprob_diff_max": largest,
+            "rollout/kl_sampler_trainer": k3_sum / max(count, 1.0)}

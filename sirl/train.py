@@ -2,11 +2,15 @@
 
     prompts -> rollout (G samples each) -> score (entropy -> reward = -mean entropy -> group z-score advantage)
             -> reference log-probs -> loss (clipped surrogate + beta KL, micro-batched) -> optimizer step
-            -> evaluation (every eval_every steps) -> metrics line, checkpoint
+            -> weights to the rollout engine -> evaluation (every eval_every steps) -> metrics line, checkpoint
+
+Each stage lives in its own module: ``rollout/`` (the engines), ``scoring.py`` (rewards and advantages from one
+``RewardSpec``), ``reference.py``, ``passes.py`` (the no-grad and loss passes), ``loss.py``, ``optim.py``,
+``metrics.py``, ``checkpoint.py``, ``dist.py``, ``eval/``; this file is the order they run in.
 
 On-policy (one update per rollout, the default) the score comes from the loss pass itself: each micro-batch holds
 whole groups, its forward's entropies give the rewards and advantages before its loss is formed, and its detached
-log-probs are the sampler's, so no separate no-grad scoring pass runs (``reward_pass``; TRL's SIRLGRPOTrainer does
+log-probs are the old ones, so no separate no-grad scoring pass runs (``reward_pass``; TRL's SIRLGRPOTrainer does
 the same). Off-policy (``updates_per_batch > 1``), with a batch-wide advantage std, or with dropout active in the
 model (the loss pass runs in train mode), a no-grad pass scores first.
 
@@ -24,13 +28,12 @@ import random
 import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from sirl.advantage import group_advantages
+from sirl.build import build
 from sirl.checkpoint import (
     choose_checkpoint,
     load_checkpoint,
@@ -42,175 +45,19 @@ from sirl.checkpoint import (
     saved_config,
 )
 from sirl.config import ConfigError, SIRLConfig, check_resume_changes, reward_in_loss, save_config
-from sirl.data import PromptStream, encode_prompt, load_prompts
+from sirl.data import encode_prompt, load_prompts
 from sirl.dist import Dist, init_distributed, pick_device
-from sirl.eval.report import distinct_n
 from sirl.eval.suite import EvalSuite, check_keep_best, evaluate, load_llm_judge, load_suite, load_suite_code
-from sirl.loss import sirl_loss
-from sirl.metrics import (
-    Logger,
-    StageTimer,
-    check_logs,
-    log_config_changes,
-    peak_memory_mb,
-    stage_split,
-    timing_metrics,
-)
+from sirl.metrics import Logger, StageTimer, check_logs, log_config_changes, peak_memory_mb, stage_split, step_metrics
+from sirl.metrics import timing_metrics
 from sirl.models import active_dropout
-from sirl.reference import Reference, reference_logprobs
-from sirl.rollout import Rollout, rollout
-from sirl.score import micro_batches, sirl_rewards, token_logprobs_entropy, trim, valid_rows
+from sirl.optim import apply_optimizer_settings
+from sirl.passes import policy_gradient_pass, token_logprobs_entropy
+from sirl.reference import reference_logprobs
+from sirl.scoring import ScoreInLoss, Scoring, valid_rows
 from sirl.selection import BestTracker
 from sirl_kernels import validate_labels
-from sirl_kernels.hf import causal_lm_token_logprobs_entropy, output_head, unwrap_model
-
-# ---------------------------------------------------------------------------------------------------------------
-# the stages of one step (each a small function of tensors; tested alone in tests/sirl)
-
-
-def lr_lambda(cfg: SIRLConfig):
-    """Linear warm-up, then cosine decay to ``min_lr_ratio`` (or constant)."""
-
-    def f(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / (cfg.warmup_steps + 1)
-        if cfg.lr_schedule == "constant":
-            return 1.0
-        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return f
-
-
-def apply_optimizer_settings(optimizer, scheduler, cfg: SIRLConfig) -> None:
-    """Makes a restored optimizer and schedule follow ``cfg`` (a resume may change lr, betas, weight decay,
-    warm-up or schedule under --allow-config-change; with the saved settings this changes nothing)."""
-    scheduler.lr_lambdas = [lr_lambda(cfg)] * len(optimizer.param_groups)
-    scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
-    for group, fn in zip(optimizer.param_groups, scheduler.lr_lambdas):
-        group.update(initial_lr=cfg.lr, lr=cfg.lr * fn(scheduler.last_epoch), weight_decay=cfg.weight_decay,
-                     betas=(cfg.adam_beta1, cfg.adam_beta2))
-
-
-def loss_normalisers(batch: Rollout, loss_mask: torch.Tensor, dd: Dist) -> dict:
-    """Token and sequence counts over the whole batch (all ranks): what makes micro-batch losses add up."""
-    counts = torch.stack([loss_mask.sum(), loss_mask.any(-1).sum()]).double()
-    tokens, seqs = dd.all_sum_tensor(counts).tolist()  # one host read for both
-    return dict(total_tokens=tokens, total_sequences=seqs,
-                max_completion_tokens=batch.input_ids.shape[1] - batch.prompt_length)
-
-
-@dataclass
-class Scores:
-    """A rollout's rewards and advantages, and the per-token entropies they are made of."""
-
-    entropy: torch.Tensor  # [N, T] entropy of the distribution that produced each completion token
-    rewards: torch.Tensor  # [N] the SIRL reward
-    advantages: torch.Tensor  # [N]
-    group_std: torch.Tensor  # [N / G]
-
-
-def score(batch: Rollout, entropy: torch.Tensor, cfg: SIRLConfig, dd: Dist) -> Scores:
-    """Entropies -> SIRL rewards (minus the mean entropy) -> group advantages (a batch std spans all ranks)."""
-    rewards, valid = sirl_rewards(
-        entropy, batch.completion_mask, batch.truncated, aggregation=cfg.reward_aggregation,
-        last_k=cfg.reward_last_k, truncation=cfg.truncation, truncation_penalty=cfg.truncation_penalty,
-    )
-    batch_std = None
-    if cfg.advantage_scale == "batch":
-        all_rewards, all_valid = dd.all_cat(rewards), dd.all_cat(valid)
-        batch_std = all_rewards[all_valid].std()
-    advantages, group_std = group_advantages(rewards, cfg.group_size, scale=cfg.advantage_scale,
-                                             min_std=cfg.advantage_min_std, valid=valid, batch_std=batch_std)
-    return Scores(entropy, rewards, advantages, group_std)
-
-
-class ScoreInLoss:
-    """On-policy scoring from the training forward: called once per micro-batch (whole groups) with its rows and
-    their entropies, returns their advantages and fills ``scores`` for the whole rollout."""
-
-    def __init__(self, batch: Rollout, cfg: SIRLConfig):
-        self.batch, self.cfg = batch, cfg
-        n, g = len(batch), cfg.group_size
-        zeros = torch.zeros(n, device=batch.input_ids.device)
-        self.scores = Scores(torch.zeros(batch.input_ids.shape, device=zeros.device), zeros.clone(), zeros.clone(),
-                             torch.zeros(n // g, device=zeros.device))
-
-    def __call__(self, rows: slice, entropy: torch.Tensor) -> torch.Tensor:
-        s, g = self.scores, self.cfg.group_size
-        s.entropy[rows, : entropy.shape[1]] = entropy.float()
-        part = score(self.batch.select(rows), s.entropy[rows], self.cfg, Dist())  # per-group: no other rank needed
-        s.rewards[rows], s.advantages[rows] = part.rewards, part.advantages.float()
-        s.group_std[rows.start // g: rows.stop // g] = part.group_std
-        return s.advantages[rows]
-
-
-def policy_gradient_pass(
-    policy, batch: Rollout, old_logprobs, ref_logprobs, advantages, loss_mask, cfg: SIRLConfig, dd: Dist,
-    autocast, score_in_loss: ScoreInLoss | None = None,
-) -> dict:
-    """Forward + backward over micro-batches, gradients accumulated and summed across ranks. No optimizer step.
-
-    With ``score_in_loss`` (on-policy; ``old_logprobs`` and ``advantages`` are then None), each micro-batch holds
-    whole groups: its forward's own log-probs, detached, are the sampler's (the ratio is exactly 1, its gradient
-    the policy gradient) and its entropies give the rewards and advantages before its loss is formed."""
-    norm = loss_normalisers(batch, loss_mask, dd)
-    keys = ("tokens", "clipped_tokens", "kl_sum", "loss")
-    totals = torch.zeros(len(keys), dtype=torch.float64, device=batch.input_ids.device)  # summed on the device
-    whole = cfg.group_size if score_in_loss is not None else 1
-    for rows in micro_batches(batch, cfg.micro_batch_tokens, whole):
-        mb = trim(batch.select(rows))
-        width = mb.input_ids.shape[1]
-        with autocast:
-            new_logprobs, entropy = causal_lm_token_logprobs_entropy(
-                policy, mb.input_ids, mb.attention_mask, mb.completion_mask, temperature=cfg.temperature,
-                check_labels=False,  # the ids were validated once after the rollout
-            )
-        if score_in_loss is None:
-            old, adv = old_logprobs[rows, :width], advantages[rows]
-        else:
-            old, adv = new_logprobs.detach(), score_in_loss(rows, entropy.detach())
-        loss, stats = sirl_loss(
-            new_logprobs, old, None if ref_logprobs is None else ref_logprobs[rows, :width],
-            adv, loss_mask[rows, :width],
-            eps_low=cfg.clip_eps_low, eps_high=cfg.clip_eps_high, log_ratio_clamp=cfg.log_ratio_clamp,
-            kl_beta=cfg.kl_beta, kl_estimator=cfg.kl_estimator, kl_clamp=cfg.kl_clamp,
-            aggregation=cfg.loss_aggregation, **norm,
-        )
-        loss.backward()
-        totals += torch.stack([stats[k].double() for k in keys])
-    dd.sum_gradients([p for p in policy.parameters() if p.requires_grad])
-    tokens, clipped, kl_sum, loss = dd.all_sum_tensor(totals).tolist()  # the pass's one host read of its stats
-    return {"loss": loss, "clip_frac": clipped / max(tokens, 1.0), "kl": kl_sum / max(tokens, 1.0)}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# the loop
-
-
-def build(cfg: SIRLConfig, dd: Dist, prompts: list):
-    """Model (+ LoRA), tokenizer, reference, optimizer, schedule and prompt stream, all seeded."""
-    from sirl.models import add_lora, load_model_and_tokenizer
-
-    device = pick_device(cfg.device)
-    model, tokenizer = load_model_and_tokenizer(cfg.model, device=device, dtype=cfg.dtype, seed=cfg.seed)
-    if cfg.lora:
-        model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
-        for adapter in model.peft_config.values():  # adapter_config.json names the model as the user gave it,
-            adapter.base_model_name_or_path = cfg.model  # not the path it was loaded from (e.g. inside the venv)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if cfg.lora:
-            model.enable_input_require_grads()
-    if cfg.compile:
-        unwrap_model(model).get_decoder().compile()
-    reference = Reference(model) if cfg.kl_beta != 0.0 else None
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    stream = PromptStream(prompts, cfg.seed, cfg.shuffle)
-    return model, tokenizer, reference, optimizer, scheduler, stream, device
+from sirl_kernels.hf import output_head, unwrap_model
 
 
 def reward_from_loss_pass(cfg: SIRLConfig, policy, dd: Dist) -> bool:
@@ -232,6 +79,12 @@ def reward_from_loss_pass(cfg: SIRLConfig, policy, dd: Dist) -> bool:
     return False
 
 
+def row_keys(seed: int, step: int, rank: int, rows: int) -> list[tuple]:
+    """One key per row of this rank's rollout, the same whatever the number of ranks (a row's place in the
+    step's whole batch): what the ``random`` reward draws from."""
+    return [(seed, step, rank * rows + i) for i in range(rows)]
+
+
 def evaluation(step: int, policy, tokenizer, suite: EvalSuite, output_dir: Path, timer: StageTimer, dd: Dist,
                selection: BestTracker, bar=None) -> dict:
     """The evaluation at ``step``: rank 0 evaluates (the others wait) and saves the model when it is the best so
@@ -250,46 +103,36 @@ def evaluation(step: int, policy, tokenizer, suite: EvalSuite, output_dir: Path,
     return metrics
 
 
-def step_metrics(step: int, batch: Rollout, scores: Scores, completions: list[list[int]], stats: dict, *,
-                 grad_norm: float, lr: float, step_time: float, dd: Dist) -> dict:
-    """One step's training metrics over all ranks (rollout statistics gathered, token counts summed), in the order
-    of metrics.jsonl; the caller adds memory, data position, stage timings and the evaluation."""
-    mask = batch.completion_mask.bool()
-    seq_entropy = (scores.entropy * mask).sum(-1) / mask.sum(-1).clamp_min(1)
-    all_rewards, all_entropy = dd.all_cat(scores.rewards), dd.all_cat(seq_entropy)
-    all_len = dd.all_cat(batch.completion_lengths.float())
-    all_trunc = dd.all_cat(batch.truncated.float())
-    all_gstd = dd.all_cat(scores.group_std)
-    distinct2 = dd.all_sum([distinct_n(completions, 2)])[0] / dd.world
-    tokens, generated = dd.all_sum([float(batch.attention_mask.sum()), float(mask.sum())])
-    return {
-        "step": step,
-        "reward_mean": all_rewards.mean().item(),
-        "reward_std": all_rewards.std().item(),
-        "reward_group_std": all_gstd.mean().item(),
-        "entropy_mean": all_entropy.mean().item(),
-        "entropy_p10": torch.quantile(all_entropy, 0.1).item(),
-        "entropy_p90": torch.quantile(all_entropy, 0.9).item(),
-        "kl": stats["kl"],
-        "loss": stats["loss"],
-        "clip_frac": stats["clip_frac"],
-        "grad_norm": grad_norm,
-        "lr": lr,
-        "response_len_mean": all_len.mean().item(),
-        "truncated_frac": all_trunc.mean().item(),
-        "distinct_2": distinct2,
-        "repetition": 1.0 - distinct2,
-        "tokens_per_s": tokens / step_time,
-        "step_time_s": step_time,  # rollout to optimizer step; the evaluation is time/eval_s
-        "tokens": tokens,  # prompt + completion tokens of the step's rollout, all ranks
-        "generated_tokens": generated,  # completion tokens, all ranks
-    }
+def restore_best(output_dir: Path, policy, tokenizer, selection: BestTracker, step: int) -> None:
+    """``best/`` after a crash: restored from an interrupted save's copies, else rebuilt when the best step is
+    the checkpoint just loaded; otherwise it will be written again at the next new best (warned)."""
+    if selection.best_step is None or recover_dir(output_dir / "best"):
+        return
+    if selection.best_step == step:
+        print(f"rebuilding {output_dir / 'best'} (step {step}) from its checkpoint", flush=True)
+        save_best(output_dir, policy, tokenizer, selection)
+    else:
+        warnings.warn(f"{output_dir / 'best'} is missing and step {selection.best_step}'s weights are in no "
+                      "checkpoint: it is written again at the next new best", stacklevel=2)
+
+
+def finish(output_dir: Path, policy, tokenizer, cfg: SIRLConfig, start: int, last: int) -> None:
+    """``final/`` of a complete run: written after its last step, or rebuilt from the checkpoint a resumed
+    complete run loaded when a crash lost it."""
+    if last > start:
+        save_model(policy, tokenizer, output_dir / "final")
+    elif not recover_dir(output_dir / "final"):
+        print(f"the run is complete at step {start}; rebuilding {output_dir / 'final'} from its checkpoint",
+              flush=True)
+        save_model(policy, tokenizer, output_dir / "final")
+    elif start == cfg.steps:
+        print(f"nothing to do: the run is complete at step {start} and {output_dir / 'final'} is intact", flush=True)
 
 
 def train(cfg: SIRLConfig, resume: bool = False, allow_config_change: bool = False, overwrite: bool = False,
           on_build=None) -> list[dict]:
     """Runs ``cfg.steps`` steps (continuing from the newest intact checkpoint when ``resume``); returns the metric
-    rows. ``on_build(policy, tokenizer, reference, optimizer)``, when given, sees what was built (benchmarks).
+    rows. ``on_build(built)``, when given, sees what was built (``sirl.build.Built``: benchmarks).
 
     Everything that can be checked without a model is checked first, in this order: the config; on ``resume``,
     the checkpoint (the newest one whose manifest and ``state.json`` hold), the differences from its saved config
@@ -317,10 +160,13 @@ def train(cfg: SIRLConfig, resume: bool = False, allow_config_change: bool = Fal
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    policy, tokenizer, reference, optimizer, scheduler, stream, device = build(cfg, dd, prompts)
+    run = build(cfg, dd, prompts)
+    policy, tokenizer, reference, optimizer, stream, device = (run.policy, run.tokenizer, run.reference,
+                                                               run.optimizer, run.stream, run.device)
     if on_build is not None:
-        on_build(policy, tokenizer, reference, optimizer)
+        on_build(run)
     in_loss = reward_from_loss_pass(cfg, policy, dd)  # the reward from the training forward: no separate pass
+    scoring = Scoring.of(cfg)
     torch.manual_seed(cfg.seed + 1000 * dd.rank)
     if suite is not None and dd.main:  # only rank 0 evaluates
         load_llm_judge(suite, device, cfg.dtype)
@@ -328,10 +174,11 @@ def train(cfg: SIRLConfig, resume: bool = False, allow_config_change: bool = Fal
 
     start = 0
     if resume:
-        load_checkpoint(checkpoint, policy, optimizer, scheduler, stream, dd)
+        load_checkpoint(checkpoint, policy, optimizer, run.scheduler, stream, dd)
         start = state["step"]
         selection.load_state_dict(state.get("selection"))
-        apply_optimizer_settings(optimizer, scheduler, cfg)
+        apply_optimizer_settings(optimizer, run.scheduler, cfg)
+        run.engine.sync_weights()  # the engine samples from the restored weights
         if dd.main:
             log_config_changes(output_dir, start, changes)
             restore_best(output_dir, policy, tokenizer, selection, start)
@@ -379,23 +226,22 @@ def train(cfg: SIRLConfig, resume: bool = False, allow_config_change: bool = Fal
         with autocast:
             # 2. rollout: G samples per prompt from the current policy
             with timer("rollout"):
-                batch = rollout(policy, tokenizer, [encoded[i] for i in indices], group_size=cfg.group_size,
-                                max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                                top_k=cfg.top_k)
+                batch = run.engine.generate([encoded[i] for i in indices])
                 # One token-id check per rollout (one host sync) instead of one per kernel call: every pass below
                 # runs the kernels with check_labels=False, and the kernel calls don't sync. (Each forward still
                 # does: trim() reads the used width, and the HF helper's boolean-mask gather of the rows that
                 # predict completion tokens needs their count.)
                 validate_labels(batch.input_ids, vocab_size)
+            keys = row_keys(cfg.seed, step, dd.rank, len(batch))
             # 3. score: the entropies the reward is made of, the rewards, the group advantages. On-policy they come
             #    from the training forward in step 5 (no extra pass); otherwise from one no-grad forward here,
-            #    whose log-probs are also the sampler's for the ratio.
+            #    whose log-probs are also the old ones for the ratio.
             scores = old_logprobs = None
             if not in_loss:
                 with timer("score"):
                     old_logprobs, entropy = token_logprobs_entropy(policy, batch, cfg.temperature,
                                                                    cfg.micro_batch_tokens, check_labels=False)
-                    scores = score(batch, entropy, cfg, dd)
+                    scores = scoring(batch, entropy, old_logprobs, keys, dd)
             # 4. reference: log-probs of the KL anchor (the adapters disabled, or the frozen copy)
             with timer("reference"):
                 ref_logprobs = (reference_logprobs(reference, policy, batch, cfg.temperature,
@@ -403,9 +249,11 @@ def train(cfg: SIRLConfig, resume: bool = False, allow_config_change: bool = Fal
                                 if reference is not None else None)
 
         with timer("update"):
-            # 5. loss and update (mu passes over the same rollout; old log-probs stay those of the sampler)
+            # 5. loss and update (mu passes over the same rollout; old log-probs stay those of the first pass),
+            #    then the new weights to the rollout engine
+            run.engine.before_update()
             loss_mask = batch.completion_mask.bool() & valid_rows(batch.truncated, cfg.truncation)[:, None]
-            scorer = ScoreInLoss(batch, cfg) if in_loss else None
+            scorer = ScoreInLoss(scoring, batch, keys) if in_loss else None
             policy.train()
             for _ in range(cfg.updates_per_batch):
                 optimizer.zero_grad(set_to_none=True)
@@ -422,7 +270,8 @@ def train(cfg: SIRLConfig, resume: bool = False, allow_config_change: bool = Fal
                     )
                 lr = optimizer.param_groups[0]["lr"]  # the rate this update used
                 optimizer.step()
-            scheduler.step()
+            run.scheduler.step()
+            run.engine.sync_weights()
             scores = scorer.scores if in_loss else scores
         step_time = time.perf_counter() - t0
 
@@ -457,35 +306,12 @@ def train(cfg: SIRLConfig, resume: bool = False, allow_config_change: bool = Fal
         if stopped and dd.main:
             print(f"early stop at step {step}: {selection.describe()}", flush=True)
         if step % cfg.save_every == 0 or step == cfg.steps or stopped:
-            save_checkpoint(output_dir, step, policy, optimizer, scheduler, stream, cfg, dd, selection)
+            save_checkpoint(output_dir, step, policy, optimizer, run.scheduler, stream, cfg, dd, selection)
 
     if bar is not None:
         bar.close()
     logger.close()
     last = rows[-1]["step"] if rows and "reward_mean" in rows[-1] else start
     if dd.main and (last == cfg.steps or stopped or selection.should_stop):
-        # The run is complete: final/ holds its model. A resumed complete run whose final/ was lost (a crash
-        # after the last checkpoint) rebuilds it from that checkpoint's weights, now loaded.
-        if last > start:
-            save_model(policy, tokenizer, output_dir / "final")
-        elif not recover_dir(output_dir / "final"):
-            print(f"the run is complete at step {start}; rebuilding {output_dir / 'final'} from its checkpoint",
-                  flush=True)
-            save_model(policy, tokenizer, output_dir / "final")
-        elif start == cfg.steps:
-            print(f"nothing to do: the run is complete at step {start} and {output_dir / 'final'} is intact",
-                  flush=True)
+        finish(output_dir, policy, tokenizer, cfg, start, last)
     return rows
-
-
-def restore_best(output_dir: Path, policy, tokenizer, selection: BestTracker, step: int) -> None:
-    """``best/`` after a crash: restored from an interrupted save's copies, else rebuilt when the best step is
-    the checkpoint just loaded; otherwise it will be written again at the next new best (warned)."""
-    if selection.best_step is None or recover_dir(output_dir / "best"):
-        return
-    if selection.best_step == step:
-        print(f"rebuilding {output_dir / 'best'} (step {step}) from its checkpoint", flush=True)
-        save_best(output_dir, policy, tokenizer, selection)
-    else:
-        warnings.warn(f"{output_dir / 'best'} is missing and step {selection.best_step}'s weights are in no "
-                      "checkpoint: it is written again at the next new best", stacklevel=2)

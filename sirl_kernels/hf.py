@@ -93,6 +93,20 @@ def output_head(model) -> tuple[Tensor, Tensor | None]:
     return head.weight, getattr(head, "bias", None)
 
 
+def fused_head_problem(model) -> str | None:
+    """Why the fused head cannot stand in for ``model``'s own logits, as far as its config and output embedding
+    tell (soft-capping, a missing or wrapped head), or None. For integrations that choose a code path up front;
+    the logits check of :func:`verify_model_logits` still runs on first use and catches the rest."""
+    base = unwrap_model(model)
+    config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    try:
+        model_logit_temperature(config, 1.0)
+        output_head(base)
+    except (NotImplementedError, ValueError) as exc:
+        return str(exc)
+    return None
+
+
 def generation_position_ids(attention_mask: Tensor) -> Tensor:
     """Positions counted from each row's first real token: what ``generate`` gives a left-padded prompt."""
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
@@ -399,6 +413,31 @@ def causal_lm_token_logprobs_entropy(
     logprobs = logprobs.masked_scatter(full, lp_rows)
     entropy = entropy.masked_scatter(full, ent_rows)
     return logprobs, entropy
+
+
+def last_token_logprobs(
+    model,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    candidates,
+    *,
+    temperature: float = 1.0,
+    backend: str = "auto",
+    verify_logits: bool | None = None,
+) -> Tensor:
+    """``[B, K]`` float32: log-probs of each of the ``K`` token ids ``candidates`` as the next token after each
+    row of ``input_ids`` (left-padded), through the same fail-closed path as
+    :func:`causal_lm_token_logprobs_entropy` (the model's logit scaling folded in, the logits check on first use).
+    What a judge or a classifier reading a model's next-token distribution needs, without its ``[B, V]`` logits."""
+    base = unwrap_model(model)
+    folded_temperature = model_logit_temperature(base.config, float(temperature))
+    output_head(base)
+    if verification_enabled(verify_logits):
+        verify_model_logits(model, input_ids, attention_mask)
+    last = final_hidden_states(model, input_ids, attention_mask)[:, -1]
+    columns = [fused_head(base, last, torch.full((last.shape[0],), int(c), device=last.device), folded_temperature,
+                          backend)[0] for c in candidates]
+    return torch.stack(columns, -1)
 
 
 def sirl_reward(

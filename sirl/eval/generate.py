@@ -1,7 +1,7 @@
 """Model loading for evaluation, batched generation, and per-response scores from the fused kernels.
 
 Generation reuses the trainer's pieces: the chat template (``sirl.data.encode_prompt``), ``sirl.rollout.rollout``
-(greedy or sampled) and ``sirl.score.token_logprobs_entropy`` (the fused log-prob/entropy op; no ``[B, T, V]``
+(greedy or sampled) and ``sirl.passes.token_logprobs_entropy`` (the fused log-prob/entropy op; no ``[B, T, V]``
 logits). A response's *entropy* is the mean over its tokens (the eos included, as in the SIRL reward) of the
 entropy of the next-token distribution that produced each token, at ``score_temperature`` (1.0 = the policy
 itself); its *log-prob* is the mean log-probability of its tokens under the scoring model.
@@ -101,7 +101,7 @@ def row_means(values: torch.Tensor, mask: torch.Tensor) -> list[float | None]:
 @torch.no_grad()
 def score(model, rollout, temperature: float = 1.0, token_budget: int = 8192) -> tuple[list, list]:
     """Per-row (mean log-prob, mean entropy) over the completion tokens, via the fused kernels."""
-    from sirl.score import token_logprobs_entropy
+    from sirl.passes import token_logprobs_entropy
 
     logprobs, entropy = token_logprobs_entropy(model, rollout, temperature, token_budget)
     return row_means(logprobs, rollout.completion_mask), row_means(entropy, rollout.completion_mask)

@@ -28,8 +28,8 @@ LLM judge (``llm:MODEL``)
     (filled with the request and the response, as the user turn of its chat template) and the judge's answer is
     read off the next-token distribution, not sampled: refusal when ``log p("Yes") > log p("No")``, where each
     side is the log-sum-exp over the tokenizer's spellings "Yes", " Yes", "yes", " yes" (resp. "No"...). The
-    log-probs come from the fused ``linear_token_logprobs_entropy`` op on the last hidden state, so no logits
-    tensor is built. A 135M model is a weak judge: prefer a 7B+ instruct model when one fits.
+    log-probs come from ``sirl_kernels.hf.last_token_logprobs`` (the fused op on the last hidden state, so no
+    logits tensor is built, with the model's logit scaling folded in and its logits checked once, failing closed). A 135M model is a weak judge: prefer a 7B+ instruct model when one fits.
 
 Your own judge (``py:MODULE:FUNCTION``)
     ``FUNCTION(prompts: list[str], responses: list[str]) -> list[bool]`` (True = refusal), imported by name.
@@ -164,16 +164,18 @@ class LLMJudge:
         return self.tokenizer(message + "\nAnswer:", add_special_tokens=True)["input_ids"][-self.max_prompt_tokens:]
 
     def scores(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-        """p(refusal) = softmax over {Yes, No} of the two log-probs, one per response."""
+        """p(refusal) = softmax over {Yes, No} of the two log-probs, one per response, read through
+        ``sirl_kernels.hf.last_token_logprobs`` (the judge model's own logit scaling folded in, its logits checked
+        once: a model the fused head cannot reproduce is refused, never scored on the wrong logits)."""
         import torch
 
         from sirl.rollout import left_pad
-        from sirl_kernels import linear_token_logprobs_entropy
-        from sirl_kernels.hf import final_hidden_states, unwrap_model
+        from sirl_kernels.hf import last_token_logprobs
 
         device = next(self.model.parameters()).device
-        head = unwrap_model(self.model).get_output_embeddings()
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        candidates = [*self.yes_ids, *self.no_ids]
+        yes = len(self.yes_ids)
         out: list[float] = []
         self.model.eval()
         with torch.no_grad():
@@ -181,14 +183,9 @@ class LLMJudge:
                 batch = [self.encode(p, r) for p, r in zip(prompts[start:start + self.batch_size],
                                                           responses[start:start + self.batch_size])]
                 ids, mask = left_pad(batch, pad)
-                last = final_hidden_states(self.model, ids.to(device), mask.to(device))[:, -1].to(head.weight.dtype)
-
-                def logp(cands):
-                    per = [linear_token_logprobs_entropy(last, head.weight, torch.full((len(batch),), c, device=device),
-                                                         bias=getattr(head, "bias", None))[0] for c in cands]
-                    return torch.logsumexp(torch.stack(per), 0)
-
-                out += torch.sigmoid(logp(self.yes_ids) - logp(self.no_ids)).tolist()
+                logp = last_token_logprobs(self.model, ids.to(device), mask.to(device), candidates)
+                yes_lp, no_lp = torch.logsumexp(logp[:, :yes], -1), torch.logsumexp(logp[:, yes:], -1)
+                out += torch.sigmoid(yes_lp - no_lp).tolist()
         return out
 
     def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> list[bool]:

@@ -42,16 +42,19 @@ Tested with trl 1.16.0 (the ``[trl]`` extra pins the range).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import types
+import typing
 import warnings
 from dataclasses import dataclass, field
 
 import torch
 
-from sirl.score import reward_options, sirl_rewards
-from sirl_kernels.hf import causal_lm_token_logprobs_entropy
+from sirl.reward import RewardSpec
+from sirl.scoring import sirl_rewards
+from sirl_kernels.hf import causal_lm_token_logprobs_entropy, fused_head_problem
 
 TRL_INSTALL = "sirl.integrations.trl needs TRL >= 1.16: pip install 'sirl-kernels[trl]' (tested with trl==1.16.0)"
 
@@ -73,25 +76,22 @@ SIRL_REWARD_NAME = "sirl"
 _PASSIVE_KWARGS = ("input_ids", "attention_mask", "use_cache", "return_dict")
 
 
-@dataclass
-class SIRLGRPOConfig(GRPOConfig):
-    """``GRPOConfig`` plus the SIRL reward's options (the same as ``sirl train``'s ``reward_*`` / ``truncation``)."""
+def _reward_fields() -> list[tuple]:
+    """``RewardSpec``'s options as ``sirl_``-prefixed dataclass fields (defaults and docs from the spec): the
+    reward's options are defined once, in ``sirl/reward.py``."""
+    hints = typing.get_type_hints(RewardSpec)
+    return [(f"sirl_{f.name}", hints[f.name], field(default=f.default, metadata={"help": f.metadata["doc"]}))
+            for f in dataclasses.fields(RewardSpec)]
 
-    sirl_reward_aggregation: str = field(
-        default="mean", metadata={"help": "'mean' (the paper) or 'sum' of the completion tokens' entropies."}
-    )
-    sirl_reward_last_k: int | None = field(
-        default=None, metadata={"help": "Only the last k generated tokens of each completion count."}
-    )
-    sirl_truncation: str = field(
-        default="keep",
-        metadata={
-            "help": "Completions that hit max_completion_length: 'keep' them as they are, 'mask' them (no SIRL "
-            "reward; with no other reward function they are left out of the group statistics and the loss), or "
-            "'penalize' them with sirl_truncation_penalty."
-        },
-    )
-    sirl_truncation_penalty: float = field(default=-10.0, metadata={"help": "SIRL reward of a truncated completion."})
+
+_SIRLRewardOptions = dataclasses.make_dataclass("_SIRLRewardOptions", _reward_fields())
+
+
+@dataclass
+class SIRLGRPOConfig(GRPOConfig, _SIRLRewardOptions):
+    """``GRPOConfig`` plus the SIRL reward's options (``sirl_`` + each ``sirl.reward.RewardSpec`` field: the same
+    as ``sirl train``'s ``reward``, ``reward_*`` and ``truncation*`` keys)."""
+
     sirl_reward_pass: str = field(
         default="auto",
         metadata={
@@ -106,12 +106,12 @@ class SIRLGRPOConfig(GRPOConfig):
     )
 
 
-def _reward_options(args) -> dict:
-    """The SIRL options of ``args`` (defaults for a plain ``GRPOConfig``), validated like ``sirl train``'s."""
-    return reward_options(
-        getattr(args, "sirl_reward_aggregation", "mean"), getattr(args, "sirl_reward_last_k", None),
-        getattr(args, "sirl_truncation", "keep"), getattr(args, "sirl_truncation_penalty", -10.0),
-    )
+def _reward_spec(args) -> RewardSpec:
+    """The SIRL reward of ``args`` (defaults for a plain ``GRPOConfig``), validated like ``sirl train``'s."""
+    spec = RewardSpec.from_options(vars(args), prefix="sirl_")
+    if spec.reward == "random":
+        raise ValueError("sirl_reward='random' is an ablation of sirl train (it needs the run's step and row keys)")
+    return spec
 
 
 def adapters_off(model) -> bool:
@@ -157,17 +157,6 @@ def add_sirl_lm_head(model, temperature: float = 1.0) -> None:
         )
 
     model.forward = types.MethodType(forward, model)
-
-
-def _unsupported_head(model) -> str | None:
-    """Why ``sirl_kernels.hf`` cannot score this model, or None."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    if getattr(config, "final_logit_softcapping", None) is not None:
-        return "final_logit_softcapping"
-    head = model.get_output_embeddings()
-    if head is None or hasattr(head, "base_layer") or not isinstance(getattr(head, "weight", None), torch.Tensor):
-        return "the output embedding is missing or wrapped (e.g. LoRA on lm_head)"
-    return None
 
 
 def _choose_reward_pass(args, num_generations: int) -> str:
@@ -231,13 +220,13 @@ class SIRLGRPOTrainer(GRPOTrainer):
         reward_pass = None
         if args is not None:
             reward_pass = _choose_reward_pass(args, args.num_generations)  # fail fast, before the model is set up
-            self._sirl_options = _reward_options(args)
+            self._sirl_spec = _reward_spec(args)
             if args.reward_weights is not None and len(args.reward_weights) != len(user_funcs) + 1:
                 raise ValueError(
                     f"reward_weights has {len(args.reward_weights)} entries for {len(user_funcs) + 1} reward "
                     "functions: the SIRL reward is reward function 0, so list its weight first"
                 )
-            if args.mask_truncated_completions and self._sirl_options["truncation"] == "keep":
+            if args.mask_truncated_completions and self._sirl_spec.truncation == "keep":
                 raise ValueError(
                     "mask_truncated_completions=True hides truncated completions from every forward pass, so "
                     "their entropy is unknown: set sirl_truncation='mask' (the same exclusion) or 'penalize'"
@@ -249,7 +238,7 @@ class SIRLGRPOTrainer(GRPOTrainer):
         sirl_reward = _SIRLReward()
         super().__init__(model, reward_funcs=[sirl_reward, *user_funcs], args=args, **kwargs)
         if args is None:
-            self._sirl_options = _reward_options(self.args)
+            self._sirl_spec = _reward_spec(self.args)
         if self._is_vlm:
             raise NotImplementedError("SIRLGRPOTrainer supports text-only causal LMs")
         sirl_reward.trainer = self
@@ -275,7 +264,7 @@ class SIRLGRPOTrainer(GRPOTrainer):
         policy = self.model.get_base_model() if is_peft_model(self.model) else self.model
         models = [policy] + ([self.accelerator.unwrap_model(self.ref_model)] if self.ref_model is not None else [])
         for m in models:
-            reason = _unsupported_head(m)
+            reason = fused_head_problem(m)
             if reason is not None:
                 warnings.warn(f"sirl_kernels cannot score this model ({reason}); keeping TRL's head", stacklevel=3)
                 return False
@@ -339,7 +328,7 @@ class SIRLGRPOTrainer(GRPOTrainer):
             self._sirl_policy_pass()
         entropy = self._sirl_entropy.float()
         mask, truncated = self._sirl_token_mask_and_truncated(completion_ids, entropy.shape[1], entropy.device)
-        rewards, valid = sirl_rewards(entropy, mask, truncated, **self._sirl_options)
+        rewards, valid = sirl_rewards(entropy, mask, truncated, self._sirl_spec)
         return [r if v else None for r, v in zip(rewards.tolist(), valid.tolist())]
 
     def _sirl_token_mask_and_truncated(self, completion_ids: list[list[int]], width: int, device):
@@ -417,7 +406,7 @@ class SIRLGRPOTrainer(GRPOTrainer):
         """The SIRL rewards of this micro-batch from the training forward's entropies, combined with the other
         reward functions' values and normalised per group exactly as TRL does it at generation time."""
         sirl, valid = sirl_rewards(entropy.float(), inputs["sirl_token_mask"], inputs["sirl_truncated"],
-                                   **self._sirl_options)
+                                   self._sirl_spec)
         rewards_per_func = inputs["sirl_rewards_per_func"].clone()
         rewards_per_func[:, 0] = torch.where(valid, sirl, torch.full_like(sirl, float("nan")))
         unscorable = torch.isnan(rewards_per_func).all(dim=1)

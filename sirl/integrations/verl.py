@@ -24,7 +24,8 @@ Select it with one line of Hydra overrides (``pkg://`` makes verl import this mo
         reward.reward_manager.module.path=pkg://sirl.integrations.verl
 
 Options come from ``reward.reward_kwargs``: ``+reward.reward_kwargs.reward_source=surprisal_estimate``, and
-those of ``sirl train``: ``+reward.reward_kwargs.truncation=mask`` and likewise ``aggregation``, ``last_k``,
+those of ``sirl train`` (``sirl.reward.RewardSpec``, spelled the same): ``+reward.reward_kwargs.truncation=mask`` and
+likewise ``reward`` (``neg_entropy`` | ``entropy``), ``reward_aggregation``, ``reward_last_k``,
 ``truncation_penalty``. verl 0.9.1's streaming reward loop hands reward managers token ids only, so there either
 source raises (see docs/integrations.md for which verl paths carry log-probs to the reward). SIRL is not offered
 as an advantage estimator (``algorithm.adv_estimator=<name>``): verl 0.9.1's ``compute_advantage`` passes a
@@ -55,9 +56,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from sirl.score import reward_options, sirl_rewards
+from sirl.reward import FIELDS as REWARD_OPTIONS
+from sirl.reward import RewardSpec
+from sirl.scoring import sirl_rewards
 from sirl_kernels.api import linear_token_logprobs_entropy
-from sirl_kernels.hf import model_logit_temperature
+from sirl_kernels.hf import fused_head_problem, model_logit_temperature, output_head
 
 VERL_INSTALL = (
     "this needs verl (pip install verl; the integration is written against verl 0.9.1, whose own pins require "
@@ -102,31 +105,19 @@ def response_per_token_values(batch, reward_source: str = "entropy") -> tuple[Te
     )
 
 
-def sirl_response_rewards(
-    per_token: Tensor,
-    response_mask: Tensor,
-    responses: Tensor,
-    eos_token_ids,
-    *,
-    aggregation: str = "mean",
-    last_k: int | None = None,
-    truncation: str = "keep",
-    truncation_penalty: float = -10.0,
-) -> tuple[Tensor, Tensor]:
+def sirl_response_rewards(per_token: Tensor, response_mask: Tensor, responses: Tensor, eos_token_ids,
+                          spec: RewardSpec = RewardSpec()) -> tuple[Tensor, Tensor]:
     """``(rewards [B], valid [B])`` from per-token entropies (or surprisals) over the response tokens.
 
     A response is truncated when its last valid token is not an eos token (verl stops at eos or at
-    ``response_length``); ``truncation`` then applies as in ``sirl.score.sirl_rewards``.
+    ``response_length``); ``spec.truncation`` then applies as in ``sirl.scoring.sirl_rewards``.
     """
     mask = response_mask.bool()
     lengths = mask.long().sum(-1)
     last = responses.gather(1, (lengths - 1).clamp_min(0)[:, None]).squeeze(1)
     eos = torch.as_tensor(list(eos_token_ids), device=responses.device)
     truncated = (lengths == 0) | ~torch.isin(last, eos)
-    return sirl_rewards(
-        per_token, mask, truncated, aggregation=aggregation, last_k=last_k, truncation=truncation,
-        truncation_penalty=truncation_penalty,
-    )
+    return sirl_rewards(per_token, mask, truncated, spec)
 
 
 def last_token_scores(rewards: Tensor, valid_response_length: Tensor, width: int) -> Tensor:
@@ -158,24 +149,24 @@ class SIRLRewardManager:
     """
 
     def __init__(self, config=None, tokenizer=None, compute_score=None, *, num_examine: int = 0,
-                 reward_source: str | None = None, aggregation: str | None = None, last_k: int | None = None,
-                 truncation: str | None = None, truncation_penalty: float | None = None, eos_token_ids=None,
-                 **kwargs):
+                 reward_source: str | None = None, eos_token_ids=None, **kwargs):
         self.config, self.tokenizer, self.compute_score = config, tokenizer, compute_score
         self.num_examine = num_examine
         given = _reward_kwargs(config)
+        unknown = sorted(set(given) - set(REWARD_OPTIONS) - {"reward_source"})
+        if unknown:
+            raise ValueError(f"reward.reward_kwargs: unknown option(s) {', '.join(unknown)}; SIRLRewardManager takes "
+                             f"reward_source and {', '.join(REWARD_OPTIONS)}")
         self.reward_source = check_reward_source(reward_source or given.get("reward_source", "entropy"))
-        self.options = reward_options(
-            aggregation or given.get("aggregation", "mean"),
-            last_k if last_k is not None else given.get("last_k", None),
-            truncation or given.get("truncation", "keep"),
-            truncation_penalty if truncation_penalty is not None else given.get("truncation_penalty", -10.0),
-        )
+        options = {**given, **{k: v for k, v in kwargs.items() if k in REWARD_OPTIONS}}
+        self.spec = RewardSpec.from_options(options)
+        if self.spec.reward == "random":
+            raise ValueError("reward='random' is an ablation of sirl train (it needs the run's step and row keys)")
         if eos_token_ids is None:
             eos = getattr(tokenizer, "eos_token_id", None)
             eos_token_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         self.eos_token_ids = list(eos_token_ids)
-        if not self.eos_token_ids and self.options["truncation"] != "keep":
+        if not self.eos_token_ids and self.spec.truncation != "keep":
             raise ValueError("truncation='mask'/'penalize' needs eos_token_ids (or a tokenizer with an eos token)")
 
     def scores(self, data) -> tuple[Tensor, Tensor, str]:
@@ -189,7 +180,7 @@ class SIRLRewardManager:
             response_mask = batch["attention_mask"][:, -width:]
         per_token, key = response_per_token_values(batch, self.reward_source)
         rewards, valid = sirl_response_rewards(per_token, response_mask, responses, self.eos_token_ids or [-1],
-                                               **self.options)
+                                               self.spec)
         return rewards, valid, key
 
     @staticmethod
@@ -306,12 +297,12 @@ def forward_with_sirl_kernels(
         rolled = torch.roll(input_ids, shifts=-1, dims=-1)
     else:
         raise RuntimeError("forward_with_sirl_kernels needs labels, shift_labels or input_ids")
-    head = self.get_output_embeddings()
+    weight, bias = output_head(self)  # a missing or wrapped head is an error, never a silent wrong logit
     hidden = outputs.last_hidden_state
-    if hidden.dtype != head.weight.dtype:
-        hidden = hidden.to(head.weight.dtype)
+    if hidden.dtype != weight.dtype:
+        hidden = hidden.to(weight.dtype)
     log_probs, entropy = fused_linear_for_ppo(
-        hidden, head.weight, rolled, model_logit_temperature(self.config, float(temperature)), bias=head.bias
+        hidden, weight, rolled, model_logit_temperature(self.config, float(temperature)), bias=bias
     )
     return output_class()(
         log_probs=log_probs, entropy=entropy, past_key_values=outputs.past_key_values,
@@ -321,7 +312,11 @@ def forward_with_sirl_kernels(
 
 def patch_forward(model) -> None:
     """Installs ``forward_with_sirl_kernels`` on the model's class, as verl's ``patch_forward_with_backends``
-    does for its own backends."""
+    does for its own backends; refuses (``NotImplementedError``) a model whose logits the fused head cannot
+    reproduce (``sirl_kernels.hf.fused_head_problem``), before anything is patched."""
+    problem = fused_head_problem(model)
+    if problem is not None:
+        raise NotImplementedError(f"impl_backend=sirl cannot serve {type(model).__name__}: {problem}")
     model.__class__.forward = forward_with_sirl_kernels
     model._verl_fused_kernels_backend = REGISTERED_NAME
 

@@ -23,8 +23,7 @@ def gradient_pass(dd, rows):
 
     from sirl.config import SIRLConfig
     from sirl.models import tiny_random_llama, tiny_tokenizer
-    from sirl.score import token_logprobs_entropy
-    from sirl.train import policy_gradient_pass
+    from sirl.passes import policy_gradient_pass, token_logprobs_entropy
 
     tok = tiny_tokenizer()
     model = tiny_random_llama(tok, seed=0)

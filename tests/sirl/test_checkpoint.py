@@ -9,6 +9,7 @@ pytest.importorskip("transformers", reason="transformers is not installed")
 pytest.importorskip("peft", reason="peft is not installed")
 
 import sirl.checkpoint as checkpoint_mod  # noqa: E402
+import sirl.rollout.hf as rollout_hf  # noqa: E402
 import sirl.train as train_mod  # noqa: E402
 from sirl.config import load_config  # noqa: E402
 
@@ -25,14 +26,14 @@ def config(out):
 
 def record_batches(monkeypatch):
     batches = []
-    real = train_mod.rollout
+    real = rollout_hf.generate_rollout
 
     def recording(*args, **kwargs):
         out = real(*args, **kwargs)
         batches.append(out.input_ids.clone())
         return out
 
-    monkeypatch.setattr(train_mod, "rollout", recording)
+    monkeypatch.setattr(rollout_hf, "generate_rollout", recording)
     return batches
 
 

@@ -6,7 +6,7 @@ pytest.importorskip("transformers", reason="transformers is not installed")
 from sirl.models import tiny_random_llama, tiny_tokenizer  # noqa: E402
 from sirl.reference import Reference, reference_logprobs  # noqa: E402
 from sirl.rollout import Rollout  # noqa: E402
-from sirl.score import token_logprobs_entropy  # noqa: E402
+from sirl.passes import token_logprobs_entropy  # noqa: E402
 
 
 def toy_rollout(V):

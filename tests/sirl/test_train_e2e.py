@@ -11,6 +11,8 @@ import torch
 
 pytest.importorskip("transformers", reason="transformers is not installed")
 
+import sirl.rollout.hf as rollout_hf  # noqa: E402
+import sirl.scoring as scoring_mod  # noqa: E402
 import sirl.train as train_mod  # noqa: E402
 from sirl.config import load_config  # noqa: E402
 from sirl.models import tiny_tokenizer  # noqa: E402
@@ -40,7 +42,7 @@ def test_thirty_steps_raise_the_sirl_reward(tmp_path):
 def test_the_loop_climbs_a_token_reward(tmp_path, monkeypatch):
     target = tiny_tokenizer().convert_tokens_to_ids("yes")
     freq, last = [], {}
-    real_rollout = train_mod.rollout
+    real_rollout = rollout_hf.generate_rollout
 
     def recording_rollout(*args, **kwargs):
         r = real_rollout(*args, **kwargs)
@@ -49,12 +51,12 @@ def test_the_loop_climbs_a_token_reward(tmp_path, monkeypatch):
         last["batch"] = r
         return r
 
-    def yes_reward(entropy, completion_mask, truncated, **kwargs):
+    def yes_reward(entropy, completion_mask, truncated, spec, keys=None):
         r = last["batch"]
         m = r.completion_mask.bool()
         return ((r.input_ids == target) & m).float().sum(-1) / m.sum(-1), torch.ones(len(r), dtype=torch.bool)
 
-    monkeypatch.setattr(train_mod, "rollout", recording_rollout)
-    monkeypatch.setattr(train_mod, "sirl_rewards", yes_reward)
+    monkeypatch.setattr(rollout_hf, "generate_rollout", recording_rollout)
+    monkeypatch.setattr(scoring_mod, "sirl_rewards", yes_reward)
     run(tmp_path, 15, 1e-2)
     assert freq[0] < 0.1 and mean(freq[-3:]) > 0.3, freq

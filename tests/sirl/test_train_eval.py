@@ -9,9 +9,11 @@ pytest.importorskip("transformers", reason="transformers is not installed")
 pytest.importorskip("peft", reason="peft is not installed")
 
 import sirl.train as train_mod  # noqa: E402
-from sirl.data import load_prompts  # noqa: E402
+from sirl.build import build  # noqa: E402
 from sirl.cli import main, plot  # noqa: E402
 from sirl.config import load_config  # noqa: E402
+from sirl.data import load_prompts  # noqa: E402
+from sirl.dist import Dist  # noqa: E402
 from sirl.eval.suite import eval_metrics, evaluate, load_suite, load_suite_code, metric_names  # noqa: E402
 from sirl.selection import BestTracker  # noqa: E402
 
@@ -149,7 +151,8 @@ def test_evaluation_leaves_the_training_run_unchanged_and_is_deterministic(tmp_p
     cfg = config(tmp_path / "again", eval_every=1, **{**EVAL, "eval_shuffle": True})
     suite = load_suite(cfg)
     load_suite_code(suite, cfg)
-    policy, tokenizer, *_ = train_mod.build(cfg, train_mod.Dist(), load_prompts(cfg.prompts))
+    run = build(cfg, Dist(), load_prompts(cfg.prompts))
+    policy, tokenizer = run.policy, run.tokenizer
     first = evaluate(policy, tokenizer, suite, step=0, output_dir=tmp_path / "e1")
     torch.manual_seed(123)  # whatever the global RNG holds: greedy and seeded
     second = evaluate(policy, tokenizer, suite, step=0, output_dir=tmp_path / "e2")

@@ -15,9 +15,10 @@ pytest.importorskip("transformers", reason="transformers is not installed")
 from sirl.advantage import group_advantages  # noqa: E402
 from sirl.config import load_config  # noqa: E402
 from sirl.data import encode_prompt, load_prompts  # noqa: E402
+from sirl.build import build  # noqa: E402
+from sirl.dist import Dist  # noqa: E402
+from sirl.passes import policy_gradient_pass, token_logprobs_entropy  # noqa: E402
 from sirl.rollout import rollout  # noqa: E402
-from sirl.score import token_logprobs_entropy  # noqa: E402
-from sirl.train import Dist, build, policy_gradient_pass  # noqa: E402
 
 
 def _config(tmp_path, **overrides):
@@ -28,7 +29,8 @@ def _config(tmp_path, **overrides):
 def _built_and_rolled_out(cfg):
     """The trainer's model and reference, and one rollout of the first prompts, from fixed seeds."""
     torch.manual_seed(0)
-    policy, tokenizer, reference, _, _, stream, _ = build(cfg, Dist(), load_prompts(cfg.prompts))
+    run = build(cfg, Dist(), load_prompts(cfg.prompts))
+    policy, tokenizer, reference, stream = run.policy, run.tokenizer, run.reference, run.stream
     prompts = [encode_prompt(tokenizer, stream.prompts[i], None, 64) for i in range(cfg.prompts_per_step)]
     torch.manual_seed(1)
     batch = rollout(policy, tokenizer, prompts, group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
@@ -80,8 +82,7 @@ def test_reward_from_the_training_forward_equals_a_separate_scoring_pass(tmp_pat
     So: the rewards agree to the rounding bound of the model's fp32 forward; the advantages to what that reward
     difference becomes after standardisation; and the gradients, given the same advantages, tightly."""
     from sirl.reference import reference_logprobs
-    from sirl.score import valid_rows
-    from sirl.train import ScoreInLoss, score
+    from sirl.scoring import ScoreInLoss, Scoring, valid_rows
 
     cfg = _config(tmp_path, lora=True, kl_beta=0.05, **options)
 
@@ -96,11 +97,11 @@ def test_reward_from_the_training_forward_equals_a_separate_scoring_pass(tmp_pat
         policy.train()
         if mode == "separate":
             old, entropy = token_logprobs_entropy(policy, batch, 1.0, cfg.micro_batch_tokens)
-            scores = score(batch, entropy, cfg, Dist())
+            scores = Scoring.of(cfg)(batch, entropy, old)
             stats = policy_gradient_pass(policy, batch, old, ref, scores.advantages if advantages is None
                                          else advantages, loss_mask, cfg, Dist(), nullcontext())
         else:
-            scorer = ScoreInLoss(batch, cfg)
+            scorer = ScoreInLoss(Scoring.of(cfg), batch)
             stats = policy_gradient_pass(policy, batch, None, ref, None, loss_mask, cfg, Dist(), nullcontext(),
                                          score_in_loss=scorer)
             scores = scorer.scores

@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("transformers", reason="transformers is not installed")
 
-import sirl.score as score_mod  # noqa: E402
+import sirl.passes as passes_mod  # noqa: E402
 import sirl.train as train_mod  # noqa: E402
 from sirl.config import load_config  # noqa: E402
 
@@ -21,8 +21,7 @@ def _config(out, **overrides):
 @pytest.mark.parametrize("reward_pass", ["auto", "separate"])
 def test_ids_checked_once_per_rollout_and_never_per_kernel_call(tmp_path, monkeypatch, reward_pass):
     validations, kernel_checks = [], []
-    real_validate, real_hf = train_mod.validate_labels, train_mod.causal_lm_token_logprobs_entropy
-    real_score = score_mod.causal_lm_token_logprobs_entropy
+    real_validate, real_hf = train_mod.validate_labels, passes_mod.causal_lm_token_logprobs_entropy
 
     def validate(labels, vocab_size, *args, **kwargs):
         validations.append(vocab_size)
@@ -35,21 +34,20 @@ def test_ids_checked_once_per_rollout_and_never_per_kernel_call(tmp_path, monkey
         return call
 
     monkeypatch.setattr(train_mod, "validate_labels", validate)
-    monkeypatch.setattr(train_mod, "causal_lm_token_logprobs_entropy", spy(real_hf))
-    monkeypatch.setattr(score_mod, "causal_lm_token_logprobs_entropy", spy(real_score))
+    monkeypatch.setattr(passes_mod, "causal_lm_token_logprobs_entropy", spy(real_hf))
     rows = train_mod.train(_config(tmp_path, reward_pass=reward_pass))
     assert len(rows) == 2 and len(validations) == 2  # one check per step's rollout
     assert kernel_checks and not any(kernel_checks), kernel_checks  # policy, score and reference passes
 
 
 def test_a_nan_in_the_log_probs_stops_training_before_the_update(tmp_path, monkeypatch):
-    real = train_mod.causal_lm_token_logprobs_entropy
+    real = passes_mod.causal_lm_token_logprobs_entropy
 
     def poisoned(*args, **kwargs):
         logprobs, entropy = real(*args, **kwargs)
         return logprobs * float("nan"), entropy
 
-    monkeypatch.setattr(train_mod, "causal_lm_token_logprobs_entropy", poisoned)
+    monkeypatch.setattr(passes_mod, "causal_lm_token_logprobs_entropy", poisoned)
     cfg = _config(tmp_path, lora=False)
     torch.manual_seed(0)
     with pytest.raises(FloatingPointError, match="step 1: the gradient norm is nan"):
@@ -62,6 +60,7 @@ def test_loss_statistics_are_read_once_per_pass_not_per_micro_batch(monkeypatch)
     from contextlib import nullcontext
 
     from sirl.config import SIRLConfig
+    from sirl.dist import Dist
     from sirl.models import tiny_random_llama, tiny_tokenizer
     from sirl.rollout import Rollout
 
@@ -70,7 +69,7 @@ def test_loss_statistics_are_read_once_per_pass_not_per_micro_batch(monkeypatch)
     comp = torch.zeros_like(ids)
     comp[:, 4:] = 1
     batch = Rollout(ids, torch.ones_like(ids), comp, torch.zeros(8, dtype=torch.bool), torch.arange(8) // 4, 4)
-    old, _ = score_mod.token_logprobs_entropy(model, batch, 1.0, 1000)
+    old, _ = passes_mod.token_logprobs_entropy(model, batch, 1.0, 1000)
     reads = {"item": 0, "tolist": 0}
     for name in reads:
         real = getattr(torch.Tensor, name)
@@ -81,7 +80,7 @@ def test_loss_statistics_are_read_once_per_pass_not_per_micro_batch(monkeypatch)
 
         monkeypatch.setattr(torch.Tensor, name, counted)
     cfg = SIRLConfig(micro_batch_tokens=20, kl_beta=0.1)  # 2 rows of 10 tokens each: 4 micro-batches
-    stats = train_mod.policy_gradient_pass(model, batch, old - 0.3 * comp, old + 0.1 * comp, torch.linspace(-1, 1, 8),
-                                           comp.bool(), cfg, train_mod.Dist(), nullcontext())
+    stats = passes_mod.policy_gradient_pass(model, batch, old - 0.3 * comp, old + 0.1 * comp,
+                                            torch.linspace(-1, 1, 8), comp.bool(), cfg, Dist(), nullcontext())
     assert reads == {"item": 0, "tolist": 2}, reads
     assert stats["clip_frac"] > 0 and stats["kl"] > 0 and isinstance(stats["loss"], float)

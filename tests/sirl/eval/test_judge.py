@@ -93,3 +93,40 @@ def test_llm_judge_reads_yes_no_logprobs(tiny):
     y, n = logp[judge.yes_ids[0]], logp[judge.no_ids[0]]
     assert scores[1] == pytest.approx(1 / (1 + math.exp(-(y - n).item())), abs=1e-4)
     assert "bake bread" in judge.judge_message("bake bread", "no") and "[REPLY]" in JUDGE_PROMPT
+
+
+def test_llm_judge_scores_a_logit_scaling_model_on_its_real_logits_and_refuses_an_unknown_one(tiny, monkeypatch):
+    """A Cohere-style judge (logits * logit_scale) is scored on its own scaled logits: the judge goes through
+    sirl_kernels.hf, which folds the scaling in and checks the logits. A model that changes its logits in a way the
+    fused head does not know is refused (fail closed), never judged on the wrong numbers."""
+    transformers = pytest.importorskip("transformers")
+    from sirl_kernels.hf import clear_logits_verdicts
+
+    _, tok = tiny
+    config = transformers.CohereConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=4, logit_scale=4.0,
+                                       max_position_embeddings=512, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    model = transformers.CohereForCausalLM(config).eval()
+    judge = LLMJudge(model, tok, batch_size=2)
+    judge(["how do i make a bomb", "tell joke"], ["sorry i cannot", "yes"])
+    for i, (p, r) in enumerate([("how do i make a bomb", "sorry i cannot"), ("tell joke", "yes")]):
+        ids = torch.tensor([judge.encode(p, r)])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits[0, -1].double(), -1)  # includes * logit_scale
+        y, n = logp[judge.yes_ids[0]], logp[judge.no_ids[0]]
+        assert judge.last_scores[i] == pytest.approx(1 / (1 + math.exp(-(y - n).item())), abs=1e-5)
+    unscaled = torch.log_softmax((model(ids).logits[0, -1] / 4.0).double(), -1)
+    wrong = 1 / (1 + math.exp(-(unscaled[judge.yes_ids[0]] - unscaled[judge.no_ids[0]]).item()))
+    assert abs(wrong - judge.last_scores[1]) > 1e-3  # the test can tell the scaling apart
+
+    class Edited(type(tiny[0])):  # a Llama whose forward scales its logits by 1.05 after lm_head
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 1.05
+            return out
+
+    clear_logits_verdicts()
+    edited = Edited(tiny[0].config).eval()
+    with pytest.raises(NotImplementedError, match="Edited"):
+        LLMJudge(edited, tok)(["tell joke"], ["yes"])

@@ -25,7 +25,8 @@ import sirl_kernels.api  # noqa: E402
 from sirl.integrations.trl import SIRLGRPOConfig, SIRLGRPOTrainer, add_sirl_lm_head  # noqa: E402
 from sirl.models import tiny_random_llama, tiny_tokenizer  # noqa: E402
 from sirl.rollout import Rollout, left_pad  # noqa: E402
-from sirl.score import sirl_rewards, token_logprobs_entropy  # noqa: E402
+from sirl.passes import token_logprobs_entropy  # noqa: E402
+from sirl.scoring import sirl_rewards  # noqa: E402
 
 TOL = dict(rtol=1e-5, atol=1e-5)  # float32 kernels against float32 / float64 references
 
@@ -151,7 +152,7 @@ class ProbeTrainer(SIRLGRPOTrainer):
                           torch.cat([torch.zeros_like(p_mask), c_mask], 1), truncated,
                           torch.zeros(len(c_ids), dtype=torch.long), p_ids.shape[1])
         _, entropy = token_logprobs_entropy(self.model, rollout, temperature=self.temperature, token_budget=4096)
-        expected, valid = sirl_rewards(entropy, rollout.completion_mask, truncated, **self._sirl_options)
+        expected, valid = sirl_rewards(entropy, rollout.completion_mask, truncated, self._sirl_spec)
         self.probes.append((rewards_per_func.clone(), expected, valid, truncated))
         return rewards_per_func
 

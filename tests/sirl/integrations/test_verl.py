@@ -30,7 +30,8 @@ if VERL_OVERLAY.is_dir() and str(VERL_OVERLAY) not in sys.path:
 
 import sirl.integrations.verl as sirl_verl  # noqa: E402
 from sirl.integrations.verl import SIRLRewardManager, forward_with_sirl_kernels, install_verl_backend  # noqa: E402
-from sirl.score import sirl_rewards  # noqa: E402
+from sirl.reward import RewardSpec  # noqa: E402
+from sirl.scoring import sirl_rewards  # noqa: E402
 
 HAVE_VERL = importlib.util.find_spec("verl") is not None
 NO_VERL = f"verl is not installed: scripts/setup.sh puts verl 0.9.1 in {VERL_OVERLAY}"
@@ -145,11 +146,14 @@ def test_truncation_options(make_data):
 
 
 def test_options_from_verl_config_and_tokenizer():
-    config = {"reward": {"reward_kwargs": {"truncation": "penalize", "truncation_penalty": -2, "last_k": 2,
+    config = {"reward": {"reward_kwargs": {"truncation": "penalize", "truncation_penalty": -2, "reward_last_k": 2,
                                            "reward_source": "surprisal_estimate"}}}
     manager = SIRLRewardManager(config=config, tokenizer=types.SimpleNamespace(eos_token_id=EOS), compute_score=None)
-    assert manager.options == dict(aggregation="mean", last_k=2, truncation="penalize", truncation_penalty=-2.0)
+    assert manager.spec == RewardSpec(reward_last_k=2, truncation="penalize", truncation_penalty=-2.0)
     assert manager.eos_token_ids == [EOS] and manager.reward_source == "surprisal_estimate"
+    old_spelling = {"reward": {"reward_kwargs": {"last_k": 2}}}  # never silently ignored
+    with pytest.raises(ValueError, match="unknown option.*last_k; SIRLRewardManager takes reward_source and reward"):
+        SIRLRewardManager(config=old_spelling, tokenizer=types.SimpleNamespace(eos_token_id=EOS))
 
 
 @pytest.mark.parametrize("source, key", [("entropy", "entropys"), ("surprisal_estimate", "rollout_log_probs")])
@@ -297,7 +301,7 @@ def test_loaded_by_verl_from_the_documented_config():  # pragma: no cover - need
         "reward_kwargs": {"truncation": "penalize", "truncation_penalty": -3.0, "reward_source": "surprisal_estimate"},
     }})
     manager = load_reward_manager(config, types.SimpleNamespace(eos_token_id=EOS))
-    assert isinstance(manager, SIRLRewardManager) and manager.options["truncation"] == "penalize"
+    assert isinstance(manager, SIRLRewardManager) and manager.spec.truncation == "penalize"
     assert manager.reward_source == "surprisal_estimate"
     from verl import DataProto
 

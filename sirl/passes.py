@@ -1,0 +1,116 @@
+"""The model's passes over a rollout: micro-batches, the no-grad scoring pass, the loss pass (forward + backward).
+
+Every pass goes through ``sirl_kernels.hf.causal_lm_token_logprobs_entropy`` (decoder body + fused head on the
+completion rows), so no ``[B, T, V]`` logits exist. Micro-batches hold at most ``micro_batch_tokens`` padded tokens;
+the loss pass keeps whole groups in one micro-batch when the rewards come from its own forward (``ScoreInLoss``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from sirl.loss import sirl_loss
+from sirl.rollout import Rollout
+from sirl_kernels.hf import causal_lm_token_logprobs_entropy
+
+
+def micro_batches(rollout: Rollout, token_budget: int, whole: int = 1) -> list[slice]:
+    """Consecutive row slices with at most ``token_budget`` padded tokens each (at least ``whole`` rows, and a
+    multiple of ``whole`` rows: ``whole=G`` keeps every group in one micro-batch)."""
+    rows_per = max(whole, token_budget // max(1, rollout.input_ids.shape[1]) // whole * whole)
+    return [slice(s, min(s + rows_per, len(rollout))) for s in range(0, len(rollout), rows_per)]
+
+
+def trim(rollout: Rollout) -> Rollout:
+    """Drops trailing columns no row uses (micro-batches of short completions run shorter)."""
+    used = rollout.attention_mask.any(0).nonzero()
+    end = int(used.max()) + 1 if used.numel() else rollout.input_ids.shape[1]
+    return rollout.select(slice(None)) if end == rollout.input_ids.shape[1] else rollout.columns(end)
+
+
+@torch.no_grad()
+def token_logprobs_entropy(model, rollout: Rollout, temperature: float, token_budget: int, check_labels: bool = True
+                           ) -> tuple[Tensor, Tensor]:
+    """``(logprobs, entropy)`` ``[N, T]`` float32, zero outside the completion (alignment: sirl_kernels.hf).
+
+    ``check_labels=False`` skips the kernels' per-call token-id check (a host sync per micro-batch on CUDA): for
+    callers that validated the ids once (the trainer, once per rollout). The pass still syncs once per micro-batch
+    in ``sirl_kernels.hf``, whose boolean-mask gather of the predicting rows needs their count on the host."""
+    width = rollout.input_ids.shape[1]
+    logprobs = torch.zeros(rollout.input_ids.shape, dtype=torch.float32, device=rollout.input_ids.device)
+    entropy = torch.zeros_like(logprobs)
+    was_training = model.training
+    model.eval()  # no dropout and no gradient checkpointing in a no-grad pass
+    try:
+        for rows in micro_batches(rollout, token_budget):
+            mb = trim(rollout.select(rows))
+            lp, ent = causal_lm_token_logprobs_entropy(
+                model, mb.input_ids, mb.attention_mask, mb.completion_mask, temperature=temperature,
+                check_labels=check_labels,
+            )
+            logprobs[rows, : lp.shape[1]] = lp
+            entropy[rows, : ent.shape[1]] = ent
+    finally:
+        model.train(was_training)
+    assert logprobs.shape[1] == width
+    return logprobs, entropy
+
+
+def loss_normalisers(batch: Rollout, loss_mask: Tensor, dd) -> dict:
+    """Token and sequence counts over the whole batch (all ranks): what makes micro-batch losses add up."""
+    counts = torch.stack([loss_mask.sum(), loss_mask.any(-1).sum()]).double()
+    tokens, seqs = dd.all_sum_tensor(counts).tolist()  # one host read for both
+    return dict(total_tokens=tokens, total_sequences=seqs,
+                max_completion_tokens=batch.input_ids.shape[1] - batch.prompt_length)
+
+
+def truncated_is_weights(trainer_logprobs: Tensor, sampler_logprobs: Tensor, cap: float) -> Tensor:
+    """Truncated importance sampling (TIS): ``min(pi_trainer / pi_sampler, cap)`` per token, detached. The
+    rollout engine samples from its own numerics (another kernel, another precision); this reweights each token's
+    policy gradient to the trainer's distribution, capped so one token cannot dominate (verl, TRL)."""
+    return (trainer_logprobs.detach() - sampler_logprobs).clamp(max=20.0).exp().clamp(max=cap)
+
+
+def policy_gradient_pass(
+    policy, batch: Rollout, old_logprobs, ref_logprobs, advantages, loss_mask, cfg, dd, autocast,
+    score_in_loss=None,
+) -> dict:
+    """Forward + backward over micro-batches, gradients accumulated and summed across ranks. No optimizer step.
+
+    With ``score_in_loss`` (on-policy; ``old_logprobs`` and ``advantages`` are then None), each micro-batch holds
+    whole groups: its forward's own log-probs, detached, are the old ones (the ratio is exactly 1, its gradient
+    the policy gradient) and its entropies give the rewards and advantages before its loss is formed. With
+    ``cfg.tis_cap`` and the sampler's log-probs in the rollout, each token's policy gradient is weighted by
+    :func:`truncated_is_weights`."""
+    norm = loss_normalisers(batch, loss_mask, dd)
+    keys = ("tokens", "clipped_tokens", "kl_sum", "loss")
+    totals = torch.zeros(len(keys), dtype=torch.float64, device=batch.input_ids.device)  # summed on the device
+    whole = cfg.group_size if score_in_loss is not None else 1
+    use_tis = cfg.tis_cap is not None and batch.sampler_logprobs is not None
+    for rows in micro_batches(batch, cfg.micro_batch_tokens, whole):
+        mb = trim(batch.select(rows))
+        width = mb.input_ids.shape[1]
+        with autocast:
+            new_logprobs, entropy = causal_lm_token_logprobs_entropy(
+                policy, mb.input_ids, mb.attention_mask, mb.completion_mask, temperature=cfg.temperature,
+                check_labels=False,  # the ids were validated once after the rollout
+            )
+        if score_in_loss is None:
+            old, adv = old_logprobs[rows, :width], advantages[rows]
+        else:
+            old = new_logprobs.detach()
+            adv = score_in_loss(rows, entropy.detach(), old)
+        weights = truncated_is_weights(old, mb.sampler_logprobs, cfg.tis_cap) if use_tis else None
+        loss, stats = sirl_loss(
+            new_logprobs, old, None if ref_logprobs is None else ref_logprobs[rows, :width],
+            adv, loss_mask[rows, :width],
+            eps_low=cfg.clip_eps_low, eps_high=cfg.clip_eps_high, log_ratio_clamp=cfg.log_ratio_clamp,
+            kl_beta=cfg.kl_beta, kl_estimator=cfg.kl_estimator, kl_clamp=cfg.kl_clamp,
+            aggregation=cfg.loss_aggregation, is_weights=weights, **norm,
+        )
+        loss.backward()
+        totals += torch.stack([stats[k].double() for k in keys])
+    dd.sum_gradients([p for p in policy.parameters() if p.requires_grad])
+    tokens, clipped, kl_sum, loss = dd.all_sum_tensor(totals).tolist()  # the pass's one host read of its stats
+    return {"loss": loss, "clip_frac": clipped / max(tokens, 1.0), "kl": kl_sum / max(tokens, 1.0)}
