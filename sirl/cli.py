@@ -49,6 +49,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="start again in an --output-dir that holds another run: its files are moved into "
                         "OUTPUT_DIR/previous-<time>/, never deleted")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the config, build the model on the meta device from its config (model_config, or the "
+                        "model's own) and print the plan and the memory per rank; load no weights, write nothing")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="with --dry-run: plan for this many ranks (default: $WORLD_SIZE, else 1)")
     p.add_argument("--allow-config-change", action="store_true",
                    help="with --resume: apply settings that differ from the run's saved config (logged in "
                         "config_changes.jsonl) instead of refusing")
@@ -64,7 +69,19 @@ def run_train(args: argparse.Namespace) -> int:
         raise ConfigError("--allow-config-change only applies with --resume")
     if args.overwrite and args.resume:
         raise ConfigError("--overwrite starts the run again and --resume continues it: give one of them")
-    cfg = load_config(args.config, args.preset, overrides)
+    cfg = load_config(args.config, args.preset, overrides, planning=args.dry_run)
+    if args.dry_run:
+        import os
+
+        from sirl.plan import dry_run
+
+        world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+        if world < 1:
+            raise ConfigError(f"--world-size {world}: must be >= 1")
+        print(dry_run(cfg, world).describe())
+        return 0
+    if args.world_size is not None:
+        raise ConfigError("--world-size only applies with --dry-run (torchrun sets the ranks of a real run)")
     rows = [r for r in train(cfg, resume=args.resume, allow_config_change=args.allow_config_change,
                              overwrite=args.overwrite) if "reward_mean" in r]
     if rows:

@@ -32,6 +32,9 @@ class SIRLConfig:
     dtype: str = knob("auto", "weights' dtype; auto = bf16 on CUDA, fp32 on CPU",
                       choices=("auto", "float32", "bfloat16"))
     device: str = knob("auto", "auto = cuda:LOCAL_RANK when available, else cpu; or cpu, cuda, cuda:N (must exist)")
+    model_config: str | None = knob(None, "the model's config.json (or a directory holding one; a file shipped in "
+                                    "sirl/presets by name) for sirl train --dry-run when the weights are not at hand",
+                                    nonempty=True)
     lora: bool = knob(True, "LoRA via peft; the reference is then the same model with adapters disabled")
     lora_r: int = knob(16, "LoRA rank", ge=1)
     lora_alpha: int = knob(32, "LoRA scaling numerator (scale = alpha / r)", ge=1)
@@ -153,6 +156,10 @@ class SIRLConfig:
 
     extra: dict = knob({}, "free-form, carried into checkpoints (e.g. notes)")
 
+    # True for a --dry-run's config: it is checked to plan a run elsewhere, so what only the run needs (vLLM
+    # installed here) is not required. Not a config key (no annotation: a default on the class, set per instance).
+    planning = False
+
     def validate(self) -> "SIRLConfig":
         """Checks every key's type and range and the rules between keys; converts exact text ("1e-6", "yes")."""
         errors = []
@@ -265,7 +272,7 @@ KEY_CHECKS = {
 
 def _sources_exist(cfg: SIRLConfig) -> str | None:
     """The training and evaluation prompt sources are files (here or shipped in sirl/presets) or hf:NAME."""
-    for key in ("prompts", "eval_harmful", "eval_overrefusal", "eval_capability"):
+    for key in ("prompts", "eval_harmful", "eval_overrefusal", "eval_capability", "model_config"):
         source = getattr(cfg, key)
         path = None if source is None else source.partition("?")[0] if key != "prompts" else source
         if path is not None and not path.startswith("hf:") and resolve_prompt_path(path) is None:
@@ -324,6 +331,15 @@ def _reward_pass(cfg: SIRLConfig) -> str | None:
     return None
 
 
+def _engine_installed(cfg: SIRLConfig) -> str | None:
+    import importlib.util
+
+    if cfg.rollout_engine == "vllm" and importlib.util.find_spec("vllm") is None and not cfg.planning:
+        return ("rollout_engine=vllm: vLLM is not installed here: pip install 'sirl-kernels[vllm]' (on a CPU machine: "
+                "bash scripts/setup.sh vllm, then PYTHONPATH=.venv/vllm-overlay)")
+    return None
+
+
 def _importance_sampling(cfg: SIRLConfig) -> str | None:
     if cfg.tis_cap is not None and cfg.rollout_engine == "hf":
         return (f"tis_cap={cfg.tis_cap}: needs the sampler's own log-probs, which rollout_engine=hf does not have "
@@ -331,7 +347,8 @@ def _importance_sampling(cfg: SIRLConfig) -> str | None:
     return None
 
 
-CROSS_RULES = (_sources_exist, _eval_sets_named, _judge_spec, _selection, _reward_pass, _importance_sampling)
+CROSS_RULES = (_sources_exist, _eval_sets_named, _judge_spec, _selection, _reward_pass, _engine_installed,
+               _importance_sampling)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -417,15 +434,19 @@ def load_config(
     config_file: str | Path | None = None,
     preset: str | None = None,
     overrides: list[str] | dict | None = None,
+    planning: bool = False,
 ) -> SIRLConfig:
-    """Defaults <- preset <- config file <- overrides, then validated."""
+    """Defaults <- preset <- config file <- overrides, then validated (``planning``: for a dry run, see
+    ``SIRLConfig.planning``)."""
     data: dict = {}
     if preset is not None:
         data.update(load_yaml(preset_path(preset)))
     if config_file is not None:
         data.update(load_yaml(config_file))
     data.update(parse_overrides(overrides))
-    return SIRLConfig(**data).validate()
+    cfg = SIRLConfig(**data)
+    cfg.planning = planning
+    return cfg.validate()
 
 
 def save_config(cfg: SIRLConfig, path: str | Path) -> None:

@@ -19,6 +19,7 @@ class Dist:
     world: int = 1
     # Where the tensors of a collective live: NCCL (the backend on CUDA) only reduces CUDA tensors, gloo CPU ones.
     device: torch.device = torch.device("cpu")
+    sharded: bool = False  # parallel=fsdp over more than one rank (sirl.sharding)
 
     @property
     def main(self) -> bool:
@@ -49,6 +50,23 @@ class Dist:
         dist.all_gather(parts, t.contiguous())
         return torch.cat(parts)
 
+    def run_on_main(self, fn):
+        """``fn()`` on rank 0 only, its result returned there (None elsewhere). Every rank learns whether it
+        succeeded: rank 0 re-raises its exception, the others raise RuntimeError, so no rank waits forever in a
+        later collective for one that failed."""
+        result, error = None, None
+        if self.main:
+            try:
+                result = fn()
+            except Exception as exc:  # noqa: BLE001 - re-raised below, once every rank knows
+                error = exc
+        failed = self.all_sum([1.0 if error is not None else 0.0])[0] > 0
+        if error is not None:
+            raise error
+        if failed:
+            raise RuntimeError("rank 0 failed (its error says why)")
+        return result
+
     def rank0_flag(self, flag: bool) -> bool:
         """Rank 0's ``flag`` on every rank (e.g. rank 0's evaluation decided to stop)."""
         return self.all_sum([float(flag) if self.main else 0.0])[0] > 0
@@ -70,8 +88,9 @@ class Dist:
 COLLECTIVE_TIMEOUT = timedelta(hours=2)
 
 
-def init_distributed(device: torch.device) -> Dist:
-    """The process group under torchrun (NCCL when ``device`` is CUDA, else gloo); a single-process Dist without."""
+def init_distributed(device: torch.device, parallel: str = "ddp") -> Dist:
+    """The process group under torchrun (NCCL when ``device`` is CUDA, else gloo); a single-process Dist without.
+    ``parallel="fsdp"`` shards the model when there is more than one rank."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         if device.type == "cuda":
@@ -79,7 +98,8 @@ def init_distributed(device: torch.device) -> Dist:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
     if dist.is_initialized():
         collective = device if dist.get_backend() == "nccl" else torch.device("cpu")
-        return Dist(dist.get_rank(), dist.get_world_size(), collective)
+        world = dist.get_world_size()
+        return Dist(dist.get_rank(), world, collective, sharded=parallel == "fsdp" and world > 1)
     return Dist()
 
 

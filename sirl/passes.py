@@ -15,6 +15,27 @@ from sirl.rollout import Rollout
 from sirl_kernels.hf import causal_lm_token_logprobs_entropy
 
 
+class TokenScorer(torch.nn.Module):
+    """A causal LM's per-token log-probs and entropies (``sirl_kernels.hf``) as one module, the thing every pass
+    calls. Under ``parallel=fsdp`` it is the root FSDP unit (``sirl.sharding``): its forward unshards the parameters
+    outside the decoder layers (embeddings, final norm, lm_head) for the fused head, and its backward
+    reduce-scatters their gradients, so the fused head needs no special case under sharding."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor, temperature: float = 1.0,
+                check_labels: bool = True) -> tuple[Tensor, Tensor]:
+        return causal_lm_token_logprobs_entropy(self.model, input_ids, attention_mask, completion_mask,
+                                                temperature=temperature, check_labels=check_labels)
+
+
+def as_scorer(model) -> TokenScorer:
+    """``model`` itself when it is a :class:`TokenScorer`, else a (plain) one around it."""
+    return model if isinstance(model, TokenScorer) else TokenScorer(model)
+
+
 def micro_batches(rollout: Rollout, token_budget: int, whole: int = 1) -> list[slice]:
     """Consecutive row slices with at most ``token_budget`` padded tokens each (at least ``whole`` rows, and a
     multiple of ``whole`` rows: ``whole=G`` keeps every group in one micro-batch)."""
@@ -37,6 +58,7 @@ def token_logprobs_entropy(model, rollout: Rollout, temperature: float, token_bu
     ``check_labels=False`` skips the kernels' per-call token-id check (a host sync per micro-batch on CUDA): for
     callers that validated the ids once (the trainer, once per rollout). The pass still syncs once per micro-batch
     in ``sirl_kernels.hf``, whose boolean-mask gather of the predicting rows needs their count on the host."""
+    model = as_scorer(model)
     width = rollout.input_ids.shape[1]
     logprobs = torch.zeros(rollout.input_ids.shape, dtype=torch.float32, device=rollout.input_ids.device)
     entropy = torch.zeros_like(logprobs)
@@ -45,10 +67,7 @@ def token_logprobs_entropy(model, rollout: Rollout, temperature: float, token_bu
     try:
         for rows in micro_batches(rollout, token_budget):
             mb = trim(rollout.select(rows))
-            lp, ent = causal_lm_token_logprobs_entropy(
-                model, mb.input_ids, mb.attention_mask, mb.completion_mask, temperature=temperature,
-                check_labels=check_labels,
-            )
+            lp, ent = model(mb.input_ids, mb.attention_mask, mb.completion_mask, temperature, check_labels)
             logprobs[rows, : lp.shape[1]] = lp
             entropy[rows, : ent.shape[1]] = ent
     finally:
@@ -83,6 +102,7 @@ def policy_gradient_pass(
     the policy gradient) and its entropies give the rewards and advantages before its loss is formed. With
     ``cfg.tis_cap`` and the sampler's log-probs in the rollout, each token's policy gradient is weighted by
     :func:`truncated_is_weights`."""
+    scorer = as_scorer(policy)
     norm = loss_normalisers(batch, loss_mask, dd)
     keys = ("tokens", "clipped_tokens", "kl_sum", "loss")
     totals = torch.zeros(len(keys), dtype=torch.float64, device=batch.input_ids.device)  # summed on the device
@@ -92,10 +112,8 @@ def policy_gradient_pass(
         mb = trim(batch.select(rows))
         width = mb.input_ids.shape[1]
         with autocast:
-            new_logprobs, entropy = causal_lm_token_logprobs_entropy(
-                policy, mb.input_ids, mb.attention_mask, mb.completion_mask, temperature=cfg.temperature,
-                check_labels=False,  # the ids were validated once after the rollout
-            )
+            new_logprobs, entropy = scorer(mb.input_ids, mb.attention_mask, mb.completion_mask, cfg.temperature,
+                                           False)  # the ids were validated once after the rollout
         if score_in_loss is None:
             old, adv = old_logprobs[rows, :width], advantages[rows]
         else:
@@ -111,6 +129,7 @@ def policy_gradient_pass(
         )
         loss.backward()
         totals += torch.stack([stats[k].double() for k in keys])
-    dd.sum_gradients([p for p in policy.parameters() if p.requires_grad])
+    if not dd.sharded:  # FSDP reduce-scatters (sums) the gradients itself, in the backward
+        dd.sum_gradients([p for p in scorer.parameters() if p.requires_grad])
     tokens, clipped, kl_sum, loss = dd.all_sum_tensor(totals).tolist()  # the pass's one host read of its stats
     return {"loss": loss, "clip_frac": clipped / max(tokens, 1.0), "kl": kl_sum / max(tokens, 1.0)}

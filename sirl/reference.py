@@ -1,15 +1,18 @@
 """The KL anchor: the policy as it was before training.
 
 With LoRA the reference costs nothing: the same model with its adapters disabled. With full fine-tuning it is
-a frozen copy taken before the first update (a resumed run rebuilds it from the original weights).
+a frozen copy taken before the first update (a resumed run rebuilds it from the original weights); under
+``parallel=fsdp`` that copy is sharded like the policy.
 """
 
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
+
+from sirl.passes import TokenScorer, as_scorer
 
 
 def is_peft_model(model) -> bool:
@@ -17,21 +20,24 @@ def is_peft_model(model) -> bool:
 
 
 class Reference:
-    def __init__(self, policy):
+    def __init__(self, policy, shard=None):
+        """``shard``: how the policy's scorer is built (``sirl.sharding.shard`` under FSDP), for the frozen copy."""
         if is_peft_model(policy):
             self.frozen = None
         else:
-            self.frozen = copy.deepcopy(policy).eval().requires_grad_(False)
+            frozen = copy.deepcopy(policy).eval().requires_grad_(False)
+            self.frozen = shard(frozen) if shard is not None else TokenScorer(frozen)
 
     @contextmanager
     def model(self, policy):
-        """``with ref.model(policy) as m:`` gives a module computing the reference distribution."""
+        """``with ref.model(policy) as m:`` gives a scorer (``sirl.passes.TokenScorer``) computing the reference
+        distribution; ``policy`` is the policy's scorer (or the model itself)."""
         if self.frozen is None:
-            with policy.disable_adapter():
-                yield policy
+            scorer = as_scorer(policy)
+            with scorer.model.disable_adapter():
+                yield scorer
         else:
-            with nullcontext():
-                yield self.frozen
+            yield self.frozen
 
 
 @torch.no_grad()

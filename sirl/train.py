@@ -52,10 +52,12 @@ from sirl.metrics import Logger, StageTimer, check_logs, log_config_changes, pea
 from sirl.metrics import timing_metrics
 from sirl.models import active_dropout
 from sirl.optim import apply_optimizer_settings
+from sirl.plan import memory_plan
 from sirl.passes import policy_gradient_pass, token_logprobs_entropy
 from sirl.reference import reference_logprobs
 from sirl.scoring import ScoreInLoss, Scoring, valid_rows
 from sirl.selection import BestTracker
+from sirl.sharding import full_tensor
 from sirl_kernels import validate_labels
 from sirl_kernels.hf import output_head, unwrap_model
 
@@ -77,6 +79,20 @@ def reward_from_loss_pass(cfg: SIRLConfig, policy, dd: Dist) -> bool:
         print(f"reward_pass=auto: the rewards come from a separate no-grad pass ({dropout} is active in the "
               "training forward)", flush=True)
     return False
+
+
+def rank0_choice(dd: Dist, choose, output_dir: Path):
+    """Rank 0 chooses the checkpoint to resume (verifying checksums once, not once per rank) and the others take
+    its choice."""
+    from sirl.checkpoint import PREFIX, STATE
+    from sirl.files import read_json
+
+    choice = dd.run_on_main(choose)
+    step = int(dd.all_sum([float(choice[1]["step"]) if dd.main else 0.0])[0])
+    if dd.main:
+        return choice
+    path = output_dir / f"{PREFIX}{step:07d}"
+    return path, read_json(path / STATE)
 
 
 def row_keys(seed: int, step: int, rank: int, rows: int) -> list[tuple]:
@@ -142,19 +158,21 @@ def train(cfg: SIRLConfig, resume: bool = False, allow_config_change: bool = Fal
     ``overwrite``, which moves them aside; it must be writable). Code named by ``py:`` references is imported
     last, once all of that passed."""
     cfg.validate()
-    dd = init_distributed(pick_device(cfg.device))
+    dd = init_distributed(pick_device(cfg.device), cfg.parallel)
     if cfg.prompts_per_step % dd.world:
         raise ConfigError(f"prompts_per_step={cfg.prompts_per_step}: must be divisible by the {dd.world} ranks")
     output_dir = Path(cfg.output_dir)
     checkpoint, state, changes = None, None, {}
     if resume:
-        checkpoint, state = choose_checkpoint(output_dir, cfg, dd.world)
+        checkpoint, state = rank0_choice(dd, lambda: choose_checkpoint(output_dir, cfg), output_dir)
         changes = check_resume_changes(saved_config(checkpoint), cfg, allow_config_change)
         check_logs(output_dir)
     prompts = load_prompts(cfg.prompts, cfg.prompt_column, cfg.dataset_split)
     suite = load_suite(cfg)
     check_keep_best(cfg, suite)  # against the suite's attack names as resolved (e.g. columns -> column:NAME)
-    prepare_output_dir(output_dir, resume=resume, overwrite=overwrite)  # the first write, once all that passed
+    # the first write, once all that passed; on rank 0 only (the others would race it for the same files), and the
+    # others go on once it is done (run_on_main ends with a collective)
+    dd.run_on_main(lambda: prepare_output_dir(output_dir, resume=resume, overwrite=overwrite))
     load_suite_code(suite, cfg)  # imports py: references: only now that everything else has passed
     # Same seed everywhere for the model and data order; per-rank offset only for sampling (set below).
     random.seed(cfg.seed)
@@ -163,6 +181,8 @@ def train(cfg: SIRLConfig, resume: bool = False, allow_config_change: bool = Fal
     run = build(cfg, dd, prompts)
     policy, tokenizer, reference, optimizer, stream, device = (run.policy, run.tokenizer, run.reference,
                                                                run.optimizer, run.stream, run.device)
+    if dd.main:
+        print(memory_plan(cfg, policy, dd.world).describe(), flush=True)
     if on_build is not None:
         on_build(run)
     in_loss = reward_from_loss_pass(cfg, policy, dd)  # the reward from the training forward: no separate pass
@@ -178,17 +198,17 @@ def train(cfg: SIRLConfig, resume: bool = False, allow_config_change: bool = Fal
         start = state["step"]
         selection.load_state_dict(state.get("selection"))
         apply_optimizer_settings(optimizer, run.scheduler, cfg)
-        run.engine.sync_weights()  # the engine samples from the restored weights
+        run.publish()  # the full copy and the engine sample from the restored weights
         if dd.main:
             log_config_changes(output_dir, start, changes)
-            restore_best(output_dir, policy, tokenizer, selection, start)
+            restore_best(output_dir, run.full, tokenizer, selection, start)
     if dd.main:
         save_config(cfg, output_dir / "config.json")  # only now: the settings this run goes on with
     logger = Logger(output_dir, cfg.tensorboard, dd.main, start)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                 if cfg.bf16 and device.type == "cuda" else nullcontext())
     per_rank = cfg.prompts_per_step // dd.world
-    vocab_size = output_head(unwrap_model(policy))[0].shape[0]  # rows of lm_head: the valid token ids
+    vocab_size = output_head(unwrap_model(run.full))[0].shape[0]  # rows of lm_head: the valid token ids
     encoded = {}  # prompt index -> token ids (the chat template is applied once per prompt)
 
     bar = None
@@ -203,7 +223,7 @@ def train(cfg: SIRLConfig, resume: bool = False, allow_config_change: bool = Fal
               "to continue it")
     elif suite is not None and start == 0:
         timer = StageTimer(device)
-        row = {"step": 0, **evaluation(0, policy, tokenizer, suite, output_dir, timer, dd, selection, bar)}
+        row = {"step": 0, **evaluation(0, run.full, tokenizer, suite, output_dir, timer, dd, selection, bar)}
         row.update(timing_metrics(timer.seconds, {}))
         rows.append(row)
         logger.metrics(row)
@@ -239,12 +259,12 @@ def train(cfg: SIRLConfig, resume: bool = False, allow_config_change: bool = Fal
             scores = old_logprobs = None
             if not in_loss:
                 with timer("score"):
-                    old_logprobs, entropy = token_logprobs_entropy(policy, batch, cfg.temperature,
+                    old_logprobs, entropy = token_logprobs_entropy(run.scorer, batch, cfg.temperature,
                                                                    cfg.micro_batch_tokens, check_labels=False)
                     scores = scoring(batch, entropy, old_logprobs, keys, dd)
             # 4. reference: log-probs of the KL anchor (the adapters disabled, or the frozen copy)
             with timer("reference"):
-                ref_logprobs = (reference_logprobs(reference, policy, batch, cfg.temperature,
+                ref_logprobs = (reference_logprobs(reference, run.scorer, batch, cfg.temperature,
                                                    cfg.micro_batch_tokens, check_labels=False)
                                 if reference is not None else None)
 
@@ -257,12 +277,11 @@ def train(cfg: SIRLConfig, resume: bool = False, allow_config_change: bool = Fal
             policy.train()
             for _ in range(cfg.updates_per_batch):
                 optimizer.zero_grad(set_to_none=True)
-                stats = policy_gradient_pass(policy, batch, old_logprobs, ref_logprobs,
+                stats = policy_gradient_pass(run.scorer, batch, old_logprobs, ref_logprobs,
                                              None if in_loss else scores.advantages, loss_mask, cfg, dd, autocast,
                                              score_in_loss=scorer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    [p for p in policy.parameters() if p.requires_grad], cfg.max_grad_norm
-                ).item()
+                grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(
+                    [p for p in policy.parameters() if p.requires_grad], cfg.max_grad_norm)))
                 if not math.isfinite(grad_norm):  # NaN log-probs (a NaN in the model) must not reach the weights
                     raise FloatingPointError(
                         f"step {step}: the gradient norm is {grad_norm}; NaN or inf in the model's log-probs or "
@@ -271,14 +290,14 @@ def train(cfg: SIRLConfig, resume: bool = False, allow_config_change: bool = Fal
                 lr = optimizer.param_groups[0]["lr"]  # the rate this update used
                 optimizer.step()
             run.scheduler.step()
-            run.engine.sync_weights()
+            run.publish()
             scores = scorer.scores if in_loss else scores
         step_time = time.perf_counter() - t0
 
         # 6. evaluation on the held-out sets (step 0 was before the loop), best model, early stop
         eval_metrics = {}
         if suite is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
-            eval_metrics = evaluation(step, policy, tokenizer, suite, output_dir, timer, dd, selection, bar)
+            eval_metrics = evaluation(step, run.full, tokenizer, suite, output_dir, timer, dd, selection, bar)
             stopped = dd.rank0_flag(selection.should_stop)
 
         # 7. metrics over all ranks
@@ -313,5 +332,5 @@ def train(cfg: SIRLConfig, resume: bool = False, allow_config_change: bool = Fal
     logger.close()
     last = rows[-1]["step"] if rows and "reward_mean" in rows[-1] else start
     if dd.main and (last == cfg.steps or stopped or selection.should_stop):
-        finish(output_dir, policy, tokenizer, cfg, start, last)
+        finish(output_dir, run.full, tokenizer, cfg, start, last)
     return rows
