@@ -12,8 +12,10 @@ the [N, 2] fp32 row stats (max, log-sum), fp32 entropy and the two fp32 upstream
 bytes a row). Targets: forward <= 1.05x, backward <= 1.1x.
 
 It also counts the matmul work: every ``tl.dot`` the interpreter runs (``instrument.count_dot_flops``, 2·M·N·K of the
-tile shapes as launched). The fused-linear rows with "GPU tiles" use the tile table the launchers pick for an
-H100 (``utils.tile_target``), at D = 1024 and D = 4096; target forward + backward <= 8.2·N·D·V.
+tile shapes as launched) and every torch matmul (``instrument.torch_matmul_flops``: the backward's dX and dW
+products, cuBLAS on a GPU). The fused-linear rows with "GPU tiles" use the tile table the launchers pick for an
+H100 (``utils.tile_target``), at D = 1024 and D = 4096; target forward + backward <= 8.2·N·D·V. (HBM traffic through
+the L2 at realistic sizes is the model's: ``python -m tools.gpu_model``.)
 
     python benchmarks/triton_memory_traffic.py --out traffic.json
 """
@@ -32,7 +34,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from sirl_kernels.backends import triton as tb  # noqa: E402
-from sirl_kernels.backends.triton import instrument, utils  # noqa: E402
+from sirl_kernels.backends.triton import utils  # noqa: E402
+from tools import triton_instrument as instrument  # noqa: E402
 
 # O(N) bytes a row: int64 label, fp32 logprob and entropy, the [N, 2] fp32 row stats, fp32 upstream gradients
 LABEL_B, OUT_B, STATS_B, GRAD_B = 8, 4, 2 * 4, 4
@@ -142,12 +145,13 @@ def linear_rows(n, d, v, dtype, gpu_tiles, chunk_size=4096, needs=(True, True, T
             "bytes_stored": _total(COUNTER.stores), "logits_fp32_bytes": 4 * n * v,
         }]
         COUNTER.reset()
-        tb.linear_backward(g_lp, g_h, hidden, weight, bias, labels, stats, h, 1.0, -100, chunk_size, needs)
+        mm_flops = instrument.torch_matmul_flops(
+            lambda: tb.linear_backward(g_lp, g_h, hidden, weight, bias, labels, stats, h, 1.0, -100, chunk_size, needs))
         rows.append({
             "kernel": f"linear backward ({dtype_name(dtype)}, {tiles}{frozen})", "shape": f"N={n} D={d} V={v}",
             "tiles": {k: cfg[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_D")},
             "bytes": _total(COUNTER.loads) + _total(COUNTER.stores),
-            "flops_per_ndv": (dots["flops"] - fwd_flops) / ndv,
+            "flops_per_ndv": (dots["flops"] - fwd_flops + mm_flops) / ndv,
             "weight_read_factor": COUNTER.loads.get("weight", 0) / wbytes,
             "hidden_read_factor": COUNTER.loads.get("hidden", 0) / hbytes,
             # what the backend allocates, so untracked: the dz workspace, the fp32 accumulators and the gradients

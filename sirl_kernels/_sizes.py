@@ -1,4 +1,5 @@
-"""Workspace sizing shared by every backend: how many rows of vocabulary-wide values to hold at once."""
+"""Workspace sizing shared by every backend: how many rows of vocabulary-wide values to hold at once, and the
+row layout of the vocabulary-wide buffers GPU kernels write."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ import torch
 # Bound on the vocabulary-sized fp32 workspace of one chunk (logits or their gradient) of the chunked driver
 # ("torch", "cpu", "cuda") and of the "torch" backend's logits kernels.
 WORKSPACE_BYTES = 256 * 1024 * 1024
-# The Triton fused-linear backward holds one chunk of the logits gradient in the input dtype, and every chunk
-# after the first re-reads the weight twice and reads and writes the fp32 weight-gradient accumulator
-# (docs/triton-fused-linear.md): at V = 151,936 and D = 4096 that per-chunk traffic costs about as much as the
-# chunk's matmuls at 432 rows, so it gets a larger bound (3,520 bf16 rows at V = 151,936).
+# The Triton fused-linear backward holds one chunk of the logits gradient in the input dtype: all N rows and as
+# many vocabulary columns as ``chunk_size x V`` values allow (docs/triton-fused-linear.md). Every chunk after the
+# first reads and writes the fp32 [N, D] dX accumulator (268 MB at N = 16384, D = 4096: 4.5% of the backward's
+# modelled bytes at this bound), so it gets a larger bound than the chunked driver (3,520 bf16 rows' worth at
+# V = 151,936: 5 vocabulary chunks at N = 16384).
 TRITON_WORKSPACE_BYTES = 1024 * 1024 * 1024
 
 
@@ -23,10 +25,30 @@ def default_linear_chunk_size(vocab_size: int, backend: str = "torch", dtype: to
     """Default token chunk of the fused-linear op, a multiple of 16 rows when possible.
 
     Chunked driver: 256 MiB of fp32 logits (432 tokens at V = 151,936). Triton: 1 GiB of the logits gradient in
-    the input dtype.
+    the input dtype (held as all rows x a vocabulary chunk: ``triton.linear.chunk_plan``).
     """
     if backend == "triton":
         rows = logits_chunk_rows(vocab_size, TRITON_WORKSPACE_BYTES, dtype.itemsize)
     else:
         rows = logits_chunk_rows(vocab_size)
     return rows if rows < 16 else rows - rows % 16
+
+
+def aligned_row_stride(cols: int, dtype: torch.dtype, like: int = 0) -> int:
+    """The smallest row stride (elements) >= ``cols`` that is congruent to ``like`` modulo 16 bytes.
+
+    ``like = 0``: every row starts 16-byte aligned (``cols`` rounded up to 16 bytes). GPU kernels move a row 16 bytes
+    per lane and instruction (LDG/STG.128), which needs aligned rows: a contiguous bf16 gradient of a 151,665-wide
+    view (Qwen's vocabulary in a 151,936-wide buffer) has rows 2 bytes off, and its stores fall to 2 bytes wide.
+    ``like`` = another buffer's row stride (the logits' that a gradient is computed from): row r then starts as far
+    from alignment as row r of that buffer (both bases aligned, as allocations are), aligned where it is aligned,
+    and sharing its misalignment where it is not (a contiguous [N, 50257] tensor), which is what a kernel needs to
+    move both with the same vector loop after a scalar head."""
+    unit = max(1, 16 // dtype.itemsize)
+    return cols + (like - cols) % unit
+
+
+def empty_aligned_rows(rows: int, cols: int, dtype: torch.dtype, device, like: int = 0) -> torch.Tensor:
+    """An uninitialised ``[rows, cols]`` tensor with row stride ``aligned_row_stride(cols, dtype, like)`` (the
+    ``[:, :cols]`` view of a padded buffer; contiguous when no padding is needed)."""
+    return torch.empty_strided((rows, cols), (aligned_row_stride(cols, dtype, like), 1), dtype=dtype, device=device)

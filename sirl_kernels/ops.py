@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from sirl_kernels import backends
+from sirl_kernels._sizes import aligned_row_stride
 from sirl_kernels._checks import (
     accumulation_dtype,
     check_inplace_target,
@@ -89,6 +90,24 @@ def _(logits, labels, temperature, ignore_index, backend, inplace_backward=False
     return _fake_outputs(logits, logits.shape[0])
 
 
+def _gradient_strides(logits: Tensor) -> tuple[int, int]:
+    """Strides of the out-of-place logits gradient, the real op's and the fake's alike (torch.compile and opcheck
+    compare them); ``logits`` as the op received them (a view without dense rows is computed from a contiguous copy).
+
+    On a GPU the op allocates it, for every backend, with row r as far from 16-byte alignment as row r of the
+    logits (``_sizes.aligned_row_stride``): aligned wherever the logits are, whatever V (a 151,665-wide view of a
+    151,936-wide buffer gets rows padded to 151,672, so the kernels' stores are 16 bytes wide, not 2), and sharing
+    their misalignment where they have none (a contiguous [N, 50257] tensor: the gradient is contiguous too, and
+    the CUDA kernels' vector loop, which needs equally aligned input and output, still applies). On CPU it is the
+    backend's own contiguous buffer (the CPU kernels' vector stores need no alignment, and the ``cpu`` backend's
+    buffer is backed by transparent huge pages)."""
+    vocab = logits.shape[1]
+    if logits.device.type != "cuda":
+        return vocab, 1
+    like = logits.stride(0) if has_dense_rows(logits) else vocab
+    return aligned_row_stride(vocab, logits.dtype, like), 1
+
+
 @torch.library.custom_op("sirl_kernels::token_logprobs_entropy_backward", mutates_args=())
 def token_logprobs_entropy_backward_op(
     grad_logprobs: Tensor, grad_entropy: Tensor, logits: Tensor, labels: Tensor, stats: Tensor, entropy: Tensor,
@@ -96,14 +115,17 @@ def token_logprobs_entropy_backward_op(
 ) -> Tensor:
     logits, backend = _logits_inputs(logits, labels, temperature, ignore_index, backend)
     grad_logprobs, grad_entropy = _backward_rows(grad_logprobs, grad_entropy, stats, entropy, logits)
+    out = None
+    if logits.device.type == "cuda":
+        out = torch.empty_strided(logits.shape, _gradient_strides(logits), dtype=logits.dtype, device=logits.device)
     return backends.get(backend).logits_backward(
-        grad_logprobs, grad_entropy, logits, labels, stats, entropy, temperature, ignore_index
+        grad_logprobs, grad_entropy, logits, labels, stats, entropy, temperature, ignore_index, out=out
     )
 
 
 @token_logprobs_entropy_backward_op.register_fake
 def _(grad_logprobs, grad_entropy, logits, labels, stats, entropy, temperature, ignore_index, backend):
-    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    return torch.empty_strided(logits.shape, _gradient_strides(logits), dtype=logits.dtype, device=logits.device)
 
 
 @torch.library.custom_op("sirl_kernels::token_logprobs_entropy_backward_", mutates_args=("logits",))

@@ -9,6 +9,7 @@
 
 #include "device_utils.cuh"
 #include "internal.h"
+#include "row_state.h"
 #include "sirl/online_state.h"
 #include "sirl_cuda.h"
 
@@ -18,25 +19,29 @@ namespace {
 constexpr int kBackwardThreads = 256;
 constexpr int64_t kBackwardSegment = 32768;  // elements per work item (a multiple of 8)
 
+// The row's constants (row_state.h: GradRow) and what the label's own gradient needs.
 struct RowGrad {
+  GradRow fast;
   int64_t label;
-  float max;
   float log_sum;
   float entropy;
   float g_lp;
   float g_h;
-  float inv_t;
 };
 
 template <typename T>
 __device__ __forceinline__ T grad_elem(int64_t i, T x, const RowGrad& r) {
-  const float logp = sirl::log_prob(dev::to_float<T>(x) * r.inv_t, r.max, r.log_sum);
-  const float g = (i == r.label) ? sirl::grad_label(logp, r.entropy, r.g_lp, r.g_h, r.inv_t)
-                                 : sirl::grad_nonlabel(logp, r.entropy, r.g_lp, r.g_h, r.inv_t);
+  const float xf = dev::to_float<T>(x);
+  const float g = (i == r.label) ? grad_label_raw(xf, r.fast, r.log_sum, r.entropy, r.g_lp, r.g_h)
+                                 : grad_nonlabel_fast(xf, r.fast);
   return dev::from_float<T>(g);
 }
 
-// out[lo, hi) = d/dx of the row's objective; vector path when in and out share their 16-byte misalignment.
+// out[lo, hi) = d/dx of the row's objective; vector path when in and out share their 16-byte misalignment. The
+// vector loop computes every element as a non-label one (grad_nonlabel_fast: no per-element branch, two vectors
+// per thread and iteration); the thread whose vectors hold the label reads that logit before its loop and
+// rewrites the label's gradient after it, as a scalar. Every element is read and written by one thread, in that
+// order, so in place is safe.
 template <typename T, int kThreads>
 __device__ __forceinline__ void grad_segment(const T* in, T* out, int64_t lo, int64_t hi, const RowGrad& r) {
   constexpr int kVec = dev::VecWidth<T>::value;
@@ -49,15 +54,36 @@ __device__ __forceinline__ void grad_segment(const T* in, T* out, int64_t lo, in
   const int64_t nvec = (n - head) / kVec;
   const uint4* vin = reinterpret_cast<const uint4*>(pin + head);
   uint4* vout = reinterpret_cast<uint4*>(pout + head);
-  for (int64_t v = threadIdx.x; v < nvec; v += kThreads) {
+  // the label's offset in the vector part, owned by the thread that loads its vector (v = threadIdx.x mod kThreads)
+  const int64_t label_off = r.label - (lo + head);
+  const bool owner = label_off >= 0 && label_off < nvec * kVec && (label_off / kVec) % kThreads == threadIdx.x;
+  const float x_label = owner ? dev::to_float<T>(pin[head + label_off]) : 0.0f;
+  int64_t v = threadIdx.x;
+  for (; v + kThreads < nvec; v += 2 * kThreads) {
+    const uint4 raw[2] = {vin[v], vin[v + kThreads]};
+    uint4 res[2];
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const T* x = reinterpret_cast<const T*>(&raw[j]);
+      T* g = reinterpret_cast<T*>(&res[j]);
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) g[k] = dev::from_float<T>(grad_nonlabel_fast(dev::to_float<T>(x[k]), r.fast));
+    }
+    vout[v] = res[0];
+    vout[v + kThreads] = res[1];
+  }
+  if (v < nvec) {
     const uint4 raw = vin[v];
     const T* x = reinterpret_cast<const T*>(&raw);
     uint4 res;
     T* g = reinterpret_cast<T*>(&res);
-    const int64_t base = lo + head + v * kVec;
 #pragma unroll
-    for (int k = 0; k < kVec; ++k) g[k] = grad_elem<T>(base + k, x[k], r);
+    for (int k = 0; k < kVec; ++k) g[k] = dev::from_float<T>(grad_nonlabel_fast(dev::to_float<T>(x[k]), r.fast));
     vout[v] = res;
+  }
+  if (owner) {
+    pout[head + label_off] =
+        dev::from_float<T>(grad_label_raw(x_label, r.fast, r.log_sum, r.entropy, r.g_lp, r.g_h));
   }
   for (int64_t i = head + nvec * kVec + threadIdx.x; i < n; i += kThreads) {
     pout[i] = grad_elem<T>(lo + i, pin[i], r);
@@ -101,8 +127,9 @@ __global__ void __launch_bounds__(kThreads)
       fill_segment<T, kThreads>(out, lo, hi, label == sirl::kIgnoredRow ? 0.0f : NAN);
       continue;
     }
-    const RowGrad r{label, stats[2 * row], stats[2 * row + 1], entropy[row], grad_logprobs[row], grad_entropy[row],
-                    inv_t};
+    const float log_sum = stats[2 * row + 1];
+    const RowGrad r{grad_row(stats[2 * row], log_sum, entropy[row], grad_logprobs[row], grad_entropy[row], inv_t),
+                    label, log_sum, entropy[row], grad_logprobs[row], grad_entropy[row]};
     grad_segment<T, kThreads>(logits + row * row_stride, out, lo, hi, r);
   }
 }

@@ -58,13 +58,13 @@ __device__ __forceinline__ int64_t head_elems(const void* p) {
   return static_cast<int64_t>(((16u - (addr & 15u)) & 15u) / sizeof(T));
 }
 
-// Loads one 16-byte vector (read-only path) and converts it to fp32 times inv_t.
-template <typename T>
-__device__ __forceinline__ void load_scaled(const uint4* src, float inv_t, float (&z)[VecWidth<T>::value]) {
+// Loads one 16-byte vector (read-only path) into x[offset, offset + VecWidth) as fp32.
+template <typename T, int kN>
+__device__ __forceinline__ void load_vector(const uint4* src, float (&x)[kN], int offset) {
   const uint4 raw = __ldg(src);
   const T* e = reinterpret_cast<const T*>(&raw);
 #pragma unroll
-  for (int i = 0; i < VecWidth<T>::value; ++i) z[i] = to_float<T>(e[i]) * inv_t;
+  for (int i = 0; i < VecWidth<T>::value; ++i) x[offset + i] = to_float<T>(e[i]);
 }
 
 __device__ __forceinline__ sirl::OnlineState shfl_down_state(sirl::OnlineState s, int offset) {
@@ -75,30 +75,31 @@ __device__ __forceinline__ sirl::OnlineState shfl_down_state(sirl::OnlineState s
   return o;
 }
 
-// Tree reduction within a warp (fixed order: deterministic); lane 0 holds the result.
-__device__ __forceinline__ sirl::OnlineState warp_reduce(sirl::OnlineState s) {
+// Tree reduction within a warp (fixed order: deterministic); lane 0 holds the result. States keep raw maxima:
+// merged with sirl::merge_scaled (inv_t).
+__device__ __forceinline__ sirl::OnlineState warp_reduce(sirl::OnlineState s, float inv_t) {
 #pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) s = sirl::merge(s, shfl_down_state(s, offset));
+  for (int offset = 16; offset > 0; offset >>= 1) s = sirl::merge_scaled(s, shfl_down_state(s, offset), inv_t);
   return s;
 }
 
 // Block reduction (kThreads a multiple of 32, at most 1024); thread 0 holds the result. Starts with a barrier
 // so the shared scratch may be reused by consecutive calls in a grid-stride loop.
 template <int kThreads>
-__device__ __forceinline__ sirl::OnlineState block_reduce(sirl::OnlineState s) {
+__device__ __forceinline__ sirl::OnlineState block_reduce(sirl::OnlineState s, float inv_t) {
   static_assert(kThreads % 32 == 0 && kThreads <= 1024, "block size");
   constexpr int kWarps = kThreads / 32;
   __shared__ sirl::OnlineState scratch[kWarps];
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   __syncthreads();
-  s = warp_reduce(s);
+  s = warp_reduce(s, inv_t);
   if (kWarps == 1) return s;
   if (lane == 0) scratch[warp] = s;
   __syncthreads();
   if (warp == 0) {
     s = lane < kWarps ? scratch[lane] : sirl::empty_state();
-    s = warp_reduce(s);
+    s = warp_reduce(s, inv_t);
   }
   return s;
 }

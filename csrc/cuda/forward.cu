@@ -1,6 +1,7 @@
-// Forward: one pass over each row (or each vocabulary segment of a row, split-V) accumulating the online
-// softmax state, reduced across the block with sirl::merge; a second deterministic kernel merges split-V
-// partial states in a fixed order (no atomics).
+// Forward: one pass over each row (or each vocabulary segment of a row, split-V) accumulating a per-thread online
+// softmax state in raw units (row_state.h), reduced across the block once with sirl::merge_scaled; a second
+// deterministic kernel merges split-V partial states in a fixed order (no atomics). States keep the raw max (the
+// row stats are (raw max, log sumexp): the backward forms (x - max) / T - log sumexp from them).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -19,36 +20,41 @@ namespace {
 constexpr int kForwardThreads = 256;
 constexpr int kMergeThreads = 128;
 
-// Thread-strided state of row[lo, hi): a scalar head up to the first 16-byte boundary, 16-byte vectors (two
-// in flight per thread), a scalar tail.
+// Thread-strided state of row[lo, hi), in raw units (row_state.h: RawState): a scalar head up to the first 16-byte
+// boundary, then two 16-byte vectors per thread and iteration (2 x kVec logits: one rescale, then an exp2 each; no
+// shuffle or barrier in the loop), one vector for the remainder, a scalar tail. Returned as the header's state
+// with the raw max (raw_to_scaled), for the block reduction with sirl::merge_scaled.
 template <typename T, int kThreads>
 __device__ __forceinline__ sirl::OnlineState segment_state(const T* row, int64_t lo, int64_t hi, float inv_t) {
   constexpr int kVec = dev::VecWidth<T>::value;
-  sirl::OnlineState st = sirl::empty_state();
+  const float k = inv_t * kLog2e;
+  RawState st = raw_empty();
   const T* p = row + lo;
   const int64_t n = hi - lo;
   const int64_t head = dev::min64(dev::head_elems<T>(p), n);
-  for (int64_t i = threadIdx.x; i < head; i += kThreads) st = sirl::update(st, dev::to_float<T>(p[i]) * inv_t);
+  for (int64_t i = threadIdx.x; i < head; i += kThreads) {
+    const float x[1] = {dev::to_float<T>(p[i])};
+    st = raw_update<1>(st, x, k);
+  }
   const int64_t nvec = (n - head) / kVec;
   const uint4* pv = reinterpret_cast<const uint4*>(p + head);
   int64_t v = threadIdx.x;
   for (; v + kThreads < nvec; v += 2 * kThreads) {
-    float a[kVec];
-    float b[kVec];
-    dev::load_scaled<T>(pv + v, inv_t, a);
-    dev::load_scaled<T>(pv + v + kThreads, inv_t, b);
-    st = sirl::merge(st, vector_state<kVec>(a));
-    st = sirl::merge(st, vector_state<kVec>(b));
+    float x[2 * kVec];
+    dev::load_vector<T>(pv + v, x, 0);
+    dev::load_vector<T>(pv + v + kThreads, x, kVec);
+    st = raw_update<2 * kVec>(st, x, k);
   }
   if (v < nvec) {
-    float a[kVec];
-    dev::load_scaled<T>(pv + v, inv_t, a);
-    st = sirl::merge(st, vector_state<kVec>(a));
+    float x[kVec];
+    dev::load_vector<T>(pv + v, x, 0);
+    st = raw_update<kVec>(st, x, k);
   }
   for (int64_t i = head + nvec * kVec + threadIdx.x; i < n; i += kThreads) {
-    st = sirl::update(st, dev::to_float<T>(p[i]) * inv_t);
+    const float x[1] = {dev::to_float<T>(p[i])};
+    st = raw_update<1>(st, x, k);
   }
-  return st;
+  return raw_to_scaled(st, inv_t);
 }
 
 struct Outputs {
@@ -73,7 +79,7 @@ __device__ __forceinline__ bool skipped_row(int64_t column, sirl::RowResult* res
 
 template <typename T>
 __device__ __forceinline__ sirl::RowResult finish(sirl::OnlineState st, const T* row, int64_t label, float inv_t) {
-  return sirl::finalize(st, dev::to_float<T>(row[label]) * inv_t);
+  return finish_raw(st, dev::to_float<T>(row[label]), inv_t);
 }
 
 // Work item = (row, segment). With one segment the block finishes the row; otherwise it writes its partial
@@ -97,7 +103,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t lo = seg * split_len;
     const int64_t hi = dev::min64(vocab, lo + split_len);
     sirl::OnlineState st = segment_state<T, kThreads>(rp, lo, hi, inv_t);
-    st = dev::block_reduce<kThreads>(st);
+    st = dev::block_reduce<kThreads>(st, inv_t);
     if (threadIdx.x == 0) {
       if (num_splits == 1) {
         out.store(row, finish<T>(st, rp, label, inv_t));
@@ -126,7 +132,7 @@ __global__ void __launch_bounds__(kMergeThreads)
     }
     sirl::OnlineState st = sirl::empty_state();
     const sirl::OnlineState* ps = partial + row * num_splits;
-    for (int s = 0; s < num_splits; ++s) st = sirl::merge(st, ps[s]);
+    for (int s = 0; s < num_splits; ++s) st = sirl::merge_scaled(st, ps[s], inv_t);
     out.store(row, finish<T>(st, logits + row * row_stride, label, inv_t));
   }
 }

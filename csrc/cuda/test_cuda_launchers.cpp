@@ -1,7 +1,9 @@
 // Host-only tests of libsirl_cuda through its C ABI (the same objects the shared library links): every argument
 // check fires before any CUDA runtime call, so this runs on a machine without a GPU or driver (linked against the
-// static cudart, whose calls are never reached). Also checks the split-V plan, and row_state.h's vector_state
-// against sirl::update (the header) on the CPU, adversarial values included.
+// static cudart, whose calls are never reached). Also checks the split-V plan, and row_state.h's streaming forms
+// (raw_update, finish_raw, grad_nonlabel_fast) against the header (sirl::update, sirl::grad_*) on the CPU,
+// adversarial values included.
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -271,69 +273,146 @@ void test_split_plan() {
   EXPECT(sirl_cuda::forward_workspace_bytes(10, 4) == 10 * 4 * sizeof(sirl::OnlineState), "workspace size");
 }
 
-// vector_state (the CUDA kernels' vector form) against folding sirl::update (the header), on random and adversarial
-// vectors: -inf, +inf, NaN at every position, all -inf, huge values, denormals, offsets of 1e6.
-void expect_same_state(const float (&z)[8], const char* what) {
-  sirl::OnlineState seq = sirl::empty_state();
-  for (float v : z) seq = sirl::update(seq, v);
-  const sirl::OnlineState vec = sirl_cuda::vector_state<8>(z);
-  // Each state merged into a running state of finite values, then finished, as the kernels do.
-  const sirl::OnlineState base = sirl::update(sirl::update(sirl::empty_state(), 0.5f), -1.0f);
-  const sirl::RowResult a = sirl::finalize(sirl::merge(base, seq), z[3]);
-  const sirl::RowResult b = sirl::finalize(sirl::merge(base, vec), z[3]);
-  const auto same = [](float x, float y) {
-    if (std::isnan(x) || std::isnan(y)) return std::isnan(x) && std::isnan(y);
-    if (std::isinf(x) || std::isinf(y)) return x == y;
-    return std::fabs(x - y) <= 1e-5f * (1.0f + std::fabs(y));
-  };
+// The CUDA kernels' streaming forms (row_state.h) against the header: raw_update over groups of logits, merged
+// with raw maxima (merge_scaled) and finished with finish_raw, against folding sirl::update over z = x * inv_t and
+// sirl::finalize, on random and adversarial groups (-inf, +inf, NaN at every position, all -inf, NaN among -inf,
+// huge values, denormals, offsets of 1e6), at T = 1 and T = 0.7; then the gradients against sirl::grad_*.
+template <int kN>
+sirl::OnlineState streamed(const float (&x)[kN], float inv_t) {
+  return sirl_cuda::raw_to_scaled(sirl_cuda::raw_update<kN>(sirl_cuda::raw_empty(), x, inv_t * sirl_cuda::kLog2e),
+                                  inv_t);
+}
+
+bool same_value(float x, float y, float tol) {
+  if (std::isnan(x) || std::isnan(y)) return std::isnan(x) && std::isnan(y);
+  if (std::isinf(x) || std::isinf(y)) return x == y;
+  return std::fabs(x - y) <= tol * (1.0f + std::fabs(y));
+}
+
+void expect_same_row(const float (&x)[8], float inv_t, const char* what) {
+  // the header on z = x * inv_t, merged into a running state of finite values, then finished as the kernels do
+  sirl::OnlineState seq = sirl::update(sirl::update(sirl::empty_state(), 0.5f * inv_t), -1.0f * inv_t);
+  for (float v : x) seq = sirl::update(seq, v * inv_t);
+  const sirl::RowResult a = sirl::finalize(seq, x[3] * inv_t);
+  const float base[2] = {0.5f, -1.0f};
+  const sirl::OnlineState mine = sirl::merge_scaled(streamed<2>(base, inv_t), streamed<8>(x, inv_t), inv_t);
+  const sirl::RowResult b = sirl_cuda::finish_raw(mine, x[3], inv_t);
+  // the header rounds z = x * inv_t per element; the raw form does not (ulp(z) apart under huge values, T != 1),
+  // and a finite x whose x / T overflows is outside the header's domain (it sees +inf there)
+  float top = 0.0f;
+  for (float v : x) {
+    if (std::isfinite(v) && !std::isfinite(v * inv_t)) return;
+    top = std::isfinite(v) ? std::fmax(top, std::fabs(v * inv_t)) : top;
+  }
+  const float tol = 1e-5f + (inv_t != 1.0f ? 4.0f * (std::nextafter(top, INFINITY) - top) : 0.0f);
   ++g_checks;
-  if (!same(a.logprob, b.logprob) || !same(a.entropy, b.entropy) || !same(a.max, b.max) ||
-      !same(a.log_sum, b.log_sum)) {
+  if (!same_value(a.logprob, b.logprob, tol) || !same_value(a.entropy, b.entropy, tol) ||
+      !same_value(a.log_sum, b.log_sum, tol) || std::isnan(a.max) != std::isnan(b.max)) {
     ++g_failures;
-    std::fprintf(stderr, "FAIL vector_state %s: header (%g, %g, %g, %g) vs vector (%g, %g, %g, %g)\n", what,
-                 a.logprob, a.entropy, a.max, a.log_sum, b.logprob, b.entropy, b.max, b.log_sum);
+    std::fprintf(stderr, "FAIL raw_update %s (1/T = %g): header (%g, %g, %g) vs streamed (%g, %g, %g)\n", what,
+                 inv_t, a.logprob, a.entropy, a.log_sum, b.logprob, b.entropy, b.log_sum);
   }
 }
 
-void test_vector_state() {
+void test_streamed_state() {
   std::mt19937 rng(1234);
   std::normal_distribution<float> normal(0.0f, 3.0f);
-  for (int trial = 0; trial < 2000; ++trial) {
-    float z[8];
-    for (float& v : z) v = normal(rng);
-    if (trial % 3 == 0) z[trial % 8] = -INFINITY;
-    if (trial % 7 == 0) z[(trial + 3) % 8] = -INFINITY;
-    sirl::OnlineState seq = sirl::empty_state();
-    for (float v : z) seq = sirl::update(seq, v);
-    const sirl::OnlineState vec = sirl_cuda::vector_state<8>(z);
-    EXPECT(vec.max == seq.max, "vector_state max");
-    EXPECT(std::fabs(vec.sumexp - seq.sumexp) <= 1e-5f * seq.sumexp, "vector_state sumexp");
-    EXPECT(std::fabs(vec.wsum - seq.wsum) <= 1e-5f * (1.0f + std::fabs(seq.wsum)), "vector_state wsum");
-    EXPECT(std::fabs(sirl::state_entropy(seq) - sirl::state_entropy(vec)) <= 1e-5f, "vector_state entropy");
+  for (float inv_t : {1.0f, 1.0f / 0.7f}) {
+    for (int trial = 0; trial < 2000; ++trial) {
+      float x[16];
+      for (float& v : x) v = normal(rng);
+      if (trial % 3 == 0) x[trial % 16] = -INFINITY;
+      if (trial % 7 == 0) x[(trial + 3) % 16] = -INFINITY;
+      sirl::OnlineState seq = sirl::empty_state();
+      for (float v : x) seq = sirl::update(seq, v * inv_t);
+      // two groups of 8 then one of 16: the running rescale and the one-group form agree with the header
+      float lo[8], hi[8];
+      for (int i = 0; i < 8; ++i) lo[i] = x[i], hi[i] = x[8 + i];
+      const float k = inv_t * sirl_cuda::kLog2e;
+      const sirl_cuda::RawState two = sirl_cuda::raw_update<8>(sirl_cuda::raw_update<8>(sirl_cuda::raw_empty(), lo, k),
+                                                               hi, k);
+      for (const sirl::OnlineState got : {sirl_cuda::raw_to_scaled(two, inv_t), streamed<16>(x, inv_t)}) {
+        EXPECT(got.max * inv_t == seq.max || std::fabs(got.max * inv_t - seq.max) <= 1e-6f * std::fabs(seq.max),
+               "streamed max");
+        EXPECT(std::fabs(got.sumexp - seq.sumexp) <= 1e-5f * seq.sumexp, "streamed sumexp");
+        EXPECT(std::fabs(got.wsum - seq.wsum) <= 1e-5f * (1.0f + std::fabs(seq.wsum)), "streamed wsum");
+        // the same 1e-5 as the header's own tests: the streamed form differs from the header only in where x / T
+        // is rounded (once per difference x - max instead of once per element); ~4e-7 over these trials
+        EXPECT(std::fabs(sirl::state_entropy(seq) - sirl::state_entropy(got)) <= 1e-5f, "streamed entropy");
+      }
+    }
+    const float specials[] = {NAN, INFINITY, -INFINITY, 3e38f, -3e38f, 1e-40f, 1e6f, 0.0f};
+    for (float special : specials) {
+      for (int pos = 0; pos < 8; ++pos) {
+        float x[8];
+        for (float& v : x) v = normal(rng);
+        x[pos] = special;
+        expect_same_row(x, inv_t, "one special value");
+        for (float& v : x) v = (v == special) ? v : -INFINITY;  // the special among -inf only
+        expect_same_row(x, inv_t, "special among -inf");
+      }
+    }
+    float offset[8];
+    for (int i = 0; i < 8; ++i) offset[i] = 1e6f + static_cast<float>(i % 3);
+    expect_same_row(offset, inv_t, "offset 1e6");
   }
-  const float specials[] = {NAN, INFINITY, -INFINITY, 3e38f, -3e38f, 1e-40f, 1e6f, 0.0f};
-  for (float special : specials) {
-    for (int pos = 0; pos < 8; ++pos) {
-      float z[8];
-      for (float& v : z) v = normal(rng);
-      z[pos] = special;
-      expect_same_state(z, "one special value");
-      for (float& v : z) v = (v == special) ? v : -INFINITY;  // the special among -inf only
-      expect_same_state(z, "special among -inf");
+  float all_inf[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
+  const sirl::OnlineState e = streamed<4>(all_inf, 1.0f);
+  EXPECT(e.max == -INFINITY && e.sumexp == 0.0f && e.wsum == 0.0f, "all -inf is the empty state");
+  // The hole issue 12 found: a NaN among -inf was the empty state, which the next merge dropped.
+  float nan_among_inf[4] = {-INFINITY, NAN, -INFINITY, -INFINITY};
+  const sirl::OnlineState merged = sirl::merge_scaled(sirl::singleton_state(2.0f), streamed<4>(nan_among_inf, 1.0f), 1.0f);
+  EXPECT(std::isnan(sirl_cuda::finish_raw(merged, 2.0f, 1.0f).logprob), "NaN among -inf reaches the row");
+  float with_nan[4] = {0.0f, NAN, 1.0f, 2.0f};
+  EXPECT(std::isnan(sirl_cuda::finish_raw(streamed<4>(with_nan, 1.0f), 0.0f, 1.0f).log_sum), "NaN row");
+  // offsets of 1e6 at T = 0.7: the difference before the scaling keeps logprob exact (the header's z loses it)
+  float off[4] = {1e6f + 2.0f, 1e6f - 1.0f, 1e6f - 1.0f, 1e6f - 1.0f};
+  const sirl::RowResult r = sirl_cuda::finish_raw(streamed<4>(off, 1.0f / 0.7f), off[0], 1.0f / 0.7f);
+  const double z0 = 3.0 / 0.7, want = -std::log(1.0 + 3.0 * std::exp(-z0));
+  EXPECT(std::fabs(r.logprob - want) <= 1e-6, "offset 1e6, T = 0.7: exact logprob");
+}
+
+void test_streamed_gradients() {
+  std::mt19937 rng(99);
+  std::normal_distribution<float> normal(0.0f, 3.0f);
+  std::uniform_real_distribution<float> unit(-1.0f, 1.0f);
+  // 1/T = 2^126 and 2^-126 are the API's ends (upstream gradients in [-1, 1] there, so the gradient fits fp32):
+  // every gradient finite and equal to the header's (which multiplies by 1/T last), exactly 0 where p is 0 (at
+  // 1/T = 2^126 every logit but the row's max); FLT_MIN more for results the GPU may flush. A constant
+  // c1 = -g_h / T overflowed there, and p = 0 times inf was NaN.
+  for (float inv_t : {1.0f, 1.0f / 0.7f, 2.0f, std::ldexp(1.0f, 126), std::ldexp(1.0f, -126)}) {
+    const bool extreme = inv_t > 4.0f || inv_t < 0.25f;
+    for (int trial = 0; trial < 500; ++trial) {
+      float x[32];
+      for (float& v : x) v = normal(rng);
+      x[trial % 32] = (trial % 5 == 0) ? -INFINITY : x[trial % 32];
+      const float k = inv_t * sirl_cuda::kLog2e;
+      sirl_cuda::RawState st = sirl_cuda::raw_empty();
+      for (int g = 0; g < 32; g += 8) {
+        float grp[8];
+        for (int i = 0; i < 8; ++i) grp[i] = x[g + i];
+        st = sirl_cuda::raw_update<8>(st, grp, k);
+      }
+      const sirl::RowResult row = sirl_cuda::finish_raw(sirl_cuda::raw_to_scaled(st, inv_t), x[0], inv_t);
+      const float g_lp = extreme ? unit(rng) : normal(rng), g_h = extreme ? unit(rng) : normal(rng);
+      const sirl_cuda::GradRow fast = sirl_cuda::grad_row(row.max, row.log_sum, row.entropy, g_lp, g_h, inv_t);
+      const float tol = 2e-5f * (std::fabs(g_lp) + std::fabs(g_h) + 1.0f) * inv_t + FLT_MIN;
+      for (int i = 0; i < 32; ++i) {
+        const float logp = (x[i] - row.max) * inv_t - row.log_sum;
+        const float want = sirl::grad_nonlabel(logp, row.entropy, g_lp, g_h, inv_t);
+        const float got = sirl_cuda::grad_nonlabel_fast(x[i], fast);
+        EXPECT(std::isfinite(got) && std::fabs(got - want) <= tol, "grad_nonlabel_fast");
+        if (x[i] == -INFINITY || (want == 0.0f && inv_t > 1.0f)) EXPECT(got == 0.0f, "p = 0: gradient exactly 0");
+      }
+      const float want = sirl::grad_label((x[0] - row.max) * inv_t - row.log_sum, row.entropy, g_lp, g_h, inv_t);
+      EXPECT(same_value(sirl_cuda::grad_label_raw(x[0], fast, row.log_sum, row.entropy, g_lp, g_h), want, 1e-6f),
+             "grad_label_raw");
     }
   }
-  float offset[8];
-  for (int i = 0; i < 8; ++i) offset[i] = 1e6f + static_cast<float>(i % 3);
-  expect_same_state(offset, "offset 1e6");
-  float all_inf[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
-  const sirl::OnlineState e = sirl_cuda::vector_state<4>(all_inf);
-  EXPECT(e.max == -INFINITY && e.sumexp == 0.0f && e.wsum == 0.0f, "all -inf is the empty state");
-  // The holes issue 12 found: a NaN among -inf was the empty state, which the next merge dropped.
-  float nan_among_inf[4] = {-INFINITY, NAN, -INFINITY, -INFINITY};
-  const sirl::OnlineState merged = sirl::merge(sirl::singleton_state(2.0f), sirl_cuda::vector_state<4>(nan_among_inf));
-  EXPECT(std::isnan(sirl::finalize(merged, 2.0f).logprob), "NaN among -inf reaches the row");
-  float with_nan[4] = {0.0f, NAN, 1.0f, 2.0f};
-  EXPECT(std::isnan(sirl::finalize(sirl_cuda::vector_state<4>(with_nan), 0.0f).log_sum), "NaN row");
+  // NaN stats (a NaN row) give NaN gradients, even for a -inf logit
+  const sirl_cuda::GradRow nan_row = sirl_cuda::grad_row(1.0f, NAN, NAN, 1.0f, 1.0f, 1.0f);
+  EXPECT(std::isnan(sirl_cuda::grad_nonlabel_fast(0.5f, nan_row)), "NaN row: NaN gradient");
+  EXPECT(std::isnan(sirl_cuda::grad_nonlabel_fast(-INFINITY, nan_row)), "NaN row: NaN gradient at -inf");
 }
 
 }  // namespace
@@ -343,7 +422,8 @@ int main() {
   test_forward_checks();
   test_backward_checks();
   test_split_plan();
-  test_vector_state();
+  test_streamed_state();
+  test_streamed_gradients();
   // Nothing above may have reached the device.
   EXPECT(sirl_cuda::cuda_runtime_calls() == 0, "no CUDA runtime call was made");
   // The probe does reach the runtime: where this runs without a driver or GPU it must say so, in words.

@@ -11,10 +11,15 @@
   along the largest dimension and multiplied in fp32. Products of two bf16/fp16 values are exact in fp32, so
   every route is the same arithmetic as a tensor-core GEMM with fp32 accumulation (up to summation order), and
   never a copy of the whole weight.
-- fp32 and float64 operands go straight to ``torch.mm`` / ``addmm_``.
+- fp32 and float64 operands go straight to ``torch.mm`` / ``addmm_``, fp32 ones at IEEE fp32 precision whatever
+  the process-wide setting says (:func:`ieee_fp32_matmul`): ``torch.set_float32_matmul_precision("high")`` would
+  otherwise turn them into TF32 on CUDA (10 mantissa bits) or bf16x3 on some CPUs, silently breaking the fp32
+  numeric policy of the fused-linear op.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import Tensor
@@ -28,6 +33,51 @@ _FP32_OUT_SUPPORT: dict[tuple[str, int | None, torch.dtype, bool], bool] = {}
 
 def _wide(dtype: torch.dtype) -> bool:
     return dtype in (torch.float32, torch.float64)
+
+
+def _precision_backends():
+    """The per-backend fp32 precision settings of torch >= 2.9 (``fp32_precision``), or () on older torch."""
+    found = []
+    for name in ("cuda", "mkldnn"):
+        module = getattr(getattr(torch.backends, name, None), "matmul", None)
+        if module is not None and hasattr(module, "fp32_precision"):
+            found.append(module)
+    return found
+
+
+@contextlib.contextmanager
+def ieee_fp32_matmul():
+    """Within the block fp32 matmuls run at IEEE fp32 precision (no TF32, no bf16 passes), and the caller's
+    setting is restored after it, through the API the caller used: torch refuses to read a precision set through
+    a mix of its legacy (``set_float32_matmul_precision``) and per-backend (``backends.*.matmul.fp32_precision``,
+    torch >= 2.9) APIs. The legacy one when it reads a reduced precision; the per-backend one when the legacy one
+    cannot be read (only the per-backend API was used) or reads "highest" while a backend says "tf32"/"bf16" (it
+    was used last). Like the setting itself, this is process-wide state: a thread running fp32 matmuls
+    concurrently sees it too."""
+    try:
+        legacy = torch.get_float32_matmul_precision()
+    except RuntimeError:  # the per-backend API was used
+        legacy = None
+    modules = _precision_backends()
+    reduced = [m for m in modules if m.fp32_precision in ("tf32", "bf16")]
+    if legacy is not None and legacy != "highest":
+        torch.set_float32_matmul_precision("highest")
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(legacy)
+        return
+    if legacy is not None and not reduced:
+        yield
+        return
+    old = [m.fp32_precision for m in modules]
+    for m in modules:
+        m.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        for m, value in zip(modules, old):
+            m.fp32_precision = value
 
 
 def _mm_fp32(out: Tensor, a: Tensor, b: Tensor) -> None:
@@ -61,11 +111,19 @@ def matmul_into(out: Tensor, a: Tensor, b: Tensor, *, accumulate: bool = False) 
     """``out = a @ b`` (or ``out += a @ b``) with products accumulated in fp32 (float64 for float64 operands).
 
     ``a`` and ``b`` share a dtype; ``out`` is 2-D and may be a strided view. With ``accumulate`` ``out`` must be
-    fp32 or float64 (the running sum is never rounded to 16 bits).
+    fp32 or float64 (the running sum is never rounded to 16 bits). Every fp32 product runs at IEEE precision
+    (:func:`ieee_fp32_matmul`).
     """
     if accumulate and not _wide(out.dtype):
         raise TypeError(f"matmul_into(accumulate=True) needs an fp32/float64 output, got {out.dtype}")
-    if _wide(a.dtype) and a.dtype == out.dtype:
+    if a.dtype == torch.float64:
+        return out.addmm_(a, b) if accumulate else torch.mm(a, b, out=out)
+    with ieee_fp32_matmul():
+        return _matmul_fp32_policy(out, a, b, accumulate)
+
+
+def _matmul_fp32_policy(out: Tensor, a: Tensor, b: Tensor, accumulate: bool) -> Tensor:
+    if a.dtype == out.dtype == torch.float32:
         return out.addmm_(a, b) if accumulate else torch.mm(a, b, out=out)
     if out.dtype == a.dtype and not accumulate:
         return torch.mm(a, b, out=out)  # fp32 accumulation, one rounding to the output dtype

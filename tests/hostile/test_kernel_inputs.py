@@ -34,16 +34,47 @@ def test_extreme_temperatures_are_refused_the_same_way_everywhere(backend, devic
         OPS.linear_token_logprobs_entropy(hidden, weight, None, labels, temperature, -100, backend, 8)
 
 
+def _closed_form_grads(logits, labels, g_lp, g_h, temperature):
+    """float64 [g_lp (1[i = y] - p_i) - g_h p_i (log p_i + H)] / T. Not autograd through log_softmax(x / T): at
+    T = 1.2e-38 that cancels terms of ~1e38 (z_max g_h against -z_max g_h) and loses the O(1) rest in float64
+    (``reference_grads`` returns 0 for the argmax's -g_lp / T there)."""
+    logp = torch.log_softmax(logits.double() / temperature, dim=-1)
+    p = logp.exp()
+    plogp = torch.where(p > 0, p * logp, torch.zeros_like(p))
+    entropy = -plogp.sum(-1, keepdim=True)
+    onehot = torch.nn.functional.one_hot(labels, logits.shape[-1]).double()
+    ent_term = torch.where(p > 0, plogp + p * entropy, torch.zeros_like(p))
+    return (g_lp.double()[:, None] * (onehot - p) - g_h.double()[:, None] * ent_term) / temperature
+
+
 @pytest.mark.parametrize("temperature", TEMPERATURE_RANGE)
 def test_the_extreme_temperatures_allowed_give_finite_float64_answers(backend, device, temperature):
-    logits = torch.randn(3, 17, device=device, dtype=torch.float64).float()
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(3, 17, generator=g, dtype=torch.float64).float().to(device).requires_grad_(True)
     labels = torch.tensor([0, 5, 16], device=device)
     lp, h = token_logprobs_entropy(logits, labels, temperature=temperature, backend=backend)
-    ref_lp, ref_h = reference_forward(logits.double().cpu(), labels.cpu(), temperature=temperature)
+    ref_lp, ref_h = reference_forward(logits.detach().double().cpu(), labels.cpu(), temperature=temperature)
     assert torch.isfinite(lp).all() and torch.isfinite(h).all()
     # T = 1.2e-38: logits / T are ~1e38, so p is one-hot (H = 0 up to rounding); T = 8.5e37: uniform (H = log V).
-    torch.testing.assert_close(lp.double().cpu(), ref_lp, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(h.double().cpu(), ref_h, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lp.detach().double().cpu(), ref_lp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h.detach().double().cpu(), ref_h, rtol=1e-5, atol=1e-5)
+    # The backward, at both ends: dL/dx = [g_lp (1[i = y] - p_i) - g_h p_i (log p_i + H)] / T. Upstream gradients
+    # in [-1, 1] keep it inside fp32 (|.| <= 8.5e37 at T = 1.2e-38, where the label's and the argmax's entries are
+    # +-g_lp / T and every other one is exactly 0).
+    g_lp, g_h = (torch.rand(3, generator=g) * 2 - 1 for _ in range(2))
+    (lp * g_lp.to(device) + h * g_h.to(device)).sum().backward()
+    got = logits.grad.double().cpu()
+    ref = _closed_form_grads(logits.detach().cpu(), labels.cpu(), g_lp, g_h, temperature)
+    assert torch.isfinite(got).all(), got
+    # Tolerance, per row: the bracket's terms are bounded by S T with S = (|g_lp| + |g_h| (1 + H)) / T, and every
+    # backend forms it in fp32 with a few roundings and one exp whose relative error is below 2^-21 (approximate
+    # exp2 on a GPU) or 2^-18 ln 2 (an fp32 exponent of magnitude <= 2^7 rounded, where 1/T <= 2^126 is folded
+    # into it): 1e-5 S covers both. Results below the smallest normal fp32 (T = 8.5e37: |dL/dx| ~ 1e-39) may be
+    # flushed to 0 on a GPU: FP32_MIN_NORMAL more.
+    scale = (g_lp.abs() + g_h.abs() * (1 + ref_h)).double() / temperature
+    tol = 1e-5 * scale[:, None] + TEMPERATURE_RANGE[0]
+    assert ((got - ref).abs() <= tol).all(), (got, ref)
+    assert ref.abs().max() > 1e37 if temperature < 1 else ref.abs().max() < 1e-37
 
 
 # ---- the raw ops check what the API checks ----------------------------------------------------------------------

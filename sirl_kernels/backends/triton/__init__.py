@@ -1,22 +1,26 @@
 """Backend "triton": fused Triton kernels (CUDA GPUs; CPU tensors under ``TRITON_INTERPRET=1``).
 
-- logits input (``logits.py``): forward is one pass over V per row with the online (max, sumexp, weighted sum)
-  state in fp32; with too few rows to fill the GPU, V is split across programs and a second kernel merges
-  the partial states in a fixed order (no atomics, deterministic). Backward recomputes p from the saved row
-  stats (max, log-sum) and entropy and writes the gradient of both outputs in one pass, optionally into the
-  logits' own storage (``out=logits``, behind ``token_logprobs_entropy(..., inplace_backward=True)``).
+- logits input (``logits.py``): forward is one pass over V per row with a per-thread online (max, sumexp,
+  weighted sum) state in fp32, reduced across the block once per row; with too few rows to fill the GPU's waves
+  (counted from the compiled kernel's resident CTAs per SM), V is split across programs and a second kernel
+  merges the partial states in a fixed order (no atomics, deterministic). Backward recomputes p from the saved
+  row stats (max, log-sum) and entropy and writes the gradient of both outputs in one pass, optionally into the
+  logits' own storage (``out=logits``, behind ``token_logprobs_entropy(..., inplace_backward=True)``). Both main
+  loops are laid out for the instruction count (<= 12 SASS instructions per logit on sm_90, 16-byte loads for
+  any V: docs/triton-kernels.md).
 - fused linear (``linear.py``): the forward forms logits tiles of ``hidden @ weight.T (+ bias)`` with ``tl.dot``
-  and consumes them in registers (no logits in memory: ``chunk_size`` has nothing to bound there). The backward
-  recomputes each logits tile once, writes dL/dlogits of ``chunk_size`` rows at a time into a workspace in the
-  input dtype and forms dX and dW with a deterministic GEMM kernel: 8·N·D·V flops in all, fp32 accumulation,
-  no atomics; only the gradients asked for are computed.
-- ``utils.py``: the target architectures, the tile tables and the one launch helper; ``aot.py``: compiles every
-  launch for sm_80/90/100 without a GPU and reads the binaries' resources (the CI test and
-  docs/triton-kernels.md); ``instrument.py``: flop and memory-access counters for the interpreter (tests,
-  benchmarks).
+  and consumes them in registers (no logits in memory: ``chunk_size`` has nothing to bound there), its programs
+  in L2-sized row groups. The backward is chunked over the vocabulary: it recomputes each logits tile once,
+  writes dL/dlogits of a vocabulary chunk of all rows into a workspace in the input dtype, and forms that slice
+  of dW (complete, written once) and the chunk's share of dX (summed in fp32) with fixed-order GEMMs (cuBLAS
+  on a GPU: reproducible as cuBLAS is, on the same GPU model and cuBLAS version): 8·N·D·V flops in all, fp32
+  accumulation, no atomics; only the gradients asked for are computed.
+- ``utils.py``: the target architectures, the tile tables, occupancy and waves, and the one launch helper (every
+  launch under its tensors' device). The AOT compile, SASS counts, interpreter instrumentation and the GPU model
+  live outside the package, in the checkout's ``tools/``.
 - Labels outside [0, V) that are not ignore_index (``check_labels=False``) give NaN rows and are never used as
   an offset; a NaN anywhere in a row gives NaN outputs for it whatever the GPU's max does with NaN. The
-  launchers never read tensor values (no host synchronisation; they run on ``meta`` tensors in ``aot.py``).
+  launchers never read tensor values (no host synchronisation; they run on ``meta`` tensors in the AOT tool).
 
 Importing this package never fails because of Triton: if ``import triton`` fails the backend only reports
 itself unavailable, with the reason.
@@ -85,7 +89,8 @@ def linear_forward(hidden, weight, bias, labels, temperature, ignore_index, chun
 
 def linear_backward(grad_logprobs, grad_entropy, hidden, weight, bias, labels, stats, entropy, temperature,
                     ignore_index, chunk_size, needs_grad):
-    """Holds at most ``chunk_size`` rows of the logits gradient (in the input dtype) at once."""
+    """Holds at most ``chunk_size x V`` values of the logits gradient (in the input dtype) at once: all rows of a
+    vocabulary chunk (rows are chunked too only when not even one vocabulary tile of all rows fits)."""
     _require()
     with _utils.quiet():
         return _linear.linear_backward(grad_logprobs, grad_entropy, hidden, weight, bias, labels, stats, entropy,

@@ -3,35 +3,39 @@
 Work is counted in multiples of N·D·V (one logits matmul is 2·NDV flops); the minimum with a recompute is
 forward 2 + backward 6 = 8·NDV.
 
-Forward (2·NDV, no logits in memory): a program owns BLOCK_N rows (and, when split, a range of V); for each
-BLOCK_V tile of the vocabulary it accumulates ``hidden_tile @ weight_tile.T`` over D with ``tl.dot`` (fp32
-accumulator), adds the bias and feeds the tile to the same online state as the logits kernels. The label's
-logit is picked out of the tile.
+Forward (2·NDV, no logits in memory): a program owns BLOCK_N rows and a group of the vocabulary (split-V); for
+each BLOCK_V tile of its group it accumulates ``hidden_tile @ weight_tile.T`` over D with ``tl.dot`` (fp32
+accumulator), adds the bias and feeds the tile to the same online state as the logits kernels; the label's
+logit is picked out of the tile with a 32-bit column compare. Partial states of the groups are merged by
+``merge_partials_kernel`` in a fixed order.
 
-Backward (6·NDV; 4·NDV with a frozen weight, 4·NDV with a frozen input), tokens in chunks of ``chunk_size``
-rows through one workspace ``dz`` of ``chunk_rows x V`` elements in the input dtype:
-1. ``_dlogits_kernel`` recomputes each logits tile once per (row tile, vocabulary tile) (2·NDV), turns it into
-   dL/dlogits in fp32 from the saved row stats and entropy, stores it rounded to the input dtype (the matmul
-   operand, per the numeric policy of ``chunked_linear.py``) and, for the bias gradient, the fp32 column sums
-   of its tile, which ``_add_row_sums_kernel`` (``add_row_sums``) adds up in a fixed order (row tiles, then
-   chunks);
-2. ``_matmul_kernel`` (one GEMM kernel, fp32 accumulation over K in a fixed order, one program per output tile)
-   forms ``dX[chunk] = dz @ W`` (2·NDV in total) and ``dW (+)= dz.T @ X[chunk]`` (2·NDV): the first chunk
-   writes dW, later chunks add the fp32 dW accumulated so far, and the last writes it in the weight's dtype.
-No atomics anywhere: dX, dW and db are bitwise reproducible.
+**Program order is L2-aware** (``grouped_tile``). Every program re-reads its [BLOCK_N, D] hidden block for each
+vocabulary tile, so the row tiles resident together must fit in L2, or hidden is re-read from HBM once per
+vocabulary tile (at N = 16384, D = 4096 a row-tile-major grid keeps 132 x 512 KiB = 66 MiB of hidden live on an
+H100: ~159 GB of HBM reads instead of 1.4 GB). Programs are numbered in groups of ``ROW_GROUP`` row tiles (as
+many as fit in ``utils.L2_FRACTION`` of the L2), vocabulary groups slowest within a group: the programs resident
+at any time touch at most ROW_GROUP row tiles, each group of row tiles reads the weight once, and the weight is
+read ceil(row tiles / ROW_GROUP) times in all. The split count is the smallest that keeps a wave inside one row
+group and fills whole waves (``utils.choose_num_splits`` on the compiled kernel's resident CTAs). The model of
+this order, its HBM bytes and its waves is ``tools/gpu_model.py`` (docs/triton-fused-linear.md).
 
-Why this design and not one fused backward kernel (numbers in docs/triton-fused-linear.md). A kernel that keeps
-dz tiles in registers must reduce dX over V and dW over N across programs. Holding a whole [BLOCK_N, D] or
-[BLOCK_V, D] fp32 accumulator is impossible at D = 4096 (1-2 MiB), so it either slices D and recomputes the
-logits once per slice (the previous design: 20·NDV at D = 1024, 68·NDV at D = 4096), or reduces through memory:
-atomics (not reproducible) or a deterministic two-stage reduction with one fp32 [V, D] partial per group of row
-tiles (2.5 GB per group at V = 151936, D = 4096). The workspace design does the minimum 8·NDV. Its extra bytes:
-dz written once and read by the two GEMMs (3·N·V·2 bytes in bf16: 3.7 GB at N = 4096, V = 151936, under 1 ms
-of H200 bandwidth against ~16 ms of 6·NDV bf16 matmul), the weight read twice per chunk (recompute and dX), and
-the read-modify-write of the fp32 dW accumulator by every chunk after the first (8·V·D bytes each: 5 GB at
-V = 151936, D = 4096), the price of bounding the workspace that the cuBLAS path of the "cuda" backend and
-Liger's chunked loss pay too; a larger ``chunk_size`` divides it. The workspace holds at most
-``chunk_size x V`` values in the input dtype, the bound the op promises.
+Backward (6·NDV; 4·NDV with a frozen weight or input), chunked over the **vocabulary**: with ``Vc`` columns at a
+time (``chunk_plan``: all N rows and as many columns as ``chunk_size x V`` values of workspace allow),
+1. ``_dlogits_kernel`` recomputes each logits tile of the [N, Vc] chunk once (2·NDV in all, the same L2-aware
+   order), turns it into dL/dlogits in fp32 from the saved row stats and entropy, stores it rounded to the input
+   dtype (the matmul operand, per the numeric policy of ``chunked_linear.py``) into the workspace ``dz`` (row
+   stride padded to a multiple of 16 bytes) and, for the bias gradient, the fp32 column sums of its tile, which
+   ``_add_row_sums_kernel`` adds up in a fixed order;
+2. ``dW[v0:v1] = dz.T @ X`` (2·NDV in all): each vocabulary slice of dW is complete after its chunk and written
+   once in the weight's dtype, so **no fp32 dW is read and rewritten across chunks**;
+3. ``dX (+)= dz @ W[v0:v1]`` (2·NDV in all) into an fp32 [N, D] accumulator (N·D·4 bytes: 268 MB at N = 16384,
+   D = 4096, against the 2.5 GB fp32 dW a token-chunked backward re-reads per chunk), written in the input
+   dtype after the last chunk; a single chunk writes dX directly.
+Steps 2 and 3 are ``matmul_into`` (cuBLAS on a GPU: ``mm``/``addmm`` with fp32 output where torch has them,
+fp32 operands at IEEE precision), fixed shapes and order, no atomics: dz and db are bitwise reproducible for fixed
+shapes, dX and dW as cuBLAS is (the same GPU model and cuBLAS version; with several CUDA streams only under
+``CUBLAS_WORKSPACE_CONFIG=:4096:8``). Only when ``chunk_size x V`` cannot hold even one vocabulary tile of all N
+rows are the rows chunked as well, and then dW is summed in fp32 across those row chunks.
 
 Offsets are int64 throughout (row and column indices are int64 before any stride or row length multiplies
 them; the tests put offsets past 2**31 into the rows of hidden, weight and the bias-gradient partial sums).
@@ -39,25 +43,45 @@ them; the tests put offsets past 2**31 into the rows of hidden, weight and the b
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 import triton
 import triton.language as tl
 
+from sirl_kernels._sizes import empty_aligned_rows
+from sirl_kernels.backends.matmul import matmul_into
 from sirl_kernels.backends.triton import utils
 from sirl_kernels.backends.triton.logits import (
     LOG2E,
     finalize_state,
-    grad_tile,
+    grad_label,
+    grad_nonlabel,
+    grad_row,
     launch_merge,
     load_labels,
     store_row_outputs,
-    update_state_2d,
+    update_state,
 )
 
 
 # --------------------------------------------------------------------------------------------------------------
-# logits tiles (forward and the backward's recompute)
+# program order and logits tiles (forward and the backward's recompute)
 # --------------------------------------------------------------------------------------------------------------
+@triton.jit
+def grouped_tile(pid, row_tiles, col_tiles, ROW_GROUP):
+    """(row tile, column) of program ``pid``: programs come in groups of ROW_GROUP row tiles (the last group may
+    be smaller), and within a group the column is the slow index, so consecutive programs share row tiles (in
+    L2) and walk the columns (vocabulary groups or tiles) together."""
+    per_group = ROW_GROUP * col_tiles
+    group = pid // per_group
+    first = group * ROW_GROUP
+    rows_here = tl.minimum(row_tiles - first, ROW_GROUP)
+    local = pid - group * per_group
+    return first + local % rows_here, local // rows_here
+
+
 @triton.jit
 def _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, D, stride_h, stride_w,
                  HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
@@ -97,12 +121,12 @@ def _label_columns(labels, start, BLOCK_V: tl.constexpr):
 @triton.jit
 def _linear_fwd_kernel(
     h_ptr, w_ptr, b_ptr, labels_ptr, out_lp, out_h, out_stats, part_m, part_s, part_w, xy_ptr,
-    N, V, D, stride_h, stride_w, inv_t, scale2, ignore_index, chunk, NUM_SPLITS,
+    N, V, D, stride_h, stride_w, inv_t, scale2, ignore_index, chunk, NUM_SPLITS, ROW_GROUP,
     HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    split = tl.program_id(1)
+    row_tile, split = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), NUM_SPLITS, ROW_GROUP)
+    rows = row_tile.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     labels, valid, bad = load_labels(labels_ptr, rows, row_ok, V, ignore_index)
     v_begin = split * chunk
@@ -117,7 +141,7 @@ def _linear_fwd_kernel(
         x = _logits_tile(h_ptr, w_ptr, b_ptr, rows, valid, cols, cols < v_stop, D, stride_h, stride_w,
                          HAS_BIAS, DOT_F32, PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
         x_y += tl.sum(tl.where(_label_columns(labels, start, BLOCK_V), x, 0.0), axis=1)
-        m, s, w2 = update_state_2d(m, s, w2, x, scale2)
+        m, s, w2 = update_state(m, s, w2, x, scale2, False)
     if SPLIT:
         idx = rows * NUM_SPLITS + split
         tl.store(part_m + idx, m, mask=row_ok)
@@ -128,6 +152,64 @@ def _linear_fwd_kernel(
     else:
         lp, h, log_s = finalize_state(m, s, w2, x_y, inv_t, bad)
         store_row_outputs(out_lp, out_h, out_stats, rows, row_ok, valid, lp, h, m, log_s)
+
+
+# A program of the fused forward walks at most MAX_PROGRAM_TILES vocabulary tiles: programs that share a weight
+# tile drift apart the longer they run (CTAs do not advance in lockstep), and the further apart, the more weight
+# tiles must stay in L2 at once. With several row groups, a group's hidden blocks fill at most MULTI_GROUP_SHARE of
+# the L2 budget, the rest holding the weight tiles in flight while a wave moves from one group to the next. Both
+# constants and utils.L2_FRACTION were chosen with the L2 model of tools/gpu_model.py.
+MAX_PROGRAM_TILES = 40
+MULTI_GROUP_SHARE = 5 / 7
+
+
+def rows_in_l2(block_n: int, dim: int, itemsize: int, target: utils.TileTarget, share: float = 1.0) -> int:
+    """How many [block_n, dim] hidden blocks fit in ``share`` x ``utils.L2_FRACTION`` of the target's L2."""
+    return max(1, int(share * utils.L2_FRACTION * target.l2_bytes) // (block_n * dim * itemsize))
+
+
+def fused_plan(row_tiles: int, v_tiles: int, fit: int, slots: int, least: int = 1) -> tuple[int, int]:
+    """(row group, splits) of the fused forward, from the model (tools/gpu_model.py, docs/triton-fused-linear.md):
+
+    - the fewest weight passes: when every row tile's hidden block fits (``fit`` blocks), one group, which reads
+      the weight once; else groups of at most MULTI_GROUP_SHARE x fit row tiles, each reading the weight once;
+    - with several groups, group x splits a multiple of ``slots``, so the programs resident at once belong to one
+      group (a wave straddling two groups holds both groups' hidden blocks and thrashes the L2);
+    - programs of at most MAX_PROGRAM_TILES vocabulary tiles, waves at least ``utils.TARGET_WAVE_EFFICIENCY``
+      full; then the fewest splits.
+    The interpreter (``slots <= 1``): one group, one split (unless forced). A pure function of its integers, so
+    cached: the launcher pays for the search once per shape and device (microseconds after that)."""
+    if slots <= 1 or utils._FORCED_SPLITS is not None:
+        return max(1, row_tiles), utils.choose_num_splits(row_tiles, v_tiles, slots, least)
+    return _fused_plan(int(row_tiles), int(v_tiles), int(fit), int(slots), int(least))
+
+
+@functools.lru_cache(maxsize=4096)
+def _fused_plan(row_tiles: int, v_tiles: int, fit: int, slots: int, least: int) -> tuple[int, int]:
+    least = min(v_tiles, max(least, utils.cdiv(v_tiles, MAX_PROGRAM_TILES)))
+    multi_fit = max(1, int(MULTI_GROUP_SHARE * fit))
+    # no plan reads the weight fewer times than this: stop at the first (fewest) splits that reach it
+    fewest_groups = 1 if row_tiles <= fit else utils.cdiv(row_tiles, multi_fit)
+    best = None
+    for splits in utils.distinct_splits(v_tiles, least):
+        if splits < least or utils.wave_efficiency(row_tiles * splits, slots) < utils.TARGET_WAVE_EFFICIENCY:
+            continue
+        if row_tiles <= fit:
+            group = row_tiles
+        else:
+            unit = slots // math.gcd(slots, splits)
+            group = multi_fit // unit * unit
+            if group == 0:
+                continue
+        key = (utils.cdiv(row_tiles, group), splits)
+        if best is None or key < best[0]:
+            best = (key, group, splits)
+            if key[0] == fewest_groups:
+                break
+    if best is None:  # no split count fills its waves: the best-filled one, groups as large as allowed
+        splits = utils.choose_num_splits(row_tiles, v_tiles, slots, least)
+        return min(row_tiles, fit if row_tiles <= fit else multi_fit), splits
+    return best[1], best[2]
 
 
 def linear_forward(hidden, weight, bias, labels, temperature, ignore_index, num_splits=None):
@@ -142,26 +224,41 @@ def linear_forward(hidden, weight, bias, labels, temperature, ignore_index, num_
     target = utils.target_of(dev)
     cfg = utils.linear_logits_blocks(n, v, dim, hidden.dtype, target)
     bn, bv = cfg["BLOCK_N"], cfg["BLOCK_V"]
-    row_programs = triton.cdiv(n, bn)
-    tiles = triton.cdiv(v, bv)
-    splits = num_splits if num_splits is not None else utils.choose_num_splits(row_programs, tiles, target)
-    chunk, splits = utils.split_chunk(v, bv, max(1, min(splits, tiles)))
+    row_tiles = utils.cdiv(n, bn)
+    tiles = utils.cdiv(v, bv)
+    fit = rows_in_l2(bn, dim, hidden.itemsize, target)
     inv_t = 1.0 / temperature
-    args = (inv_t, inv_t * LOG2E, ignore_index)
+    scalars = (inv_t, inv_t * LOG2E, ignore_index)
     b = bias if bias is not None else weight  # dummy pointer when HAS_BIAS is False
-    common = dict(HAS_BIAS=bias is not None, **_dot_constexprs(hidden.dtype), **cfg)
+    kwargs = dict(HAS_BIAS=bias is not None, **_dot_constexprs(hidden.dtype), **cfg)
+    plan = {"group": row_tiles}
+
+    def args_of(chunk, splits, parts=(out[0],) * 4):
+        return (hidden, weight, b, labels, *out, *parts, n, v, dim, hidden.stride(0), weight.stride(0), *scalars,
+                chunk, splits, plan["group"])
+
+    def choose(slots, least):
+        plan["group"], splits = fused_plan(row_tiles, tiles, fit, slots, least)
+        return splits
+
+    def launch_of(splits):
+        chunk, splits = utils.split_chunk(v, bv, splits)
+        return (row_tiles * splits,), args_of(chunk, splits), dict(kwargs, SPLIT=splits > 1)
+
+    if num_splits is None:
+        num_splits = utils.plan_splits(_linear_fwd_kernel, launch_of, choose, target)
+    else:
+        choose(1, 1)
+    chunk, splits = utils.split_chunk(v, bv, max(1, min(num_splits, tiles)))
     if splits == 1:
-        utils.launch(_linear_fwd_kernel, (row_programs, 1),
-                     hidden, weight, b, labels, *out, out[0], out[0], out[0], out[0],
-                     n, v, dim, hidden.stride(0), weight.stride(0), *args, chunk, 1, SPLIT=False, **common)
+        utils.launch(_linear_fwd_kernel, (row_tiles,), *args_of(chunk, 1), SPLIT=False, **kwargs)
         return tuple(out)
     parts = [torch.empty(n, splits, dtype=torch.float32, device=dev) for _ in range(3)]
     # written by the split that owns the label, for every row with a label in [0, V); the merge reads no other row
     x_y = torch.empty(n, dtype=torch.float32, device=dev)
-    utils.launch(_linear_fwd_kernel, (row_programs, splits),
-                 hidden, weight, b, labels, *out, *parts, x_y,
-                 n, v, dim, hidden.stride(0), weight.stride(0), *args, chunk, splits, SPLIT=True, **common)
-    launch_merge(parts, x_y, labels, out, n, v, 0, args, target, label_from_rows=False)
+    utils.launch(_linear_fwd_kernel, (row_tiles * splits,), *args_of(chunk, splits, (*parts, x_y)), SPLIT=True,
+                 **kwargs)
+    launch_merge(parts, x_y, labels, out, n, v, 0, scalars, target, label_from_rows=False)
     return tuple(out)
 
 
@@ -171,20 +268,22 @@ def linear_forward(hidden, weight, bias, labels, temperature, ignore_index, num_
 @triton.jit
 def _dlogits_kernel(
     h_ptr, w_ptr, b_ptr, labels_ptr, stats_ptr, ent_ptr, glp_ptr, gh_ptr, dz_ptr, db_part_ptr,
-    N, V, D, stride_h, stride_w, stride_dz, inv_t, ignore_index,
+    N, V, col0, V_total, D, stride_h, stride_w, stride_dz, stride_db, inv_t, log2_inv_t, ignore_index, ROW_GROUP,
     HAS_BIAS: tl.constexpr, NEED_DB: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """dz[N, V] = dL/dlogits of one chunk of N rows, rounded to dz's dtype, one logits tile per program; with
-    NEED_DB the tile's fp32 column sums go to row ``program_id(0)`` of ``db_part`` [row tiles, V].
-
-    Row tiles are the fastest grid axis: the programs that run together share a weight tile in L2."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    first_col = tl.program_id(1).to(tl.int64) * BLOCK_V
+    """dz[N, V] = dL/dlogits of one chunk: N rows, the V vocabulary columns from ``col0`` on (``w_ptr`` and
+    ``b_ptr`` point at the chunk's first vocabulary row; labels are full-vocabulary indices, checked against
+    ``V_total``), rounded to dz's dtype, one logits tile per program in the L2-aware order of ``grouped_tile``.
+    With NEED_DB the tile's fp32 column sums go to row ``row tile`` of ``db_part`` [row tiles, V]. The gradient is
+    the logits kernels' (``grad_row``, ``grad_nonlabel``, the label's column by ``grad_label``)."""
+    row_tile, col_tile = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(V, BLOCK_V), ROW_GROUP)
+    rows = row_tile.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    first_col = col_tile.to(tl.int64) * BLOCK_V
     cols = first_col + tl.arange(0, BLOCK_V)
     row_ok = rows < N
     col_ok = cols < V
-    labels, valid, bad = load_labels(labels_ptr, rows, row_ok, V, ignore_index)
+    labels, valid, bad = load_labels(labels_ptr, rows, row_ok, V_total, ignore_index)
     m = tl.load(stats_ptr + 2 * rows, mask=valid, other=0.0)
     log_s = tl.load(stats_ptr + 2 * rows + 1, mask=valid, other=0.0)
     ent = tl.load(ent_ptr + rows, mask=valid, other=0.0)
@@ -192,13 +291,15 @@ def _dlogits_kernel(
     g_h = tl.load(gh_ptr + rows, mask=valid, other=0.0)
     x = _logits_tile(h_ptr, w_ptr, b_ptr, rows, valid, cols, col_ok, D, stride_h, stride_w,
                      HAS_BIAS, DOT_F32, PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
-    dz = grad_tile((x - m[:, None]) * inv_t - log_s[:, None], _label_columns(labels, first_col, BLOCK_V),
-                   ent[:, None], g_lp[:, None], g_h[:, None], inv_t)
+    u_min, b, c1, c0 = grad_row(m, log_s, ent, g_lp, g_h, log2_inv_t)
+    dz = grad_nonlabel(x, m[:, None], inv_t, u_min[:, None], b[:, None], c1[:, None], c0[:, None])
+    g_y = grad_label((x - m[:, None]) * inv_t - log_s[:, None], ent[:, None], g_lp[:, None], g_h[:, None], inv_t)
+    dz = tl.where(_label_columns(labels, col0 + first_col, BLOCK_V), g_y, dz)
     dz = tl.where(bad[:, None], float("nan"), tl.where(valid[:, None], dz, 0.0))
     tl.store(dz_ptr + rows[:, None] * stride_dz + cols[None, :], dz.to(dz_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
     if NEED_DB:
-        tl.store(db_part_ptr + tl.program_id(0).to(tl.int64) * V + cols, tl.sum(dz, axis=0), mask=col_ok)
+        tl.store(db_part_ptr + row_tile.to(tl.int64) * stride_db + cols, tl.sum(dz, axis=0), mask=col_ok)
 
 
 @triton.jit
@@ -215,47 +316,6 @@ def _add_row_sums_kernel(part_ptr, out_ptr, R, V, stride_part, BLOCK: tl.constex
     tl.store(out_ptr + cols, acc, mask=col_ok)
 
 
-@triton.jit
-def _matmul_kernel(
-    a_ptr, b_ptr, c_ptr, acc_ptr, M, N, K,
-    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_accm,
-    ACCUMULATE: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):
-    """C = A @ B (+ ACC when ACCUMULATE): fp32 accumulation over K in increasing order, one program per C tile
-    (so the sum of every element has a fixed order). C and ACC have unit stride along N; ACC is fp32."""
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    # programs of GROUP_M consecutive row tiles share their B columns in L2
-    per_group = GROUP_M * grid_n
-    first_m = (pid // per_group) * GROUP_M
-    group_m = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_m
-    pid_n = (pid % per_group) // group_m
-    rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = rm < M
-    n_ok = rn < N
-    a_rows = a_ptr + rm[:, None] * stride_am
-    b_cols = b_ptr + rn[None, :] * stride_bn
-    rk0 = tl.arange(0, BLOCK_K).to(tl.int64)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k in range(0, K, BLOCK_K):
-        rk = k + rk0
-        k_ok = rk < K
-        a = tl.load(a_rows + rk[None, :] * stride_ak, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_cols + rk[:, None] * stride_bk, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        if DOT_F32:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-    mask = m_ok[:, None] & n_ok[None, :]
-    if ACCUMULATE:
-        acc += tl.load(acc_ptr + rm[:, None] * stride_accm + rn[None, :], mask=mask, other=0.0)
-    tl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :], acc.to(c_ptr.dtype.element_ty), mask=mask)
-
-
 def _dot_constexprs(dtype: torch.dtype) -> dict:
     dot_f32, precision = utils.dot_flags(dtype)
     return {"DOT_F32": dot_f32, "PRECISION": precision}
@@ -267,29 +327,28 @@ def add_row_sums(part, out, rows=None):
     rows = part.shape[0] if rows is None else rows
     v = part.shape[1]
     block = 1024
-    utils.launch(_add_row_sums_kernel, (triton.cdiv(v, block),), part, out, rows, v, part.stride(0), BLOCK=block)
+    utils.launch(_add_row_sums_kernel, (utils.cdiv(v, block),), part, out, rows, v, part.stride(0), BLOCK=block)
 
 
-def matmul(a, b, out, accumulate=None, target=None):
-    """``out = a @ b (+ accumulate)`` with fp32 accumulation in a fixed order: a [M, K], b [K, N] (any strides),
-    out and the fp32 ``accumulate`` [M, N] with unit stride along N (``accumulate`` may be ``out``). ``target``:
-    the caller's ``utils.target_of`` (looked up when not given)."""
-    m, k = a.shape
-    n = b.shape[1]
-    target = utils.target_of(a.device) if target is None else target
-    cfg = utils.matmul_blocks(m, n, k, a.dtype, target)
-    acc = out if accumulate is None else accumulate
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-    utils.launch(_matmul_kernel, grid, a, b, out, acc, m, n, k,
-                 a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), acc.stride(0),
-                 ACCUMULATE=accumulate is not None, **_dot_constexprs(a.dtype), **cfg)
+def chunk_plan(n: int, vocab: int, chunk_size: int, block_n: int, block_v: int) -> tuple[int, int]:
+    """(rows, columns) of one backward chunk, holding at most ``chunk_size x vocab`` values of dz: all ``n`` rows
+    and as many whole ``block_v`` tiles of columns as fit, balanced over the chunks; only when not even one tile
+    of columns fits for all rows, one tile of columns and as many whole row tiles as fit."""
+    budget = max(1, int(chunk_size)) * vocab
+    if budget >= n * vocab:
+        return n, vocab
+    tile = min(vocab, block_v)
+    if budget >= n * tile:
+        cols = budget // n // block_v * block_v
+        chunks = utils.cdiv(vocab, cols)
+        return n, min(vocab, utils.cdiv(utils.cdiv(vocab, chunks), block_v) * block_v)
+    rows = max(1, budget // tile)
+    return (rows - rows % block_n if rows >= block_n else rows), tile
 
 
-def chunk_rows(n: int, chunk_size: int, block_n: int) -> int:
-    """Rows per backward chunk: at most ``chunk_size`` (the op's bound on vocabulary-wide rows held at once),
-    rounded down to whole row tiles when there is room for one."""
-    rows = max(1, min(int(chunk_size), n))
-    return rows - rows % block_n if rows >= block_n else rows
+def _rows(t, start: int, stop: int):
+    """``t[start:stop]``, or ``t`` itself when that is all of it (no view op for a single chunk)."""
+    return t if start == 0 and stop == t.shape[0] else t[start:stop]
 
 
 def linear_backward(grad_logprobs, grad_entropy, hidden, weight, bias, labels, stats, entropy, temperature,
@@ -308,37 +367,52 @@ def linear_backward(grad_logprobs, grad_entropy, hidden, weight, bias, labels, s
         return grad_hidden, grad_weight, torch.zeros_like(bias) if need_bias else None
     target = utils.target_of(dev)
     cfg = utils.linear_logits_blocks(n, v, dim, hidden.dtype, target)
-    rows = chunk_rows(n, chunk_size, cfg["BLOCK_N"])
-    dz = torch.empty((rows, v), dtype=hidden.dtype, device=dev)  # the workspace: the matmul operand
-    row_tiles = triton.cdiv(rows, cfg["BLOCK_N"])
+    bn, bv = cfg["BLOCK_N"], cfg["BLOCK_V"]
+    rows, cols = chunk_plan(n, v, chunk_size, bn, bv)
+    # the workspace: the matmul operand, rows 16-byte aligned
+    dz = empty_aligned_rows(rows, cols, hidden.dtype, dev)
+    row_tiles = utils.cdiv(rows, bn)
     grad_bias_acc = torch.zeros(v, dtype=f32, device=dev) if need_bias else None
-    grad_bias_part = torch.empty((row_tiles, v), dtype=f32, device=dev) if need_bias else None
-    # dW: written straight into grad_weight by a single chunk; over several chunks summed in fp32 (in
-    # grad_weight itself when that is fp32) and written in the weight's dtype by the last one.
-    grad_weight_acc = None
-    if need_weight and rows < n:
-        grad_weight_acc = grad_weight if weight.dtype == f32 else torch.empty(weight.shape, dtype=f32, device=dev)
+    grad_bias_part = torch.empty((row_tiles, cols), dtype=f32, device=dev) if need_bias else None
+    # dX: summed in fp32 over the vocabulary chunks (in grad_hidden itself when that is fp32), written in the
+    # input dtype after the last; a single vocabulary chunk writes it directly.
+    grad_hidden_acc = grad_hidden
+    if need_hidden and cols < v and hidden.dtype != f32:
+        grad_hidden_acc = torch.empty((n, dim), dtype=f32, device=dev)
+    # dW: each vocabulary slice complete after its chunk; only several row chunks sum it in fp32 (in
+    # grad_weight itself when that is fp32), written in the weight's dtype at the end.
+    grad_weight_acc = grad_weight
+    if need_weight and rows < n and weight.dtype != f32:
+        grad_weight_acc = torch.empty(weight.shape, dtype=f32, device=dev)
     labels = labels.contiguous()
     row_stats = (stats.to(f32).contiguous(), entropy.to(f32).contiguous(), grad_logprobs.to(f32).contiguous(),
                  grad_entropy.to(f32).contiguous())
-    b = bias if bias is not None else weight  # dummy pointer when HAS_BIAS is False
     inv_t = 1.0 / temperature
-    for start in range(0, n, rows):
-        stop = min(start + rows, n)
-        h_chunk = hidden[start:stop]
-        dz_chunk = dz[:stop - start]
-        tiles = triton.cdiv(stop - start, cfg["BLOCK_N"])
-        utils.launch(_dlogits_kernel, (tiles, triton.cdiv(v, cfg["BLOCK_V"])),
-                     h_chunk, weight, b, labels[start:stop], *(t[start:stop] for t in row_stats), dz,
-                     grad_bias_part if need_bias else dz,
-                     stop - start, v, dim, hidden.stride(0), weight.stride(0), dz.stride(0), inv_t, ignore_index,
-                     HAS_BIAS=bias is not None, NEED_DB=need_bias, **_dot_constexprs(hidden.dtype), **cfg)
-        if need_bias:
-            add_row_sums(grad_bias_part, grad_bias_acc, tiles)
-        if need_hidden:
-            matmul(dz_chunk, weight, grad_hidden[start:stop], target=target)
-        if need_weight:
-            first, last = start == 0, stop == n
-            matmul(dz_chunk.t(), h_chunk, grad_weight if last else grad_weight_acc,
-                   accumulate=None if first else grad_weight_acc, target=target)
+    kwargs = dict(HAS_BIAS=bias is not None, NEED_DB=need_bias, **_dot_constexprs(hidden.dtype), **cfg)
+    # one program per tile: its row groups hold half of what the forward's do, so the two groups a wave straddles
+    # at a group boundary both fit
+    group = min(row_tiles, rows_in_l2(bn, dim, hidden.itemsize, target, share=0.5)) if target.gpu else row_tiles
+    for r0 in range(0, n, rows):
+        r1 = min(r0 + rows, n)
+        h_chunk = _rows(hidden, r0, r1)
+        tiles = utils.cdiv(r1 - r0, bn)
+        for v0 in range(0, v, cols):
+            v1 = min(v0 + cols, v)
+            dz_chunk = dz[:r1 - r0, :v1 - v0]
+            w_chunk = _rows(weight, v0, v1)
+            utils.launch(_dlogits_kernel, (tiles * utils.cdiv(v1 - v0, bv),),
+                         h_chunk, w_chunk, _rows(bias, v0, v1) if bias is not None else w_chunk, labels[r0:r1],
+                         *(t[r0:r1] for t in row_stats), dz, grad_bias_part if need_bias else dz,
+                         r1 - r0, v1 - v0, v0, v, dim, hidden.stride(0), weight.stride(0), dz.stride(0), cols,
+                         inv_t, -math.log2(temperature), ignore_index, group, **kwargs)
+            if need_bias:
+                add_row_sums(grad_bias_part[:, :v1 - v0], grad_bias_acc[v0:v1], tiles)
+            if need_hidden:
+                matmul_into(_rows(grad_hidden_acc, r0, r1), dz_chunk, w_chunk, accumulate=v0 > 0)
+            if need_weight:
+                matmul_into(_rows(grad_weight_acc, v0, v1), dz_chunk.t(), h_chunk, accumulate=r0 > 0)
+    if grad_hidden_acc is not grad_hidden:
+        grad_hidden.copy_(grad_hidden_acc)
+    if grad_weight_acc is not grad_weight:
+        grad_weight.copy_(grad_weight_acc)
     return grad_hidden, grad_weight, None if grad_bias_acc is None else grad_bias_acc.to(bias.dtype)

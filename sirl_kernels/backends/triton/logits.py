@@ -9,20 +9,49 @@ log2(e)/T is folded into one scale applied to the *difference* x - m, so each el
 multiply, an exp2 and an FMA; folding it into x before subtracting the max would cost ulp(max * log2e) of
 absolute accuracy on large logits. Then H = ln2 (log2 s - w2 / s), logprob = (x_y - m)/T - ln s, and the row
 stats saved for the backward are (m, ln s) in these raw units: log p_i = (x_i - m)/T - ln s there too.
+
+The logits kernels are issue-bound unless written for it (docs/triton-kernels.md, "Main loops"): an H100 issues
+about 9 thread-instructions per byte of HBM bandwidth, 18 per bf16 logit read, 37 per logit read and written.
+So their main loops are laid out for the instruction count, checked per element on the real compiler's SASS
+in CI (tests/sirl_kernels/backends/test_triton_sass.py):
+
+- a tile is ``[R, T, VEC]``: T = 32 x num_warps threads, each owning R rows of VEC contiguous elements (16 bytes:
+  one LDG.E.128 per row), so every reduction in the loop is in-thread (no shuffle, no barrier) and the forward
+  keeps a per-thread state; a row is reduced across the block once, after its loop;
+- rows start 16-byte aligned whatever V is when the row stride is a multiple of 16 bytes (it is then passed in
+  units of 16 bytes, ``utils.stride_unit``), the loop body is unmasked and only one masked tail tile follows, so
+  V = 151936, a 151665 view of it or 50257 in a 50264-wide buffer all get 16-byte loads and stores in the loop;
+  the out-of-place gradient is allocated with rows as far from alignment as the logits' (aligned where they
+  are); a row stride that is not a multiple of 16 bytes (a contiguous [N, 50257] tensor) gets element-wide
+  loads (docs/triton-kernels.md, "Alignment");
+- the backward is ``dz = 2^(u log2(e) + b) * (c1 u + c0)`` with ``u = max((x - m) / T, u_min)`` (per-row
+  scalars b, c1, c0, u_min: ``grad_row``), two FMAs per element written as ``tl.fma`` so the count does not depend
+  on Triton's fp-fusion default; the factor 1/T of the chain rule sits in the exponent (``b`` holds log2(1/T)), so
+  no per-row constant grows with 1/T and nothing overflows for any temperature the API accepts (a product of
+  finite factors is inf only where the gradient itself is out of fp32 range); the label's ``1 - p_y`` (as
+  ``-expm1``) is patched once per row as a scalar;
+- column indices are 32-bit (a row has fewer than 2^31 columns); row offsets are 64-bit.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
 import triton.language as tl
 
+from sirl_kernels._sizes import empty_aligned_rows
 from sirl_kernels.backends.triton import utils
 
 # tl.constexpr globals: the compiler rejects any global a @triton.jit function reads that is not a tl.constexpr
 # (only the interpreter accepts a plain Python float).
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
+NEG_MAX = tl.constexpr(-3.4028234663852886e38)  # -FLT_MAX: finite, so 0 * NEG_MAX is 0, not NaN
+# p = exp2(t) is 0 in fp32 for t <= -200 (2^-200 is below the smallest denormal); the backward clamps x - m to
+# the d whose exponent is -200, so the elements that p rounds to 0 (x = -inf included) give exactly 0.
+EXP2_ZERO = tl.constexpr(-200.0)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -32,38 +61,56 @@ LN2 = tl.constexpr(0.6931471805599453)
 def rescale_state(m_old, s, w2, m_new, scale2):
     """Rescale a state with max m_old to a max m_new >= m_old: w2 <- 2^d (w2 + d s), s <- 2^d s (d in base 2).
 
-    NaN is poison, whatever the GPU's max does with it: a state is empty only while s == 0, never because its
-    max is -inf (a tile of NaN leaves m = -inf under a NaN-dropping max but s = NaN, which must survive), and
-    equal maxima (both -inf included) rescale by exactly 1 instead of 2^(-inf + inf).
+    The one rescale of every state of this backend (the logits kernels' per-thread states and their block
+    reduction, the fused-linear forward's per-row states, the split-V merge). NaN is poison, whatever the GPU's max
+    does with it: a state is empty only while s == 0, never because its max is -inf (a tile of NaN leaves m = -inf
+    under a NaN-dropping max but s = NaN, which must survive), and equal maxima (both -inf included) rescale by
+    exactly 1 instead of 2^(-inf + inf). The weighted sum is a w2 + (a d) s with a d taken as 0 where a underflows
+    to 0: d s alone overflows for maxima ~1e38 apart (and is -inf x 0 for an empty state), while a NaN in s or w2
+    still comes through.
     """
     d2 = tl.where(m_old == m_new, 0.0, (m_old - m_new) * scale2)
     a = tl.exp2(d2)
-    return a * s, a * (w2 + tl.where(s == 0.0, 0.0, d2 * s))
+    return a * s, a * w2 + tl.where(a == 0.0, 0.0, a * d2) * s
 
 
 @triton.jit
-def update_state_1d(m, s, w2, x, scale2):
-    """Adds a 1-D fp32 tile x of raw logits (-inf where masked) to a scalar state."""
-    m_new = tl.maximum(m, tl.max(x, axis=0))
-    s, w2 = rescale_state(m, s, w2, m_new, scale2)
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # NaN stays NaN
-    d2 = (x - m_safe) * scale2
-    e = tl.exp2(d2)
-    s += tl.sum(e, axis=0)
-    w2 += tl.sum(tl.where(e > 0.0, e * d2, 0.0), axis=0)
-    return m_new, s, w2
+def state_shift(m_new):
+    """The shift the per-element terms of a state with max ``m_new`` subtract (:func:`update_state`): m_new, or
+    0 for a max of -inf (all -inf so far: shifting by -inf would turn those -inf into NaN); NaN stays NaN."""
+    return tl.where(m_new == float("-inf"), 0.0, m_new)
 
 
 @triton.jit
-def update_state_2d(m, s, w2, x, scale2):
-    """Adds a [rows, cols] fp32 tile x of raw logits (-inf where masked) to per-row states."""
-    m_new = tl.maximum(m, tl.max(x, axis=1))
+def update_state(m, s, w2, x, scale2, PER_THREAD: tl.constexpr):
+    """Adds an fp32 tile ``x`` of raw logits (-inf where masked) to online states (m, s, w2): one per row of a
+    [rows, cols] tile (the fused linear), or with ``PER_THREAD`` one per thread of a [R, T, VEC] tile (the logits
+    kernels: every reduction runs over axes 0 and 2, inside the thread, no shuffle and no barrier).
+
+    The states are rescaled to the new max (:func:`rescale_state`), then ``s += sum 2^d`` and
+    ``w2 += sum 2^d max(d, -FLT_MAX)`` with ``d = (x - max) log2(e) / T``: per element a subtract, a multiply, an
+    exp2, an add and, for the entropy sum, a clamp and an FMA. The difference x - max is taken before any scaling
+    (exact under a common offset). d is clamped at -FLT_MAX so a -inf logit adds 0 (not 0 x -inf), while a NaN one
+    still adds NaN through its 2^d. Extra statistics (issue 23: sum x, varentropy) are more sums here, compiled in
+    by constexpr flags only where requested. (The sum of 2^d is formed before the products: the other order cost
+    the fused-linear GEMM tile on sm_100 registers it then spilled.)"""
+    if PER_THREAD:
+        m_new = tl.maximum(m, thread_max(x))
+    else:
+        m_new = tl.maximum(m, tl.max(x, axis=1))
     s, w2 = rescale_state(m, s, w2, m_new, scale2)
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # NaN stays NaN
-    d2 = (x - m_safe[:, None]) * scale2
+    shift = state_shift(m_new)
+    if PER_THREAD:
+        d2 = (x - shift[None, :, None]) * scale2
+    else:
+        d2 = (x - shift[:, None]) * scale2
     e = tl.exp2(d2)
-    s += tl.sum(e, axis=1)
-    w2 += tl.sum(tl.where(e > 0.0, e * d2, 0.0), axis=1)
+    if PER_THREAD:
+        s = s + thread_sum(e)
+        w2 = w2 + thread_sum(e * tl.maximum(d2, NEG_MAX))
+    else:
+        s = s + tl.sum(e, axis=1)
+        w2 = w2 + tl.sum(e * tl.maximum(d2, NEG_MAX), axis=1)
     return m_new, s, w2
 
 
@@ -110,16 +157,38 @@ def expm1_from(logp, p):
 
 
 @triton.jit
-def grad_tile(logp, is_label, lse_h, g_lp, g_h, inv_t):
-    """dL/dx for one tile: [g_lp (1[i=y] - p) - g_h p (logp + H)] / T with p = exp(logp) = 0 giving exactly 0
-    and the label's 1 - p computed as -expm1(logp). Broadcasts: logp/is_label tiles, lse_h/g_* per row.
+def grad_row(m, log_s, ent, g_lp, g_h, log2_inv_t):
+    """Per-row constants ``(u_min, b, c1, c0)`` of :func:`grad_nonlabel`, from the forward's stats (m, ln s), the
+    entropy H, the upstream gradients and log2(1/T) (every argument a row scalar or a column of them).
 
-    ``lse_h`` is the row entropy H.
-    """
+    With u = (x - m) / T and log p = u - ln s, the non-label gradient is
+    ``[-g_lp p - g_h p (log p + H)] / T = (p / T) (c1 u + c0)``, ``c1 = -g_h``, ``c0 = -(g_lp + g_h (H - ln s))``,
+    and ``p / T = 2^(u log2(e) + b)``, ``b = log2(1/T) - ln s log2(e)``. Keeping 1/T in the exponent keeps every
+    constant free of 1/T (``-g_h / T^2`` overflows once 1/T > 1.8e19, and then p = 0 times inf is NaN), and
+    ``2^(...) <= 2^126`` since u <= 0, ln s >= 0 and 1/T <= 2^126. Where the exponent is below -200, p / T is 0 in
+    fp32: u is clamped at that point, ``u_min``, so ``c1 u`` stays finite (|u_min| <= 226) and a -inf logit gives
+    exactly 0. A NaN row has NaN stats, so NaN everywhere."""
+    b = log2_inv_t - log_s * LOG2E
+    return (b - EXP2_ZERO) * -LN2, b, -g_h, -(g_lp + g_h * (ent - log_s))  # tensor - constexpr: a tensor
+
+
+@triton.jit
+def grad_nonlabel(x, m, inv_t, u_min, b, c1, c0):
+    """dL/dx of non-label elements (x: fp32 raw logits; the rest row constants of :func:`grad_row`, broadcast):
+    ``2^(u log2(e) + b) (c1 u + c0)`` with ``u = max((x - m) / T, u_min)``: a subtract, a multiply, a clamp, two
+    FMAs (``tl.fma``, whatever Triton's fp-fusion default), an exp2 and a multiply per element."""
+    u = tl.maximum((x - m) * inv_t, u_min)
+    return tl.exp2(tl.fma(u, LOG2E, b)) * tl.fma(u, c1, c0)
+
+
+@triton.jit
+def grad_label(logp, ent, g_lp, g_h, inv_t):
+    """dL/dx of the label element from its log p: ``[g_lp (1 - p) - g_h p (log p + H)] / T`` with 1 - p computed
+    as -expm1(log p) (exact near p = 1) and the entropy term exactly 0 where p is. Every factor is bounded before
+    the final 1/T, so it overflows only where the gradient itself is out of fp32 range."""
     p = tl.exp2(logp * LOG2E)
-    one_minus = tl.where(is_label, -expm1_from(logp, p), -p)
-    ent = tl.where(p > 0.0, p * (logp + lse_h), 0.0)
-    return (g_lp * one_minus - g_h * ent) * inv_t
+    ent_term = tl.where(p > 0.0, p * (logp + ent), 0.0)
+    return (g_lp * -expm1_from(logp, p) - g_h * ent_term) * inv_t
 
 
 @triton.jit
@@ -156,29 +225,66 @@ def merge_partials_kernel(
 
 
 # --------------------------------------------------------------------------------------------------------------
+# tiles of the logits kernels: [R, T, VEC], every thread owning R x VEC elements
+# --------------------------------------------------------------------------------------------------------------
+@triton.jit
+def tile_offsets(R: tl.constexpr, T: tl.constexpr, VEC: tl.constexpr):
+    """Column offsets of one tile: row r of thread t holds VEC contiguous columns at r * T * VEC + t * VEC, so
+    each of the R loads of a warp is 32 x 16 contiguous bytes and every reduction over axes 0 and 2 stays in
+    the thread."""
+    return (tl.arange(0, R)[:, None, None] * (T * VEC) + tl.arange(0, T)[None, :, None] * VEC
+            + tl.arange(0, VEC)[None, None, :])
+
+
+@triton.jit
+def thread_max(x):
+    return tl.max(tl.max(x, axis=2), axis=0)
+
+
+@triton.jit
+def thread_sum(x):
+    return tl.sum(tl.sum(x, axis=2), axis=0)
+
+
+@triton.jit
+def reduce_thread_states(m, s, w2, scale2):
+    """One block reduction of the per-thread states [T]: (max, s, w2) of the row."""
+    m_row = tl.max(m, axis=0)
+    s, w2 = rescale_state(m, s, w2, m_row, scale2)
+    return m_row, tl.sum(s, axis=0), tl.sum(w2, axis=0)
+
+
+# --------------------------------------------------------------------------------------------------------------
 # forward
 # --------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _logits_fwd_kernel(
     x_ptr, labels_ptr, out_lp, out_h, out_stats, part_m, part_s, part_w,
     stride_row, V, inv_t, scale2, ignore_index, chunk, NUM_SPLITS,
-    SPLIT: tl.constexpr, BLOCK_V: tl.constexpr,
+    SPLIT: tl.constexpr, R: tl.constexpr, T: tl.constexpr, VEC: tl.constexpr, UNIT: tl.constexpr,
 ):
+    """Row ``program_id(0)``, columns [split * chunk, +chunk) of it (``stride_row`` in units of UNIT
+    elements). No barrier in the loop: the state is per thread and reduced across the block once."""
+    TILE: tl.constexpr = R * T * VEC
     row = tl.program_id(0).to(tl.int64)  # row * stride_row can exceed 2**31
     split = tl.program_id(1)
     label, valid, bad = load_labels(labels_ptr, row, True, V, ignore_index)
     v_begin = split * chunk
     v_stop = tl.minimum(v_begin + chunk, V)
     v_stop = tl.where(valid, v_stop, v_begin)  # ignored rows load nothing
-    base = x_ptr + row * stride_row
-    offs = tl.arange(0, BLOCK_V)
-    m = float("-inf")
-    s = 0.0
-    w2 = 0.0
-    for start in range(v_begin, v_stop, BLOCK_V):
-        cols = start + offs
-        x = tl.load(base + cols, mask=cols < v_stop, other=float("-inf")).to(tl.float32)
-        m, s, w2 = update_state_1d(m, s, w2, x, scale2)
+    body_stop = v_begin + (v_stop - v_begin) // TILE * TILE
+    base = x_ptr + row * stride_row * UNIT
+    offs = tile_offsets(R, T, VEC)
+    m = tl.full([T], float("-inf"), tl.float32)
+    s = tl.zeros([T], tl.float32)
+    w2 = tl.zeros([T], tl.float32)
+    for start in range(v_begin, body_stop, TILE):  # unmasked: 16-byte loads
+        x = tl.load(base + start + offs).to(tl.float32)
+        m, s, w2 = update_state(m, s, w2, x, scale2, True)
+    cols = body_stop + offs  # the one masked tile
+    x = tl.load(base + cols, mask=cols < v_stop, other=float("-inf")).to(tl.float32)
+    m, s, w2 = update_state(m, s, w2, x, scale2, True)
+    m, s, w2 = reduce_thread_states(m, s, w2, scale2)
     if SPLIT:
         tl.store(part_m + row * NUM_SPLITS + split, m)
         tl.store(part_s + row * NUM_SPLITS + split, s)
@@ -187,6 +293,20 @@ def _logits_fwd_kernel(
         x_y = tl.load(base + label, mask=valid & ~bad, other=0.0).to(tl.float32)
         lp, h, log_s = finalize_state(m, s, w2, x_y, inv_t, bad)
         store_row_outputs(out_lp, out_h, out_stats, row, True, valid, lp, h, m, log_s)
+
+
+def _split_plan(kernel, n, vocab, tile, args_of, kwargs_of, target, num_splits):
+    """(chunk, splits) of a logits kernel over ``n`` rows: forced, or from the compiled kernel's resident CTAs
+    (``args_of(chunk, splits)`` and ``kwargs_of(split)`` give the launch)."""
+    tiles = utils.cdiv(vocab, tile)
+    if num_splits is None:
+        def launch_of(splits):
+            chunk, splits = utils.split_chunk(vocab, tile, splits)
+            return (n, splits), args_of(chunk, splits), kwargs_of(splits > 1)
+
+        num_splits = utils.plan_splits(kernel, launch_of,
+                                       lambda slots, least: utils.choose_num_splits(n, tiles, slots, least), target)
+    return utils.split_chunk(vocab, tile, max(1, min(num_splits, tiles)))
 
 
 def logits_forward(logits, labels, temperature, ignore_index, num_splits=None):
@@ -201,21 +321,22 @@ def logits_forward(logits, labels, temperature, ignore_index, num_splits=None):
     labels = labels.contiguous()
     inv_t = 1.0 / temperature
     target = utils.target_of(dev)
-    block_v, warps = utils.logits_block_v(v, target)
-    tiles = triton.cdiv(v, block_v)
-    splits = num_splits if num_splits is not None else utils.choose_num_splits(n, tiles, target)
-    chunk, splits = utils.split_chunk(v, block_v, max(1, min(splits, tiles)))
-    args = (inv_t, inv_t * LOG2E, ignore_index)
+    cfg = utils.logits_tiles(v, logits.dtype, target)
+    unit = utils.stride_unit(logits.dtype, logits.stride(0))
+    scalars = (inv_t, inv_t * LOG2E, ignore_index)
+
+    def args_of(chunk, splits, parts=(out[0], out[0], out[0])):
+        return (logits, labels, *out, *parts, logits.stride(0) // unit, v, *scalars, chunk, splits)
+
+    kwargs = dict(R=cfg["R"], T=cfg["T"], VEC=cfg["VEC"], UNIT=unit, num_warps=cfg["num_warps"])
+    chunk, splits = _split_plan(_logits_fwd_kernel, n, v, utils.tile_width(cfg), args_of,
+                                lambda split: dict(kwargs, SPLIT=split), target, num_splits)
     if splits == 1:
-        utils.launch(_logits_fwd_kernel, (n, 1),
-                     logits, labels, *out, out[0], out[0], out[0], logits.stride(0), v, *args, chunk, 1,
-                     SPLIT=False, BLOCK_V=block_v, num_warps=warps)
+        utils.launch(_logits_fwd_kernel, (n, 1), *args_of(chunk, 1), SPLIT=False, **kwargs)
         return tuple(out)
     parts = [torch.empty(n, splits, dtype=torch.float32, device=dev) for _ in range(3)]
-    utils.launch(_logits_fwd_kernel, (n, splits),
-                 logits, labels, *out, *parts, logits.stride(0), v, *args, chunk, splits,
-                 SPLIT=True, BLOCK_V=block_v, num_warps=warps)
-    launch_merge(parts, logits, labels, out, n, v, logits.stride(0), args, target, label_from_rows=True)
+    utils.launch(_logits_fwd_kernel, (n, splits), *args_of(chunk, splits, parts), SPLIT=True, **kwargs)
+    launch_merge(parts, logits, labels, out, n, v, logits.stride(0), scalars, target, label_from_rows=True)
     return tuple(out)
 
 
@@ -225,7 +346,7 @@ def launch_merge(parts, xy, labels, out, n, v, xy_stride, args, target, label_fr
     block_s = utils.next_pow2(splits)
     # on a GPU about 2048 partial states per program (three fp32 [BLOCK_N, BLOCK_S] tiles stay in registers)
     block_n = max(2, min(64, 2048 // block_s)) if target.gpu else min(1024, utils.next_pow2(n))
-    utils.launch(merge_partials_kernel, (triton.cdiv(n, block_n),),
+    utils.launch(merge_partials_kernel, (utils.cdiv(n, block_n),),
                  *parts, xy, labels, *out, n, v, splits, xy_stride, *args,
                  LABEL_FROM_ROWS=label_from_rows, BLOCK_N=block_n, BLOCK_S=block_s)
 
@@ -236,34 +357,57 @@ def launch_merge(parts, xy, labels, out, n, v, xy_stride, args, target, label_fr
 @triton.jit
 def _logits_bwd_kernel(
     x_ptr, labels_ptr, stats_ptr, h_ptr, glp_ptr, gh_ptr, out_ptr,
-    stride_row, out_stride_row, V, inv_t, ignore_index, chunk,
-    BLOCK_V: tl.constexpr,
+    stride_row, out_stride_row, V, inv_t, log2_inv_t, ignore_index, chunk,
+    R: tl.constexpr, T: tl.constexpr, VEC: tl.constexpr, UNIT: tl.constexpr, OUT_UNIT: tl.constexpr,
 ):
-    """One pass: read a tile of logits, write the same tile of gradient (possibly into the logits' storage:
-    every program reads each of its tiles before writing it, and programs own disjoint tiles)."""
+    """One pass: read a tile of logits, write the same tile of gradient (possibly into the logits' storage), the
+    non-label elements by :func:`grad_nonlabel` from per-row constants, the label rewritten once after the loop, as
+    a scalar (:func:`grad_label`).
+
+    In place (``out_ptr`` the logits' own storage), every element of the loop is read by the thread that then
+    writes it; the label's logit is read once, before the loop, by one thread, and two block barriers (once per
+    row, outside the loop) order the label column's three accesses across threads: the early read before any
+    thread's loop store (another warp may own that column in the loop and overwrite it first), and the loop's
+    store of that column before the label's own gradient is stored over it."""
+    TILE: tl.constexpr = R * T * VEC
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     label, valid, bad = load_labels(labels_ptr, row, True, V, ignore_index)
-    m = tl.load(stats_ptr + 2 * row)
-    log_s = tl.load(stats_ptr + 2 * row + 1)
-    ent = tl.load(h_ptr + row)
-    g_lp = tl.where(valid, tl.load(glp_ptr + row), 0.0)
-    g_h = tl.where(valid, tl.load(gh_ptr + row), 0.0)
     v_begin = split * chunk
     v_stop = tl.minimum(v_begin + chunk, V)
-    base = x_ptr + row * stride_row
-    out_base = out_ptr + row * out_stride_row
-    # Ignored rows load nothing (and get zeros). The validity is folded into the load bound rather than
-    # and-ed with a scalar mask, which the interpreter mishandles.
-    load_stop = tl.where(valid, v_stop, 0)
-    offs = tl.arange(0, BLOCK_V)
-    for start in range(v_begin, v_stop, BLOCK_V):
-        cols = start + offs
-        inb = cols < v_stop
-        x = tl.load(base + cols, mask=cols < load_stop, other=float("-inf")).to(tl.float32)
-        dz = grad_tile((x - m) * inv_t - log_s, cols == label, ent, g_lp, g_h, inv_t)
-        dz = tl.where(bad, float("nan"), tl.where(valid, dz, 0.0))
-        tl.store(out_base + cols, dz.to(out_ptr.dtype.element_ty), mask=inb)
+    body_stop = v_begin + (v_stop - v_begin) // TILE * TILE
+    base = x_ptr + row * stride_row * UNIT
+    out_base = out_ptr + row * out_stride_row * OUT_UNIT
+    offs = tile_offsets(R, T, VEC)
+    cols = body_stop + offs
+    tail = cols < v_stop
+    if valid & ~bad:
+        m = tl.load(stats_ptr + 2 * row)
+        log_s = tl.load(stats_ptr + 2 * row + 1)
+        ent = tl.load(h_ptr + row)
+        g_lp = tl.load(glp_ptr + row)
+        g_h = tl.load(gh_ptr + row)
+        u_min, b, c1, c0 = grad_row(m, log_s, ent, g_lp, g_h, log2_inv_t)
+        owns_label = (label >= v_begin) & (label < v_stop)
+        x_y = tl.load(base + label, mask=owns_label, other=0.0).to(tl.float32)
+        tl.debug_barrier()  # in place: x_y is read before any thread's loop store to the label's column
+        for start in range(v_begin, body_stop, TILE):  # unmasked: 16-byte loads and stores
+            x = tl.load(base + start + offs).to(tl.float32)
+            dz = grad_nonlabel(x, m, inv_t, u_min, b, c1, c0)
+            tl.store(out_base + start + offs, dz.to(out_ptr.dtype.element_ty))
+        x = tl.load(base + cols, mask=tail, other=float("-inf")).to(tl.float32)
+        dz = grad_nonlabel(x, m, inv_t, u_min, b, c1, c0)
+        tl.store(out_base + cols, dz.to(out_ptr.dtype.element_ty), mask=tail)
+        if owns_label:
+            tl.debug_barrier()  # the loop's store of this column (by some thread) lands first
+            g_y = grad_label((x_y - m) * inv_t - log_s, ent, g_lp, g_h, inv_t)
+            tl.store(out_base + label, g_y.to(out_ptr.dtype.element_ty))
+    else:  # ignored rows get zeros, rows with a label outside [0, V) NaN; neither is read
+        fill = tl.where(bad, float("nan"), 0.0) + tl.zeros([R, T, VEC], tl.float32)
+        fill = fill.to(out_ptr.dtype.element_ty)
+        for start in range(v_begin, body_stop, TILE):
+            tl.store(out_base + start + offs, fill)
+        tl.store(out_base + cols, fill, mask=tail)
 
 
 def logits_backward(grad_logprobs, grad_entropy, logits, labels, stats, entropy, temperature, ignore_index,
@@ -271,19 +415,29 @@ def logits_backward(grad_logprobs, grad_entropy, logits, labels, stats, entropy,
     """Gradient w.r.t. the logits in their dtype. ``out`` may be ``logits`` itself (in-place backward)."""
     n, v = logits.shape
     dev = logits.device
+    target = utils.target_of(dev)
     if out is None:
-        out = torch.empty((n, v), dtype=logits.dtype, device=dev)
+        # on a GPU, rows as far from 16-byte alignment as the logits' (aligned wherever they are, whatever V: the
+        # op allocates the same, ops._gradient_strides)
+        out = empty_aligned_rows(n, v, logits.dtype, dev, like=logits.stride(0)) if target.gpu else \
+            torch.empty((n, v), dtype=logits.dtype, device=dev)
     if n == 0:
         return out
-    target = utils.target_of(dev)
-    block_v, warps = utils.logits_block_v(v, target)
-    tiles = triton.cdiv(v, block_v)
-    splits = num_splits if num_splits is not None else utils.choose_num_splits(n, tiles, target)
-    chunk, splits = utils.split_chunk(v, block_v, max(1, min(splits, tiles)))
+    cfg = utils.logits_tiles(v, logits.dtype, target)
+    # Each side's rows start 16-byte aligned when its stride is a multiple of 16 bytes: on a GPU the gradient's is
+    # wherever the logits' is, whatever V (allocated above or by the op); the in-place backward writes with the
+    # logits' own stride (docs/triton-kernels.md, "Alignment").
+    unit, out_unit = utils.stride_unit(logits.dtype, logits.stride(0)), utils.stride_unit(out.dtype, out.stride(0))
     f32 = torch.float32
-    utils.launch(_logits_bwd_kernel, (n, splits),
-                 logits, labels.contiguous(), stats.to(f32).contiguous(), entropy.to(f32).contiguous(),
-                 grad_logprobs.to(f32).contiguous(), grad_entropy.to(f32).contiguous(), out,
-                 logits.stride(0), out.stride(0), v, 1.0 / temperature, ignore_index, chunk,
-                 BLOCK_V=block_v, num_warps=warps)
+    rows = (labels.contiguous(), stats.to(f32).contiguous(), entropy.to(f32).contiguous(),
+            grad_logprobs.to(f32).contiguous(), grad_entropy.to(f32).contiguous())
+
+    def args_of(chunk, splits):
+        return (logits, rows[0], *rows[1:], out, logits.stride(0) // unit, out.stride(0) // out_unit, v,
+                1.0 / temperature, -math.log2(temperature), ignore_index, chunk)
+
+    kwargs = dict(R=cfg["R"], T=cfg["T"], VEC=cfg["VEC"], UNIT=unit, OUT_UNIT=out_unit, num_warps=cfg["num_warps"])
+    chunk, splits = _split_plan(_logits_bwd_kernel, n, v, utils.tile_width(cfg), args_of, lambda split: kwargs,
+                                target, num_splits)
+    utils.launch(_logits_bwd_kernel, (n, splits), *args_of(chunk, splits), **kwargs)
     return out

@@ -260,3 +260,30 @@ def test_large_vocab_bf16_vs_float64_and_triton():
     t_grad = backends.get("triton").logits_backward(g_lp, g_h, logits, labels, t_lse, t_h, 1.0, -100)
     c_grad = cuda_backend.logits_backward(g_lp, g_h, logits, labels, stats, h, 1.0, -100)
     torch.testing.assert_close(c_grad.float(), t_grad.float(), rtol=1e-2, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SASS of the main loops (no GPU: nvcc compiles sm_90a cubins, tools/cuda_sass.py counts them)
+# ----------------------------------------------------------------------------------------------------------------
+def test_main_loops_within_the_instruction_budget_on_sm90():
+    """forward_kernel and backward_kernel, every dtype: at most 12 thread-instructions per logit in the main loop
+    on sm_90a (the Triton kernels' budget, docs/cuda.md "Main loops"), 16-byte loads (and stores), no barrier."""
+    try:
+        from tools import cuda_sass
+    except ImportError:
+        pytest.skip("needs the checkout's tools/")
+    if not (cuda_sass.ROOT / "csrc" / "cuda").is_dir():
+        pytest.skip("needs the checkout's csrc/ (not beside the installed wheel)")
+    nvcc = cuda_sass.find_nvcc()
+    if nvcc is None:
+        pytest.skip("no nvcc ($CUDACXX, PATH, /usr/local/cuda/bin, build/cuda-toolkit)")
+    rows = [r for r in cuda_sass.count(("90a",), nvcc) if r["kernel"].startswith(("forward_kernel", "backward_kernel"))]
+    assert len(rows) == 6, rows
+    bad = []
+    for r in rows:
+        loop = r["main_loop"]
+        if not (loop["instructions_per_element"] <= 12 and set(loop["loads"]) <= {"LDG.E.128", "LDG.E.128.CONSTANT"}
+                and set(loop["stores"]) <= {"STG.E.128"} and loop["barriers"] == 0):
+            bad.append(f"{r['kernel']}: {loop['instructions_per_element']:.2f} per element, loads {loop['loads']}, "
+                       f"stores {loop['stores']}, {loop['barriers']} barriers")
+    assert not bad, "\n".join(bad)

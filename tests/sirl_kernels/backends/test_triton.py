@@ -1,15 +1,19 @@
-"""Triton-specific tests against float64 PyTorch: split-V merge path, tile tails, in-place backward, the
-fused-linear forward and chunked backward (every dtype, bias or not, odd shapes, strided rows, needs_grad),
-bitwise determinism, the matmul work counted with the GPU tile table (8·NDV), int64 offsets past 2**31, NaN
-poison and bad labels that never read outside their row, and the launch path planned on meta tensors.
+"""Triton-specific tests against float64 PyTorch: split-V merge path, tile tails, V % 8 != 0 views, in-place
+backward, the fused-linear forward and vocabulary-chunked backward (every dtype, bias or not, odd shapes,
+strided rows, needs_grad), bitwise determinism, the matmul work counted with the GPU tile table (8·NDV), int64
+offsets past 2**31, NaN poison and bad labels that never read outside their row, the occupancy-sized grids and
+the L2-aware program order, and the launch path planned on meta tensors under the tensors' device.
 
 Run on CPU under TRITON_INTERPRET=1 (tests/conftest.py sets it when there is no CUDA) with small shapes and
-large tiles; on a GPU the same tests run on CUDA tensors (those that watch the interpreter skip there).
+large tiles; on a GPU the same tests run on CUDA tensors (those that watch the interpreter skip there). The
+interpreter instrumentation lives in the checkout's ``tools/`` (not installed): tests that need it skip where it
+is absent (the installed-wheel run).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -23,8 +27,13 @@ pytestmark = pytest.mark.skipif(
     reason=f"triton backend unavailable: {sirl_kernels.available_backends()['triton'].reason}",
 )
 
+try:
+    from tools import triton_instrument as instrument
+except ImportError:  # the installed-wheel run, outside the checkout
+    instrument = None
+needs_tools = pytest.mark.skipif(instrument is None, reason="needs the checkout's tools/ (not installed)")
+
 if tb._IMPORT_ERROR is None:
-    from sirl_kernels.backends.triton import instrument
     from sirl_kernels.backends.triton import linear as tlin
     from sirl_kernels.backends.triton import logits as tlog
     from sirl_kernels.backends.triton import utils
@@ -75,15 +84,178 @@ def test_forced_split_v_matches_float64(splits):
 
 
 def test_split_count_choice():
-    assert utils.choose_num_splits(10_000, 40, utils.INTERPRETER) == 1
-    h100 = utils.GPU_TARGETS[90]
-    assert utils.choose_num_splits(10_000, 40, h100) == 1  # enough rows to fill the GPU
-    assert utils.choose_num_splits(8, 1187, h100) == 33  # 8 rows x 33 splits >= 2 x 132 programs
+    """Splits come from the slots (resident CTAs x SMs): the fewest that fill whole waves to 90%."""
+    assert utils.choose_num_splits(10_000, 40, 1) == 1  # the interpreter
+    slots = 5 * 132  # e.g. 5 CTAs of the bf16 forward on an H100
+    assert utils.choose_num_splits(16384, 38, slots) == 1  # 16384 / (25 x 660) = 99%
+    assert utils.choose_num_splits(4096, 38, slots) == 2  # one program per row: 4096 / 4620 = 89% < 90%
+    assert utils.choose_num_splits(256, 38, slots) == 5  # 1280 / 1320 = 97% (2: 78%, 3: 58%, 4: 78%)
+    assert utils.choose_num_splits(1, 3, slots) == 3  # never more splits than tiles (the best there is)
+    assert utils.choose_num_splits(256, 38, slots, least=6) == 7  # 1792 / 1980 = 90.5%: the fewest >= least
+    for n in (256, 1024, 4096, 16384):
+        splits = utils.choose_num_splits(n, 38, slots)
+        assert utils.wave_efficiency(n * splits, slots) >= utils.TARGET_WAVE_EFFICIENCY
+    assert utils.wave_efficiency(1056, 1056) == 1.0 and utils.wave_efficiency(1057, 1056) == 1057 / 2112
     with utils.force_num_splits(5):
-        assert utils.choose_num_splits(10_000, 40, utils.INTERPRETER) == 5
-        assert utils.choose_num_splits(1, 3, utils.INTERPRETER) == 3  # never more splits than tiles
+        assert utils.choose_num_splits(10_000, 40, 1) == 5
+        assert utils.choose_num_splits(1, 3, 1) == 3  # never more splits than tiles
     chunk, splits = utils.split_chunk(3 * 4096 + 5, 4096, 3)
     assert chunk % 4096 == 0 and splits * chunk >= 3 * 4096 + 5 and (splits - 1) * chunk < 3 * 4096 + 5
+
+
+def test_split_search_visits_each_split_count_once():
+    """``distinct_splits`` yields exactly the split counts ``split_chunk`` can make (for every wanted count from
+    ``least`` on), ascending, each once: what lets the planners skip the ~1187 wanted counts of the fused forward."""
+    for v_tiles in [*range(1, 200), 1187, 4097]:
+        for least in (1, 2, 7, 40):
+            every = sorted({utils.actual_splits(v_tiles, w) for w in range(least, v_tiles + 1)})
+            assert list(utils.distinct_splits(v_tiles, least)) == every, (v_tiles, least)
+
+
+def test_fused_plan_is_cached_and_cheap():
+    """The fused forward's plan is a pure function of integers, computed once per shape and device: a second call
+    is a cache hit, and even the first searches the ~70 split counts there are, not the 1187 wanted counts (that
+    search took ~17 ms per call, twice per forward, on this project's CI machine)."""
+    tlin._fused_plan.cache_clear()
+    first = tlin.fused_plan(256, 1187, 100, 264)
+    assert tlin.fused_plan(256, 1187, 100, 264) == first and tlin._fused_plan.cache_info().hits == 1
+    assert len(list(utils.distinct_splits(1187))) < 70
+
+
+def test_registers_fall_back_when_triton_does_not_say(monkeypatch):
+    """The compiled kernel's registers come from Triton's private loader (``_init_handles``, then ``n_regs``): a
+    Triton without it costs only the occupancy plan (``ASSUMED_CTAS``, with one warning), never the launch."""
+
+    class Loaded:
+        n_regs = 40
+
+        def _init_handles(self):
+            pass
+
+    class Hidden:  # a Triton that renamed or dropped the loader
+        pass
+
+    assert utils._registers_of(Loaded()) == 40
+    monkeypatch.setattr(utils, "_REGISTERS_WARNED", False)
+    with pytest.warns(RuntimeWarning, match="cannot read the registers"):
+        assert utils._registers_of(Hidden()) is None
+    with warnings.catch_warnings(record=True) as again:
+        warnings.simplefilter("always")
+        assert utils._registers_of(Hidden()) is None
+    assert not again  # warned once per process
+
+
+def _claiming(t: torch.Tensor, device: str) -> torch.Tensor:
+    """``t`` as a tensor that says it lives on ``device``: a public ``Tensor.as_subclass`` whose ``device`` property
+    answers it (torch has no public fake-tensor constructor: FakeTensorMode lives in the private
+    ``torch._subclasses``). Enough for code that only reads ``.device``, shapes and strides."""
+
+    class Claimed(torch.Tensor):
+        @property
+        def device(self):
+            return torch.device(device)
+
+    return t.as_subclass(Claimed)
+
+
+def test_out_of_place_gradient_rows_align_like_the_logits():
+    """On a GPU the out-of-place gradient's row r starts as far from 16-byte alignment as the logits' row r
+    (``_sizes.aligned_row_stride``): the launcher's own gradient (planned for an H100 on meta tensors, which the
+    AOT compile counts) and the op's, whose fake implementation returns the same strides; on CPU the op's is the
+    backend's contiguous buffer."""
+    from sirl_kernels import ops
+
+    cases = {  # (row stride of the logits, V) -> row stride of the gradient
+        (151936, 151665): 151672,  # Qwen's vocabulary viewed in its lm_head's width: padded, aligned rows
+        (151936, 151936): 151936,  # contiguous and aligned: contiguous
+        (50257, 50257): 50257,  # contiguous, unaligned (GPT-2): the same misalignment, so contiguous too
+        (50264, 50257): 50264,  # a padded buffer's view: aligned
+    }
+    for (stride, v), want in cases.items():
+        x = torch.empty(4, stride, dtype=torch.bfloat16, device="meta")[:, :v]
+        labels = torch.empty(4, dtype=torch.int64, device="meta")
+        with utils.record_launches(utils.GPU_TARGETS[90]) as launches:
+            _, ent, stats = tlog.logits_forward(x, labels, 1.0, -100)
+            grad = tlog.logits_backward(torch.empty(4, device="meta"), torch.empty(4, device="meta"), x, labels,
+                                        stats, ent, 1.0, -100)
+        assert grad.shape == (4, v) and grad.stride() == (want, 1), (stride, v, grad.stride())
+        backward = [launch for launch in launches if launch.name == "_logits_bwd_kernel"]
+        assert backward and backward[0].kwargs["OUT_UNIT"] == (8 if want % 8 == 0 else 1)
+        assert ops._gradient_strides(_claiming(x, "cuda")) == (want, 1)
+        assert ops._gradient_strides(x) == (v, 1)  # not CUDA: the backend's contiguous buffer
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_into_padded_rows_of_a_view(dtype):
+    """A V % 8 != 0 view's gradient written into rows padded to 16 bytes (what a GPU gets), with a row stride
+    other than the logits': float64's values, the padding untouched."""
+    base, labels, g_lp, g_h = _case(5, 1064, dtype, seed=4)
+    logits, labels = base[:, :1037], labels.clamp(max=1036)
+    with utils.quiet():
+        lp, h, stats = tlog.logits_forward(logits, labels, 0.9, -100)
+        buf = torch.full((5, 1040), 7.0, dtype=dtype, device=DEV)
+        grad = tlog.logits_backward(g_lp, g_h, logits, labels, stats, h, 0.9, -100, out=buf[:, :1037])
+    assert grad.data_ptr() == buf.data_ptr() and grad.stride() == (1040, 1)
+    ref = reference_grads(logits.cpu(), labels.cpu(), g_lp.cpu(), g_h.cpu(), 0.9)
+    torch.testing.assert_close(grad.double().cpu(), ref, **grad_tolerance(dtype, ref))
+    assert (buf[:, 1037:] == 7.0).all()
+
+
+def test_occupancy_rule():
+    """CTAs per SM from registers (per warp in units of 256), shared memory (+1 KiB a block) and warps."""
+    sm = utils.GPU_TARGETS[90].sm
+    assert utils.ctas_per_sm(sm, 32, 0, 8) == 8  # 64 warps
+    assert utils.ctas_per_sm(sm, 48, 1056, 8) == 5  # 48 x 32 x 8 = 12288 registers a CTA
+    assert utils.ctas_per_sm(sm, 128, 74752, 8) == 2
+    assert utils.ctas_per_sm(sm, 131, 74752, 8) == 1  # 136 x 32 x 8 > 32768: the 128-register cliff
+    assert utils.ctas_per_sm(utils.GPU_TARGETS[80].sm, 40, 100 * 1024, 4) == 1  # sm_80's 164 KiB of smem
+
+
+def test_fused_forward_program_order_is_l2_aware():
+    """Row groups fit the L2 share; several groups come with group x splits a multiple of the slots (a wave never
+    straddles two groups); waves are >= 90% full; one group when every row tile fits."""
+    h100 = utils.GPU_TARGETS[90]
+    block_n, dim = 64, 4096
+    fit = tlin.rows_in_l2(block_n, dim, 2, h100)
+    assert fit * block_n * dim * 2 <= utils.L2_FRACTION * h100.l2_bytes < (fit + 1) * block_n * dim * 2
+    for slots in (132, 264):
+        for n in (256, 1024, 4096, 16384):
+            row_tiles = -(-n // block_n)
+            group, splits = tlin.fused_plan(row_tiles, 1187, fit, slots)
+            assert utils.wave_efficiency(row_tiles * splits, slots) >= utils.TARGET_WAVE_EFFICIENCY
+            if row_tiles <= fit:
+                assert group == row_tiles
+            else:
+                assert group <= fit and group * splits % slots == 0, (n, slots, group, splits)
+    assert tlin.fused_plan(7, 100, 1, 1) == (7, 1)  # the interpreter
+
+
+if tb._IMPORT_ERROR is None:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _program_order_kernel(out_ptr, ROWS, COLS, GROUP):
+        pid = tl.program_id(0)
+        row, col = tlin.grouped_tile(pid, ROWS, COLS, GROUP)
+        tl.store(out_ptr + 2 * pid, row)
+        tl.store(out_ptr + 2 * pid + 1, col)
+
+
+def test_grouped_program_order_covers_every_tile_once():
+    """grouped_tile maps programs 0..R*C-1 onto every (row tile, column) once, ragged last group included, and
+    consecutive programs of a group walk its row tiles first."""
+    rows, cols, group = 11, 5, 4
+    out = torch.full((rows * cols, 2), -1, dtype=torch.int32, device=DEV)
+    utils.launch(_program_order_kernel, (rows * cols,), out, rows, cols, group)
+    seen = [tuple(p) for p in out.cpu().tolist()]
+    assert sorted(seen) == [(r, c) for r in range(rows) for c in range(cols)]
+    assert seen[:5] == [(0, 0), (1, 0), (2, 0), (3, 0), (0, 1)]
+    assert seen[-3:] == [(8, 4), (9, 4), (10, 4)]  # the last group holds 3 row tiles
+    if instrument is not None:  # the traffic model's copy of the order (tools/gpu_model.py) is the kernel's
+        from tools import gpu_model
+
+        assert [gpu_model._grouped(pid, rows, cols, group) for pid in range(rows * cols)] == seen
 
 
 def test_public_api_with_forced_splits():
@@ -368,24 +540,57 @@ def test_fused_forward_never_materialises_logits(monkeypatch):
 
 
 def test_backward_workspace_is_bounded_by_chunk_size(monkeypatch):
-    """The backward holds at most chunk_size rows of dz (in the input dtype), whatever N."""
-    n, d, v, chunk = 50, 16, 3000, 12
+    """The backward holds at most chunk_size x V values of dz (in the input dtype), whatever N; with room for
+    all rows it chunks the vocabulary only, so no fp32 [V, D] weight-gradient buffer exists (each slice of dW is
+    written once), and the fp32 [N, D] dX accumulator exists only when there are several vocabulary chunks."""
+    n, d, v = 50, 16, 3000
     case = _lin_case(n, d, v, torch.bfloat16, seed=11)
-    made = _spy_allocations(monkeypatch)
-    _lin_run(*case, chunk=chunk)
-    vocab_wide = [s for s in made if len(s) == 2 and s[1] == v]
-    assert vocab_wide and max(s[0] for s in vocab_wide) <= chunk, made
-    assert (n, v) not in made
+    for chunk, vocab_chunks in ((12, None), (30, True), (50, False)):
+        made, held = [], {}
+
+        def spy(real):
+            def allocate(*args, **kwargs):
+                t = real(*args, **kwargs)
+                made.append((tuple(t.shape), t.dtype))
+                held[(tuple(t.shape), t.dtype)] = t.untyped_storage().nbytes() // t.element_size()
+                return t
+            return allocate
+
+        # the workspace is allocated with padded rows (torch.empty_strided): its storage is what is held
+        monkeypatch.setattr(torch, "empty", spy(torch.empty))
+        monkeypatch.setattr(torch, "empty_strided", spy(torch.empty_strided))
+        _lin_run(*case, chunk=chunk)
+        monkeypatch.undo()
+        workspace = [s for s, dt in made if dt == torch.bfloat16 and len(s) == 2 and s != (n, d) and s != (v, d)]
+        assert workspace and max(held[(s, torch.bfloat16)] for s in workspace) <= chunk * v, made
+        if vocab_chunks is not None:  # all 50 rows at once
+            assert all(s[0] == n for s in workspace), workspace
+            assert ((v, d), torch.float32) not in made, "a [V, D] fp32 buffer with a single row chunk"
+            assert (((n, d), torch.float32) in made) == vocab_chunks, made
+
+
+@pytest.mark.parametrize("chunk", [30, 13])
+def test_linear_vocabulary_chunks_against_float64(chunk):
+    """30 rows of room for 50 tokens: three vocabulary chunks of all rows (dX summed in fp32 across them);
+    13: not one vocabulary tile of all rows fits, so row chunks too (dW summed in fp32 across them)."""
+    case = _lin_case(50, 24, 3000, torch.bfloat16, seed=21)
+    rows, cols = tlin.chunk_plan(50, 3000, chunk, *(lambda c: (c["BLOCK_N"], c["BLOCK_V"]))(
+        utils.linear_logits_blocks(50, 3000, 24, torch.bfloat16, utils.target_of(DEV))))
+    assert (rows == 50 and cols < 3000) if chunk == 30 else rows < 50
+    lp, h, grads = _lin_run(*case, 0.9, chunk=chunk)
+    _lin_check(*case, 0.9, lp, h, grads)
 
 
 # --- matmul work: counted under the interpreter with the GPU tile table ---------------------------------------
 
 
+@needs_tools
 @pytest.mark.parametrize("d,v", [(1024, 1024), (4096, 256)])
 def test_fused_linear_flops_with_gpu_tiles(d, v):
-    """Every tl.dot counted (instrument.count_dot_flops) with the tiles an H100 gets: forward 2·NDV, backward
-    6·NDV (each logits tile recomputed once, then dX and dW), 8·NDV in all; 4·NDV with a frozen weight or input,
-    2·NDV for the bias alone."""
+    """Every tl.dot counted (instrument.count_dot_flops) and every torch matmul the backward runs
+    (``torch.utils.flop_counter``: its dX and dW products, cuBLAS on a GPU) with the tiles an H100 gets: forward
+    2·NDV, backward 6·NDV (each logits tile recomputed once, then dX and dW), 8·NDV in all; 4·NDV with a frozen
+    weight or input, 2·NDV for the bias alone. The backward runs 2 vocabulary chunks here."""
     if DEV.type != "cpu":
         pytest.skip("counts tl.dot under the interpreter")
     n = 64
@@ -399,8 +604,9 @@ def test_fused_linear_flops_with_gpu_tiles(d, v):
         for needs in [(True, True, True), (True, False, False), (False, True, False), (False, False, True)]:
             before = dots["flops"]
             with utils.quiet():
-                tb.linear_backward(*case[4:], *case[:4], stats, h, 1.0, -100, 4096, needs)
-            backward[needs] = (dots["flops"] - before) / ndv
+                mm = instrument.torch_matmul_flops(
+                    lambda needs=needs: tb.linear_backward(*case[4:], *case[:4], stats, h, 1.0, -100, n // 2, needs))
+            backward[needs] = (dots["flops"] - before + mm) / ndv
     assert forward / ndv == 2.0
     assert backward[(True, True, True)] == 6.0
     assert backward[(True, False, False)] == 4.0 and backward[(False, True, False)] == 4.0
@@ -441,6 +647,7 @@ def test_offsets_past_2_31_are_int64():
     torch.testing.assert_close(got[3].double(), ref, **grad_tolerance(torch.bfloat16, ref))
 
 
+@needs_tools
 def test_bias_row_sums_offsets_past_2_31_are_int64():
     """The bias-gradient reduction over the rows of its fp32 partial sums (``add_row_sums``), with rows 2**30
     elements apart: row 2 starts at 2**31 elements, where a 32-bit ``r * stride`` wraps to -2**31."""
@@ -526,6 +733,7 @@ def _guarded(values: torch.Tensor, pad: int = 8):
     return view, buf
 
 
+@needs_tools
 def test_unchecked_bad_label_never_reads_outside_its_row():
     """Labels V and -7 (check_labels=False): NaN row outputs and NaN gradient rows, and not one load or store
     outside the logits view (a guard band of NaN surrounds it) in the forward, split-V merge or backward."""
@@ -544,6 +752,7 @@ def test_unchecked_bad_label_never_reads_outside_its_row():
         assert float(lp[3]) == 0.0 and bool((grad[3] == 0).all()) and bool(torch.isfinite(grad[0]).all())
 
 
+@needs_tools
 @pytest.mark.parametrize("splits", [1, 2])
 def test_linear_unchecked_bad_label_gives_nan_never_a_wild_read(splits):
     """The fused-linear variant of test_api's bad-label test, through the public op with check_labels=False,
@@ -574,18 +783,48 @@ def test_linear_unchecked_bad_label_gives_nan_never_a_wild_read(splits):
 # --- launch path: every launch recorded, planned without a GPU, no host synchronisation ------------------------
 
 
+@needs_tools
 def test_launchers_run_on_meta_tensors_for_a_gpu():
-    """The launchers plan every case of aot.CASES for sm_90 on meta tensors (no values: a .item() or a
+    """The launchers plan every case of the AOT tool's CASES for sm_90 on meta tensors (no values: a .item() or a
     bool(tensor) would raise), and every @triton.jit kernel of the backend is launched by some case, so the
-    AOT compile test covers them all."""
-    from sirl_kernels.backends.triton import aot
+    AOT compile test covers them all. A frozen weight gets no [V, D] output anywhere."""
+    from tools import triton_aot as aot
 
     launches = aot.record(90)
     launched = {launch.name for _, launch in launches}
     kernels = {name for mod in (tlog, tlin) for name in vars(mod) if name.endswith("_kernel")}
-    assert len(kernels) == 7 and kernels <= launched, kernels - launched
-    # a frozen weight: no matmul writes a [V, D] output (the dX matmul reads the weight, that is all)
+    assert len(kernels) == 6 and kernels <= launched, kernels - launched
     frozen = [launch for case, launch in launches if case == "linear bf16 frozen weight and bias"]
-    assert any(launch.name == "_matmul_kernel" for launch in frozen)
-    assert not [launch for launch in frozen if launch.name == "_matmul_kernel"
-                and launch.args[2].shape == (aot.VOCAB, aot.DIM)], "a frozen weight got a dW matmul"
+    assert any(launch.name == "_dlogits_kernel" for launch in frozen)
+    big = [a for launch in frozen for a in launch.args
+           if isinstance(a, torch.Tensor) and a.dim() == 2 and a.shape[0] == aot.VOCAB and a is not frozen[0].args[1]]
+    assert not [a for a in big if a.dtype == torch.float32], "a frozen weight got an fp32 [V, D] buffer"
+
+
+def test_every_launch_runs_under_its_tensors_device(monkeypatch):
+    """utils.launch enters the CUDA device of its tensors (so Triton takes that device's current stream): checked
+    with a tensor that says it lives on cuda:1 (``_claiming``) and a recording torch.cuda.device, as no GPU is
+    needed for the control flow."""
+    entered, calls = [], []
+
+    class Device:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(torch.device(self.device))
+
+        def __exit__(self, *exc):
+            entered.append(None)
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append((grid, list(entered)))
+
+    monkeypatch.setattr(torch.cuda, "device", Device)
+    x = _claiming(torch.empty(4), "cuda:1")
+    monkeypatch.setattr(utils, "_RECORDING", None)
+    utils.launch(Kernel(), (3,), x, 7)
+    assert calls == [((3,), [torch.device("cuda:1")])] and entered[-1] is None
+    utils.launch(Kernel(), (1,), torch.empty(2), 7)  # CPU tensors (the interpreter): no device switch
+    assert calls[-1] == ((1,), [torch.device("cuda:1"), None])

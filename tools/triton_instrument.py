@@ -1,10 +1,12 @@
 """Interpreter instrumentation of the Triton backend, for the tests and ``benchmarks/triton_memory_traffic.py``.
 
 Both context managers patch ``triton.runtime.interpreter.InterpreterBuilder`` for the duration of the block, so
-they work under ``TRITON_INTERPRET=1`` only. They live apart from ``utils.py`` (imported on every launch) because
-nothing on the launch path needs them.
+they work under ``TRITON_INTERPRET=1`` only. They live in the checkout's ``tools/``, apart from the installed
+package, because nothing on the launch path needs them.
 
 - :func:`count_dot_flops`: the flops of every ``tl.dot`` (2·M·N·K of the tile shapes as launched);
+- :func:`torch_matmul_flops`: the flops of the torch matmuls a call runs (the fused-linear backward's dX and dW
+  products, cuBLAS on a GPU), by ``torch.utils.flop_counter``;
 - :func:`watch_memory`: the byte addresses of the active lanes of every global load and store.
 """
 
@@ -13,6 +15,28 @@ from __future__ import annotations
 import contextlib
 
 from sirl_kernels.backends.triton import utils
+
+
+def torch_matmul_flops(fn) -> int:
+    """Runs ``fn()`` and returns the flops of the torch matrix products it ran: mm, addmm, bmm and baddbmm, in
+    place or not, any overload (2·M·N·K each). A dispatch mode of its own: ``torch.utils.flop_counter`` leaves
+    out the in-place ``addmm_`` that accumulates into an fp32 buffer."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    products = {"mm": 0, "bmm": 0, "addmm": 1, "addmm_": 1, "baddbmm": 1, "baddbmm_": 1}
+    total = [0]
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            first = products.get(func.overloadpacket.__name__)
+            if first is not None:
+                a, b = args[first], args[first + 1]
+                total[0] += 2 * a.shape[-2] * a.shape[-1] * b.shape[-1] * (a.shape[0] if a.dim() == 3 else 1)
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return total[0]
 
 
 def _interpreter_builder():
