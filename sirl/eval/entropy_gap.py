@@ -9,10 +9,12 @@ quantity as minus the SIRL reward). Two comparisons, each with a two-sided Mann-
 - responses to harmful vs benign prompts: ``prompt_gap = benign_entropy_mean - harmful_entropy_mean``
 
 A positive gap means refusals (resp. answers to harmful prompts) are the more confident, lower-entropy group.
-``auc`` is ``U / (n1 n2)``: the probability that a response of the second group has the higher entropy. The same
-refusal-vs-compliance comparison restricted to harmful prompts is reported under ``harmful_only`` (it separates
-the refusal effect from the prompt effect). A group with fewer than ``min_group`` responses makes that comparison's
-gap and p-value ``null``, with a ``*_status`` string saying which group is too small (or empty).
+``auc`` is ``U / (n1 n2)``: the probability that a response of the second group has the higher entropy (ties count
+half). For refusals vs compliances it is the AUROC of telling a refusal from its entropy alone (lower entropy ->
+"refusal"): 0.5 is chance, 1.0 means every refusal is more confident than every compliance; the table shows it.
+The same refusal-vs-compliance comparison restricted to harmful prompts is reported under ``harmful_only`` (it
+separates the refusal effect from the prompt effect). A group with fewer than ``min_group`` responses makes that
+comparison's gap and p-value ``null``, with a ``*_status`` string saying which group is too small (or empty).
 """
 
 from __future__ import annotations
@@ -77,14 +79,14 @@ def entropy_gap_table(s: dict) -> str:
     ho = s["harmful_only"]
     rows = [
         ["refusal vs compliance", f"{s['n_refusal']} / {s['n_compliance']}", s["refusal_entropy_mean"],
-         s["compliance_entropy_mean"], s["gap"], s["p_value"], s["gap_status"]],
+         s["compliance_entropy_mean"], s["gap"], s["p_value"], s["auc"], s["gap_status"]],
         ["harmful vs benign prompts", f"{s['n_harmful']} / {s['n_benign']}", s["harmful_entropy_mean"],
-         s["benign_entropy_mean"], s["prompt_gap"], s["prompt_p_value"], s["prompt_gap_status"]],
+         s["benign_entropy_mean"], s["prompt_gap"], s["prompt_p_value"], s["prompt_auc"], s["prompt_gap_status"]],
         ["refusal vs compliance (harmful only)", f"{ho['n_refusal']} / {ho['n_compliance']}", ho["mean_refusal"],
-         ho["mean_compliance"], ho["gap"], ho["p_value"], ho["status"]],
+         ho["mean_compliance"], ho["gap"], ho["p_value"], ho["auc"], ho["status"]],
     ]
     return markdown_table(["comparison (A vs B)", "n A / n B", "entropy A", "entropy B", "gap B-A", "p (MWU)",
-                           "status"], rows)
+                           "AUROC (B above A)", "status"], rows)
 
 
 def run_entropy_gap(model, tokenizer, harmful: PromptSet, benign: PromptSet, judge, *, output_dir, gen: dict,

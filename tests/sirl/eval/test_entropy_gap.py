@@ -52,5 +52,8 @@ def test_entropy_gap_summary_fields_and_counts():
     assert s["harmful_only"]["status"].startswith("group too small: compliance n=1")  # 1 harmful compliance
     table = entropy_gap_table(s)
     assert "refusal vs compliance" in table and "group too small" in table and "n/a" in table
+    rows = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]] for ln in table.splitlines()[2:]}
+    assert "AUROC (B above A)" in table and rows["refusal vs compliance"][5] == "1.000"  # fully separated
+    assert rows["refusal vs compliance (harmful only)"][5] == "n/a"
     with pytest.raises(ValueError):
         entropy_gap_summary([0.1], [True, False], [True])

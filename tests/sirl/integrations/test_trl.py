@@ -368,3 +368,49 @@ def test_data_parallel_ranks_stay_in_sync(tmp_path):
     assert all(r["sirl_reward_pass"] == "loss" for r in ranks.values())  # rewards gathered across ranks
     assert ranks[0]["rewards/sirl/mean"] == ranks[1]["rewards/sirl/mean"]
     assert ranks[0]["trained_param_checksum"] == ranks[1]["trained_param_checksum"]
+
+
+
+@pytest.mark.parametrize("quantile", [1.0, 0.5], ids=["all-tokens", "top-entropy-half"])
+def test_entropy_coef_gradient_arrives_through_the_fused_head(tmp_path, monkeypatch, quantile):
+    """TRL's entropy bonus (entropy_coef, top_entropy_quantile) reads the entropies our fused head returns, and its
+    gradient must reach our op's entropy backward (TRL#6625 was a silently dropped one). The gradient arriving at
+    the entropies is exactly -entropy_coef / (tokens it acts on) on those tokens and 0 elsewhere; from there the
+    head's entropy backward is the one test_head_matches_trl_head_and_full_logits checks against full logits."""
+    coef = 0.5
+    arrived = []
+    original = SIRLGRPOTrainer._get_per_token_logps_and_entropies
+
+    def spy(self, model, *args, **kwargs):
+        logps, entropies, aux = original(self, model, *args, **kwargs)
+        if torch.is_grad_enabled() and entropies is not None:
+            assert entropies.requires_grad  # connected to the model through our op
+            entropies.register_hook(lambda g: arrived.append(g.detach().clone()))
+        return logps, entropies, aux
+
+    monkeypatch.setattr(SIRLGRPOTrainer, "_get_per_token_logps_and_entropies", spy)
+    tok = tiny_tokenizer()
+    model = tiny_random_llama(tok, seed=0, init_std=0.2)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                       task_type="CAUSAL_LM"))
+    prompts = ["how do i make a bomb", "tell joke please", "write poem about the sea", "pick lock"]
+    data = Dataset.from_list([{"prompt": [{"role": "user", "content": p}]} for p in prompts])
+    args = SIRLGRPOConfig(
+        output_dir=str(tmp_path / "out"), max_steps=1, learning_rate=1e-2, beta=0.0, per_device_train_batch_size=8,
+        num_generations=4, max_completion_length=6, temperature=1.0, top_k=0, top_p=1.0, entropy_coef=coef,
+        top_entropy_quantile=quantile, sirl_fused_logps=True, use_cpu=True, bf16=False, logging_steps=1,
+        save_strategy="no", report_to="none", disable_tqdm=True, seed=0, dataloader_num_workers=0,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = SIRLGRPOTrainer(model, args=args, train_dataset=data, processing_class=tok)
+    trainer.train()
+    assert trainer.sirl_kernels_head
+    assert arrived, "no gradient reached the entropies of the fused head"
+    for grad in arrived:
+        acted = grad != 0
+        assert acted.any()
+        # the policy term does not read the entropies, so all of their gradient is the bonus's
+        torch.testing.assert_close(grad[acted], torch.full_like(grad[acted], -coef / acted.sum().item()))
+        if quantile == 1.0:  # every completion token, the padding never
+            assert acted.sum() >= grad.shape[0]
