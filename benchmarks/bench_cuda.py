@@ -57,6 +57,7 @@ def main(argv=None) -> int:
     except ImportError:  # run from a checkout without installing
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         from sirl_kernels.backends import cuda as cuda_backend
+    from sirl_kernels.backends.rows import logprob_entropy_coefficients
 
     why = cuda_backend.unavailable_reason(torch.device("cuda"))
     if why is not None:
@@ -78,14 +79,15 @@ def main(argv=None) -> int:
         print(f"{name:<28} {ms:9.3f} ms  {gbs:8.1f} GB/s")
 
     _, h, stats = cuda_backend.logits_forward(logits, labels, t, -100)
+    coef = logprob_entropy_coefficients(g_lp, g_h, h)
     report("cuda forward", _time_ms(lambda: cuda_backend.logits_forward(logits, labels, t, -100), args.warmup,
                                     args.iters), bytes_in)
     report("cuda backward", _time_ms(
-        lambda: cuda_backend.logits_backward(g_lp, g_h, logits, labels, stats, h, t, -100), args.warmup, args.iters
+        lambda: cuda_backend.logits_backward(coef, logits, labels, stats, t, -100), args.warmup, args.iters
     ), 2 * bytes_in)
     work = logits.clone()
     report("cuda backward (in place)", _time_ms(
-        lambda: cuda_backend.logits_backward(g_lp, g_h, work, labels, stats, h, t, -100, out=work), args.warmup,
+        lambda: cuda_backend.logits_backward(coef, work, labels, stats, t, -100, out=work), args.warmup,
         args.iters
     ), 2 * bytes_in)
     del work

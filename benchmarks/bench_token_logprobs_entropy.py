@@ -234,14 +234,17 @@ def time_one_build(args) -> None:
             return old.backward(g, g, logits, labels, lse_, h_, 1.0, -100) if mode == "fwd+bwd" else lp
     else:
         from sirl_kernels.backends import cpu
+        from sirl_kernels.backends.rows import logprob_entropy_coefficients
 
         _, h, stats = cpu.logits_forward(logits, labels, 1.0, -100)
 
         def step(logits, labels, g):
             if mode == "bwd-into":
-                return cpu.logits_backward(g, g, logits, labels, stats, h, 1.0, -100, out=grad)
+                coef = logprob_entropy_coefficients(g, g, h)
+                return cpu.logits_backward(coef, logits, labels, stats, 1.0, -100, out=grad)
             lp, h_, stats_ = cpu.logits_forward(logits, labels, 1.0, -100)
-            return cpu.logits_backward(g, g, logits, labels, stats_, h_, 1.0, -100) if mode == "fwd+bwd" else lp
+            return (cpu.logits_backward(logprob_entropy_coefficients(g, g, h_), logits, labels, stats_, 1.0, -100)
+                    if mode == "fwd+bwd" else lp)
 
     times = []
     for i in range(args.repeats + 1):  # the first call warms up (and faults in) everything

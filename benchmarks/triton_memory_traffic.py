@@ -34,13 +34,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from sirl_kernels.backends import triton as tb  # noqa: E402
+from sirl_kernels.backends.rows import logprob_entropy_coefficients  # noqa: E402
 from sirl_kernels.backends.triton import utils  # noqa: E402
 from tools import triton_instrument as instrument  # noqa: E402
 
-# O(N) bytes a row: int64 label, fp32 logprob and entropy, the [N, 2] fp32 row stats, fp32 upstream gradients
+# O(N) bytes a row: int64 label, fp32 logprob and entropy, the [N, 2] fp32 row stats, fp32 backward coefficients
 LABEL_B, OUT_B, STATS_B, GRAD_B = 8, 4, 2 * 4, 4
 FWD_ROW_BYTES = LABEL_B + 2 * OUT_B + STATS_B  # labels read; logprob, entropy and stats written
-BWD_ROW_BYTES = LABEL_B + STATS_B + OUT_B + 2 * GRAD_B  # labels, stats, entropy and both upstream grads read
+BWD_ROW_BYTES = LABEL_B + STATS_B + 3 * GRAD_B  # labels, stats and the three coefficients (alpha, beta, lam) read
 
 
 class Counter:
@@ -102,7 +103,7 @@ def logits_rows(n, v, dtype, splits):
         grad = torch.empty_like(logits)
         COUNTER.track(logits=logits, labels=labels, grad=grad)
         COUNTER.reset()
-        tb.logits_backward(g_lp, g_h, logits, labels, stats, h, 1.0, -100, out=grad)
+        tb.logits_backward(logprob_entropy_coefficients(g_lp, g_h, h), logits, labels, stats, 1.0, -100, out=grad)
         minimum = 2 * n * v * esz + n * BWD_ROW_BYTES
         moved = _total(COUNTER.loads) + _total(COUNTER.stores)
         rows.append({
@@ -146,7 +147,8 @@ def linear_rows(n, d, v, dtype, gpu_tiles, chunk_size=4096, needs=(True, True, T
         }]
         COUNTER.reset()
         mm_flops = instrument.torch_matmul_flops(
-            lambda: tb.linear_backward(g_lp, g_h, hidden, weight, bias, labels, stats, h, 1.0, -100, chunk_size, needs))
+            lambda: tb.linear_backward(logprob_entropy_coefficients(g_lp, g_h, h), hidden, weight, bias, labels, stats,
+                                       1.0, -100, chunk_size, needs))
         rows.append({
             "kernel": f"linear backward ({dtype_name(dtype)}, {tiles}{frozen})", "shape": f"N={n} D={d} V={v}",
             "tiles": {k: cfg[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_D")},

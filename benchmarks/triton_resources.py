@@ -25,7 +25,8 @@ sys.path.insert(0, ROOT)  # run from a checkout
 from sirl_kernels.backends.triton import utils  # noqa: E402
 from tools import triton_aot as aot  # noqa: E402
 
-FLAGS = ("SPLIT", "HAS_BIAS", "NEED_DB", "LABEL_FROM_ROWS", "UNIT", "OUT_UNIT")
+FLAGS = ("SPLIT", "HAS_BIAS", "NEED_DB", "LABEL_FROM_ROWS", "UNIT", "OUT_UNIT", "HAS_SC", "HAS_VE", "HAS_GAMMA",
+         "HAS_DELTA")
 TILES = ("R", "T", "VEC", "BLOCK_N", "BLOCK_V", "BLOCK_D", "BLOCK_S")
 
 
@@ -50,15 +51,32 @@ PROSE = [
     "these terms serve every state of the backend: the per-thread states, their block reduction, the fused-linear "
     "forward's row states and the split-V merge. Backward (`logits.grad_row`, `grad_nonlabel`): "
     "`dz = 2^(u log2(e) + b) (c1 u + c0)`, `u = max((x - m) / T, u_min)`, with per-row `b = log2(1/T) - ln s "
-    "log2(e)`, `c1 = -g_h`, `c0 = -(g_lp + g_h (H - ln s))`: a subtract, a multiply, a clamp, two `tl.fma` (so the "
+    "log2(e)`, `c1 = beta`, `c0 = alpha - beta ln s` (the coefficient form of `backends/rows.py`, "
+    "`dx = p (alpha + beta log p) / T` off the label): a subtract, a multiply, a clamp, two `tl.fma` (so the "
     "count does not move with Triton's fp-fusion default, which turns off in Triton 3.10; every launch also pins "
     "`enable_fp_fusion=True`), an exp2 and a multiply. The chain rule's 1/T sits in the exponent, so no constant "
-    "grows with it: the previous `c1 = -g_h / T^2` overflowed once 1/T > 1.8e19, and p = 0 times inf gave NaN "
+    "grows with it: a previous `c1 = -g_h / T^2` overflowed once 1/T > 1.8e19, and p = 0 times inf gave NaN "
     "gradients at temperatures the API accepts; that form saved one multiply per logit. The label's "
-    "`g_lp (1 - p) - g_h p (log p + H)` (`logits.grad_label`, `1 - p = -expm1(log p)`, exact near p = 1) is "
+    "`p (alpha + beta log p) + lam (1 - p)` (`logits.grad_label`, `1 - p = -expm1(log p)`, exact near p = 1) is "
     "written once per row as a scalar, after the loop; in place, one barrier after the label's early read and one "
     "before its store (both outside the loop) order that column's accesses across warps. The fused-linear "
     "backward's epilogue is the same three functions. Column indices are 32-bit; row offsets 64-bit.",
+    '- **Self-certainty and varentropy (issue 23), behind constexprs.** With `HAS_SC` / `HAS_VE` (only when the op '
+    "asks for `rows.Extras`) the forward keeps two more sums in the state's base-2 units, shifted by the running "
+    'max like the others (`logits.rescale_extras`, `update_state_extras`): `u2 = sum d` (rescaled `u2 + n c`, n the '
+    "columns covered; the masked tail's -inf fill kept out of it) and `q2 = sum 2^d d^2` (rescaled `2^c (q2 + 2 c "
+    'w2 + c^2 s)`, every term of one sign), finalized as `SC = ln s - ln2 u2 / V - ln V` (+inf with a -inf logit) '
+    'and `VE = ln2^2 (q2 / s - (w2 / s)^2)` clamped at 0; the split-V merge merges them with the same rules. Per '
+    "element an add for `u2`, and for `q2` the product `2^d d` shared with the entropy's sum and one FMA: on sm_90 "
+    'the bf16 forward goes from 10.4 to 14.1 instructions per logit with both (14.8 with fp-fusion off; 11.7 with '
+    'SC alone, 12.8 with VE alone; fp32 13.0, fp16 13.6), 40 registers, held to `aot.EXTRAS_INSTRUCTION_BUDGET` = '
+    "16 (a forward only reads: under the ~18-20 per bf16 logit at which issue meets HBM). The backward's `gamma "
+    'L^2` and `delta` terms (`HAS_GAMMA` / `HAS_DELTA`: `logits.grad_row_x`, `grad_nonlabel_x`, `grad_label_x`) '
+    'cost one FMA (`(c2 u + c1) u + c0`) and nothing for delta (folded into the last multiply as an FMA, so a p = 0 '
+    'column is exactly delta / T): bf16 11.0 per logit (from 10.0), fp16 10.5, fp32 9.6, within the budget of 12. '
+    "The fused-linear backward computes the label's term per row in that specialisation (the tile-wide form spilled "
+    "under sm_90's 128-register cap): 96 registers, no spill. With every flag off each kernel compiles to the same "
+    'SASS as before them (instruction counts and registers of all 51 sm_90 default binaries unchanged).',
     "- **16-byte loads for any V.** The loop body is unmasked and one masked tail tile follows it; each row's "
     "offset is `row x stride x UNIT` with the stride passed in units of 16 bytes (`utils.stride_unit`) when it is "
     "a multiple of them, so the compiler knows every row starts aligned: V = 151936, a V = 151665 view of a "

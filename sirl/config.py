@@ -67,6 +67,9 @@ class SIRLConfig:
                                "else hf", choices=("auto", "hf", "vllm"))
     vllm_gpu_memory_utilization: float = knob(0.3, "share of the GPU's memory vLLM may take for weights and KV cache "
                                               "(CUDA; it sleeps during the update)", gt=0, le=1)
+    logprob_support: str = knob("full", "full = log-probs and entropies of softmax(z / T) over the whole vocabulary; "
+                                "sampler = of the distribution the sampler draws from (top_k, then top_p, "
+                                "renormalised), for the ratio, the KL anchor and the reward", choices=("full", "sampler"))
     tis_cap: float | None = knob(None, "truncated importance sampling: weight each token's policy gradient by "
                                  "min(p_trainer / p_sampler, tis_cap) (needs the vllm engine's log-probs); null = off",
                                  gt=0)
@@ -347,8 +350,15 @@ def _importance_sampling(cfg: SIRLConfig) -> str | None:
     return None
 
 
+def _logprob_support(cfg: SIRLConfig) -> str | None:
+    if cfg.logprob_support == "sampler" and not 1 <= cfg.top_k <= 1024:
+        return (f"logprob_support=sampler with top_k={cfg.top_k}: the support is found among the top_k most probable "
+                "tokens, so top_k must be in [1, 1024] (vLLM and HF cut top_k before top_p)")
+    return None
+
+
 CROSS_RULES = (_sources_exist, _eval_sets_named, _judge_spec, _selection, _reward_pass, _engine_installed,
-               _importance_sampling)
+               _importance_sampling, _logprob_support)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -171,6 +171,9 @@ def step_metrics(step: int, batch, scores, completions: list[list[int]], stats: 
         "tokens": tokens,  # prompt + completion tokens of the step's rollout, all ranks
         "generated_tokens": generated,  # completion tokens, all ranks
     }
+    for name, values in scores.extra.items():  # varentropy, self-certainty: per-sequence means over the completion
+        per_seq = dd.all_cat((values * mask).sum(-1) / mask.sum(-1).clamp_min(1))
+        row[f"{name}_mean"] = per_seq.mean().item()
     if batch.sampler_logprobs is not None:
         row.update(sampler_mismatch(batch.sampler_logprobs, scores.logprobs, mask, dd))
     return row

@@ -1,6 +1,6 @@
 """The model's passes over a rollout: micro-batches, the no-grad scoring pass, the loss pass (forward + backward).
 
-Every pass goes through ``sirl_kernels.hf.causal_lm_token_logprobs_entropy`` (decoder body + fused head on the
+Every pass goes through ``sirl_kernels.hf.causal_lm_token_stats`` (decoder body + fused head on the
 completion rows), so no ``[B, T, V]`` logits exist. Micro-batches hold at most ``micro_batch_tokens`` padded tokens;
 the loss pass keeps whole groups in one micro-batch when the rewards come from its own forward (``ScoreInLoss``).
 """
@@ -12,7 +12,8 @@ from torch import Tensor
 
 from sirl.loss import sirl_loss
 from sirl.rollout import Rollout
-from sirl_kernels.hf import causal_lm_token_logprobs_entropy
+from sirl_kernels import TokenStats
+from sirl_kernels.hf import causal_lm_token_stats
 
 
 class TokenScorer(torch.nn.Module):
@@ -26,9 +27,18 @@ class TokenScorer(torch.nn.Module):
         self.model = model
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor, temperature: float = 1.0,
-                check_labels: bool = True) -> tuple[Tensor, Tensor]:
-        return causal_lm_token_logprobs_entropy(self.model, input_ids, attention_mask, completion_mask,
-                                                temperature=temperature, check_labels=check_labels)
+                check_labels: bool = True, extra: tuple[str, ...] = (), support: tuple[int, float] | None = None
+                ) -> TokenStats:
+        """Log-probs, entropies and the ``extra`` statistics (``sirl_kernels.STATISTICS``), ``[B, T]`` each; with
+        ``support=(top_k, top_p)`` the log-probs and entropies of the sampler's truncated distribution."""
+        return causal_lm_token_stats(self.model, input_ids, attention_mask, completion_mask,
+                                     want=("logprobs", "entropy", *extra), temperature=temperature,
+                                     check_labels=check_labels, support=support)
+
+
+def logprob_support(cfg) -> tuple[int, float] | None:
+    """``(top_k, top_p)`` when the trainer scores the sampler's truncated distribution (``logprob_support``)."""
+    return (cfg.top_k, cfg.top_p) if cfg.logprob_support == "sampler" else None
 
 
 def as_scorer(model) -> TokenScorer:
@@ -51,29 +61,39 @@ def trim(rollout: Rollout) -> Rollout:
 
 
 @torch.no_grad()
-def token_logprobs_entropy(model, rollout: Rollout, temperature: float, token_budget: int, check_labels: bool = True
-                           ) -> tuple[Tensor, Tensor]:
-    """``(logprobs, entropy)`` ``[N, T]`` float32, zero outside the completion (alignment: sirl_kernels.hf).
+def token_logprobs_entropy(model, rollout: Rollout, temperature: float, token_budget: int, check_labels: bool = True,
+                           support: tuple[int, float] | None = None) -> tuple[Tensor, Tensor]:
+    """``(logprobs, entropy)`` ``[N, T]`` float32, zero outside the completion (alignment: sirl_kernels.hf)."""
+    stats = token_statistics(model, rollout, temperature, token_budget, check_labels, support=support)
+    return stats["logprobs"], stats["entropy"]
+
+
+@torch.no_grad()
+def token_statistics(model, rollout: Rollout, temperature: float, token_budget: int, check_labels: bool = True,
+                     extra: tuple[str, ...] = (), support: tuple[int, float] | None = None) -> dict[str, Tensor]:
+    """``{"logprobs", "entropy", *extra}``: ``[N, T]`` float32 each, zero outside the completion, one no-grad pass
+    over micro-batches of at most ``token_budget`` padded tokens.
 
     ``check_labels=False`` skips the kernels' per-call token-id check (a host sync per micro-batch on CUDA): for
     callers that validated the ids once (the trainer, once per rollout). The pass still syncs once per micro-batch
     in ``sirl_kernels.hf``, whose boolean-mask gather of the predicting rows needs their count on the host."""
     model = as_scorer(model)
-    width = rollout.input_ids.shape[1]
-    logprobs = torch.zeros(rollout.input_ids.shape, dtype=torch.float32, device=rollout.input_ids.device)
-    entropy = torch.zeros_like(logprobs)
+    names = ("logprobs", "entropy", *extra)
+    out = {name: torch.zeros(rollout.input_ids.shape, dtype=torch.float32, device=rollout.input_ids.device)
+           for name in names}
     was_training = model.training
     model.eval()  # no dropout and no gradient checkpointing in a no-grad pass
     try:
         for rows in micro_batches(rollout, token_budget):
             mb = trim(rollout.select(rows))
-            lp, ent = model(mb.input_ids, mb.attention_mask, mb.completion_mask, temperature, check_labels)
-            logprobs[rows, : lp.shape[1]] = lp
-            entropy[rows, : ent.shape[1]] = ent
+            stats = model(mb.input_ids, mb.attention_mask, mb.completion_mask, temperature, check_labels, extra,
+                          support)
+            for name in names:
+                value = getattr(stats, name)
+                out[name][rows, : value.shape[1]] = value
     finally:
         model.train(was_training)
-    assert logprobs.shape[1] == width
-    return logprobs, entropy
+    return out
 
 
 def loss_normalisers(batch: Rollout, loss_mask: Tensor, dd) -> dict:
@@ -111,14 +131,17 @@ def policy_gradient_pass(
     for rows in micro_batches(batch, cfg.micro_batch_tokens, whole):
         mb = trim(batch.select(rows))
         width = mb.input_ids.shape[1]
-        with autocast:
-            new_logprobs, entropy = scorer(mb.input_ids, mb.attention_mask, mb.completion_mask, cfg.temperature,
-                                           False)  # the ids were validated once after the rollout
+        extra = () if score_in_loss is None else score_in_loss.scoring.extra_statistics
+        with autocast:  # the ids were validated once after the rollout: no check per call
+            out = scorer(mb.input_ids, mb.attention_mask, mb.completion_mask, cfg.temperature, False, extra,
+                         logprob_support(cfg))
+        new_logprobs = out.logprobs
         if score_in_loss is None:
             old, adv = old_logprobs[rows, :width], advantages[rows]
         else:
             old = new_logprobs.detach()
-            adv = score_in_loss(rows, entropy.detach(), old)
+            further = {name: getattr(out, name).detach() for name in extra}
+            adv = score_in_loss(rows, out.entropy.detach(), old, further)
         weights = truncated_is_weights(old, mb.sampler_logprobs, cfg.tis_cap) if use_tis else None
         loss, stats = sirl_loss(
             new_logprobs, old, None if ref_logprobs is None else ref_logprobs[rows, :width],

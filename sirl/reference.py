@@ -42,9 +42,9 @@ class Reference:
 
 @torch.no_grad()
 def reference_logprobs(reference: Reference, policy, rollout, temperature: float, token_budget: int,
-                       check_labels: bool = True):
+                       check_labels: bool = True, support: tuple[int, float] | None = None):
     from sirl.passes import token_logprobs_entropy
 
     with reference.model(policy) as ref_model:
-        logprobs, _ = token_logprobs_entropy(ref_model, rollout, temperature, token_budget, check_labels)
+        logprobs, _ = token_logprobs_entropy(ref_model, rollout, temperature, token_budget, check_labels, support)
     return logprobs

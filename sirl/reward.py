@@ -10,6 +10,10 @@ The rewards:
 - ``neg_entropy`` (SIRL, the paper): minus the mean (or sum) over the completion tokens of the entropy of the
   policy's next-token distribution at the sampling temperature: confident answers score higher;
 - ``entropy``: its negation (the paper's "reversed reward" ablation: uncertain answers score higher);
+- ``self_certainty`` (Intuitor, arXiv 2505.19590): plus the mean (or sum) over the completion tokens of
+  ``KL(U || p)``, the policy's next-token distribution's divergence from uniform: also "confident answers score
+  higher", measured by the distance from uniform rather than the entropy (less dominated by the tail of the
+  vocabulary);
 - ``random``: a uniform number in [0, 1) per response, from a counter-based hash of the run's seed, the step and
   the response's row (the paper's "random reward" ablation: the same GRPO update driven by noise advantages);
   reproducible, independent of the response, and the same whichever micro-batch scores it.
@@ -23,14 +27,15 @@ from dataclasses import dataclass
 
 from sirl.knobs import ConfigError, check_dataclass, copy_knob, knob
 
-REWARDS = ("neg_entropy", "entropy", "random")
+REWARDS = ("neg_entropy", "entropy", "self_certainty", "random")
 ABLATIONS = ("entropy", "random")  # rewards that exist to be compared with SIRL, not to train with
 
 
 @dataclass(frozen=True)
 class RewardSpec:
-    reward: str = knob("neg_entropy", "neg_entropy = minus the completion's entropy (SIRL); entropy (reversed) and "
-                       "random are the paper's ablations", choices=REWARDS)
+    reward: str = knob("neg_entropy", "neg_entropy = minus the completion's entropy (SIRL); self_certainty = its "
+                       "KL from uniform (Intuitor); entropy (reversed) and random are the paper's ablations",
+                       choices=REWARDS)
     reward_aggregation: str = knob("mean", "minus the mean (paper) or the sum of the completion tokens' entropy",
                                    choices=("mean", "sum"))
     reward_last_k: int | None = knob(None, "only the last k completion tokens count toward the reward", ge=1)
@@ -64,6 +69,11 @@ class RewardSpec:
     def knob(name: str):
         """A field with this option's default, doc and range, for a dataclass that exposes it (``SIRLConfig``)."""
         return copy_knob(FIELDS[name])
+
+    @property
+    def statistic(self) -> str:
+        """The per-token statistic the reward reads (``sirl_kernels.STATISTICS``)."""
+        return "self_certainty" if self.reward == "self_certainty" else "entropy"
 
     def describe(self) -> str:
         return ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))

@@ -8,7 +8,7 @@ on-policy: ``ScoreInLoss``), ``sirl.integrations.trl`` and ``sirl.integrations.v
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -46,7 +46,8 @@ def sirl_rewards(entropy: Tensor, completion_mask: Tensor, truncated: Tensor, sp
     """Per-sequence reward and which sequences take part in the loss.
 
     Args:
-        entropy: ``[N, T]`` per-token entropy (that of the distribution which produced token t).
+        entropy: ``[N, T]`` the per-token statistic ``spec.statistic`` names (that of the distribution which
+            produced token t): the entropy, or the self-certainty for ``reward=self_certainty``.
         completion_mask: ``[N, T]``, 1 on the completion tokens.
         truncated: ``[N]`` bool, completions that hit the length limit: kept as they are, excluded from the loss
             and from their group's statistics, or given ``truncation_penalty`` (``spec.truncation``).
@@ -61,7 +62,7 @@ def sirl_rewards(entropy: Tensor, completion_mask: Tensor, truncated: Tensor, sp
     mean_or_sum = total / mask.sum(-1).clamp_min(1.0) if spec.reward_aggregation == "mean" else total
     if spec.reward == "neg_entropy":
         rewards = -mean_or_sum
-    elif spec.reward == "entropy":
+    elif spec.reward in ("entropy", "self_certainty"):
         rewards = mean_or_sum
     else:  # random
         if keys is None or len(keys) != entropy.shape[0]:
@@ -82,6 +83,7 @@ class Scores:
     rewards: Tensor  # [N] the reward
     advantages: Tensor  # [N]
     group_std: Tensor  # [N / G]
+    extra: dict = field(default_factory=dict)  # [N, T] further statistics of the pass (Scoring.extra_statistics)
 
 
 @dataclass(frozen=True)
@@ -97,10 +99,19 @@ class Scoring:
     def of(cls, cfg) -> "Scoring":
         return cls(RewardSpec.of(cfg), cfg.group_size, cfg.advantage_scale, cfg.advantage_min_std)
 
+    @property
+    def extra_statistics(self) -> tuple[str, ...]:
+        """What a scoring pass computes besides log-probs and entropies: the reward's statistic, and varentropy
+        (a metric: a confidence signal and an entropy-collapse diagnostic)."""
+        return tuple(dict.fromkeys(s for s in (self.spec.statistic, "varentropy") if s != "entropy"))
+
     def __call__(self, batch, entropy: Tensor, logprobs: Tensor | None = None, keys: list[tuple] | None = None,
-                 dd=None) -> Scores:
-        """Scores of the rows of ``batch`` (whole groups). A batch-wide std spans every rank of ``dd``."""
-        rewards, valid = sirl_rewards(entropy, batch.completion_mask, batch.truncated, self.spec, keys)
+                 dd=None, extra: dict | None = None) -> Scores:
+        """Scores of the rows of ``batch`` (whole groups). A batch-wide std spans every rank of ``dd``. ``extra``:
+        the further ``[N, T]`` statistics of the pass (``extra_statistics``); the reward reads its statistic."""
+        extra = extra or {}
+        values = entropy if self.spec.statistic == "entropy" else extra[self.spec.statistic]
+        rewards, valid = sirl_rewards(values, batch.completion_mask, batch.truncated, self.spec, keys)
         batch_std = None
         if self.advantage_scale == "batch":
             all_rewards = rewards if dd is None else dd.all_cat(rewards)
@@ -108,7 +119,7 @@ class Scoring:
             batch_std = all_rewards[all_valid].std()
         advantages, group_std = group_advantages(rewards, self.group_size, scale=self.advantage_scale,
                                                  min_std=self.advantage_min_std, valid=valid, batch_std=batch_std)
-        return Scores(entropy, logprobs, rewards, advantages, group_std)
+        return Scores(entropy, logprobs, rewards, advantages, group_std, extra)
 
 
 class ScoreInLoss:
@@ -120,15 +131,20 @@ class ScoreInLoss:
         n, g = len(batch), scoring.group_size
         zeros = torch.zeros(n, device=batch.input_ids.device)
         tokens = torch.zeros(batch.input_ids.shape, device=zeros.device)
-        self.scores = Scores(tokens, tokens.clone(), zeros.clone(), zeros.clone(), torch.zeros(n // g, device=zeros.device))
+        self.scores = Scores(tokens, tokens.clone(), zeros.clone(), zeros.clone(), torch.zeros(n // g, device=zeros.device),
+                             {name: tokens.clone() for name in scoring.extra_statistics})
 
-    def __call__(self, rows: slice, entropy: Tensor, logprobs: Tensor) -> Tensor:
-        """The advantages of ``rows`` from the training forward's (detached) entropies and log-probs."""
+    def __call__(self, rows: slice, entropy: Tensor, logprobs: Tensor, extra: dict | None = None) -> Tensor:
+        """The advantages of ``rows`` from the training forward's (detached) entropies, log-probs and further
+        statistics."""
         s, g = self.scores, self.scoring.group_size
         s.entropy[rows, : entropy.shape[1]] = entropy.float()
         s.logprobs[rows, : logprobs.shape[1]] = logprobs.float()
+        for name, values in (extra or {}).items():
+            s.extra[name][rows, : values.shape[1]] = values.float()
         keys = None if self.keys is None else self.keys[rows]
-        part = self.scoring(self.batch.select(rows), s.entropy[rows], keys=keys)  # per group: no other rank needed
+        part = self.scoring(self.batch.select(rows), s.entropy[rows], keys=keys,  # per group: no other rank needed
+                            extra={name: t[rows] for name, t in s.extra.items()})
         s.rewards[rows], s.advantages[rows] = part.rewards, part.advantages.float()
         s.group_std[rows.start // g: rows.stop // g] = part.group_std
         return s.advantages[rows]

@@ -53,7 +53,7 @@ from sirl.metrics import timing_metrics
 from sirl.models import active_dropout
 from sirl.optim import apply_optimizer_settings
 from sirl.plan import memory_plan
-from sirl.passes import policy_gradient_pass, token_logprobs_entropy
+from sirl.passes import logprob_support, policy_gradient_pass, token_statistics
 from sirl.reference import reference_logprobs
 from sirl.scoring import ScoreInLoss, Scoring, valid_rows
 from sirl.selection import BestTracker
@@ -259,13 +259,16 @@ def train(cfg: SIRLConfig, resume: bool = False, allow_config_change: bool = Fal
             scores = old_logprobs = None
             if not in_loss:
                 with timer("score"):
-                    old_logprobs, entropy = token_logprobs_entropy(run.scorer, batch, cfg.temperature,
-                                                                   cfg.micro_batch_tokens, check_labels=False)
-                    scores = scoring(batch, entropy, old_logprobs, keys, dd)
+                    stats = token_statistics(run.scorer, batch, cfg.temperature, cfg.micro_batch_tokens,
+                                             check_labels=False, extra=scoring.extra_statistics,
+                                             support=logprob_support(cfg))
+                    old_logprobs, entropy = stats.pop("logprobs"), stats.pop("entropy")
+                    scores = scoring(batch, entropy, old_logprobs, keys, dd, extra=stats)
             # 4. reference: log-probs of the KL anchor (the adapters disabled, or the frozen copy)
             with timer("reference"):
                 ref_logprobs = (reference_logprobs(reference, run.scorer, batch, cfg.temperature,
-                                                   cfg.micro_batch_tokens, check_labels=False)
+                                                   cfg.micro_batch_tokens, check_labels=False,
+                                                   support=logprob_support(cfg))
                                 if reference is not None else None)
 
         with timer("update"):

@@ -25,7 +25,7 @@ import torch
 
 from sirl_kernels._checks import check_row_tensors
 
-ABI_VERSION = 1  # SIRL_ABI_VERSION of c_api.h
+ABI_VERSION = 3  # SIRL_ABI_VERSION of c_api.h
 LIB_DIR_ENV = "SIRL_KERNELS_LIB_DIR"
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # sirl_dtype
@@ -39,12 +39,13 @@ class Rows(ctypes.Structure):
 
 
 class ForwardArgs(ctypes.Structure):
-    _fields_ = [("rows", Rows), ("logprobs", c_void_p), ("entropy", c_void_p), ("stats", c_void_p)]
+    _fields_ = [("rows", Rows), ("logprobs", c_void_p), ("entropy", c_void_p), ("stats", c_void_p),
+                ("self_certainty", c_void_p), ("varentropy", c_void_p)]
 
 
 class BackwardArgs(ctypes.Structure):
-    _fields_ = [("rows", Rows), ("stats", c_void_p), ("entropy", c_void_p), ("grad_logprobs", c_void_p),
-                ("grad_entropy", c_void_p), ("grad_logits", c_void_p), ("grad_row_stride", c_int64)]
+    _fields_ = [("rows", Rows), ("stats", c_void_p), ("alpha", c_void_p), ("beta", c_void_p), ("lam", c_void_p),
+                ("grad_logits", c_void_p), ("grad_row_stride", c_int64), ("gamma", c_void_p), ("delta", c_void_p)]
 
 
 class Launch(ctypes.Structure):
@@ -152,39 +153,56 @@ class NativeLibrary:
         return None if self.fn("sirl_probe")(byref(launch)) == 0 else self.last_error()
 
     def logits_forward(self, logits, labels, temperature, ignore_index, launch: Launch,
-                       entry: str = "sirl_logits_forward"):
-        """``(logprobs, entropy, stats [N, 2])``, fp32, on the logits' device. The CUDA library's split-V workspace
-        is allocated here by torch (on the current stream, like the kernels)."""
+                       entry: str = "sirl_logits_forward", extras=None):
+        """``(logprobs, entropy, stats [N, 2])``, fp32, on the logits' device. ``extras`` (``rows.Extras`` of fp32
+        ``[N]`` tensors or None, each filled in place) asks for self-certainty and varentropy in the same pass. The
+        CUDA library's split-V workspace is allocated here by torch (on the current stream, like the kernels)."""
         n = logits.shape[0]
         f32 = dict(dtype=torch.float32, device=logits.device)
         logprobs, entropy, stats = torch.empty(n, **f32), torch.empty(n, **f32), torch.empty((n, 2), **f32)
+        sc, ve = (None, None) if extras is None else extras
+        outs = {}
+        for key, t in (("self_certainty", sc), ("varentropy", ve)):
+            if t is None:
+                continue
+            check_row_tensors(n, logits.device, torch.float32, **{key: t})
+            # the C side writes dense rows: a strided view is filled through a contiguous buffer
+            outs[key] = (t, t if t.is_contiguous() else torch.empty(n, **f32))
         args = ForwardArgs(_rows(logits, labels, temperature, ignore_index), logprobs.data_ptr(), entropy.data_ptr(),
-                           stats.data_ptr())
+                           stats.data_ptr(), *(outs[k][1].data_ptr() if k in outs else None
+                                               for k in ("self_certainty", "varentropy")))
         workspace, size = None, c_uint64(0)
         self.call("sirl_forward_workspace_bytes", byref(args), byref(launch), byref(size))
         if size.value:
             workspace = torch.empty(size.value, dtype=torch.uint8, device=logits.device)
             launch.workspace, launch.workspace_bytes = workspace.data_ptr(), size.value
         self.call(entry, byref(args), byref(launch))
+        for t, buf in outs.values():
+            if buf is not t:
+                t.copy_(buf)
         return logprobs, entropy, stats
 
-    def logits_backward(self, grad_logprobs, grad_entropy, logits, labels, stats, entropy, temperature,
-                        ignore_index, out, launch: Launch, entry: str = "sirl_logits_backward"):
-        """Writes the logits' gradient into ``out`` (``[N, V]``, the logits' dtype, unit stride along V; may be
-        ``logits`` itself) and returns it."""
+    def logits_backward(self, coef, logits, labels, stats, temperature, ignore_index, out, launch: Launch,
+                        entry: str = "sirl_logits_backward"):
+        """Writes the logits' gradient of the backward form (``backends/rows.py``; ``coef`` its
+        ``Coefficients(alpha, beta, lam)``, fp32 ``[N]`` each) into ``out`` (``[N, V]``, the logits' dtype, unit
+        stride along V; may be ``logits`` itself) and returns it."""
         rows = _rows(logits, labels, temperature, ignore_index)
         if (out.shape != logits.shape or out.dtype != logits.dtype or out.device != logits.device
                 or (out.dim() == 2 and out.shape[1] > 1 and out.stride(1) != 1)):
             raise ValueError(f"out must be a {logits.dtype} {tuple(logits.shape)} tensor on {logits.device} with unit "
                              f"stride along V, got {out.dtype} {tuple(out.shape)} on {out.device} with strides "
                              f"{out.stride()}")
-        check_row_tensors(logits.shape[0], logits.device, torch.float32, stats=stats, entropy=entropy,
-                          grad_logprobs=grad_logprobs, grad_entropy=grad_entropy)
-        # Contiguous copies only where a view is strided (an expanded zero gradient): the C side reads dense rows.
-        stats, entropy = stats.contiguous(), entropy.contiguous()
-        g_lp, g_h = grad_logprobs.contiguous(), grad_entropy.contiguous()
-        args = BackwardArgs(rows, stats.data_ptr(), entropy.data_ptr(), g_lp.data_ptr(), g_h.data_ptr(),
-                            out.data_ptr(), out.stride(0))
+        alpha, beta, lam, gamma, delta = (tuple(coef) + (None, None))[:5]
+        terms = {k: t for k, t in (("gamma", gamma), ("delta", delta)) if t is not None}
+        check_row_tensors(logits.shape[0], logits.device, torch.float32, stats=stats, alpha=alpha, beta=beta,
+                          lam=lam, **terms)
+        # Contiguous copies only where a view is strided (an expanded zero coefficient): the C side reads dense rows.
+        stats, alpha, beta, lam = stats.contiguous(), alpha.contiguous(), beta.contiguous(), lam.contiguous()
+        terms = {k: t.contiguous() for k, t in terms.items()}  # gamma / delta absent: null, the plain kernels
+        args = BackwardArgs(rows, stats.data_ptr(), alpha.data_ptr(), beta.data_ptr(), lam.data_ptr(),
+                            out.data_ptr(), out.stride(0),
+                            *(terms[k].data_ptr() if k in terms else None for k in ("gamma", "delta")))
         self.call(entry, byref(args), byref(launch))
         return out
 

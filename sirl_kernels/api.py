@@ -7,7 +7,7 @@ import numbers
 import torch
 from torch import Tensor
 
-from sirl_kernels import backends, ops
+from sirl_kernels import backends, ops, statistics, vocab_parallel
 from sirl_kernels._checks import (
     INT_DTYPES,
     check_bool,
@@ -30,6 +30,7 @@ def token_logprobs_entropy(
     backend: str = "auto",
     inplace_backward: bool = False,
     check_labels: bool = True,
+    process_group=None,
 ) -> tuple[Tensor, Tensor]:
     """Per-position log-probability of the label and entropy of softmax(logits / temperature).
 
@@ -52,6 +53,11 @@ def token_logprobs_entropy(
             never synchronises (CUDA-graph capture, no round trip per micro-batch): a bad label then gives NaN
             logprob and entropy for its row and a NaN gradient, never a read outside the row. Check the
             outputs with ``torch.isfinite`` (or call :func:`sirl_kernels.validate_labels` yourself) where you sync.
+        process_group: a ``torch.distributed`` group over which the vocabulary is sharded (tensor-parallel
+            heads): this rank's ``logits [..., V_r]`` are the global columns that follow the lower ranks' ones, and
+            ``labels`` are global ids, the same on every rank. One all_gather of 4 floats per row merges the ranks
+            (``sirl_kernels.vocab_parallel``); the results are the global ones, the same bits on every rank, and
+            the backward is local. Not with ``inplace_backward``.
 
     Returns:
         ``(logprobs, entropy)``, float32 tensors shaped like ``labels``. Differentiable with respect to
@@ -62,6 +68,12 @@ def token_logprobs_entropy(
     check_label_tensor(labels, logits.shape[:-1], logits.device)
     inplace_backward = check_bool("inplace_backward", inplace_backward)
     check_labels = check_bool("check_labels", check_labels)
+    if process_group is not None:
+        if inplace_backward:
+            raise ValueError("inplace_backward=True is not supported with a process_group (vocabulary-parallel)")
+        return vocab_parallel.token_logprobs_entropy(logits, labels, process_group=process_group,
+                                                     temperature=temperature, ignore_index=ignore_index,
+                                                     backend=backend, check_labels=check_labels)
     name = backends.resolve(backend, logits.device, logits.dtype)
 
     flat = (dense_rows(logits), labels.reshape(-1).long(), temperature, ignore_index, name)
@@ -83,6 +95,7 @@ def linear_token_logprobs_entropy(
     backend: str = "auto",
     chunk_size: int | None = None,
     check_labels: bool = True,
+    process_group=None,
 ) -> tuple[Tensor, Tensor]:
     """``token_logprobs_entropy`` of ``logits = hidden @ weight.T (+ bias)`` without materialising the logits.
 
@@ -95,6 +108,9 @@ def linear_token_logprobs_entropy(
             the input dtype) exist at once. The default bounds that workspace to 256 MiB (432 tokens at
             V = 151,936; Triton: 1 GiB, 3,520 bf16 tokens).
         check_labels: as in :func:`token_logprobs_entropy`.
+        process_group: the vocabulary sharded over a ``torch.distributed`` group: ``weight [V_r, D]`` (and
+            ``bias [V_r]``) are this rank's rows, after the lower ranks' ones; ``hidden`` and ``labels`` (global
+            ids) are the same on every rank, and the gradient of ``hidden`` is summed over the group.
 
     Returns:
         ``(logprobs, entropy)`` as float32 tensors shaped like ``labels``, differentiable with respect to
@@ -110,6 +126,10 @@ def linear_token_logprobs_entropy(
     ):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     check_labels = check_bool("check_labels", check_labels)
+    if process_group is not None:
+        return vocab_parallel.linear_token_logprobs_entropy(
+            hidden, weight, labels, process_group=process_group, bias=bias, temperature=temperature,
+            ignore_index=ignore_index, backend=backend, chunk_size=chunk_size, check_labels=check_labels)
     name = backends.resolve(backend, hidden.device, hidden.dtype)
     if chunk_size is None:
         chunk_size = default_linear_chunk_size(vocab, name, hidden.dtype)
@@ -129,6 +149,71 @@ def linear_token_logprobs_entropy(
     else:
         logprobs, entropy, _ = ops.linear_token_logprobs_entropy_op(*args, False)
     return logprobs.view(labels.shape), entropy.view(labels.shape)
+
+
+def token_stats(logits: Tensor, labels: Tensor, *, want=("logprobs", "entropy"), temperature: float = 1.0,
+                ignore_index: int = -100, backend: str = "auto", check_labels: bool = True, process_group=None
+                ) -> statistics.TokenStats:
+    """The statistics ``want`` names (``STATISTICS``) of ``softmax(logits / temperature)`` per position, in one pass,
+    as a :class:`TokenStats`.
+
+    Args:
+        logits: ``[..., V]`` as in :func:`sirl_kernels.token_logprobs_entropy`.
+        labels: ``[...]`` (one label per position) or ``[..., K]`` (K labels: ``logprobs`` is ``[..., K]``).
+        want: names among ``logprobs``, ``entropy``, ``self_certainty`` (``KL(U || p) = lse - mean(z) - log V``,
+            Intuitor's reward), ``varentropy`` (``Var_p[log p]``), ``lse`` (``log sum exp z``).
+        process_group: the vocabulary sharded over a ``torch.distributed`` group, as in
+            :func:`token_logprobs_entropy` (``sirl_kernels.vocab_parallel``).
+    Every output is differentiable (any weighted combination has an exact backward); only the accumulators the
+    request needs are kept. ``temperature``, ``ignore_index``, ``backend``, ``check_labels``: as in
+    :func:`token_logprobs_entropy`; a row whose first label is ``ignore_index`` is ignored.
+    """
+    if process_group is not None:
+        return vocab_parallel.token_stats(logits, labels, process_group=process_group, want=want,
+                                          temperature=temperature, ignore_index=ignore_index, backend=backend,
+                                          check_labels=check_labels)
+    names = statistics.wanted(want)
+    temperature, ignore_index = check_logits_args(logits, temperature, ignore_index)
+    check_labels = check_bool("check_labels", check_labels)
+    k_labels = labels.dim() == logits.dim()
+    check_label_tensor(labels, logits.shape[:-1] + ((labels.shape[-1],) if k_labels else ()), logits.device)
+    name = backends.resolve(backend, logits.device, logits.dtype)
+    flat_labels = labels.reshape(-1, labels.shape[-1] if k_labels else 1).long()
+    outputs = statistics.token_stats_op(dense_rows(logits), flat_labels, temperature, ignore_index, name,
+                             "self_certainty" in names, "varentropy" in names, check_labels)
+    logprobs, entropy, _, lse, sc, ve = outputs
+    return statistics.result(dict(logprobs=logprobs, entropy=entropy, lse=lse, self_certainty=sc, varentropy=ve), names, labels,
+                  k_labels)
+
+
+def linear_token_stats(hidden: Tensor, weight: Tensor, labels: Tensor, *, want=("logprobs", "entropy"),
+                       bias: Tensor | None = None, temperature: float = 1.0, ignore_index: int = -100,
+                       backend: str = "auto", chunk_size: int | None = None, check_labels: bool = True,
+                       process_group=None) -> statistics.TokenStats:
+    """:func:`token_stats` of ``logits = hidden @ weight.T (+ bias)`` without materialising the logits (as
+    :func:`linear_token_logprobs_entropy`, ``process_group`` included); ``labels`` ``[...]`` or ``[..., K]``."""
+    if process_group is not None:
+        return vocab_parallel.linear_token_stats(hidden, weight, labels, process_group=process_group, want=want,
+                                                 bias=bias, temperature=temperature, ignore_index=ignore_index,
+                                                 backend=backend, chunk_size=chunk_size, check_labels=check_labels)
+    names = statistics.wanted(want)
+    temperature, ignore_index = check_linear_args(hidden, weight, bias, temperature, ignore_index)
+    check_labels = check_bool("check_labels", check_labels)
+    k_labels = labels.dim() == hidden.dim()
+    check_label_tensor(labels, hidden.shape[:-1] + ((labels.shape[-1],) if k_labels else ()), hidden.device)
+    name = backends.resolve(backend, hidden.device, hidden.dtype)
+    if chunk_size is None:
+        chunk_size = default_linear_chunk_size(weight.shape[0], name, hidden.dtype)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    flat_labels = labels.reshape(-1, labels.shape[-1] if k_labels else 1).long()
+    bias = bias if bias is None or bias.stride(-1) == 1 else bias.contiguous()
+    outputs = statistics.linear_token_stats_op(dense_rows(hidden), dense_rows(weight), bias, flat_labels, temperature,
+                                    ignore_index, name, chunk_size, "self_certainty" in names,
+                                    "varentropy" in names, check_labels)
+    logprobs, entropy, _, lse, sc, ve = outputs
+    return statistics.result(dict(logprobs=logprobs, entropy=entropy, lse=lse, self_certainty=sc, varentropy=ve), names, labels,
+                  k_labels)
 
 
 def validate_labels(labels: Tensor, vocab_size: int, ignore_index: int = -100) -> None:

@@ -1,7 +1,7 @@
 """Hugging Face causal LMs -> per-token log-probs and entropies, without ever building ``[B, T, V]`` logits.
 
 The decoder body runs to its final hidden states; only the rows that predict completion tokens are gathered,
-and the fused ``linear_token_logprobs_entropy`` op applies the output embedding to them chunk by chunk.
+and the fused ``linear_token_stats`` op applies the output embedding to them chunk by chunk.
 
 Alignment (the one thing to get right): for a sequence ``x_0 .. x_{T-1}`` the value at position ``t`` is about
 token ``x_t``, predicted from the hidden state at position ``t - 1``::
@@ -32,6 +32,7 @@ Typical use in a custom trainer (the SIRL reward in three lines)::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import inspect
 import json
@@ -41,7 +42,9 @@ import weakref
 import torch
 from torch import Tensor
 
-from sirl_kernels.api import linear_token_logprobs_entropy
+from sirl_kernels.api import linear_token_stats, validate_labels
+from sirl_kernels.statistics import TokenStats
+from sirl_kernels.topk import linear_sampler_logprobs_entropy
 
 VERIFY_ENV = "SIRL_KERNELS_HF_VERIFY"
 VERIFY_TOKENS = 16  # tokens of one input row that the logits check runs the model on
@@ -126,15 +129,16 @@ def final_hidden_states(model, input_ids: Tensor, attention_mask: Tensor) -> Ten
     return out.last_hidden_state
 
 
-def fused_head(model, rows: Tensor, labels: Tensor, temperature: float, backend: str, check_labels: bool = True
-               ) -> tuple[Tensor, Tensor]:
-    """Log-prob of ``labels`` and entropy at temperature ``temperature`` (already folded) of the output embedding
-    of the unwrapped ``model`` applied to hidden-state ``rows [N, D]``; float32 ``[N]`` each."""
+def fused_head(model, rows: Tensor, labels: Tensor, temperature: float, backend: str, check_labels: bool = True,
+               want=("logprobs", "entropy")) -> TokenStats:
+    """The statistics ``want`` names (``sirl_kernels.STATISTICS``), at temperature ``temperature`` (already folded),
+    of the output embedding of the unwrapped ``model`` applied to hidden-state ``rows [N, D]``, with ``labels [N]``
+    (or ``[N, K]``); float32."""
     weight, bias = output_head(model)
     if rows.dtype != weight.dtype:  # autocast can leave the body in bf16 while the head stays fp32
         rows = rows.to(weight.dtype)
-    return linear_token_logprobs_entropy(rows, weight, labels, bias=bias, temperature=temperature, backend=backend,
-                                         check_labels=check_labels)
+    return linear_token_stats(rows, weight, labels, want=want, bias=bias, temperature=temperature, backend=backend,
+                              check_labels=check_labels)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -351,8 +355,71 @@ _ADVICE = (f"compute the logits yourself and use sirl_kernels.token_logprobs_ent
            f"{VERIFY_ENV}=0 only if you know the difference is harmless)")
 
 
+def _sampler_head(model, rows: Tensor, labels: Tensor, temperature: float, backend: str, check_labels: bool, want,
+                  support: tuple[int, float]) -> TokenStats:
+    """:func:`fused_head` with ``logprobs`` and ``entropy`` of the sampler's truncated support."""
+    if check_labels:
+        validate_labels(labels, output_head(model)[0].shape[0])
+    rest = tuple(w for w in want if w not in ("logprobs", "entropy"))
+    stats = fused_head(model, rows, labels, temperature, backend, False, rest) if rest else TokenStats()
+    weight, bias = output_head(model)
+    rows = rows.to(weight.dtype)
+    lp, entropy = linear_sampler_logprobs_entropy(rows, weight, labels, top_k=support[0], top_p=support[1],
+                                                  bias=bias, temperature=temperature)
+    return dataclasses.replace(stats, logprobs=lp if "logprobs" in want else None,
+                               entropy=entropy if "entropy" in want else None)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the public entry points
+
+
+def causal_lm_token_stats(
+    model,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    completion_mask: Tensor,
+    *,
+    want=("logprobs", "entropy"),
+    temperature: float = 1.0,
+    backend: str = "auto",
+    verify_logits: bool | None = None,
+    check_labels: bool = True,
+    support: tuple[int, float] | None = None,
+) -> TokenStats:
+    """The per-token statistics ``want`` names (``sirl_kernels.STATISTICS``: the next token's log-prob, the entropy,
+    self-certainty, varentropy, lse of the distribution that produced it) as float32 ``[B, T]`` tensors in a
+    :class:`sirl_kernels.TokenStats`, zero outside the scored tokens; arguments and alignment as in
+    :func:`causal_lm_token_logprobs_entropy`, of which this is the general form (one fused pass either way).
+    ``support=(top_k, top_p)``: ``logprobs`` and ``entropy`` are those of the distribution a top-k then top-p
+    sampler draws from (:func:`sirl_kernels.linear_sampler_logprobs_entropy`; the other statistics stay those of
+    the full vocabulary)."""
+    if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape or completion_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"input_ids, attention_mask and completion_mask must all be [B, T]; got {tuple(input_ids.shape)}, "
+            f"{tuple(attention_mask.shape)}, {tuple(completion_mask.shape)}"
+        )
+    base = unwrap_model(model)
+    folded_temperature = model_logit_temperature(base.config, float(temperature))
+    output_head(base)  # a missing or wrapped head fails here, before any forward
+    if verification_enabled(verify_logits):  # skipped while torch.compile traces (verify_model_logits)
+        verify_model_logits(model, input_ids, attention_mask)
+
+    hidden = final_hidden_states(model, input_ids, attention_mask)
+    # Row t-1 predicts token t: gather only the rows whose next token is scored.
+    predict = completion_mask[:, 1:].bool()
+    rows_hidden, labels = hidden[:, :-1][predict], input_ids[:, 1:][predict]
+    if support is None:
+        rows = fused_head(base, rows_hidden, labels, folded_temperature, backend, check_labels, want)
+    else:
+        rows = _sampler_head(base, rows_hidden, labels, folded_temperature, backend, check_labels, want, support)
+    full = predict.new_zeros(input_ids.shape)
+    full[:, 1:] = predict
+    zeros = hidden.new_zeros(input_ids.shape, dtype=torch.float32)
+    # Out-of-place scatters keep the graph: gradients flow back into the rows' statistics.
+    values = {f.name: getattr(rows, f.name) for f in dataclasses.fields(rows)}  # not asdict: it deep-copies
+    return TokenStats(**{name: None if value is None else zeros.masked_scatter(full, value)
+                         for name, value in values.items()})
 
 
 def causal_lm_token_logprobs_entropy(
@@ -388,31 +455,9 @@ def causal_lm_token_logprobs_entropy(
         ``(logprobs, entropy)``, float32 ``[B, T]``; see the module docstring for the alignment. Differentiable
         with respect to the model's parameters when grad is enabled.
     """
-    if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape or completion_mask.shape != input_ids.shape:
-        raise ValueError(
-            f"input_ids, attention_mask and completion_mask must all be [B, T]; got {tuple(input_ids.shape)}, "
-            f"{tuple(attention_mask.shape)}, {tuple(completion_mask.shape)}"
-        )
-    base = unwrap_model(model)
-    folded_temperature = model_logit_temperature(base.config, float(temperature))
-    output_head(base)  # a missing or wrapped head fails here, before any forward
-    if verification_enabled(verify_logits):  # skipped while torch.compile traces (verify_model_logits)
-        verify_model_logits(model, input_ids, attention_mask)
-
-    hidden = final_hidden_states(model, input_ids, attention_mask)
-    # Row t-1 predicts token t: gather only the rows whose next token is scored.
-    predict = completion_mask[:, 1:].bool()
-    lp_rows, ent_rows = fused_head(base, hidden[:, :-1][predict], input_ids[:, 1:][predict], folded_temperature,
-                                   backend, check_labels)
-
-    logprobs = hidden.new_zeros(input_ids.shape, dtype=torch.float32)
-    entropy = hidden.new_zeros(input_ids.shape, dtype=torch.float32)
-    # Out-of-place scatter keeps the graph: gradients flow back into lp_rows / ent_rows.
-    full = predict.new_zeros(input_ids.shape)
-    full[:, 1:] = predict
-    logprobs = logprobs.masked_scatter(full, lp_rows)
-    entropy = entropy.masked_scatter(full, ent_rows)
-    return logprobs, entropy
+    stats = causal_lm_token_stats(model, input_ids, attention_mask, completion_mask, temperature=temperature,
+                                  backend=backend, verify_logits=verify_logits, check_labels=check_labels)
+    return stats.logprobs, stats.entropy
 
 
 def last_token_logprobs(
@@ -435,9 +480,8 @@ def last_token_logprobs(
     if verification_enabled(verify_logits):
         verify_model_logits(model, input_ids, attention_mask)
     last = final_hidden_states(model, input_ids, attention_mask)[:, -1]
-    columns = [fused_head(base, last, torch.full((last.shape[0],), int(c), device=last.device), folded_temperature,
-                          backend)[0] for c in candidates]
-    return torch.stack(columns, -1)
+    labels = torch.tensor([int(c) for c in candidates], device=last.device).expand(last.shape[0], -1)
+    return fused_head(base, last, labels.contiguous(), folded_temperature, backend, want=("logprobs",)).logprobs
 
 
 def sirl_reward(

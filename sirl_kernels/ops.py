@@ -18,6 +18,7 @@ from torch import Tensor
 
 from sirl_kernels import backends
 from sirl_kernels._sizes import aligned_row_stride
+from sirl_kernels.backends.rows import Coefficients, logprob_entropy_coefficients
 from sirl_kernels._checks import (
     accumulation_dtype,
     check_inplace_target,
@@ -60,15 +61,25 @@ def _linear_inputs(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: 
     return dense_rows(hidden), dense_rows(weight), bias, backends.resolve(backend, hidden.device, hidden.dtype)
 
 
+def _checked_coefficients(alpha: Tensor, beta: Tensor, lam: Tensor, stats: Tensor, rows: Tensor,
+                          gamma: Tensor | None = None, delta: Tensor | None = None) -> Coefficients:
+    """The backward form's coefficients (``backends/rows.py``), checked like every per-row input of a backward."""
+    acc = accumulation_dtype(rows.dtype)
+    coef = Coefficients(*(None if c is None else c.to(acc).contiguous() for c in (alpha, beta, lam, gamma, delta)))
+    present = {k: v for k, v in coef._asdict().items() if v is not None}
+    check_row_tensors(rows.shape[0], rows.device, acc, stats=stats, **present)
+    return coef
+
+
 def _backward_rows(grad_logprobs: Tensor, grad_entropy: Tensor, stats: Tensor, entropy: Tensor, rows: Tensor
-                   ) -> tuple[Tensor, Tensor]:
+                   ) -> Coefficients:
     """The backward ops' per-row inputs, checked (the public ops take them from anyone; kernels read them through
-    raw pointers), with the gradients in the accumulation dtype the backends take (the contract's ``grad_*``)."""
+    raw pointers), as the coefficients of the backends' one backward form (``backends/rows.py``)."""
     acc = accumulation_dtype(rows.dtype)
     grad_logprobs, grad_entropy = grad_logprobs.to(acc), grad_entropy.to(acc)
     check_row_tensors(rows.shape[0], rows.device, acc, grad_logprobs=grad_logprobs, grad_entropy=grad_entropy,
                       stats=stats, entropy=entropy)
-    return grad_logprobs, grad_entropy
+    return logprob_entropy_coefficients(grad_logprobs, grad_entropy, entropy)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -108,24 +119,30 @@ def _gradient_strides(logits: Tensor) -> tuple[int, int]:
     return aligned_row_stride(vocab, logits.dtype, like), 1
 
 
+def _fake_logits_gradient(logits: Tensor) -> Tensor:
+    return torch.empty_strided(logits.shape, _gradient_strides(logits), dtype=logits.dtype, device=logits.device)
+
+
+def _fake_linear_gradients(hidden, weight, bias, needs_hidden_grad, needs_weight_grad, needs_bias_grad):
+    def grad_like(t, needed):
+        return torch.empty_like(t) if needed and t is not None else hidden.new_empty(0)
+
+    return grad_like(hidden, needs_hidden_grad), grad_like(weight, needs_weight_grad), grad_like(bias, needs_bias_grad)
+
+
 @torch.library.custom_op("sirl_kernels::token_logprobs_entropy_backward", mutates_args=())
 def token_logprobs_entropy_backward_op(
     grad_logprobs: Tensor, grad_entropy: Tensor, logits: Tensor, labels: Tensor, stats: Tensor, entropy: Tensor,
     temperature: float, ignore_index: int, backend: str,
 ) -> Tensor:
     logits, backend = _logits_inputs(logits, labels, temperature, ignore_index, backend)
-    grad_logprobs, grad_entropy = _backward_rows(grad_logprobs, grad_entropy, stats, entropy, logits)
-    out = None
-    if logits.device.type == "cuda":
-        out = torch.empty_strided(logits.shape, _gradient_strides(logits), dtype=logits.dtype, device=logits.device)
-    return backends.get(backend).logits_backward(
-        grad_logprobs, grad_entropy, logits, labels, stats, entropy, temperature, ignore_index, out=out
-    )
+    coef = _backward_rows(grad_logprobs, grad_entropy, stats, entropy, logits)
+    return token_stats_backward_op(*coef[:3], logits, labels, stats, temperature, ignore_index, backend)
 
 
 @token_logprobs_entropy_backward_op.register_fake
 def _(grad_logprobs, grad_entropy, logits, labels, stats, entropy, temperature, ignore_index, backend):
-    return torch.empty_strided(logits.shape, _gradient_strides(logits), dtype=logits.dtype, device=logits.device)
+    return _fake_logits_gradient(logits)
 
 
 @torch.library.custom_op("sirl_kernels::token_logprobs_entropy_backward_", mutates_args=("logits",))
@@ -138,10 +155,8 @@ def token_logprobs_entropy_backward_inplace_op(
     if not has_dense_rows(logits):
         raise ValueError("the in-place backward needs logits with unit stride along V and rows that do not overlap, "
                          f"got strides {logits.stride()} for shape {tuple(logits.shape)}")
-    grad_logprobs, grad_entropy = _backward_rows(grad_logprobs, grad_entropy, stats, entropy, logits)
-    backends.get(backend).logits_backward(
-        grad_logprobs, grad_entropy, logits, labels, stats, entropy, temperature, ignore_index, out=logits,
-    )
+    coef = _backward_rows(grad_logprobs, grad_entropy, stats, entropy, logits)
+    backends.get(backend).logits_backward(coef, logits, labels, stats, temperature, ignore_index, out=logits)
 
 
 @token_logprobs_entropy_backward_inplace_op.register_fake
@@ -208,22 +223,15 @@ def linear_token_logprobs_entropy_backward_op(
     cannot return None)."""
     hidden, weight, bias, backend = _linear_inputs(hidden, weight, bias, labels, temperature, ignore_index, backend,
                                                    chunk_size)
-    grad_logprobs, grad_entropy = _backward_rows(grad_logprobs, grad_entropy, stats, entropy, hidden)
-    needs = (needs_hidden_grad, needs_weight_grad, needs_bias_grad and bias is not None)
-    grads = backends.get(backend).linear_backward(
-        grad_logprobs, grad_entropy, hidden, weight, bias, labels, stats, entropy, temperature, ignore_index,
-        chunk_size, needs,
-    )
-    return tuple(g if g is not None else hidden.new_empty(0) for g in grads)
+    coef = _backward_rows(grad_logprobs, grad_entropy, stats, entropy, hidden)
+    return linear_token_stats_backward_op(*coef[:3], hidden, weight, bias, labels, stats, temperature, ignore_index,
+                                          backend, chunk_size, needs_hidden_grad, needs_weight_grad, needs_bias_grad)
 
 
 @linear_token_logprobs_entropy_backward_op.register_fake
 def _(grad_logprobs, grad_entropy, hidden, weight, bias, labels, stats, entropy, temperature, ignore_index,
       backend, chunk_size, needs_hidden_grad, needs_weight_grad, needs_bias_grad):
-    def grad_like(t, needed):
-        return torch.empty_like(t) if needed and t is not None else hidden.new_empty(0)
-
-    return grad_like(hidden, needs_hidden_grad), grad_like(weight, needs_weight_grad), grad_like(bias, needs_bias_grad)
+    return _fake_linear_gradients(hidden, weight, bias, needs_hidden_grad, needs_weight_grad, needs_bias_grad)
 
 
 def _linear_setup_context(ctx, inputs, output):
@@ -247,3 +255,47 @@ def _linear_backward(ctx, grad_logprobs, grad_entropy, _grad_stats):
 
 
 linear_token_logprobs_entropy_op.register_autograd(_linear_backward, setup_context=_linear_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The backward form with caller-chosen coefficients (``backends/rows.py``): what the vocabulary-parallel ops use,
+# where a rank that does not own a row's label has lam = 0
+# --------------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("sirl_kernels::token_stats_backward", mutates_args=())
+def token_stats_backward_op(
+    alpha: Tensor, beta: Tensor, lam: Tensor, logits: Tensor, labels: Tensor, stats: Tensor, temperature: float,
+    ignore_index: int, backend: str, gamma: Tensor | None = None, delta: Tensor | None = None,
+) -> Tensor:
+    logits, backend = _logits_inputs(logits, labels, temperature, ignore_index, backend)
+    coef = _checked_coefficients(alpha, beta, lam, stats, logits, gamma, delta)
+    out = None
+    if logits.device.type == "cuda":
+        out = torch.empty_strided(logits.shape, _gradient_strides(logits), dtype=logits.dtype, device=logits.device)
+    return backends.get(backend).logits_backward(coef, logits, labels, stats, temperature, ignore_index, out=out)
+
+
+@token_stats_backward_op.register_fake
+def _(alpha, beta, lam, logits, labels, stats, temperature, ignore_index, backend, gamma=None, delta=None):
+    return _fake_logits_gradient(logits)
+
+
+@torch.library.custom_op("sirl_kernels::linear_token_stats_backward", mutates_args=())
+def linear_token_stats_backward_op(
+    alpha: Tensor, beta: Tensor, lam: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
+    stats: Tensor, temperature: float, ignore_index: int, backend: str, chunk_size: int, needs_hidden_grad: bool,
+    needs_weight_grad: bool, needs_bias_grad: bool, gamma: Tensor | None = None, delta: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """As ``linear_token_logprobs_entropy_backward`` (empty ``[0]`` placeholders for gradients not asked for)."""
+    hidden, weight, bias, backend = _linear_inputs(hidden, weight, bias, labels, temperature, ignore_index, backend,
+                                                   chunk_size)
+    coef = _checked_coefficients(alpha, beta, lam, stats, hidden, gamma, delta)
+    needs = (needs_hidden_grad, needs_weight_grad, needs_bias_grad and bias is not None)
+    grads = backends.get(backend).linear_backward(coef, hidden, weight, bias, labels, stats, temperature,
+                                                  ignore_index, chunk_size, needs)
+    return tuple(g if g is not None else hidden.new_empty(0) for g in grads)
+
+
+@linear_token_stats_backward_op.register_fake
+def _(alpha, beta, lam, hidden, weight, bias, labels, stats, temperature, ignore_index, backend, chunk_size,
+      needs_hidden_grad, needs_weight_grad, needs_bias_grad, gamma=None, delta=None):
+    return _fake_linear_gradients(hidden, weight, bias, needs_hidden_grad, needs_weight_grad, needs_bias_grad)

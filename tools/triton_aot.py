@@ -48,6 +48,7 @@ import triton
 import triton.language as tl
 
 from sirl_kernels._sizes import default_linear_chunk_size
+from sirl_kernels.backends.rows import Coefficients, Extras
 from sirl_kernels.backends.triton import linear, logits, utils
 from tools import sass
 
@@ -77,30 +78,43 @@ def _meta(*shape, dtype=torch.float32):
     return torch.empty(shape, dtype=dtype, device="meta")
 
 
-def _row_grads(n):
-    return _meta(n), _meta(n)
+def _coefficients(n, extras=False):
+    """The backward's per-row coefficients (``backends/rows.py``): three fp32 [n]; with ``extras`` also gamma and
+    delta (the self-certainty and varentropy terms)."""
+    return Coefficients(*(_meta(n) for _ in range(5 if extras else 3)))
 
 
-def _logits_case(dtype, n, inplace=False, vocab=VOCAB, backward=True, stride=VOCAB):
+def _extras(n, extras):
+    """The forward's optional outputs (``rows.Extras``): None, or "sc", "ve", "both"."""
+    if not extras:
+        return None
+    return Extras(_meta(n) if extras in ("sc", "both") else None, _meta(n) if extras in ("ve", "both") else None)
+
+
+def _logits_case(dtype, n, inplace=False, vocab=VOCAB, backward=True, stride=VOCAB, extras=None):
     """[n, vocab] logits with row stride ``stride`` (a view when vocab < stride); the out-of-place backward's
-    gradient is the launcher's own (rows padded to 16 bytes on a GPU), the in-place one the logits."""
+    gradient is the launcher's own (rows padded to 16 bytes on a GPU), the in-place one the logits. ``extras``
+    ("sc", "ve", "both"): the forward also fills self-certainty / varentropy, and the backward has the gamma
+    and delta terms."""
     x = _meta(n, stride, dtype=dtype)[:, :vocab]
     labels = _meta(n, dtype=torch.int64)
-    lp, ent, stats = logits.logits_forward(x, labels, 1.0, -100)
+    lp, ent, stats = logits.logits_forward(x, labels, 1.0, -100, _extras(n, extras))
     if backward:
-        logits.logits_backward(*_row_grads(n), x, labels, stats, ent, 1.0, -100, out=x if inplace else None)
+        logits.logits_backward(_coefficients(n, bool(extras)), x, labels, stats, 1.0, -100,
+                               out=x if inplace else None)
 
 
-def _linear_case(dtype, n, bias, needs=(True, True, True), backward=True, chunk=None):
+def _linear_case(dtype, n, bias, needs=(True, True, True), backward=True, chunk=None, extras=None):
     """``chunk`` None: the op's default ``chunk_size`` for the Triton backend (``_sizes.default_linear_chunk_size``:
     1 GiB of dz, at N_TOKENS = 4096 rows bf16/fp16 take 2 vocabulary chunks, fp32 3)."""
     chunk = default_linear_chunk_size(VOCAB, "triton", dtype) if chunk is None else chunk
     hidden, weight = _meta(n, DIM, dtype=dtype), _meta(VOCAB, DIM, dtype=dtype)
     b = _meta(VOCAB, dtype=dtype) if bias else None
     labels = _meta(n, dtype=torch.int64)
-    lp, ent, stats = linear.linear_forward(hidden, weight, b, labels, 1.0, -100)
+    lp, ent, stats = linear.linear_forward(hidden, weight, b, labels, 1.0, -100, _extras(n, extras))
     if backward:
-        linear.linear_backward(*_row_grads(n), hidden, weight, b, labels, stats, ent, 1.0, -100, chunk, needs)
+        linear.linear_backward(_coefficients(n, bool(extras)), hidden, weight, b, labels, stats, 1.0, -100, chunk,
+                               needs)
 
 
 CASES = {}
@@ -120,6 +134,18 @@ for _name, _dt in DTYPES.items():
     CASES[f"linear {_name} frozen weight and bias"] = lambda dt=_dt: _linear_case(dt, N_TOKENS, True,
                                                                                    needs=(True, False, False))
     CASES[f"linear {_name} bias, 16 rows (split-V)"] = lambda dt=_dt: _linear_case(dt, 16, True, backward=False)
+    # self-certainty and varentropy (issue 23): the forward's HAS_SC / HAS_VE accumulators (unsplit and split-V,
+    # the merge with them) and the backward's gamma / delta terms
+    CASES[f"logits {_name}, self-certainty and varentropy"] = lambda dt=_dt: _logits_case(dt, N_TOKENS, extras="both")
+    CASES[f"logits {_name}, self-certainty and varentropy, 8 rows (split-V)"] = \
+        lambda dt=_dt: _logits_case(dt, 8, backward=False, extras="both")
+    CASES[f"linear {_name} bias, self-certainty and varentropy"] = \
+        lambda dt=_dt: _linear_case(dt, N_TOKENS, True, extras="both")
+    CASES[f"linear {_name} bias, self-certainty and varentropy, 16 rows (split-V)"] = \
+        lambda dt=_dt: _linear_case(dt, 16, True, backward=False, extras="both")
+# one of the two statistics alone (bf16): the forward compiles only its own accumulator
+CASES["logits bf16, self-certainty only"] = lambda: _logits_case(torch.bfloat16, N_TOKENS, backward=False, extras="sc")
+CASES["logits bf16, varentropy only"] = lambda: _logits_case(torch.bfloat16, N_TOKENS, backward=False, extras="ve")
 # the fallback for a row stride that is not a multiple of 16 bytes (in place: both sides unaligned), bf16 only
 CASES[f"logits bf16, V={UNALIGNED_VOCAB} contiguous, in-place backward"] = \
     lambda: _logits_case(torch.bfloat16, N_TOKENS, inplace=True, vocab=UNALIGNED_VOCAB, stride=UNALIGNED_VOCAB)
@@ -210,6 +236,18 @@ TENSOR_CORE = re.compile(r"\b(HMMA|HGMMA|UTC\w*MMA)\b")
 # sm_90, held to INSTRUCTION_BUDGET per element with 16-byte loads (tests/sirl_kernels/backends/test_triton_sass.py).
 STREAMING_KERNELS = ("_logits_fwd_kernel", "_logits_bwd_kernel")
 INSTRUCTION_BUDGET = 12.0
+# The forward with the self-certainty / varentropy accumulators (HAS_SC / HAS_VE, issue 23) costs about 3 more per
+# logit (an add for sum d; a multiply and an FMA for sum 2^d d^2, the multiply shared with the entropy's sum): it
+# only reads, so it is held to this budget instead, under the 18 per bf16 logit read at which an H100's issue rate
+# meets its HBM bandwidth (docs/triton-kernels.md, "Main loops"). The backward's gamma / delta terms (an FMA, and
+# delta folded into the last multiply) stay within INSTRUCTION_BUDGET.
+EXTRAS_INSTRUCTION_BUDGET = 16.0
+
+
+def instruction_budget(binary: dict) -> float:
+    """The per-logit budget a streaming kernel's main loop is held to on sm_90."""
+    c = binary["constexprs"]
+    return EXTRAS_INSTRUCTION_BUDGET if c.get("HAS_SC") or c.get("HAS_VE") else INSTRUCTION_BUDGET
 FUSION_OFF_ARCH = 90  # the architecture whose budget is also held with enable_fp_fusion=False
 
 

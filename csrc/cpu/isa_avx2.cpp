@@ -5,6 +5,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <type_traits>
+
 #include "kernels.h"
 #include "sirl/host_api.h"
 #include "sirl/online_state.h"

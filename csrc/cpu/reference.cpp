@@ -40,14 +40,16 @@ float raw_max(const sirl_rows& in, const void* row) {
 
 // The state of row[lo, hi) by pairwise merges over runs of at most 16 updates: nothing but the header's update and
 // merge, in an order whose rounding grows with log V rather than V, so that it can judge long rows.
-sirl::OnlineState pairwise_state(const sirl_rows& in, const void* row, float inv_t, int64_t lo, int64_t hi) {
+// State is sirl::OnlineState, or sirl::ExtState when self-certainty / varentropy are asked for.
+template <typename State>
+State pairwise_state(const sirl_rows& in, const void* row, float inv_t, int64_t lo, int64_t hi, State empty) {
   if (hi - lo <= 16) {
-    sirl::OnlineState state = sirl::empty_state();
+    State state = empty;
     for (int64_t i = lo; i < hi; ++i) state = sirl::update(state, load(in, row, i) * inv_t);
     return state;
   }
   const int64_t mid = lo + (hi - lo) / 2;
-  return sirl::merge(pairwise_state(in, row, inv_t, lo, mid), pairwise_state(in, row, inv_t, mid, hi));
+  return sirl::merge(pairwise_state(in, row, inv_t, lo, mid, empty), pairwise_state(in, row, inv_t, mid, hi, empty));
 }
 
 sirl::Status reference_forward(const sirl_forward_args& a, const sirl_launch&) {
@@ -57,10 +59,21 @@ sirl::Status reference_forward(const sirl_forward_args& a, const sirl_launch&) {
     const char* row = static_cast<const char*>(a.in.logits) + r * a.in.row_stride * static_cast<int64_t>(esize);
     const int64_t y = sirl::label_column(a.in, r);
     sirl::RowResult res = y == sirl::kIgnoredRow ? sirl::ignored_row() : sirl::bad_label_row();
+    sirl::ExtraResult extra = y == sirl::kIgnoredRow ? sirl::ignored_extras() : sirl::bad_label_extras();
     if (y >= 0) {
-      res = sirl::finalize(pairwise_state(a.in, row, inv_t, 0, a.in.vocab), load(a.in, row, y) * inv_t);
+      sirl::OnlineState st;
+      if (sirl::wants_extras(a)) {
+        const sirl::ExtState ext = pairwise_state(a.in, row, inv_t, 0, a.in.vocab, sirl::ext_empty_state());
+        st = ext.s;
+        extra = sirl::finalize_extras(ext.s, ext.x);
+      } else {
+        st = pairwise_state(a.in, row, inv_t, 0, a.in.vocab, sirl::empty_state());
+      }
+      res = sirl::finalize(st, load(a.in, row, y) * inv_t);
       if (res.max == res.max) res.max = raw_max(a.in, row);  // the library's unit (NaN stats stay NaN)
     }
+    if (a.self_certainty) a.self_certainty[r] = extra.self_certainty;
+    if (a.varentropy) a.varentropy[r] = extra.varentropy;
     a.logprobs[r] = res.logprob;
     a.entropy[r] = res.entropy;
     a.stats[2 * r] = res.max;
@@ -81,13 +94,19 @@ sirl::Status reference_backward(const sirl_backward_args& a, const sirl_launch&)
       continue;
     }
     const float m = a.stats[2 * r] * inv_t, log_sum = a.stats[2 * r + 1];  // the max of z, as the forward had it
-    const float h = a.entropy[r], g_lp = a.grad_logprobs[r], g_h = a.grad_entropy[r];
+    const float alpha = a.alpha[r], beta = a.beta[r], lam = a.lam[r];
+    const bool terms = sirl::has_extra_terms(a);
+    const float gamma = a.gamma ? a.gamma[r] : 0.0f, delta = a.delta ? a.delta[r] : 0.0f;
     const float logp_y = sirl::log_prob(load(a.in, row, y) * inv_t, m, log_sum);  // before an in-place overwrite
     for (int64_t i = 0; i < a.in.vocab; ++i) {
       const float logp = sirl::log_prob(load(a.in, row, i) * inv_t, m, log_sum);
-      store(a.in.dtype, out, i, i == y ? 0.0f : sirl::grad_nonlabel(logp, h, g_lp, g_h, inv_t));
+      const float g = terms ? sirl::grad_nonlabel(logp, alpha, beta, gamma, delta, inv_t)
+                            : sirl::grad_nonlabel(logp, alpha, beta, inv_t);
+      store(a.in.dtype, out, i, i == y ? 0.0f : g);
     }
-    store(a.in.dtype, out, y, sirl::grad_label(logp_y, h, g_lp, g_h, inv_t));
+    store(a.in.dtype, out, y,
+          terms ? sirl::grad_label(logp_y, alpha, beta, lam, gamma, delta, inv_t)
+                : sirl::grad_label(logp_y, alpha, beta, lam, inv_t));
   }
   return sirl::ok();
 }

@@ -1,4 +1,5 @@
-// Backward: one pass writing d logits for both outputs (logprob and entropy), optionally in place.
+// Backward: one pass writing d logits of the backward form (per-row alpha, beta, lam, and gamma, delta in the
+// specialised kernels; online_state.h), optionally in place.
 // Work item = (row, vocabulary segment); every element is read and written by the same thread, which is what
 // makes grad_logits == logits safe (plain loads, not the read-only __ldg path, and no __restrict__ on them).
 #include <cuda_bf16.h>
@@ -24,16 +25,34 @@ struct RowGrad {
   GradRow fast;
   int64_t label;
   float log_sum;
-  float entropy;
-  float g_lp;
-  float g_h;
+  float alpha;
+  float beta;
+  float lam;
 };
 
-template <typename T>
-__device__ __forceinline__ T grad_elem(int64_t i, T x, const RowGrad& r) {
+// The specialised kernels' row: RowGrad with the gamma and delta terms (row_state.h: GradTerms).
+struct RowGradTerms : RowGrad {
+  GradTerms terms;
+  float gamma;
+  float delta;
+};
+
+// Per element, non-label and label, for the plain row and the one with terms.
+__device__ __forceinline__ float grad_nonlabel_of(float x, const RowGrad& r) { return grad_nonlabel_fast(x, r.fast); }
+__device__ __forceinline__ float grad_nonlabel_of(float x, const RowGradTerms& r) {
+  return grad_nonlabel_terms(x, r.fast, r.terms);
+}
+__device__ __forceinline__ float grad_label_of(float x, const RowGrad& r) {
+  return grad_label_raw(x, r.fast, r.log_sum, r.alpha, r.beta, r.lam);
+}
+__device__ __forceinline__ float grad_label_of(float x, const RowGradTerms& r) {
+  return grad_label_raw(x, r.fast, r.log_sum, r.alpha, r.beta, r.lam, r.gamma, r.delta);
+}
+
+template <typename T, typename Row>
+__device__ __forceinline__ T grad_elem(int64_t i, T x, const Row& r) {
   const float xf = dev::to_float<T>(x);
-  const float g = (i == r.label) ? grad_label_raw(xf, r.fast, r.log_sum, r.entropy, r.g_lp, r.g_h)
-                                 : grad_nonlabel_fast(xf, r.fast);
+  const float g = (i == r.label) ? grad_label_of(xf, r) : grad_nonlabel_of(xf, r);
   return dev::from_float<T>(g);
 }
 
@@ -42,8 +61,8 @@ __device__ __forceinline__ T grad_elem(int64_t i, T x, const RowGrad& r) {
 // per thread and iteration); the thread whose vectors hold the label reads that logit before its loop and
 // rewrites the label's gradient after it, as a scalar. Every element is read and written by one thread, in that
 // order, so in place is safe.
-template <typename T, int kThreads>
-__device__ __forceinline__ void grad_segment(const T* in, T* out, int64_t lo, int64_t hi, const RowGrad& r) {
+template <typename T, int kThreads, typename Row>
+__device__ __forceinline__ void grad_segment(const T* in, T* out, int64_t lo, int64_t hi, const Row& r) {
   constexpr int kVec = dev::VecWidth<T>::value;
   const int64_t n = hi - lo;
   const T* pin = in + lo;
@@ -67,7 +86,7 @@ __device__ __forceinline__ void grad_segment(const T* in, T* out, int64_t lo, in
       const T* x = reinterpret_cast<const T*>(&raw[j]);
       T* g = reinterpret_cast<T*>(&res[j]);
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) g[k] = dev::from_float<T>(grad_nonlabel_fast(dev::to_float<T>(x[k]), r.fast));
+      for (int k = 0; k < kVec; ++k) g[k] = dev::from_float<T>(grad_nonlabel_of(dev::to_float<T>(x[k]), r));
     }
     vout[v] = res[0];
     vout[v + kThreads] = res[1];
@@ -78,12 +97,11 @@ __device__ __forceinline__ void grad_segment(const T* in, T* out, int64_t lo, in
     uint4 res;
     T* g = reinterpret_cast<T*>(&res);
 #pragma unroll
-    for (int k = 0; k < kVec; ++k) g[k] = dev::from_float<T>(grad_nonlabel_fast(dev::to_float<T>(x[k]), r.fast));
+    for (int k = 0; k < kVec; ++k) g[k] = dev::from_float<T>(grad_nonlabel_of(dev::to_float<T>(x[k]), r));
     vout[v] = res;
   }
   if (owner) {
-    pout[head + label_off] =
-        dev::from_float<T>(grad_label_raw(x_label, r.fast, r.log_sum, r.entropy, r.g_lp, r.g_h));
+    pout[head + label_off] = dev::from_float<T>(grad_label_of(x_label, r));
   }
   for (int64_t i = head + nvec * kVec + threadIdx.x; i < n; i += kThreads) {
     pout[i] = grad_elem<T>(lo + i, pin[i], r);
@@ -109,13 +127,16 @@ __device__ __forceinline__ void fill_segment(T* out, int64_t lo, int64_t hi, flo
   for (int64_t i = head + nvec * kVec + threadIdx.x; i < n; i += kThreads) pout[i] = fill;
 }
 
-template <typename T, int kThreads>
+// kTerms: the specialised instantiation with gamma and delta (either may be null: 0); the plain one never reads
+// them (they come last, so its other parameters keep their offsets).
+template <typename T, int kThreads, bool kTerms>
 __global__ void __launch_bounds__(kThreads)
-    backward_kernel(const float* __restrict__ grad_logprobs, const float* __restrict__ grad_entropy, const T* logits,
+    backward_kernel(const float* __restrict__ alpha, const float* __restrict__ beta, const float* __restrict__ lam,
+                    const T* logits,
                     int64_t rows, int64_t vocab, int64_t row_stride, const int64_t* __restrict__ labels,
-                    int64_t label_stride, const float* __restrict__ stats, const float* __restrict__ entropy,
+                    int64_t label_stride, const float* __restrict__ stats,
                     float inv_t, int64_t ignore_index, T* grad, int64_t grad_row_stride, int64_t segments,
-                    int64_t seg_len) {
+                    int64_t seg_len, const float* __restrict__ gamma, const float* __restrict__ delta) {
   const int64_t items = rows * segments;
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
     const int64_t row = item / segments;
@@ -128,36 +149,44 @@ __global__ void __launch_bounds__(kThreads)
       continue;
     }
     const float log_sum = stats[2 * row + 1];
-    const RowGrad r{grad_row(stats[2 * row], log_sum, entropy[row], grad_logprobs[row], grad_entropy[row], inv_t),
-                    label, log_sum, entropy[row], grad_logprobs[row], grad_entropy[row]};
-    grad_segment<T, kThreads>(logits + row * row_stride, out, lo, hi, r);
+    const float a = alpha[row], b = beta[row];
+    const RowGrad r{grad_row(stats[2 * row], log_sum, a, b, inv_t), label, log_sum, a, b, lam[row]};
+    if constexpr (kTerms) {
+      const float g = gamma ? gamma[row] : 0.0f, d = delta ? delta[row] : 0.0f;
+      const RowGradTerms rt{r, GradTerms{log_sum, a, b, g, d * inv_t}, g, d};
+      grad_segment<T, kThreads>(logits + row * row_stride, out, lo, hi, rt);
+    } else {
+      grad_segment<T, kThreads>(logits + row * row_stride, out, lo, hi, r);
+    }
   }
 }
 
-template <typename T>
+template <typename T, bool kTerms>
 sirl::Status launch(const sirl_backward_args& a, cudaStream_t stream) {
   const sirl_rows& in = a.in;
   const float inv_t = sirl::inv_temperature(in);
   const int64_t segments = (in.vocab + kBackwardSegment - 1) / kBackwardSegment;
   const int64_t seg_len = segments == 1 ? in.vocab : kBackwardSegment;
   detail::note_cuda_call();
-  backward_kernel<T, kBackwardThreads><<<detail::grid_for(in.rows * segments, 1), kBackwardThreads, 0, stream>>>(
-      a.grad_logprobs, a.grad_entropy, static_cast<const T*>(in.logits), in.rows, in.vocab, in.row_stride,
-      in.labels, in.label_stride, a.stats, a.entropy, inv_t, in.ignore_index, static_cast<T*>(a.grad_logits),
-      a.grad_row_stride, segments, seg_len);
+  backward_kernel<T, kBackwardThreads, kTerms>
+      <<<detail::grid_for(in.rows * segments, 1), kBackwardThreads, 0, stream>>>(
+          a.alpha, a.beta, a.lam, static_cast<const T*>(in.logits), in.rows, in.vocab, in.row_stride, in.labels,
+          in.label_stride, a.stats, inv_t, in.ignore_index, static_cast<T*>(a.grad_logits),
+          a.grad_row_stride, segments, seg_len, a.gamma, a.delta);
   return detail::cuda_status("sirl_logits_backward", "kernel launch", cudaGetLastError());
 }
 
 }  // namespace
 
 sirl::Status launch_logits_backward(const sirl_backward_args& args, cudaStream_t stream) {
+  const bool terms = sirl::has_extra_terms(args);  // gamma / delta: the specialised kernels
   switch (args.in.dtype) {
     case SIRL_FLOAT32:
-      return launch<float>(args, stream);
+      return terms ? launch<float, true>(args, stream) : launch<float, false>(args, stream);
     case SIRL_BFLOAT16:
-      return launch<__nv_bfloat16>(args, stream);
+      return terms ? launch<__nv_bfloat16, true>(args, stream) : launch<__nv_bfloat16, false>(args, stream);
     default:
-      return launch<__half>(args, stream);
+      return terms ? launch<__half, true>(args, stream) : launch<__half, false>(args, stream);
   }
 }
 

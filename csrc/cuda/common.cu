@@ -58,9 +58,10 @@ int forward_num_splits(int64_t rows, int64_t vocab, int num_sms, int requested) 
   return static_cast<int>((vocab + len - 1) / len);
 }
 
-size_t forward_workspace_bytes(int64_t rows, int num_splits) {
+size_t forward_workspace_bytes(int64_t rows, int num_splits, bool extras) {
   if (num_splits <= 1 || rows <= 0) return 0;
-  return static_cast<size_t>(rows) * static_cast<size_t>(num_splits) * sizeof(sirl::OnlineState);
+  const size_t state = extras ? sizeof(sirl::ExtState) : sizeof(sirl::OnlineState);
+  return static_cast<size_t>(rows) * static_cast<size_t>(num_splits) * state;
 }
 
 }  // namespace sirl_cuda

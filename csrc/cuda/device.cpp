@@ -142,7 +142,7 @@ Status forward_workspace_bytes(const char* fn, const sirl_forward_args& args, co
                                uint64_t* bytes) {
   int splits = 1;
   Status st = plan_splits(fn, args, launch, &splits);
-  if (st.ok()) *bytes = sirl_cuda::forward_workspace_bytes(args.in.rows, splits);
+  if (st.ok()) *bytes = sirl_cuda::forward_workspace_bytes(args.in.rows, splits, sirl::wants_extras(args));
   return st;
 }
 
@@ -153,7 +153,7 @@ Status logits_forward(const char* fn, const sirl_forward_args& args, const sirl_
   int splits = 1;
   Status st = plan_splits(fn, args, launch, &splits);
   if (!st.ok()) return st;
-  const size_t needed = sirl_cuda::forward_workspace_bytes(args.in.rows, splits);
+  const size_t needed = sirl_cuda::forward_workspace_bytes(args.in.rows, splits, sirl::wants_extras(args));
   if (splits > 1 && (launch.workspace == nullptr || launch.workspace_bytes < needed)) {
     if (launch.num_splits != 0) {
       return invalid(fn, std::to_string(splits) + " splits need a workspace of " + std::to_string(needed) +

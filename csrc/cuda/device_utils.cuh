@@ -75,9 +75,22 @@ __device__ __forceinline__ sirl::OnlineState shfl_down_state(sirl::OnlineState s
   return o;
 }
 
+__device__ __forceinline__ sirl::ExtState shfl_down_state(sirl::ExtState s, int offset) {
+  sirl::ExtState o;
+  o.s = shfl_down_state(s.s, offset);
+  o.x.count = __shfl_down_sync(0xffffffffu, s.x.count, offset);
+  o.x.dsum = __shfl_down_sync(0xffffffffu, s.x.dsum, offset);
+  o.x.qsum = __shfl_down_sync(0xffffffffu, s.x.qsum, offset);
+  return o;
+}
+
+__device__ __forceinline__ sirl::OnlineState empty_like(sirl::OnlineState) { return sirl::empty_state(); }
+__device__ __forceinline__ sirl::ExtState empty_like(sirl::ExtState) { return sirl::ext_empty_state(); }
+
 // Tree reduction within a warp (fixed order: deterministic); lane 0 holds the result. States keep raw maxima:
-// merged with sirl::merge_scaled (inv_t).
-__device__ __forceinline__ sirl::OnlineState warp_reduce(sirl::OnlineState s, float inv_t) {
+// merged with sirl::merge_scaled (inv_t). State: sirl::OnlineState, or sirl::ExtState (with the extras' sums).
+template <typename State>
+__device__ __forceinline__ State warp_reduce(State s, float inv_t) {
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) s = sirl::merge_scaled(s, shfl_down_state(s, offset), inv_t);
   return s;
@@ -85,11 +98,11 @@ __device__ __forceinline__ sirl::OnlineState warp_reduce(sirl::OnlineState s, fl
 
 // Block reduction (kThreads a multiple of 32, at most 1024); thread 0 holds the result. Starts with a barrier
 // so the shared scratch may be reused by consecutive calls in a grid-stride loop.
-template <int kThreads>
-__device__ __forceinline__ sirl::OnlineState block_reduce(sirl::OnlineState s, float inv_t) {
+template <int kThreads, typename State>
+__device__ __forceinline__ State block_reduce(State s, float inv_t) {
   static_assert(kThreads % 32 == 0 && kThreads <= 1024, "block size");
   constexpr int kWarps = kThreads / 32;
-  __shared__ sirl::OnlineState scratch[kWarps];
+  __shared__ State scratch[kWarps];
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   __syncthreads();
@@ -98,7 +111,7 @@ __device__ __forceinline__ sirl::OnlineState block_reduce(sirl::OnlineState s, f
   if (lane == 0) scratch[warp] = s;
   __syncthreads();
   if (warp == 0) {
-    s = lane < kWarps ? scratch[lane] : sirl::empty_state();
+    s = lane < kWarps ? scratch[lane] : empty_like(s);
     s = warp_reduce(s, inv_t);
   }
   return s;

@@ -72,6 +72,51 @@ SIRL_CUDA_UNROLL
   return RawState{m, s, w};
 }
 
+// RawState with the self-certainty and varentropy sums (online_state.h: ExtraSums), for the forward's specialised
+// instantiation only. With t = (x - max) k (log2 units): dsum = sum t (a -inf logit makes it -inf), qsum = sum e t^2
+// (t clamped at -FLT_MAX as a product e t first, so e = 0 gives 0 * t = 0, never 0 * inf), count = logits seen. The
+// rescale to a new max is the header's rescale_extras in log2 units, c = (old max - new max) k:
+// dsum += count c (skipped for count = 0: never 0 * -inf), qsum <- a (qsum + c (2 k wsum + c sum)) (0 where a is).
+struct RawExtState {
+  RawState base;
+  float count;
+  float dsum;
+  float qsum;
+};
+
+constexpr float kLn2 = 0.6931471805599453f;
+
+SIRL_HD RawExtState raw_ext_empty() { return RawExtState{raw_empty(), 0.0f, 0.0f, 0.0f}; }
+
+template <int kN>
+SIRL_HD RawExtState raw_update(RawExtState st, const float (&x)[kN], float k) {
+  float m = st.base.max;
+SIRL_CUDA_UNROLL
+  for (int i = 0; i < kN; ++i) m = fmaxf(m, x[i]);
+  const float delta = (st.base.max == m) ? 0.0f : st.base.max - m;
+  const float c = delta * k;
+  const float a = fast_exp2(c);
+  const float ad = (a == 0.0f) ? 0.0f : a * delta;
+  float s = a * st.base.sum;
+  float w = fmaf(ad, st.base.sum, a * st.base.wsum);
+  const float q_shift = (a == 0.0f) ? 0.0f : a * c * fmaf(2.0f * k, st.base.wsum, c * st.base.sum);
+  float q = fmaf(a, st.qsum, q_shift);
+  float u = (st.count == 0.0f) ? st.dsum : fmaf(st.count, c, st.dsum);
+  const float m_safe = (m == -INFINITY) ? 0.0f : m;
+SIRL_CUDA_UNROLL
+  for (int i = 0; i < kN; ++i) {
+    const float d = x[i] - m_safe;
+    const float t = d * k;
+    const float e = fast_exp2(t);
+    s += e;
+    w = fmaf(e, fmaxf(d, kNegMax), w);
+    u += t;
+    const float tc = fmaxf(t, kNegMax);
+    q = fmaf(e * tc, tc, q);
+  }
+  return RawExtState{RawState{m, s, w}, st.count + static_cast<float>(kN), u, q};
+}
+
 // The state for the header's merge in raw units (sirl::merge_scaled with inv_t, as the CPU kernels keep theirs):
 // max stays the raw max (differences of maxima are exact, then scaled), the sums are the header's (sumexp, and
 // wsum in z units). A NaN sum is the NaN state (its max may be -inf when the NaN sat among -inf only: the empty
@@ -82,6 +127,14 @@ SIRL_HD sirl::OnlineState raw_to_scaled(RawState st, float inv_t) {
   return sirl::OnlineState{st.max, st.sum, st.wsum * inv_t};
 }
 
+// raw_to_scaled with the extras, moved from log2 units to z units (t = d_z log2 e).
+SIRL_HD sirl::ExtState raw_to_scaled(RawExtState st, float inv_t) {
+  if (st.base.sum != st.base.sum) return sirl::ext_nan_state(st.count);
+  if (st.base.max == -INFINITY) return sirl::ExtState{sirl::empty_state(), sirl::ExtraSums{st.count, st.dsum, 0.0f}};
+  return sirl::ExtState{sirl::OnlineState{st.base.max, st.base.sum, st.base.wsum * inv_t},
+                        sirl::ExtraSums{st.count, st.dsum * kLn2, st.qsum * (kLn2 * kLn2)}};
+}
+
 // A row's result from its merged raw-max state: the stats are (raw max, log sumexp), and
 // logprob = (x_label - max) / T - log sumexp (the difference before the scaling: exact under a common offset).
 SIRL_HD sirl::RowResult finish_raw(sirl::OnlineState st, float x_label, float inv_t) {
@@ -90,15 +143,16 @@ SIRL_HD sirl::RowResult finish_raw(sirl::OnlineState st, float x_label, float in
   return r;
 }
 
-// The backward's per-row constants, from the forward's stats (raw max, log_sum). With u = (x - max) / T (the
-// difference before the scaling) and log p = u - log_sum:
-//   non-label dz = [-g_lp p - g_h p (log p + H)] / T = (p / T) (c1 u + c0),
-//   c1 = -g_h, c0 = -(g_lp + g_h (H - log_sum)), p / T = 2^(u log2e + b), b = log2(1/T) - log_sum log2e.
-// The chain rule's 1/T sits in the exponent, so no constant grows with it: c1 = -g_h / T times a clamped u overflowed
-// once |g_h| / T > ~2.5e36 (T near the API's smallest, 1.2e-38), and then p = 0 times inf was NaN. Here every factor
+// The backward's per-row constants, from the forward's stats (raw max, log_sum) and the row's coefficients of the
+// backward form (online_state.h: grad_nonlabel). With u = (x - max) / T (the difference before the scaling) and
+// log p = u - log_sum:
+//   non-label dz = p (alpha + beta log p) / T = (p / T) (c1 u + c0),
+//   c1 = beta, c0 = alpha - beta log_sum, p / T = 2^(u log2e + b), b = log2(1/T) - log_sum log2e.
+// The chain rule's 1/T sits in the exponent, so no constant grows with it: c1 = beta / T times a clamped u overflowed
+// once |beta| / T > ~2.5e36 (T near the API's smallest, 1.2e-38), and then p = 0 times inf was NaN. Here every factor
 // is finite for any temperature the API accepts (2^(...) <= 2^126 since u <= 0, log_sum >= 0 and 1/T <= 2^126), so
 // the product is inf only where the gradient itself is out of fp32 range. Below u_min, where the exponent reaches
-// kExp2Zero, p / T is 0 in fp32 and u is clamped there (|c1 u_min| <= 226 |g_h|, a -inf logit gives exactly 0).
+// kExp2Zero, p / T is 0 in fp32 and u is clamped there (|c1 u_min| <= 226 |beta|, a -inf logit gives exactly 0).
 // A NaN row has NaN stats, hence a NaN exponent and NaN everywhere.
 struct GradRow {
   float max;
@@ -109,9 +163,9 @@ struct GradRow {
   float c0;
 };
 
-SIRL_HD GradRow grad_row(float max, float log_sum, float entropy, float g_lp, float g_h, float inv_t) {
+SIRL_HD GradRow grad_row(float max, float log_sum, float alpha, float beta, float inv_t) {
   const float b = log2f(inv_t) - log_sum * kLog2e;
-  return GradRow{max, inv_t, (kExp2Zero - b) / kLog2e, b, -g_h, -(g_lp + g_h * (entropy - log_sum))};
+  return GradRow{max, inv_t, (kExp2Zero - b) / kLog2e, b, beta, alpha - beta * log_sum};
 }
 
 // d/dx of a non-label logit x (raw): a subtract, a multiply, a clamp, 2 FMAs, an exp2 and a multiply.
@@ -120,10 +174,33 @@ SIRL_HD float grad_nonlabel_fast(float x, const GradRow& r) {
   return fast_exp2(fmaf(u, kLog2e, r.b)) * fmaf(u, r.c1, r.c0);
 }
 
-// d/dx of the label logit: g_lp (1 - p) - g_h p (log p + H), over T, with 1 - p = -expm1(log p) (exact near
-// p = 1) and the entropy term 0 where p is (header: sirl::grad_label).
-SIRL_HD float grad_label_raw(float x, const GradRow& r, float log_sum, float entropy, float g_lp, float g_h) {
-  return sirl::grad_label((x - r.max) * r.inv_t - log_sum, entropy, g_lp, g_h, r.inv_t);
+// The backward's specialised form with gamma and delta (online_state.h's grad_nonlabel with them): with
+// L = u - log_sum (u clamped at u_min, so L is finite and p / T = 0 exactly there),
+//   dz = (p / T) (alpha + L (beta + gamma L)) + delta / T,   so p = 0 columns are exactly delta / T.
+struct GradTerms {
+  float log_sum;
+  float alpha;
+  float beta;
+  float gamma;
+  float delta_t;  // delta / T (as delta * inv_t)
+};
+
+SIRL_HD float grad_nonlabel_terms(float x, const GradRow& r, const GradTerms& g) {
+  const float u = fmaxf((x - r.max) * r.inv_t, r.u_min);
+  const float logp = u - g.log_sum;
+  return fmaf(fast_exp2(fmaf(u, kLog2e, r.b)), fmaf(logp, fmaf(logp, g.gamma, g.beta), g.alpha), g.delta_t);
+}
+
+// d/dx of the label logit: (p (alpha + lam + beta log p) - lam expm1(log p)) / T, lam (1 - p) exact near p = 1 and
+// the p term 0 where p is (header: sirl::grad_label).
+SIRL_HD float grad_label_raw(float x, const GradRow& r, float log_sum, float alpha, float beta, float lam) {
+  return sirl::grad_label((x - r.max) * r.inv_t - log_sum, alpha, beta, lam, r.inv_t);
+}
+
+// The label's, with gamma and delta (header: sirl::grad_label with them).
+SIRL_HD float grad_label_raw(float x, const GradRow& r, float log_sum, float alpha, float beta, float lam, float gamma,
+                             float delta) {
+  return sirl::grad_label((x - r.max) * r.inv_t - log_sum, alpha, beta, lam, gamma, delta, r.inv_t);
 }
 
 }  // namespace sirl_cuda

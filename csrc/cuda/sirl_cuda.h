@@ -7,8 +7,9 @@
 //
 // Math: csrc/include/sirl/online_state.h, shared with the CPU backend: z = x / T per row; the forward writes
 // logprob = (z_y - max) - log s, the entropy and stats = (max, log s); the backward reads them back,
-// log p_i = (z_i - max) - log s, dx_i = [g_lp (1[i = y] - p_i) - g_H p_i (log p_i + H)] / T. Rows whose label is
-// ignore_index get zeros and a zero gradient; rows whose label is outside [0, V) get NaN and a NaN gradient.
+// log p_i = (z_i - max) - log s, dx_i = [p_i (alpha + beta log p_i) + lam 1[i = y]] / T with the row's coefficients
+// (the backward form, sirl_kernels/backends/rows.py). Rows whose label is ignore_index get zeros and a zero gradient;
+// rows whose label is outside [0, V) get NaN and a NaN gradient.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -30,8 +31,9 @@ int forward_num_splits(int64_t rows, int64_t vocab, int num_sms, int requested);
 // Elements per vocabulary segment for a given split count (a multiple of 8, so segments stay 16-byte aligned
 // whenever rows are).
 int64_t forward_split_len(int64_t vocab, int num_splits);
-// Workspace bytes for the partial states of a split forward (0 when num_splits <= 1).
-size_t forward_workspace_bytes(int64_t rows, int num_splits);
+// Workspace bytes for the partial states of a split forward (0 when num_splits <= 1); `extras`: states with the
+// self-certainty and varentropy sums (sirl::ExtState), for a forward that asks for them.
+size_t forward_workspace_bytes(int64_t rows, int num_splits, bool extras = false);
 
 // num_splits as planned by forward_num_splits; more than one needs forward_workspace_bytes of workspace.
 sirl::Status launch_logits_forward(const sirl_forward_args& args, int num_splits, void* workspace,

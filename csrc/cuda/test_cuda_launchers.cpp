@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <random>
 #include <string>
 #include <vector>
@@ -71,9 +72,9 @@ sirl_backward_args valid_backward() {
   sirl_backward_args a{};
   a.in = sirl_rows{g_logits, 4, 16, 16, g_labels, 1, 1.0, -100, SIRL_FLOAT32};
   a.stats = g_stats;
-  a.entropy = g_rows[0];
-  a.grad_logprobs = g_rows[1];
-  a.grad_entropy = g_rows[2];
+  a.alpha = g_rows[0];
+  a.beta = g_rows[1];
+  a.lam = g_rows[2];
   a.grad_logits = g_grad;
   a.grad_row_stride = 16;
   return a;
@@ -201,17 +202,17 @@ void test_backward_checks() {
   p = valid_backward();
   p.in.vocab = 0;
   expect_code(backward(p), SIRL_INVALID_ARGUMENT, "bwd V=0", "vocab is 0");
-  const char* names[] = {"logits", "grad_logits", "labels", "grad_logprobs", "grad_entropy", "stats", "entropy"};
+  const char* names[] = {"logits", "grad_logits", "labels", "alpha", "beta", "stats", "lam"};
   for (int k = 0; k < 7; ++k) {
     p = valid_backward();
     switch (k) {
       case 0: p.in.logits = nullptr; break;
       case 1: p.grad_logits = nullptr; break;
       case 2: p.in.labels = nullptr; break;
-      case 3: p.grad_logprobs = nullptr; break;
-      case 4: p.grad_entropy = nullptr; break;
+      case 3: p.alpha = nullptr; break;
+      case 4: p.beta = nullptr; break;
       case 5: p.stats = nullptr; break;
-      default: p.entropy = nullptr; break;
+      default: p.lam = nullptr; break;
     }
     expect_code(backward(p), SIRL_INVALID_ARGUMENT, "bwd null pointer", names[k]);
   }
@@ -379,7 +380,8 @@ void test_streamed_gradients() {
   // 1/T = 2^126 and 2^-126 are the API's ends (upstream gradients in [-1, 1] there, so the gradient fits fp32):
   // every gradient finite and equal to the header's (which multiplies by 1/T last), exactly 0 where p is 0 (at
   // 1/T = 2^126 every logit but the row's max); FLT_MIN more for results the GPU may flush. A constant
-  // c1 = -g_h / T overflowed there, and p = 0 times inf was NaN.
+  // c1 = beta / T overflowed there, and p = 0 times inf was NaN. The coefficients are those of
+  // g_lp * logprob + g_h * entropy (alpha = -g_lp - g_h H, beta = -g_h, lam = g_lp), with lam = 0 every third trial.
   for (float inv_t : {1.0f, 1.0f / 0.7f, 2.0f, std::ldexp(1.0f, 126), std::ldexp(1.0f, -126)}) {
     const bool extreme = inv_t > 4.0f || inv_t < 0.25f;
     for (int trial = 0; trial < 500; ++trial) {
@@ -395,24 +397,92 @@ void test_streamed_gradients() {
       }
       const sirl::RowResult row = sirl_cuda::finish_raw(sirl_cuda::raw_to_scaled(st, inv_t), x[0], inv_t);
       const float g_lp = extreme ? unit(rng) : normal(rng), g_h = extreme ? unit(rng) : normal(rng);
-      const sirl_cuda::GradRow fast = sirl_cuda::grad_row(row.max, row.log_sum, row.entropy, g_lp, g_h, inv_t);
-      const float tol = 2e-5f * (std::fabs(g_lp) + std::fabs(g_h) + 1.0f) * inv_t + FLT_MIN;
+      const float alpha = -g_lp - g_h * row.entropy, beta = -g_h, lam = trial % 3 == 0 ? 0.0f : g_lp;
+      const sirl_cuda::GradRow fast = sirl_cuda::grad_row(row.max, row.log_sum, alpha, beta, inv_t);
+      const float tol = 2e-5f * (std::fabs(alpha) + std::fabs(beta) + 1.0f) * inv_t + FLT_MIN;
       for (int i = 0; i < 32; ++i) {
         const float logp = (x[i] - row.max) * inv_t - row.log_sum;
-        const float want = sirl::grad_nonlabel(logp, row.entropy, g_lp, g_h, inv_t);
+        const float want = sirl::grad_nonlabel(logp, alpha, beta, inv_t);
         const float got = sirl_cuda::grad_nonlabel_fast(x[i], fast);
         EXPECT(std::isfinite(got) && std::fabs(got - want) <= tol, "grad_nonlabel_fast");
         if (x[i] == -INFINITY || (want == 0.0f && inv_t > 1.0f)) EXPECT(got == 0.0f, "p = 0: gradient exactly 0");
       }
-      const float want = sirl::grad_label((x[0] - row.max) * inv_t - row.log_sum, row.entropy, g_lp, g_h, inv_t);
-      EXPECT(same_value(sirl_cuda::grad_label_raw(x[0], fast, row.log_sum, row.entropy, g_lp, g_h), want, 1e-6f),
+      const float want = sirl::grad_label((x[0] - row.max) * inv_t - row.log_sum, alpha, beta, lam, inv_t);
+      EXPECT(same_value(sirl_cuda::grad_label_raw(x[0], fast, row.log_sum, alpha, beta, lam), want, 1e-6f),
              "grad_label_raw");
     }
   }
   // NaN stats (a NaN row) give NaN gradients, even for a -inf logit
-  const sirl_cuda::GradRow nan_row = sirl_cuda::grad_row(1.0f, NAN, NAN, 1.0f, 1.0f, 1.0f);
+  const sirl_cuda::GradRow nan_row = sirl_cuda::grad_row(1.0f, NAN, 1.0f, 1.0f, 1.0f);
   EXPECT(std::isnan(sirl_cuda::grad_nonlabel_fast(0.5f, nan_row)), "NaN row: NaN gradient");
   EXPECT(std::isnan(sirl_cuda::grad_nonlabel_fast(-INFINITY, nan_row)), "NaN row: NaN gradient at -inf");
+}
+
+// The specialised forms (RawExtState, grad_nonlabel_terms) against the header's ExtState and grad_* with gamma,
+// delta: groups of 8 with running rescales (and their merge with raw maxima) vs sirl::update over z = x * inv_t.
+// Tolerances: ex2 vs exp2f on the host is exact here; the rest is fp32 rounding of sums over 32 logits
+// (~32 eps relative to sum |d| for dsum, to E[d^2] + E[d]^2 for the varentropy's cancellation): 2e-5 of scale.
+void test_streamed_extras() {
+  std::mt19937 rng(4321);
+  std::normal_distribution<float> normal(0.0f, 3.0f);
+  for (float inv_t : {1.0f, 1.0f / 0.7f, 2.0f}) {
+    const float k = inv_t * sirl_cuda::kLog2e;
+    for (int trial = 0; trial < 1000; ++trial) {
+      float x[32];
+      for (float& v : x) v = normal(rng);
+      if (trial % 4 == 1) x[trial % 32] = -INFINITY;
+      if (trial % 9 == 0) for (int i = 0; i < 8; ++i) x[i] = -INFINITY;  // a whole -inf group first
+      sirl::ExtState seq = sirl::ext_empty_state();
+      for (float v : x) seq = sirl::update(seq, v * inv_t);
+      // groups 0, 1 in one thread's state; groups 2, 3 in another's; merged with raw maxima
+      sirl_cuda::RawExtState a = sirl_cuda::raw_ext_empty(), b = sirl_cuda::raw_ext_empty();
+      for (int g = 0; g < 32; g += 8) {
+        float grp[8];
+        for (int i = 0; i < 8; ++i) grp[i] = x[g + i];
+        if (g < 16) a = sirl_cuda::raw_update<8>(a, grp, k);
+        else b = sirl_cuda::raw_update<8>(b, grp, k);
+      }
+      const sirl::ExtState got =
+          sirl::merge_scaled(sirl_cuda::raw_to_scaled(a, inv_t), sirl_cuda::raw_to_scaled(b, inv_t), inv_t);
+      const sirl::ExtraResult want = sirl::finalize_extras(seq.s, seq.x);
+      const sirl::ExtraResult r = sirl::finalize_extras(got.s, got.x);
+      EXPECT(got.x.count == 32.0f, "streamed extras count");
+      EXPECT(same_value(r.self_certainty, want.self_certainty, 2e-5f), "streamed self-certainty");
+      EXPECT(same_value(r.varentropy, want.varentropy, 2e-5f * (1.0f + want.varentropy)), "streamed varentropy");
+      // the plain part is the plain form's
+      const sirl::OnlineState plain = sirl::merge_scaled(sirl_cuda::raw_to_scaled(a.base, inv_t),
+                                                         sirl_cuda::raw_to_scaled(b.base, inv_t), inv_t);
+      EXPECT(std::memcmp(&plain, &got.s, sizeof(plain)) == 0, "extras leave the plain sums bit for bit");
+      // the backward's terms
+      const sirl::RowResult row = sirl_cuda::finish_raw(got.s, x[31], inv_t);
+      const float alpha = normal(rng), beta = normal(rng), gamma = normal(rng), delta = normal(rng), lam = normal(rng);
+      const sirl_cuda::GradRow fast = sirl_cuda::grad_row(row.max, row.log_sum, alpha, beta, inv_t);
+      const sirl_cuda::GradTerms terms{row.log_sum, alpha, beta, gamma, delta * inv_t};
+      for (int i = 0; i < 32; ++i) {
+        const float logp = (x[i] - row.max) * inv_t - row.log_sum;
+        const float w = sirl::grad_nonlabel(logp, alpha, beta, gamma, delta, inv_t);
+        const float g = sirl_cuda::grad_nonlabel_terms(x[i], fast, terms);
+        const float tol = 2e-5f * (std::fabs(alpha) + std::fabs(beta) + std::fabs(gamma) * 4.0f + std::fabs(delta) + 1.0f) * inv_t;
+        EXPECT(std::isfinite(g) && std::fabs(g - w) <= tol, "grad_nonlabel_terms");
+        if (x[i] == -INFINITY) EXPECT(g == delta * inv_t, "p = 0: exactly delta / T");
+      }
+      const float wl = sirl::grad_label((x[31] - row.max) * inv_t - row.log_sum, alpha, beta, lam, gamma, delta, inv_t);
+      EXPECT(same_value(sirl_cuda::grad_label_raw(x[31], fast, row.log_sum, alpha, beta, lam, gamma, delta), wl, 1e-6f),
+             "grad_label_raw with terms");
+    }
+  }
+  // NaN and +inf: NaN extras; all -inf: NaN extras
+  for (float bad : {NAN, INFINITY}) {
+    float x[8] = {0.0f, 1.0f, -INFINITY, 2.0f, 0.5f, -1.0f, 3.0f, 0.0f};
+    x[5] = bad;
+    const sirl::ExtState st = sirl_cuda::raw_to_scaled(sirl_cuda::raw_update<8>(sirl_cuda::raw_ext_empty(), x, 1.0f), 1.0f);
+    const sirl::ExtraResult r = sirl::finalize_extras(st.s, st.x);
+    EXPECT(std::isnan(r.self_certainty) && std::isnan(r.varentropy), "NaN / +inf: NaN extras");
+  }
+  float all_inf[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
+  const sirl::ExtState e = sirl_cuda::raw_to_scaled(sirl_cuda::raw_update<4>(sirl_cuda::raw_ext_empty(), all_inf, 1.0f), 1.0f);
+  const sirl::ExtraResult re = sirl::finalize_extras(e.s, e.x);
+  EXPECT(e.x.dsum == -INFINITY && std::isnan(re.self_certainty) && std::isnan(re.varentropy), "all -inf: NaN extras");
 }
 
 }  // namespace
@@ -424,6 +494,7 @@ int main() {
   test_split_plan();
   test_streamed_state();
   test_streamed_gradients();
+  test_streamed_extras();
   // Nothing above may have reached the device.
   EXPECT(sirl_cuda::cuda_runtime_calls() == 0, "no CUDA runtime call was made");
   // The probe does reach the runtime: where this runs without a driver or GPU it must say so, in words.

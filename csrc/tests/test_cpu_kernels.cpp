@@ -174,14 +174,14 @@ static sirl_forward_args forward_args(const float* x, int64_t n, int64_t v, int6
   return a;
 }
 
-static sirl_backward_args backward_args(const sirl_forward_args& f, const float* g_lp, const float* g_h, void* out,
-                                        int64_t out_stride) {
+// coef: alpha, beta, lam, [n] each, one after the other.
+static sirl_backward_args backward_args(const sirl_forward_args& f, const float* coef, void* out, int64_t out_stride) {
   sirl_backward_args b{};
   b.in = f.in;
   b.stats = f.stats;
-  b.entropy = f.entropy;
-  b.grad_logprobs = g_lp;
-  b.grad_entropy = g_h;
+  b.alpha = coef;
+  b.beta = coef + f.in.rows;
+  b.lam = coef + 2 * f.in.rows;
   b.grad_logits = out;
   b.grad_row_stride = out_stride;
   return b;
@@ -206,10 +206,16 @@ static void test_rows(const Isa& isa) {
     const sirl_forward_args fa = forward_args(x.data(), n, v, stride, labels.data(), temperature,
                                               lp.data(), h.data(), stats.data());
     isa.forward_rows(fa, inv_t, 0, n);
-    std::vector<float> g_lp(n), g_h(n);
-    for (int64_t r = 0; r < n; ++r) g_lp[r] = nd(rng), g_h[r] = nd(rng);
+    // The coefficients of g_lp * logprob + g_h * entropy (alpha = -g_lp - g_h H, beta = -g_h, lam = g_lp); row 2
+    // with lam = 0 (the label only a column like the others), row 3 arbitrary ones.
+    std::vector<float> g_lp(n), g_h(n), coef(3 * n);
+    for (int64_t r = 0; r < n; ++r) {
+      g_lp[r] = nd(rng), g_h[r] = nd(rng);
+      coef[r] = -g_lp[r] - g_h[r] * h[r], coef[n + r] = -g_h[r], coef[2 * n + r] = r == 2 ? 0.0f : g_lp[r];
+    }
+    coef[3] = nd(rng), coef[n + 3] = nd(rng), coef[2 * n + 3] = nd(rng);
     std::vector<float> grad(n * v);
-    isa.backward_rows(backward_args(fa, g_lp.data(), g_h.data(), grad.data(), v), inv_t, 0, n);
+    isa.backward_rows(backward_args(fa, coef.data(), grad.data(), v), inv_t, 0, n);
     for (int64_t r = 0; r < n; ++r) {
       std::vector<float> z(v);
       for (int64_t i = 0; i < v; ++i) z[i] = x[r * stride + i] * inv_t;
@@ -228,23 +234,27 @@ static void test_rows(const Isa& isa) {
             (long)v, (long)r, lp[r], want_lp);
       CHECK(fabsl(h[r] - want_h) <= 2e-5L * (1 + want_h), "%s v=%ld r=%ld h %.9g vs %.12Lg", isa.name, (long)v,
             (long)r, h[r], want_h);
+      const long double alpha = coef[r], beta = coef[n + r], lam = coef[2 * n + r];
       long double sum = 0, max_abs = 0;
       for (int64_t i = 0; i < v; ++i) {
         long double want = 0;
         if (valid) {
           const long double logp = (long double)z[i] - ref.lse, p = expl(logp);
-          const long double ent = p == 0 ? 0 : p * (logp + ref.entropy);
-          want = ((i == labels[r] ? g_lp[r] * -expm1l(logp) : -g_lp[r] * p) - g_h[r] * ent) * inv_t;
+          const long double p_term = p == 0 ? 0 : p * (alpha + beta * logp);
+          want = (p_term + (i == labels[r] ? lam : 0)) * inv_t;
         }
         max_abs = fmaxl(max_abs, fabsl(want));
         const float got = grad[r * v + i];
         CHECK(!isnan(got), "%s grad NaN", isa.name);
-        CHECK(fabsl(got - want) <= 1e-4L * fabsl(want) + 2e-6L * (1 + fabsl(g_lp[r]) + fabsl(g_h[r])),
+        CHECK(fabsl(got - want) <= 1e-4L * fabsl(want) + 2e-6L * (1 + fabsl(alpha) + fabsl(beta) + fabsl(lam)),
               "%s v=%ld r=%ld i=%ld grad %.9g vs %.12Lg", isa.name, (long)v, (long)r, (long)i, got, want);
         if (z[i] == -INFINITY || !valid) CHECK(got == 0.0f, "%s exact zero gradient expected, got %g", isa.name, got);
         sum += got;
       }
-      CHECK(fabsl(sum) <= 1e-5L * (1 + max_abs) * (1 + fabsl(g_h[r])), "%s gradient row sum %.3Lg", isa.name, sum);
+      // A row sums to 0 when the coefficients are an upstream gradient's (sum_i p_i (log p_i + H) = 0).
+      if (r != 2 && r != 3) {
+        CHECK(fabsl(sum) <= 1e-5L * (1 + max_abs) * (1 + fabsl(g_h[r])), "%s gradient row sum %.3Lg", isa.name, sum);
+      }
     }
     // In place: the gradient overwrites the logits (contiguous copy), identical to the out-of-place result.
     std::vector<float> xc(n * v);
@@ -252,7 +262,7 @@ static void test_rows(const Isa& isa) {
     sirl_forward_args fc = fa;
     fc.in.logits = xc.data();
     fc.in.row_stride = v;
-    isa.backward_rows(backward_args(fc, g_lp.data(), g_h.data(), xc.data(), v), inv_t, 0, n);
+    isa.backward_rows(backward_args(fc, coef.data(), xc.data(), v), inv_t, 0, n);
     CHECK(memcmp(xc.data(), grad.data(), n * v * sizeof(float)) == 0, "%s in-place gradient differs", isa.name);
   }
 }
@@ -273,8 +283,8 @@ static void test_special_rows(const Isa& isa) {
   std::vector<float> lp(4), h(4), stats(8), grad(4 * v);
   const sirl_forward_args fa = forward_args(x.data(), 4, v, v, labels, 1.0f, lp.data(), h.data(), stats.data());
   isa.forward_rows(fa, 1.0f, 0, 4);
-  const float g[4] = {1.0f, 1.0f, 1.0f, 1.0f};
-  isa.backward_rows(backward_args(fa, g, g, grad.data(), v), 1.0f, 0, 4);
+  std::vector<float> coef(12, 1.0f);
+  isa.backward_rows(backward_args(fa, coef.data(), grad.data(), v), 1.0f, 0, 4);
   for (int64_t r : {0, 1, 2}) {
     CHECK(isnan(lp[r]) && isnan(h[r]), "%s row %ld: lp %g h %g must be NaN", isa.name, (long)r, lp[r], h[r]);
     bool all_nan = true;

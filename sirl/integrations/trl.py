@@ -111,6 +111,9 @@ def _reward_spec(args) -> RewardSpec:
     spec = RewardSpec.from_options(vars(args), prefix="sirl_")
     if spec.reward == "random":
         raise ValueError("sirl_reward='random' is an ablation of sirl train (it needs the run's step and row keys)")
+    if spec.reward == "self_certainty":  # the plug-in reads the entropies of TRL's own passes
+        raise ValueError("sirl_reward='self_certainty' is not available in the TRL plug-in yet (it reads TRL's "
+                         "entropies); use sirl train reward=self_certainty")
     return spec
 
 

@@ -162,6 +162,9 @@ class SIRLRewardManager:
         self.spec = RewardSpec.from_options(options)
         if self.spec.reward == "random":
             raise ValueError("reward='random' is an ablation of sirl train (it needs the run's step and row keys)")
+        if self.spec.reward == "self_certainty":  # the manager reads verl's entropies
+            raise ValueError("reward='self_certainty' is not available in the verl manager yet (it reads verl's "
+                             "entropies); use sirl train reward=self_certainty")
         if eos_token_ids is None:
             eos = getattr(tokenizer, "eos_token_id", None)
             eos_token_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)

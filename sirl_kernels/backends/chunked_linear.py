@@ -26,6 +26,7 @@ from torch import Tensor
 from sirl_kernels._checks import accumulation_dtype
 from sirl_kernels.backends.contract import NeedsGrad
 from sirl_kernels.backends.matmul import matmul_into
+from sirl_kernels.backends.rows import Coefficients, Extras
 
 Workspace = Callable[[int, int, torch.dtype, torch.device], Tensor]
 
@@ -64,7 +65,8 @@ def _logits_into(z: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None)
 
 
 def linear_forward(kernels: LogitsKernels, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
-                   temperature: float, ignore_index: int, chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
+                   temperature: float, ignore_index: int, chunk_size: int, extras: Extras | None = None
+                   ) -> tuple[Tensor, Tensor, Tensor]:
     n, vocab = hidden.shape[0], weight.shape[0]
     acc = accumulation_dtype(hidden.dtype)
     logprobs = torch.empty(n, dtype=acc, device=hidden.device)
@@ -75,13 +77,14 @@ def linear_forward(kernels: LogitsKernels, hidden: Tensor, weight: Tensor, bias:
     buf = kernels.workspace(min(int(chunk_size), n), vocab, acc, hidden.device)
     for s, e in _chunks(n, chunk_size):
         z = _logits_into(buf[: e - s], hidden[s:e], weight, bias)
-        logprobs[s:e], entropy[s:e], stats[s:e] = kernels.forward(z, labels[s:e], temperature, ignore_index)
+        more = () if extras is None else (extras.rows(s, e),)  # views: the chunk's kernel fills them in place
+        logprobs[s:e], entropy[s:e], stats[s:e] = kernels.forward(z, labels[s:e], temperature, ignore_index, *more)
     return logprobs, entropy, stats
 
 
-def linear_backward(kernels: LogitsKernels, grad_logprobs: Tensor, grad_entropy: Tensor, hidden: Tensor, weight: Tensor,
-                    bias: Tensor | None, labels: Tensor, stats: Tensor, entropy: Tensor, temperature: float,
-                    ignore_index: int, chunk_size: int, needs_grad: NeedsGrad) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+def linear_backward(kernels: LogitsKernels, coef: Coefficients, hidden: Tensor, weight: Tensor, bias: Tensor | None,
+                    labels: Tensor, stats: Tensor, temperature: float, ignore_index: int, chunk_size: int,
+                    needs_grad: NeedsGrad) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     need_hidden, need_weight, need_bias = needs_grad
     n, vocab = hidden.shape[0], weight.shape[0]
     acc = accumulation_dtype(hidden.dtype)
@@ -97,8 +100,7 @@ def linear_backward(kernels: LogitsKernels, grad_logprobs: Tensor, grad_entropy:
                    if hidden.dtype != acc and (need_hidden or need_weight) else None)
         for s, e in _chunks(n, chunk_size):
             z = _logits_into(buf[: e - s], hidden[s:e], weight, bias)
-            dz = kernels.backward(grad_logprobs[s:e], grad_entropy[s:e], z, labels[s:e], stats[s:e], entropy[s:e],
-                                  temperature, ignore_index, out=z)
+            dz = kernels.backward(coef.rows(s, e), z, labels[s:e], stats[s:e], temperature, ignore_index, out=z)
             if need_bias:
                 grad_bias += dz.sum(0)
             operand = dz if rounded is None else rounded[: e - s].copy_(dz)

@@ -26,6 +26,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from sirl_kernels.backends.rows import Coefficients, Extras
+
 # (grad_hidden, grad_weight, grad_bias): which gradients the caller needs (autograd's needs_input_grad).
 NeedsGrad = tuple[bool, bool, bool]
 
@@ -35,35 +37,37 @@ class Backend(Protocol):
     """The functions every backend module defines (module-level functions; ``name`` a string)."""
 
     name: str
+    stats_units: str  # "z": stats[:, 0] is the max of z = x / T; "x": the max of the raw logits x
 
     def unavailable_reason(self, device: torch.device | None) -> str | None:
         """None if the backend can run on ``device`` (or on some device of this machine when None), else why not."""
 
-    def logits_forward(self, logits: Tensor, labels: Tensor, temperature: float, ignore_index: int
-                       ) -> tuple[Tensor, Tensor, Tensor]:
-        """``(logprobs [N], entropy [N], stats [N, 2])``, all fp32 (float64 in, float64 out on "torch")."""
+    def logits_forward(self, logits: Tensor, labels: Tensor, temperature: float, ignore_index: int,
+                       extras: Extras | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """``(logprobs [N], entropy [N], stats [N, 2])``, all fp32 (float64 in, float64 out on "torch"); the
+        outputs ``extras`` holds (self-certainty, varentropy: ``rows.Extras``) filled in the same pass when not
+        None, their accumulators compiled in only then."""
 
-    def logits_backward(self, grad_logprobs: Tensor, grad_entropy: Tensor, logits: Tensor, labels: Tensor,
-                        stats: Tensor, entropy: Tensor, temperature: float, ignore_index: int,
-                        out: Tensor | None = None) -> Tensor:
-        """Gradient of ``sum(g_lp * logprobs + g_h * entropy)`` w.r.t. the logits, in ``out`` (a new tensor in
-        the logits' dtype when None). ``out`` may be ``logits`` itself: the in-place backward every backend
-        supports (each element is read before it is overwritten). ``grad_*`` are ``[N]`` in the accumulation dtype
-        (fp32; float64 for float64 logits), converted and checked by the backward ops."""
+    def logits_backward(self, coef: Coefficients, logits: Tensor, labels: Tensor, stats: Tensor, temperature: float,
+                        ignore_index: int, out: Tensor | None = None) -> Tensor:
+        """The backward form of ``rows.py``, ``dx_i = (p_i (alpha + beta L_i + gamma L_i^2) + delta + lam [i = y]) / T``
+        (``gamma`` and ``delta`` None when absent), w.r.t. the logits, in ``out`` (a new tensor in the logits' dtype when None). ``out`` may be ``logits`` itself: the
+        in-place backward every backend supports (each element is read before it is overwritten). ``coef`` holds
+        ``[N]`` contiguous tensors in the accumulation dtype (fp32; float64 for float64 logits), formed and checked
+        by the backward ops."""
 
     def linear_forward(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
-                       temperature: float, ignore_index: int, chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
+                       temperature: float, ignore_index: int, chunk_size: int, extras: Extras | None = None
+                       ) -> tuple[Tensor, Tensor, Tensor]:
         """The logits forward of ``hidden @ weight.T (+ bias)`` without holding more than ``chunk_size x V``
         logits (backends that keep logits tiles in registers hold none)."""
 
-    def linear_backward(self, grad_logprobs: Tensor, grad_entropy: Tensor, hidden: Tensor, weight: Tensor,
-                        bias: Tensor | None, labels: Tensor, stats: Tensor, entropy: Tensor, temperature: float,
-                        ignore_index: int, chunk_size: int, needs_grad: NeedsGrad
-                        ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        """``(grad_hidden, grad_weight, grad_bias)`` in the inputs' dtypes; None (and no buffer, no matmul) for
-        each gradient ``needs_grad`` does not ask for. ``needs_grad[2]`` is False when ``bias`` is None, and
-        ``grad_*`` are ``[N]`` in the accumulation dtype (fp32; float64 for float64 inputs): the backward op
-        normalises both."""
+    def linear_backward(self, coef: Coefficients, hidden: Tensor, weight: Tensor, bias: Tensor | None,
+                        labels: Tensor, stats: Tensor, temperature: float, ignore_index: int, chunk_size: int,
+                        needs_grad: NeedsGrad) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """``(grad_hidden, grad_weight, grad_bias)`` of the backward form through ``hidden @ weight.T (+ bias)``, in
+        the inputs' dtypes; None (and no buffer, no matmul) for each gradient ``needs_grad`` does not ask for.
+        ``needs_grad[2]`` is False when ``bias`` is None."""
 
 
 def _members(protocol: type) -> tuple[tuple[str, ...], tuple[str, ...]]:

@@ -26,6 +26,7 @@ from sirl_kernels import _native
 from sirl_kernels.backends import chunked_linear
 
 name = "cpu"
+stats_units = "x"  # stats[:, 0] is the max of the raw logits x (the contract's Backend.stats_units)
 
 _LIB = _native.load("cpu")
 ISA_ENV = "SIRL_KERNELS_CPU_ISA"
@@ -93,18 +94,18 @@ def _cpu_only(*tensors: torch.Tensor) -> None:
             raise ValueError(f"backend 'cpu' takes CPU tensors, got one on {t.device}")
 
 
-def logits_forward(logits, labels, temperature, ignore_index):
+def logits_forward(logits, labels, temperature, ignore_index, extras=None):
+    """``extras`` (``rows.Extras``): self-certainty / varentropy filled in the same pass, by the kernels'
+    instantiation that keeps their sums (the plain one runs when None)."""
     _cpu_only(logits, labels)
-    return library().logits_forward(logits, labels, temperature, ignore_index, _launch())
+    return library().logits_forward(logits, labels, temperature, ignore_index, _launch(), extras=extras)
 
 
-def logits_backward(grad_logprobs, grad_entropy, logits, labels, stats, entropy, temperature, ignore_index,
-                    out=None):
+def logits_backward(coef, logits, labels, stats, temperature, ignore_index, out=None):
     _cpu_only(logits, labels)
     if out is None:
         out = empty_hugepage(logits.shape, logits.dtype)
-    return library().logits_backward(grad_logprobs, grad_entropy, logits, labels, stats, entropy, temperature,
-                                     ignore_index, out, _launch())
+    return library().logits_backward(coef, logits, labels, stats, temperature, ignore_index, out, _launch())
 
 
 def _hugepage_workspace(rows, vocab, dtype, device):
@@ -132,17 +133,17 @@ def convert_hook(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return y
 
 
-def reference_forward(logits, labels, temperature, ignore_index):
+def reference_forward(logits, labels, temperature, ignore_index, extras=None):
     """The contract's forward computed by ``online_state.h`` alone, one element at a time (no SIMD)."""
     _cpu_only(logits, labels)
     return library().logits_forward(logits, labels, temperature, ignore_index, _launch(),
-                                    entry="sirl_reference_logits_forward")
+                                    entry="sirl_reference_logits_forward", extras=extras)
 
 
-def reference_backward(grad_logprobs, grad_entropy, logits, labels, stats, entropy, temperature, ignore_index,
-                       out=None):
-    """The contract's backward from ``online_state.h``'s ``log_prob`` and ``grad_*`` alone."""
+def reference_backward(coef, logits, labels, stats, temperature, ignore_index, out=None):
+    """The contract's backward (the form of ``rows.py``) from ``online_state.h``'s ``log_prob`` and ``grad_*``
+    alone."""
     _cpu_only(logits, labels)
     out = torch.empty_like(logits, memory_format=torch.contiguous_format) if out is None else out
-    return library().logits_backward(grad_logprobs, grad_entropy, logits, labels, stats, entropy, temperature,
-                                     ignore_index, out, _launch(), entry="sirl_reference_logits_backward")
+    return library().logits_backward(coef, logits, labels, stats, temperature, ignore_index, out, _launch(),
+                                     entry="sirl_reference_logits_backward")

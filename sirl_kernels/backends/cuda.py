@@ -16,6 +16,7 @@ from sirl_kernels import _native
 from sirl_kernels.backends import chunked_linear
 
 name = "cuda"
+stats_units = "x"  # stats[:, 0] is the max of the raw logits x (the contract's Backend.stats_units)
 
 _PROBED: dict[int, str | None] = {}  # device index -> None (usable) or why not
 
@@ -47,17 +48,18 @@ def _launch(logits: torch.Tensor, num_splits: int = 0) -> _native.Launch:
     return _native.Launch(stream=stream.cuda_stream, device=logits.device.index, num_splits=int(num_splits))
 
 
-def logits_forward(logits, labels, temperature, ignore_index, num_splits: int = 0):
-    """``num_splits``: vocabulary segments per row (0 chooses; more than one only for too few rows to fill the GPU)."""
-    return library().logits_forward(logits, labels, temperature, ignore_index, _launch(logits, num_splits))
+def logits_forward(logits, labels, temperature, ignore_index, extras=None, num_splits: int = 0):
+    """``extras`` (``rows.Extras``): self-certainty / varentropy filled in the same pass (the kernels' specialised
+    instantiation; the plain one when None). ``num_splits``: vocabulary segments per row (0 chooses; more than one
+    only for too few rows to fill the GPU)."""
+    return library().logits_forward(logits, labels, temperature, ignore_index, _launch(logits, num_splits),
+                                    extras=extras)
 
 
-def logits_backward(grad_logprobs, grad_entropy, logits, labels, stats, entropy, temperature, ignore_index,
-                    out=None):
+def logits_backward(coef, logits, labels, stats, temperature, ignore_index, out=None):
     if out is None:
         out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    return library().logits_backward(grad_logprobs, grad_entropy, logits, labels, stats, entropy, temperature,
-                                     ignore_index, out, _launch(logits))
+    return library().logits_backward(coef, logits, labels, stats, temperature, ignore_index, out, _launch(logits))
 
 
 linear_forward, linear_backward = chunked_linear.bind(logits_forward, logits_backward)

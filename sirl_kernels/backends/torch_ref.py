@@ -12,6 +12,8 @@ driver of ``chunked_linear`` over these two functions.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from sirl_kernels._checks import accumulation_dtype
@@ -19,6 +21,7 @@ from sirl_kernels._sizes import logits_chunk_rows
 from sirl_kernels.backends import chunked_linear
 
 name = "torch"
+stats_units = "z"  # stats[:, 0] is the max of z = x / T (the contract's Backend.stats_units)
 
 
 def unavailable_reason(device: torch.device | None) -> str | None:
@@ -39,8 +42,9 @@ def _per_row(value, valid, in_range):
     return torch.where(valid, torch.where(in_range, value, nan), torch.zeros_like(value))
 
 
-def _chunk_forward(z, labels, ignore_index):
-    """z: [n, V] already divided by T, in the accumulation dtype. Returns logprobs, entropy, stats [n, 2]."""
+def _chunk_forward(z, labels, ignore_index, extras=None):
+    """z: [n, V] already divided by T, in the accumulation dtype. Returns logprobs, entropy, stats [n, 2] and fills
+    ``extras`` (``rows.Extras`` of [n] outputs) when given."""
     m = z.amax(dim=-1)  # NaN anywhere gives NaN; an all -inf row gives -inf, then NaN below like log_softmax
     shifted = z - m[:, None]
     log_sum = torch.logsumexp(shifted, dim=-1)
@@ -52,32 +56,40 @@ def _chunk_forward(z, labels, ignore_index):
     valid, in_range, safe = _label_masks(labels, z.shape[-1], ignore_index)
     logprobs = logp.gather(1, safe[:, None]).squeeze(1)
     stats = torch.stack([m, log_sum], dim=1)
+    if extras is not None and extras.self_certainty is not None:
+        # KL(U || p) = log s - mean(z - m) - log V: +inf with a -inf logit (p has a zero there)
+        sc = log_sum - shifted.mean(-1) - math.log(z.shape[-1])
+        extras.self_certainty.copy_(_per_row(sc, valid, in_range))
+    if extras is not None and extras.varentropy is not None:
+        # Var_p[log p] = E_p[(log p + H)^2], p = 0 terms 0
+        dev = torch.where(p == 0, torch.zeros_like(p), p * (logp + entropy[:, None]) ** 2).sum(-1)
+        extras.varentropy.copy_(_per_row(dev, valid, in_range))
     return (_per_row(logprobs, valid, in_range), _per_row(entropy, valid, in_range),
             _per_row(stats, valid[:, None], in_range[:, None]))
 
 
-def _chunk_grad(z, labels, ignore_index, stats, entropy, g_lp, g_h, inv_t):
-    """Gradient of sum(g_lp * logprobs + g_h * entropy) w.r.t. the unscaled logits of a chunk."""
+def _chunk_grad(z, labels, ignore_index, stats, coef, inv_t):
+    """The backward form of ``rows.py`` w.r.t. the unscaled logits of a chunk."""
     valid, in_range, safe = _label_masks(labels, z.shape[-1], ignore_index)
-    zero = torch.zeros_like(g_lp)
-    g_lp = torch.where(valid, g_lp, zero)[:, None]
-    g_h = torch.where(valid, g_h, zero)[:, None]
+    alpha, beta, lam = (c[:, None] for c in coef[:3])
+    gamma = 0.0 if coef.gamma is None else coef.gamma[:, None]
+    delta = 0.0 if coef.delta is None else coef.delta[:, None]
     logp = (z - stats[:, :1]) - stats[:, 1:]
     p = logp.exp()
-    ent = entropy[:, None]
-    dz = -p * (g_lp + g_h * (logp + ent))
-    dz = torch.where(p == 0, torch.zeros_like(dz), dz)
-    # The label's 1 - p_y as -expm1(log p_y): exact when p_y -> 1.
+    dz = p * (alpha + beta * logp + gamma * logp * logp)
+    dz = torch.where(p == 0, torch.zeros_like(dz), dz) + delta  # a -inf logit: delta, not 0 * -inf
+    # The label's lam (1 - p_y) as -lam expm1(log p_y): exact when p_y -> 1.
     logp_y = logp.gather(1, safe[:, None])
     p_y = logp_y.exp()
-    ent_y = torch.where(p_y == 0, torch.zeros_like(p_y), p_y * (logp_y + ent))
-    dz.scatter_(1, safe[:, None], g_lp * (-torch.expm1(logp_y)) - g_h * ent_y)
+    rest_y = torch.where(p_y == 0, torch.zeros_like(p_y),
+                         p_y * (alpha + lam + beta * logp_y + gamma * logp_y * logp_y))
+    dz.scatter_(1, safe[:, None], rest_y - lam * torch.expm1(logp_y) + delta)
     nan = torch.full_like(dz, float("nan"))
     dz = torch.where(valid[:, None], torch.where(in_range[:, None], dz, nan), torch.zeros_like(dz))
     return dz * inv_t
 
 
-def logits_forward(logits, labels, temperature, ignore_index):
+def logits_forward(logits, labels, temperature, ignore_index, extras=None):
     n, v = logits.shape
     inv_t = 1.0 / temperature
     acc = accumulation_dtype(logits.dtype)
@@ -88,12 +100,12 @@ def logits_forward(logits, labels, temperature, ignore_index):
     for s in range(0, n, step):
         e = min(s + step, n)
         z = logits[s:e].to(acc) * inv_t
-        logprobs[s:e], entropy[s:e], stats[s:e] = _chunk_forward(z, labels[s:e], ignore_index)
+        part = None if extras is None else extras.rows(s, e)
+        logprobs[s:e], entropy[s:e], stats[s:e] = _chunk_forward(z, labels[s:e], ignore_index, part)
     return logprobs, entropy, stats
 
 
-def logits_backward(grad_logprobs, grad_entropy, logits, labels, stats, entropy, temperature, ignore_index,
-                    out=None):
+def logits_backward(coef, logits, labels, stats, temperature, ignore_index, out=None):
     n, v = logits.shape
     inv_t = 1.0 / temperature
     acc = accumulation_dtype(logits.dtype)
@@ -104,8 +116,7 @@ def logits_backward(grad_logprobs, grad_entropy, logits, labels, stats, entropy,
         e = min(s + step, n)
         z = logits[s:e].to(acc) * inv_t
         # Computed whole before it is written, so ``out`` may be ``logits`` itself.
-        out[s:e] = _chunk_grad(z, labels[s:e], ignore_index, stats[s:e], entropy[s:e], grad_logprobs[s:e],
-                               grad_entropy[s:e], inv_t)
+        out[s:e] = _chunk_grad(z, labels[s:e], ignore_index, stats[s:e], coef.rows(s, e), inv_t)
     return out
 
 

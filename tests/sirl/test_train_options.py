@@ -17,6 +17,8 @@ from sirl.config import load_config  # noqa: E402
 from sirl.data import encode_prompt, load_prompts  # noqa: E402
 from sirl.build import build  # noqa: E402
 from sirl.dist import Dist  # noqa: E402
+from sirl.knobs import ConfigError  # noqa: E402
+from sirl.train import train  # noqa: E402
 from sirl.passes import policy_gradient_pass, token_logprobs_entropy  # noqa: E402
 from sirl.rollout import rollout  # noqa: E402
 
@@ -183,3 +185,92 @@ def test_dropout_in_the_model_keeps_the_reward_out_of_the_training_forward(tmp_p
                                           r"\(the training forward is not the sampling policy\); use "
                                           r"reward_pass=separate or auto$"):
         train_mod.train(loss)
+
+
+@pytest.mark.parametrize("in_loss", [False, True], ids=["scoring-pass", "training-forward"])
+def test_self_certainty_reward_is_the_mean_kl_from_uniform(tmp_path, in_loss):
+    """reward=self_certainty (Intuitor): each completion's reward is the mean over its tokens of KL(U || p) =
+    lse(z) - mean(z) - log V of the distribution that produced the token, from a no-grad scoring pass or from the
+    training forward; varentropy comes with it as a metric. Against float64 statistics of the same hidden states."""
+    from sirl.passes import token_statistics
+    from sirl.scoring import ScoreInLoss, Scoring
+    from sirl_kernels.hf import final_hidden_states, output_head, unwrap_model
+
+    cfg = _config(tmp_path, reward="self_certainty")
+    scoring = Scoring.of(cfg)
+    assert scoring.extra_statistics == ("self_certainty", "varentropy")
+    policy, _, batch = _built_and_rolled_out(cfg)
+    with torch.no_grad():
+        weight, bias = output_head(unwrap_model(policy))
+        z = final_hidden_states(policy, batch.input_ids, batch.attention_mask).double() @ weight.double().T
+        z = z if bias is None else z + bias.double()
+    z = z[:, :-1]  # row t - 1 produced token t
+    logp = torch.log_softmax(z, -1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    per_token = {
+        "self_certainty": torch.logsumexp(z, -1) - z.mean(-1) - math.log(z.shape[-1]),
+        "varentropy": (logp.exp() * (logp + entropy[..., None]) ** 2).sum(-1),
+    }
+    mask = batch.completion_mask[:, 1:].double()
+    if in_loss:
+        score_in_loss = ScoreInLoss(scoring, batch)
+        policy.train()
+        policy_gradient_pass(policy, batch, None, None, None, batch.completion_mask.bool(), cfg, Dist(),
+                             nullcontext(), score_in_loss=score_in_loss)
+        scores = score_in_loss.scores
+    else:
+        stats = token_statistics(policy, batch, 1.0, cfg.micro_batch_tokens, extra=scoring.extra_statistics)
+        scores = scoring(batch, stats.pop("entropy"), stats.pop("logprobs"), extra=stats)
+    # fp32 kernels on the same hidden states: 64 ulp of |statistic| + log V + the rows' spread of z (varentropy,
+    # E[d^2] - E[d]^2 in the kernels, rounds at the square of that scale)
+    bound = math.log(z.shape[-1]) + (z.amax(-1) - z.amin(-1)).max().item() + 1
+    eps = torch.finfo(torch.float32).eps
+    tol = {"self_certainty": 64 * eps * bound, "varentropy": 64 * eps * bound ** 2}
+    for name, ref in per_token.items():
+        err = (scores.extra[name][:, 1:].double() - ref).abs() * mask
+        assert err.max().item() <= tol[name] * (1 + (ref * mask).abs().max().item()), name
+    expected = (per_token["self_certainty"] * mask).sum(-1) / mask.sum(-1).clamp_min(1)
+    reward_tol = tol["self_certainty"] * (1 + expected.abs().max().item())
+    torch.testing.assert_close(scores.rewards.double(), expected, rtol=0, atol=reward_tol)
+    assert (scores.rewards > 0).all()  # a KL: confident answers score higher, never below 0
+
+
+def test_logprob_support_sampler_scores_the_truncated_distribution(tmp_path):
+    """logprob_support=sampler: the scoring pass's log-probs and entropies are those of the distribution the
+    sampler drew from (top_k, then top_p, renormalised), against float64 over the full logits; the sampled tokens
+    are all in that support (finite log-probs); a 2-step run trains; top_k=0 is refused by name."""
+    from sirl.passes import logprob_support, token_statistics
+    from sirl_kernels.hf import final_hidden_states, output_head, unwrap_model
+
+    cfg = _config(tmp_path, logprob_support="sampler", top_k=5, top_p=0.8)
+    torch.manual_seed(0)
+    run = build(cfg, Dist(), load_prompts(cfg.prompts))
+    policy = run.policy
+    prompts = [encode_prompt(run.tokenizer, run.stream.prompts[i], None, 64) for i in range(cfg.prompts_per_step)]
+    torch.manual_seed(2)
+    batch = rollout(policy, run.tokenizer, prompts, group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
+                    temperature=1.0, top_p=cfg.top_p, top_k=cfg.top_k)
+    stats = token_statistics(policy, batch, 1.0, cfg.micro_batch_tokens, support=logprob_support(cfg))
+    with torch.no_grad():
+        weight, bias = output_head(unwrap_model(policy))
+        z = final_hidden_states(policy, batch.input_ids, batch.attention_mask).double() @ weight.double().T
+        z = (z if bias is None else z + bias.double())[:, :-1]
+    order = torch.sort(-z, dim=-1, stable=True).indices[..., : cfg.top_k]
+    zs = z.gather(-1, order)
+    p = torch.softmax(zs, -1)
+    keep = (p.cumsum(-1) - p) < cfg.top_p
+    keep[..., 0] = True
+    logp = torch.log_softmax(torch.where(keep, zs, -math.inf), -1)
+    entropy = -torch.where(keep, logp.exp() * torch.where(keep, logp, 0.0), 0.0).sum(-1)
+    tokens = batch.input_ids[:, 1:]
+    hit = (order == tokens[..., None]) & keep
+    lp = logp.gather(-1, hit.int().argmax(-1, keepdim=True)).squeeze(-1)
+    mask = batch.completion_mask[:, 1:].bool()
+    assert hit.any(-1)[mask].all()  # every sampled token lies in the support the trainer scores
+    tol = 64 * torch.finfo(torch.float32).eps * (math.log(cfg.top_k) + 1 + (zs[..., 0] - zs[..., -1]).max().item())
+    assert (stats["logprobs"][:, 1:].double() - lp).abs()[mask].max().item() <= tol * (1 + lp.abs()[mask].max().item())
+    assert (stats["entropy"][:, 1:].double() - entropy).abs()[mask].max().item() <= tol * 2
+    rows = train(_config(tmp_path / "run", logprob_support="sampler", top_k=5, top_p=0.8, steps=2))
+    assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows)
+    with pytest.raises(ConfigError, match="logprob_support=sampler with top_k=0"):
+        _config(tmp_path / "bad", logprob_support="sampler")

@@ -2,6 +2,8 @@
 every kernel call skips its own check (check_labels=False), and a NaN that the kernels then report stops training
 loudly instead of reaching the weights."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -21,7 +23,7 @@ def _config(out, **overrides):
 @pytest.mark.parametrize("reward_pass", ["auto", "separate"])
 def test_ids_checked_once_per_rollout_and_never_per_kernel_call(tmp_path, monkeypatch, reward_pass):
     validations, kernel_checks = [], []
-    real_validate, real_hf = train_mod.validate_labels, passes_mod.causal_lm_token_logprobs_entropy
+    real_validate, real_hf = train_mod.validate_labels, passes_mod.causal_lm_token_stats
 
     def validate(labels, vocab_size, *args, **kwargs):
         validations.append(vocab_size)
@@ -34,20 +36,20 @@ def test_ids_checked_once_per_rollout_and_never_per_kernel_call(tmp_path, monkey
         return call
 
     monkeypatch.setattr(train_mod, "validate_labels", validate)
-    monkeypatch.setattr(passes_mod, "causal_lm_token_logprobs_entropy", spy(real_hf))
+    monkeypatch.setattr(passes_mod, "causal_lm_token_stats", spy(real_hf))
     rows = train_mod.train(_config(tmp_path, reward_pass=reward_pass))
     assert len(rows) == 2 and len(validations) == 2  # one check per step's rollout
     assert kernel_checks and not any(kernel_checks), kernel_checks  # policy, score and reference passes
 
 
 def test_a_nan_in_the_log_probs_stops_training_before_the_update(tmp_path, monkeypatch):
-    real = passes_mod.causal_lm_token_logprobs_entropy
+    real = passes_mod.causal_lm_token_stats
 
     def poisoned(*args, **kwargs):
-        logprobs, entropy = real(*args, **kwargs)
-        return logprobs * float("nan"), entropy
+        stats = real(*args, **kwargs)
+        return dataclasses.replace(stats, logprobs=stats.logprobs * float("nan"))
 
-    monkeypatch.setattr(passes_mod, "causal_lm_token_logprobs_entropy", poisoned)
+    monkeypatch.setattr(passes_mod, "causal_lm_token_stats", poisoned)
     cfg = _config(tmp_path, lora=False)
     torch.manual_seed(0)
     with pytest.raises(FloatingPointError, match="step 1: the gradient norm is nan"):

@@ -9,6 +9,7 @@ from torch.overrides import TorchFunctionMode
 
 from sirl_kernels import backends, linear_token_logprobs_entropy, ops
 from sirl_kernels._sizes import default_linear_chunk_size
+from sirl_kernels.backends.rows import logprob_entropy_coefficients
 
 # Logits are formed with fp32 accumulation and never rounded to the input dtype, so the forward of every dtype
 # matches float64 (of the same low-precision inputs) to fp32 accuracy: a bf16/fp16 round trip of the logits, the
@@ -224,8 +225,8 @@ def test_backward_computes_only_the_gradients_asked_for(backend, device, grads):
     _, entropy, stats = impl.linear_forward(hidden, weight, bias, labels, 1.0, -100, chunk)
     g = torch.ones(n, device=device)
     with _OpLog() as log:
-        grad_h, grad_w, grad_b = impl.linear_backward(g, g, hidden, weight, bias, labels, stats, entropy, 1.0, -100,
-                                                      chunk, NEEDS[grads])
+        grad_h, grad_w, grad_b = impl.linear_backward(logprob_entropy_coefficients(g, g, entropy), hidden, weight,
+                                                      bias, labels, stats, 1.0, -100, chunk, NEEDS[grads])
     assert (grad_h is not None, grad_w is not None, grad_b is not None) == NEEDS[grads]
     need_h, need_w, _ = NEEDS[grads]
     if not need_w:

@@ -575,13 +575,13 @@ def test_check_labels_passes_through_to_the_op(monkeypatch):
     ids = torch.randint(0, model.config.vocab_size, (2, 6))
     mask = torch.ones_like(ids)
     seen = []
-    real = hf.linear_token_logprobs_entropy
+    real = hf.linear_token_stats
 
     def spy(*args, **kwargs):
         seen.append(kwargs.get("check_labels"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(hf, "linear_token_logprobs_entropy", spy)
+    monkeypatch.setattr(hf, "linear_token_stats", spy)
     with torch.no_grad():
         checked = hf.sirl_reward(model, ids, mask, mask, verify_logits=False)
         unchecked = hf.sirl_reward(model, ids, mask, mask, verify_logits=False, check_labels=False)

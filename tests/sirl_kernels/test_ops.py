@@ -7,6 +7,7 @@ import torch
 
 import sirl_kernels
 from sirl_kernels import ops
+from sirl_kernels.backends.rows import logprob_entropy_coefficients
 
 
 def test_opcheck_logits_op(backend, device):
@@ -108,18 +109,19 @@ def test_native_binding_checks_row_tensors_and_devices():
     if why is not None:
         pytest.skip(why)
     g_lp, g_h, logits, labels, stats, ent = _backward_case("cpu", "cpu")
+    coef = logprob_entropy_coefficients(g_lp, g_h, ent)
     with pytest.raises(ValueError, match=r"^stats must have shape \(4, 2\)"):
-        cpu.logits_backward(g_lp, g_h, logits, labels, stats[:1], ent, 1.0, -100)
-    with pytest.raises(ValueError, match=r"^grad_entropy must have shape \(4,\)"):
-        cpu.logits_backward(g_lp, g_h[:2], logits, labels, stats, ent, 1.0, -100)
-    with pytest.raises(TypeError, match=r"^grad_logprobs must be torch.float32, got torch.float64"):
-        cpu.logits_backward(g_lp.double(), g_h, logits, labels, stats, ent, 1.0, -100)
+        cpu.logits_backward(coef, logits, labels, stats[:1], 1.0, -100)
+    with pytest.raises(ValueError, match=r"^beta must have shape \(4,\)"):
+        cpu.logits_backward(coef._replace(beta=coef.beta[:2]), logits, labels, stats, 1.0, -100)
+    with pytest.raises(TypeError, match=r"^alpha must be torch.float32, got torch.float64"):
+        cpu.logits_backward(coef._replace(alpha=coef.alpha.double()), logits, labels, stats, 1.0, -100)
     meta = torch.empty(4, 300, device="meta")
     with pytest.raises(ValueError, match=r"^out must be a torch.float32 \(4, 300\) tensor on cpu"):
-        cpu.library().logits_backward(g_lp, g_h, logits, labels, stats, ent, 1.0, -100, meta, cpu._launch())
+        cpu.library().logits_backward(coef, logits, labels, stats, 1.0, -100, meta, cpu._launch())
     with pytest.raises(ValueError, match=r"^labels are on meta but the logits are on cpu"):
         cpu.library().logits_forward(logits, labels.to("meta"), 1.0, -100, cpu._launch())
-    # an expanded (stride 0) gradient, as autograd may hand over, is read correctly
-    expected = cpu.logits_backward(g_lp, torch.zeros(4), logits, labels, stats, ent, 1.0, -100)
-    got = cpu.logits_backward(g_lp, torch.zeros(1).expand(4), logits, labels, stats, ent, 1.0, -100)
+    # an expanded (stride 0) coefficient, as a caller may hand over, is read correctly
+    expected = cpu.logits_backward(coef._replace(beta=torch.zeros(4)), logits, labels, stats, 1.0, -100)
+    got = cpu.logits_backward(coef._replace(beta=torch.zeros(1).expand(4)), logits, labels, stats, 1.0, -100)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)

@@ -18,6 +18,7 @@ import torch
 
 import sirl_kernels
 from sirl_kernels import backends
+from sirl_kernels.backends.rows import logprob_entropy_coefficients
 
 REPORT = sirl_kernels.available_backends()
 pytestmark = pytest.mark.skipif(not REPORT["cpu"].available, reason=f"no libsirl_cpu: {REPORT['cpu'].reason}")
@@ -152,8 +153,9 @@ def test_every_form_agrees_with_the_header(form, v, dtype, temperature):
 
     g = torch.Generator().manual_seed(1)
     g_lp, g_h = torch.randn(labels.shape, generator=g), torch.randn(labels.shape, generator=g)
-    grad = form.logits_backward(g_lp, g_h, logits, labels, stats, h, temperature, IGNORE)
-    ref_grad = cpu.reference_backward(g_lp, g_h, logits, labels, ref_stats, ref_h, temperature, IGNORE)
+    grad = form.logits_backward(logprob_entropy_coefficients(g_lp, g_h, h), logits, labels, stats, temperature, IGNORE)
+    ref_coef = logprob_entropy_coefficients(g_lp, g_h, ref_h)
+    ref_grad = cpu.reference_backward(ref_coef, logits, labels, ref_stats, temperature, IGNORE)
     finite = torch.isfinite(ref_grad)
     scale = float(ref_grad[finite].abs().max()) if bool(finite.any()) else 1.0
     eps = 1e-5 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps

@@ -19,7 +19,7 @@
 
 #include <stdint.h>
 
-#define SIRL_ABI_VERSION 1
+#define SIRL_ABI_VERSION 3
 
 #define SIRL_API __attribute__((visibility("default")))
 
@@ -54,26 +54,41 @@ typedef struct sirl_rows {
  * stats [rows, 2] = (row max, log sum exp(z - max z)), all contiguous fp32. The stats are for the backward of the
  * same library only, and every forward and backward entry point of one library keeps them in that library's one
  * unit (any of its forwards pairs with any of its backwards, any ISA build or the reference): the row max is the
- * max of the RAW logits in libsirl_cpu (its kernels scale differences x - max, exact near the top of the row) and
- * the max of z in libsirl_cuda. */
+ * max of the RAW logits in both libraries (their kernels scale differences x - max, exact near the top of the row;
+ * libsirl_cuda: row_state.h's finish_raw and grad_row). */
 typedef struct sirl_forward_args {
   sirl_rows in;
   float* logprobs;
   float* entropy;
   float* stats;
+  /* Optional [rows] fp32 outputs, NULL when not wanted (the kernels then keep no accumulator for them; either
+   * non-NULL runs the specialised kernels that keep both): self_certainty = KL(U || p) = lse(z) - mean(z) - log V
+   * (+inf for a row with a -inf logit) and varentropy = Var_p[log p] (clamped at 0); ignored rows 0, rows with a
+   * label outside [0, vocab), NaN rows and all -inf rows NaN. */
+  float* self_certainty;
+  float* varentropy;
 } sirl_forward_args;
 
-/* Backward: the gradient of sum(grad_logprobs * logprob + grad_entropy * entropy) w.r.t. the logits, in the logits'
- * dtype, from the stats and entropy of the same library's forward. grad_logits may be in.logits itself (in place)
- * with grad_row_stride == in.row_stride; any other overlap is an error the library cannot see. */
+/* Backward: the backward form of sirl_kernels/backends/rows.py w.r.t. the logits, in the logits' dtype, from the
+ * stats of the same library's forward and per-row coefficients alpha, beta, lam (and the optional gamma, delta;
+ * [rows] contiguous fp32 each): with L_i = log p_i from the stats,
+ * d logits_i = (p_i (alpha + beta L_i + gamma L_i^2) + delta + lam [i == label]) / T, the label's column formed as
+ * (p_y (alpha + lam + beta L_y + gamma L_y^2) - lam expm1(L_y) + delta) / T, columns with p_i == 0 exactly delta / T
+ * (0 without delta), ignored rows 0 and rows with a label outside [0, vocab) NaN. The gradient of sum(g_lp * logprob + g_h * entropy) is
+ * alpha = -g_lp - g_h * entropy, beta = -g_h, lam = g_lp. grad_logits may be in.logits itself (in place) with
+ * grad_row_stride == in.row_stride; any other overlap is an error the library cannot see. */
 typedef struct sirl_backward_args {
   sirl_rows in;
   const float* stats;
-  const float* entropy;
-  const float* grad_logprobs;
-  const float* grad_entropy;
+  const float* alpha;
+  const float* beta;
+  const float* lam;
   void* grad_logits;
   int64_t grad_row_stride;
+  /* Optional terms of the backward form, NULL when absent (both NULL: the plain kernels run unchanged):
+   * d logits_i += (p_i gamma log p_i^2 + delta) / T, so columns with p_i == 0 are exactly delta / T. */
+  const float* gamma;
+  const float* delta;
 } sirl_backward_args;
 
 /* How a call runs. Fields a library does not use are ignored (zero them). */

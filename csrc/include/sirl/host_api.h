@@ -111,6 +111,9 @@ inline Status check_forward(const sirl_forward_args& a, const char* fn) {
   if (!aligned_to(a.logprobs, 4) || !aligned_to(a.entropy, 4) || !aligned_to(a.stats, 4)) {
     return invalid(fn, "an output pointer is not 4-byte aligned");
   }
+  if (!aligned_to(a.self_certainty, 4) || !aligned_to(a.varentropy, 4)) {
+    return invalid(fn, "self_certainty or varentropy is not 4-byte aligned");
+  }
   return ok();
 }
 
@@ -118,17 +121,17 @@ inline Status check_backward(const sirl_backward_args& a, const char* fn) {
   Status st = check_rows(a.in, fn);
   if (!st.ok() || a.in.rows == 0) return st;
   if (a.grad_logits == nullptr) return invalid(fn, "grad_logits is a null pointer");
-  if (a.grad_logprobs == nullptr || a.grad_entropy == nullptr) {
-    return invalid(fn, "grad_logprobs or grad_entropy is a null pointer");
+  if (a.alpha == nullptr || a.beta == nullptr || a.lam == nullptr) {
+    return invalid(fn, "alpha, beta or lam is a null pointer");
   }
-  if (a.stats == nullptr || a.entropy == nullptr) return invalid(fn, "stats or entropy is a null pointer");
+  if (a.stats == nullptr) return invalid(fn, "stats is a null pointer");
   if (!aligned_to(a.grad_logits, dtype_size(a.in.dtype))) {
     return invalid(fn, std::string("grad_logits is not aligned to its ") + dtype_name(a.in.dtype) + " elements");
   }
-  if (!aligned_to(a.grad_logprobs, 4) || !aligned_to(a.grad_entropy, 4) || !aligned_to(a.stats, 4) ||
-      !aligned_to(a.entropy, 4)) {
+  if (!aligned_to(a.alpha, 4) || !aligned_to(a.beta, 4) || !aligned_to(a.lam, 4) || !aligned_to(a.stats, 4)) {
     return invalid(fn, "a per-row fp32 pointer is not 4-byte aligned");
   }
+  if (!aligned_to(a.gamma, 4) || !aligned_to(a.delta, 4)) return invalid(fn, "gamma or delta is not 4-byte aligned");
   if (a.grad_row_stride < 0 || (a.in.rows > 1 && a.grad_row_stride < a.in.vocab)) {
     return invalid(fn, "grad_row_stride " + std::to_string(a.grad_row_stride) + " must be >= vocab " +
                            std::to_string(a.in.vocab) + " (the gradient rows must not overlap)");
@@ -140,6 +143,10 @@ inline Status check_backward(const sirl_backward_args& a, const char* fn) {
   if (!extent_fits(a.in.rows, a.grad_row_stride, a.in.vocab)) return invalid(fn, "rows x stride overflows int64");
   return ok();
 }
+
+// Whether a call asks for the optional outputs / terms (the specialised kernels).
+inline bool wants_extras(const sirl_forward_args& a) { return a.self_certainty != nullptr || a.varentropy != nullptr; }
+inline bool has_extra_terms(const sirl_backward_args& a) { return a.gamma != nullptr || a.delta != nullptr; }
 
 // The label of row r as a column index, or kIgnoredRow / kBadLabelRow (online_state.h's label_column).
 inline int64_t label_column(const sirl_rows& in, int64_t r) {

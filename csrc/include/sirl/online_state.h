@@ -139,21 +139,129 @@ SIRL_HD int64_t label_column(int64_t label, int64_t vocab, int64_t ignore_index)
 SIRL_HD RowResult ignored_row() { return RowResult{0.0f, 0.0f, 0.0f, 0.0f}; }
 SIRL_HD RowResult bad_label_row() { return RowResult{NAN, NAN, NAN, NAN}; }
 
-// d/dz_i of (g_lp * logprob + g_h * entropy) for a non-label element, times 1/T (chain rule through z = x/T):
-//   [-g_lp p_i - g_h p_i (log p_i + H)] / T.
-// p_i = 0 (z_i = -inf) gives exactly 0 instead of 0 * -inf; a NaN log p_i (a NaN row) gives NaN.
-SIRL_HD float grad_nonlabel(float logp, float entropy, float g_lp, float g_h, float inv_t) {
+// The backward form (sirl_kernels/backends/rows.py): per row coefficients alpha, beta, lam select what is
+// differentiated (g_lp * logprob + g_h * entropy is alpha = -g_lp - g_h H, beta = -g_h, lam = g_lp), and
+//   dx_i = (p_i (alpha + beta log p_i) + lam [i = y]) / T      (the chain rule's 1/T through z = x/T).
+// A non-label element: p_i = 0 (z_i = -inf) gives exactly 0 instead of 0 * -inf; a NaN log p_i (a NaN row) gives NaN.
+SIRL_HD float grad_nonlabel(float logp, float alpha, float beta, float inv_t) {
   const float p = expf(logp);
   if (p == 0.0f) return 0.0f;
-  return -p * (g_lp + g_h * (logp + entropy)) * inv_t;
+  return p * (alpha + beta * logp) * inv_t;
 }
 
-// The label element: g_lp (1 - p_y) with 1 - p_y = -expm1(log p_y), exact in fp32 even when p_y -> 1.
-SIRL_HD float grad_label(float logp, float entropy, float g_lp, float g_h, float inv_t) {
+// The label element: p_y (alpha + lam + beta log p_y) - lam expm1(log p_y), i.e. lam (1 - p_y) with 1 - p_y formed
+// as -expm1(log p_y), exact in fp32 even when p_y -> 1 (p_y alpha + lam would lose it to cancellation). The p term
+// is 0 where p_y is, as for any other element.
+SIRL_HD float grad_label(float logp, float alpha, float beta, float lam, float inv_t) {
   const float p = expf(logp);
-  const float one_minus_p = -expm1f(logp);
-  const float ent_term = (p == 0.0f) ? 0.0f : g_h * p * (logp + entropy);
-  return (g_lp * one_minus_p - ent_term) * inv_t;
+  const float p_term = (p == 0.0f) ? 0.0f : p * (alpha + lam + beta * logp);
+  return (p_term - lam * expm1f(logp)) * inv_t;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Self-certainty and varentropy: optional accumulators beside a state (kept only by the kernels' specialised
+// instantiations that are asked for them; the plain state above is untouched by them).
+// ---------------------------------------------------------------------------------------------------------------
+// With d_i = z_i - max (the same shift as the sums above), a state over n columns also keeps
+//   dsum = sum_i d_i                  (self-certainty: mean(z) = max + dsum / n)
+//   qsum = sum_i exp(d_i) d_i^2       (varentropy: E_p[d^2] = qsum / sumexp)
+// Rescaled to a max higher by -c (c = old max - new max <= 0, in z units), d_i -> d_i + c, so
+//   dsum <- dsum + n c,    qsum <- exp(c) (qsum + 2 c wsum + c^2 sumexp)     (wsum, sumexp: the same state's, old)
+// and a row finalizes to
+//   self_certainty = log sumexp - dsum / n - log n  (= lse(z) - mean(z) - log V = KL(U || p))
+//   varentropy     = qsum / sumexp - (wsum / sumexp)^2, clamped at 0   (= Var_p[log p], shift-invariant)
+// A -inf logit adds nothing to the sums but -inf to dsum (self-certainty +inf: KL(U || p) is infinite where p has a
+// zero); its exp(d) d^2 term is 0 (never 0 * inf). NaN and +inf make NaN sums as above, so NaN results; an all -inf
+// row has sumexp = 0 and dsum = -inf, so NaN results (log 0 - (-inf) and 0 / 0).
+struct ExtraSums {
+  float count;  // n, the columns the state covers (exact in fp32 up to 2^24)
+  float dsum;
+  float qsum;
+};
+
+struct ExtState {
+  OnlineState s;
+  ExtraSums x;
+};
+
+struct ExtraResult {
+  float self_certainty;
+  float varentropy;
+};
+
+SIRL_HD ExtState ext_empty_state() { return ExtState{empty_state(), ExtraSums{0.0f, 0.0f, 0.0f}}; }
+
+SIRL_HD ExtState ext_nan_state(float count) { return ExtState{nan_state(), ExtraSums{count, NAN, NAN}}; }
+
+// One logit: d = z - z = 0 (NaN for NaN and +inf), and -inf's d is -inf (its qsum term 0).
+SIRL_HD ExtState ext_singleton_state(float z) {
+  const OnlineState s = singleton_state(z);
+  if (z == -INFINITY) return ExtState{s, ExtraSums{1.0f, -INFINITY, 0.0f}};
+  const float d = z - z;
+  return ExtState{s, ExtraSums{1.0f, d, d}};
+}
+
+// b's extras moved to a max higher by -c (c <= 0, z units; scale = exp(c)), with b's own (old) sumexp and wsum.
+// scale == 0 (b's terms underflow, c may be -inf): qsum adds exactly 0 (a NaN still comes through); dsum takes
+// n c all the same (-inf where c is: those logits are -inf relative to the new max). count == 0 (b empty of
+// columns) adds nothing, never 0 * -inf.
+SIRL_HD ExtraSums rescale_extras(ExtraSums x, OnlineState b, float c, float scale) {
+  ExtraSums r;
+  r.count = x.count;
+  r.dsum = x.count == 0.0f ? x.dsum : x.dsum + x.count * c;
+  r.qsum = scale == 0.0f ? 0.0f * x.qsum : scale * (x.qsum + c * (2.0f * b.wsum + c * b.sumexp));
+  return r;
+}
+
+// merge_scaled for states with extras: the plain merge of the sums (the same function, so the same rounding), the
+// extras of the smaller-max side rescaled by rescale_extras. The swap is merge_scaled's: NaN or larger max first.
+SIRL_HD ExtState merge_scaled(ExtState a, ExtState b, float inv_t) {
+  ExtState r;
+  r.s = merge_scaled(a.s, b.s, inv_t);
+  if (a.s.max < b.s.max || b.s.max != b.s.max) {
+    const ExtState t = a;
+    a = b;
+    b = t;
+  }
+  ExtraSums xb = b.x;
+  if (b.s.max != -INFINITY) {  // an empty b (no columns, or -inf ones only) has nothing to rescale: qsum = 0
+    const float c = (b.s.max - a.s.max) * inv_t;
+    xb = rescale_extras(b.x, b.s, c, expf(c));
+  }
+  r.x = ExtraSums{a.x.count + xb.count, a.x.dsum + xb.dsum, a.x.qsum + xb.qsum};
+  return r;
+}
+
+SIRL_HD ExtState merge(ExtState a, ExtState b) { return merge_scaled(a, b, 1.0f); }
+
+SIRL_HD ExtState update(ExtState s, float z) { return merge(s, ext_singleton_state(z)); }
+
+SIRL_HD ExtraResult finalize_extras(OnlineState s, ExtraSums x) {
+  ExtraResult r;
+  r.self_certainty = logf(s.sumexp) - x.dsum / x.count - logf(x.count);
+  const float mean = s.wsum / s.sumexp;
+  const float ve = x.qsum / s.sumexp - mean * mean;
+  r.varentropy = ve > 0.0f ? ve : (ve == ve ? 0.0f : ve);  // keep NaN
+  return r;
+}
+
+// Ignored rows 0, bad-label rows NaN (as ignored_row / bad_label_row).
+SIRL_HD ExtraResult ignored_extras() { return ExtraResult{0.0f, 0.0f}; }
+SIRL_HD ExtraResult bad_label_extras() { return ExtraResult{NAN, NAN}; }
+
+// The backward form with its optional terms (rows.py): gamma (varentropy) and delta (self-certainty),
+//   non-label: (p (alpha + beta L + gamma L^2) + delta) / T,  p = 0: exactly delta / T;
+//   label:     (p_y (alpha + lam + beta L + gamma L^2) - lam expm1(L) + delta) / T.
+SIRL_HD float grad_nonlabel(float logp, float alpha, float beta, float gamma, float delta, float inv_t) {
+  const float p = expf(logp);
+  if (p == 0.0f) return delta * inv_t;
+  return (p * (alpha + logp * (beta + gamma * logp)) + delta) * inv_t;
+}
+
+SIRL_HD float grad_label(float logp, float alpha, float beta, float lam, float gamma, float delta, float inv_t) {
+  const float p = expf(logp);
+  const float p_term = (p == 0.0f) ? 0.0f : p * (alpha + lam + logp * (beta + gamma * logp));
+  return (p_term - lam * expm1f(logp) + delta) * inv_t;
 }
 
 }  // namespace sirl

@@ -4,7 +4,8 @@
   weighted sum) state in fp32, reduced across the block once per row; with too few rows to fill the GPU's waves
   (counted from the compiled kernel's resident CTAs per SM), V is split across programs and a second kernel
   merges the partial states in a fixed order (no atomics, deterministic). Backward recomputes p from the saved
-  row stats (max, log-sum) and entropy and writes the gradient of both outputs in one pass, optionally into the
+  row stats (max, log-sum) and writes the coefficient form of ``backends/rows.py`` (per-row alpha, beta, lam) in
+  one pass, optionally into the
   logits' own storage (``out=logits``, behind ``token_logprobs_entropy(..., inplace_backward=True)``). Both main
   loops are laid out for the instruction count (<= 12 SASS instructions per logit on sm_90, 16-byte loads for
   any V: docs/triton-kernels.md).
@@ -31,6 +32,7 @@ from __future__ import annotations
 import torch
 
 name = "triton"
+stats_units = "x"  # stats[:, 0] is the max of the raw logits x (the contract's Backend.stats_units)
 
 try:
     import triton  # noqa: F401
@@ -65,33 +67,32 @@ def _require():
         raise RuntimeError(unavailable_reason(None))
 
 
-def logits_forward(logits, labels, temperature, ignore_index):
+def logits_forward(logits, labels, temperature, ignore_index, extras=None):
+    """``extras``: ``rows.Extras`` ([N] fp32 self-certainty / varentropy to fill, or None), same pass."""
     _require()
     with _utils.quiet():
-        return _logits.logits_forward(logits, labels, temperature, ignore_index)
+        return _logits.logits_forward(logits, labels, temperature, ignore_index, extras)
 
 
-def logits_backward(grad_logprobs, grad_entropy, logits, labels, stats, entropy, temperature, ignore_index,
-                    out=None):
-    """``out=logits`` writes the gradient over the logits (in place)."""
+def logits_backward(coef, logits, labels, stats, temperature, ignore_index, out=None):
+    """``coef``: ``rows.Coefficients`` (alpha, beta, lam, optional gamma and delta); ``out=logits`` writes the
+    gradient over the logits (in place)."""
     _require()
     with _utils.quiet():
-        return _logits.logits_backward(grad_logprobs, grad_entropy, logits, labels, stats, entropy, temperature,
-                                       ignore_index, out=out)
+        return _logits.logits_backward(coef, logits, labels, stats, temperature, ignore_index, out=out)
 
 
-def linear_forward(hidden, weight, bias, labels, temperature, ignore_index, chunk_size):
+def linear_forward(hidden, weight, bias, labels, temperature, ignore_index, chunk_size, extras=None):
     """``chunk_size`` is not needed: the forward materialises no logits."""
     _require()
     with _utils.quiet():
-        return _linear.linear_forward(hidden, weight, bias, labels, temperature, ignore_index)
+        return _linear.linear_forward(hidden, weight, bias, labels, temperature, ignore_index, extras)
 
 
-def linear_backward(grad_logprobs, grad_entropy, hidden, weight, bias, labels, stats, entropy, temperature,
-                    ignore_index, chunk_size, needs_grad):
+def linear_backward(coef, hidden, weight, bias, labels, stats, temperature, ignore_index, chunk_size, needs_grad):
     """Holds at most ``chunk_size x V`` values of the logits gradient (in the input dtype) at once: all rows of a
     vocabulary chunk (rows are chunked too only when not even one vocabulary tile of all rows fits)."""
     _require()
     with _utils.quiet():
-        return _linear.linear_backward(grad_logprobs, grad_entropy, hidden, weight, bias, labels, stats, entropy,
-                                       temperature, ignore_index, chunk_size, needs_grad)
+        return _linear.linear_backward(coef, hidden, weight, bias, labels, stats, temperature, ignore_index,
+                                       chunk_size, needs_grad)

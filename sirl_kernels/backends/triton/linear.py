@@ -22,10 +22,10 @@ this order, its HBM bytes and its waves is ``tools/gpu_model.py`` (docs/triton-f
 Backward (6·NDV; 4·NDV with a frozen weight or input), chunked over the **vocabulary**: with ``Vc`` columns at a
 time (``chunk_plan``: all N rows and as many columns as ``chunk_size x V`` values of workspace allow),
 1. ``_dlogits_kernel`` recomputes each logits tile of the [N, Vc] chunk once (2·NDV in all, the same L2-aware
-   order), turns it into dL/dlogits in fp32 from the saved row stats and entropy, stores it rounded to the input
-   dtype (the matmul operand, per the numeric policy of ``chunked_linear.py``) into the workspace ``dz`` (row
-   stride padded to a multiple of 16 bytes) and, for the bias gradient, the fp32 column sums of its tile, which
-   ``_add_row_sums_kernel`` adds up in a fixed order;
+   order), turns it into dL/dlogits in fp32 from the saved row stats and the row coefficients (alpha, beta, lam
+   of ``backends/rows.py``), stores it rounded to the input dtype (the matmul operand, per the numeric policy of
+   ``chunked_linear.py``) into the workspace ``dz`` (row stride padded to a multiple of 16 bytes) and, for the
+   bias gradient, the fp32 column sums of its tile, which ``_add_row_sums_kernel`` adds up in a fixed order;
 2. ``dW[v0:v1] = dz.T @ X`` (2·NDV in all): each vocabulary slice of dW is complete after its chunk and written
    once in the weight's dtype, so **no fp32 dW is read and rewritten across chunks**;
 3. ``dX (+)= dz @ W[v0:v1]`` (2·NDV in all) into an fp32 [N, D] accumulator (N·D·4 bytes: 268 MB at N = 16384,
@@ -55,14 +55,24 @@ from sirl_kernels.backends.matmul import matmul_into
 from sirl_kernels.backends.triton import utils
 from sirl_kernels.backends.triton.logits import (
     LOG2E,
+    coefficient_flags,
+    coefficient_rows,
+    extra_outputs,
+    finalize_extras,
     finalize_state,
     grad_label,
+    grad_label_x,
     grad_nonlabel,
+    grad_nonlabel_x,
     grad_row,
+    grad_row_x,
     launch_merge,
     load_labels,
+    partial_states,
+    store_extras,
     store_row_outputs,
     update_state,
+    update_state_extras,
 )
 
 
@@ -120,11 +130,14 @@ def _label_columns(labels, start, BLOCK_V: tl.constexpr):
 # --------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _linear_fwd_kernel(
-    h_ptr, w_ptr, b_ptr, labels_ptr, out_lp, out_h, out_stats, part_m, part_s, part_w, xy_ptr,
-    N, V, D, stride_h, stride_w, inv_t, scale2, ignore_index, chunk, NUM_SPLITS, ROW_GROUP,
+    h_ptr, w_ptr, b_ptr, labels_ptr, out_lp, out_h, out_stats, out_sc, out_ve, part_m, part_s, part_w, part_u,
+    part_q, xy_ptr, N, V, D, stride_h, stride_w, inv_t, scale2, ignore_index, chunk, NUM_SPLITS, ROW_GROUP,
     HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_SC: tl.constexpr, HAS_VE: tl.constexpr,
 ):
+    """BLOCK_N rows, the columns [split * chunk, +chunk): per-row online states of the logits tiles (with HAS_SC /
+    HAS_VE the self-certainty / varentropy sums, ``logits.update_state_extras``)."""
     row_tile, split = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), NUM_SPLITS, ROW_GROUP)
     rows = row_tile.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
@@ -135,23 +148,37 @@ def _linear_fwd_kernel(
     s = tl.zeros([BLOCK_N], tl.float32)
     w2 = tl.zeros([BLOCK_N], tl.float32)
     x_y = tl.zeros([BLOCK_N], tl.float32)
+    u2 = tl.zeros([BLOCK_N], tl.float32)
+    q2 = tl.zeros([BLOCK_N], tl.float32)
     offs = tl.arange(0, BLOCK_V).to(tl.int64)
     for start in range(v_begin, v_stop, BLOCK_V):
         cols = start + offs
-        x = _logits_tile(h_ptr, w_ptr, b_ptr, rows, valid, cols, cols < v_stop, D, stride_h, stride_w,
+        col_ok = cols < v_stop
+        x = _logits_tile(h_ptr, w_ptr, b_ptr, rows, valid, cols, col_ok, D, stride_h, stride_w,
                          HAS_BIAS, DOT_F32, PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
         x_y += tl.sum(tl.where(_label_columns(labels, start, BLOCK_V), x, 0.0), axis=1)
-        m, s, w2 = update_state(m, s, w2, x, scale2, False)
+        if HAS_SC or HAS_VE:
+            m, s, w2, u2, q2 = update_state_extras(m, s, w2, u2, q2, x, (start - v_begin).to(tl.float32),
+                                                   col_ok[None, :], scale2, False, True, HAS_SC, HAS_VE)
+        else:
+            m, s, w2 = update_state(m, s, w2, x, scale2, False)
     if SPLIT:
         idx = rows * NUM_SPLITS + split
         tl.store(part_m + idx, m, mask=row_ok)
         tl.store(part_s + idx, s, mask=row_ok)
         tl.store(part_w + idx, w2, mask=row_ok)
+        if HAS_SC:
+            tl.store(part_u + idx, u2, mask=row_ok)
+        if HAS_VE:
+            tl.store(part_q + idx, q2, mask=row_ok)
         owns = valid & (labels >= v_begin) & (labels < v_stop)
         tl.store(xy_ptr + rows, x_y, mask=owns)
     else:
         lp, h, log_s = finalize_state(m, s, w2, x_y, inv_t, bad)
         store_row_outputs(out_lp, out_h, out_stats, rows, row_ok, valid, lp, h, m, log_s)
+        if HAS_SC or HAS_VE:
+            sc, ve = finalize_extras(s, w2, u2, q2, tl.zeros([BLOCK_N], tl.float32) + (v_stop - v_begin), bad)
+            store_extras(out_sc, out_ve, rows, row_ok, valid, sc, ve, HAS_SC, HAS_VE)
 
 
 # A program of the fused forward walks at most MAX_PROGRAM_TILES vocabulary tiles: programs that share a weight
@@ -212,7 +239,9 @@ def _fused_plan(row_tiles: int, v_tiles: int, fit: int, slots: int, least: int) 
     return best[1], best[2]
 
 
-def linear_forward(hidden, weight, bias, labels, temperature, ignore_index, num_splits=None):
+def linear_forward(hidden, weight, bias, labels, temperature, ignore_index, extras=None, num_splits=None):
+    """(logprobs, entropy [N], stats [N, 2]) fp32 of ``hidden @ weight.T (+ bias)``; ``extras`` (``rows.Extras``)
+    filled in the same pass; ``num_splits`` forces the split-V path (tests)."""
     n, dim = hidden.shape
     v = weight.shape[0]
     dev = hidden.device
@@ -230,12 +259,13 @@ def linear_forward(hidden, weight, bias, labels, temperature, ignore_index, num_
     inv_t = 1.0 / temperature
     scalars = (inv_t, inv_t * LOG2E, ignore_index)
     b = bias if bias is not None else weight  # dummy pointer when HAS_BIAS is False
-    kwargs = dict(HAS_BIAS=bias is not None, **_dot_constexprs(hidden.dtype), **cfg)
+    extra_ptrs, flags = extra_outputs(extras, out[0])
+    kwargs = dict(HAS_BIAS=bias is not None, **_dot_constexprs(hidden.dtype), **cfg, **flags)
     plan = {"group": row_tiles}
 
-    def args_of(chunk, splits, parts=(out[0],) * 4):
-        return (hidden, weight, b, labels, *out, *parts, n, v, dim, hidden.stride(0), weight.stride(0), *scalars,
-                chunk, splits, plan["group"])
+    def args_of(chunk, splits, parts=(out[0],) * 6):
+        return (hidden, weight, b, labels, *out, *extra_ptrs, *parts, n, v, dim, hidden.stride(0), weight.stride(0),
+                *scalars, chunk, splits, plan["group"])
 
     def choose(slots, least):
         plan["group"], splits = fused_plan(row_tiles, tiles, fit, slots, least)
@@ -253,12 +283,13 @@ def linear_forward(hidden, weight, bias, labels, temperature, ignore_index, num_
     if splits == 1:
         utils.launch(_linear_fwd_kernel, (row_tiles,), *args_of(chunk, 1), SPLIT=False, **kwargs)
         return tuple(out)
-    parts = [torch.empty(n, splits, dtype=torch.float32, device=dev) for _ in range(3)]
+    parts = partial_states(n, splits, dev, flags)
     # written by the split that owns the label, for every row with a label in [0, V); the merge reads no other row
     x_y = torch.empty(n, dtype=torch.float32, device=dev)
     utils.launch(_linear_fwd_kernel, (row_tiles * splits,), *args_of(chunk, splits, (*parts, x_y)), SPLIT=True,
                  **kwargs)
-    launch_merge(parts, x_y, labels, out, n, v, 0, scalars, target, label_from_rows=False)
+    launch_merge(parts, x_y, labels, out, n, v, 0, scalars, target, label_from_rows=False, extra_ptrs=extra_ptrs,
+                 flags=flags, chunk=chunk)
     return tuple(out)
 
 
@@ -267,16 +298,19 @@ def linear_forward(hidden, weight, bias, labels, temperature, ignore_index, num_
 # --------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _dlogits_kernel(
-    h_ptr, w_ptr, b_ptr, labels_ptr, stats_ptr, ent_ptr, glp_ptr, gh_ptr, dz_ptr, db_part_ptr,
-    N, V, col0, V_total, D, stride_h, stride_w, stride_dz, stride_db, inv_t, log2_inv_t, ignore_index, ROW_GROUP,
+    h_ptr, w_ptr, b_ptr, labels_ptr, stats_ptr, alpha_ptr, beta_ptr, lam_ptr, gamma_ptr, delta_ptr, dz_ptr,
+    db_part_ptr, N, V, col0, V_total, D, stride_h, stride_w, stride_dz, stride_db, inv_t, log2_inv_t, ignore_index,
+    ROW_GROUP,
     HAS_BIAS: tl.constexpr, NEED_DB: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_GAMMA: tl.constexpr, HAS_DELTA: tl.constexpr,
 ):
     """dz[N, V] = dL/dlogits of one chunk: N rows, the V vocabulary columns from ``col0`` on (``w_ptr`` and
     ``b_ptr`` point at the chunk's first vocabulary row; labels are full-vocabulary indices, checked against
     ``V_total``), rounded to dz's dtype, one logits tile per program in the L2-aware order of ``grouped_tile``.
     With NEED_DB the tile's fp32 column sums go to row ``row tile`` of ``db_part`` [row tiles, V]. The gradient is
-    the logits kernels' (``grad_row``, ``grad_nonlabel``, the label's column by ``grad_label``)."""
+    the logits kernels' (``grad_row``, ``grad_nonlabel``, the label's column by ``grad_label``; with HAS_GAMMA /
+    HAS_DELTA their ``_x`` forms with the ``gamma L^2`` and ``delta`` terms)."""
     row_tile, col_tile = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(V, BLOCK_V), ROW_GROUP)
     rows = row_tile.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     first_col = col_tile.to(tl.int64) * BLOCK_V
@@ -286,15 +320,29 @@ def _dlogits_kernel(
     labels, valid, bad = load_labels(labels_ptr, rows, row_ok, V_total, ignore_index)
     m = tl.load(stats_ptr + 2 * rows, mask=valid, other=0.0)
     log_s = tl.load(stats_ptr + 2 * rows + 1, mask=valid, other=0.0)
-    ent = tl.load(ent_ptr + rows, mask=valid, other=0.0)
-    g_lp = tl.load(glp_ptr + rows, mask=valid, other=0.0)
-    g_h = tl.load(gh_ptr + rows, mask=valid, other=0.0)
+    alpha = tl.load(alpha_ptr + rows, mask=valid, other=0.0)
+    beta = tl.load(beta_ptr + rows, mask=valid, other=0.0)
+    lam = tl.load(lam_ptr + rows, mask=valid, other=0.0)
     x = _logits_tile(h_ptr, w_ptr, b_ptr, rows, valid, cols, col_ok, D, stride_h, stride_w,
                      HAS_BIAS, DOT_F32, PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
-    u_min, b, c1, c0 = grad_row(m, log_s, ent, g_lp, g_h, log2_inv_t)
-    dz = grad_nonlabel(x, m[:, None], inv_t, u_min[:, None], b[:, None], c1[:, None], c0[:, None])
-    g_y = grad_label((x - m[:, None]) * inv_t - log_s[:, None], ent[:, None], g_lp[:, None], g_h[:, None], inv_t)
-    dz = tl.where(_label_columns(labels, col0 + first_col, BLOCK_V), g_y, dz)
+    if HAS_GAMMA or HAS_DELTA:
+        gamma = tl.load(gamma_ptr + rows, mask=valid, other=0.0) if HAS_GAMMA else tl.zeros([BLOCK_N], tl.float32)
+        delta = tl.load(delta_ptr + rows, mask=valid, other=0.0) if HAS_DELTA else tl.zeros([BLOCK_N], tl.float32)
+        u_min, b, c2, c1, c0 = grad_row_x(m, log_s, alpha, beta, gamma, log2_inv_t)
+        dz = grad_nonlabel_x(x, m[:, None], inv_t, u_min[:, None], b[:, None], c2[:, None], c1[:, None],
+                             c0[:, None], (delta * inv_t)[:, None], HAS_GAMMA, HAS_DELTA)
+        # the label's gradient per row, from its logit picked out of the tile (one row reduction), not over the
+        # whole tile: the tile-wide form of the longer label term spilled under sm_90's 128-register cap
+        is_label = _label_columns(labels, col0 + first_col, BLOCK_V)
+        x_y = tl.sum(tl.where(is_label, x, 0.0), axis=1)
+        g_y = grad_label_x((x_y - m) * inv_t - log_s, alpha, beta, gamma, lam, delta, inv_t, HAS_GAMMA, HAS_DELTA)
+        dz = tl.where(is_label, g_y[:, None], dz)
+    else:
+        u_min, b, c1, c0 = grad_row(m, log_s, alpha, beta, log2_inv_t)
+        dz = grad_nonlabel(x, m[:, None], inv_t, u_min[:, None], b[:, None], c1[:, None], c0[:, None])
+        g_y = grad_label((x - m[:, None]) * inv_t - log_s[:, None], alpha[:, None], beta[:, None], lam[:, None],
+                         inv_t)
+        dz = tl.where(_label_columns(labels, col0 + first_col, BLOCK_V), g_y, dz)
     dz = tl.where(bad[:, None], float("nan"), tl.where(valid[:, None], dz, 0.0))
     tl.store(dz_ptr + rows[:, None] * stride_dz + cols[None, :], dz.to(dz_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
@@ -351,8 +399,10 @@ def _rows(t, start: int, stop: int):
     return t if start == 0 and stop == t.shape[0] else t[start:stop]
 
 
-def linear_backward(grad_logprobs, grad_entropy, hidden, weight, bias, labels, stats, entropy, temperature,
-                    ignore_index, chunk_size, needs_grad=(True, True, True)):
+def linear_backward(coef, hidden, weight, bias, labels, stats, temperature, ignore_index, chunk_size,
+                    needs_grad=(True, True, True)):
+    """The backward form of ``backends/rows.py`` for the coefficients ``coef`` (``rows.Coefficients``: alpha, beta,
+    lam, [N] each) through ``hidden @ weight.T (+ bias)``: (grad_hidden, grad_weight, grad_bias)."""
     need_hidden, need_weight, need_bias = needs_grad
     need_bias = need_bias and bias is not None
     n, dim = hidden.shape
@@ -385,10 +435,10 @@ def linear_backward(grad_logprobs, grad_entropy, hidden, weight, bias, labels, s
     if need_weight and rows < n and weight.dtype != f32:
         grad_weight_acc = torch.empty(weight.shape, dtype=f32, device=dev)
     labels = labels.contiguous()
-    row_stats = (stats.to(f32).contiguous(), entropy.to(f32).contiguous(), grad_logprobs.to(f32).contiguous(),
-                 grad_entropy.to(f32).contiguous())
+    row_stats = (stats.to(f32).contiguous(), *coefficient_rows(coef))
     inv_t = 1.0 / temperature
-    kwargs = dict(HAS_BIAS=bias is not None, NEED_DB=need_bias, **_dot_constexprs(hidden.dtype), **cfg)
+    kwargs = dict(HAS_BIAS=bias is not None, NEED_DB=need_bias, **_dot_constexprs(hidden.dtype), **cfg,
+                  **coefficient_flags(coef))
     # one program per tile: its row groups hold half of what the forward's do, so the two groups a wave straddles
     # at a group boundary both fit
     group = min(row_tiles, rows_in_l2(bn, dim, hidden.itemsize, target, share=0.5)) if target.gpu else row_tiles

@@ -24,12 +24,20 @@ in CI (tests/sirl_kernels/backends/test_triton_sass.py):
   the out-of-place gradient is allocated with rows as far from alignment as the logits' (aligned where they
   are); a row stride that is not a multiple of 16 bytes (a contiguous [N, 50257] tensor) gets element-wide
   loads (docs/triton-kernels.md, "Alignment");
-- the backward is ``dz = 2^(u log2(e) + b) * (c1 u + c0)`` with ``u = max((x - m) / T, u_min)`` (per-row
-  scalars b, c1, c0, u_min: ``grad_row``), two FMAs per element written as ``tl.fma`` so the count does not depend
-  on Triton's fp-fusion default; the factor 1/T of the chain rule sits in the exponent (``b`` holds log2(1/T)), so
-  no per-row constant grows with 1/T and nothing overflows for any temperature the API accepts (a product of
-  finite factors is inf only where the gradient itself is out of fp32 range); the label's ``1 - p_y`` (as
-  ``-expm1``) is patched once per row as a scalar;
+- optional outputs (``rows.Extras``: self-certainty, varentropy) are more sums of the same state, compiled in by
+  the HAS_SC / HAS_VE constexprs only where asked for (the default specialisation is the plain kernel, instruction
+  for instruction): ``u2 = sum d`` and ``q2 = sum 2^d d^2`` in the same base-2 units, shifted by the running max
+  like s and w2 (:func:`rescale_extras`: ``u2 + n c`` and ``2^c (q2 + 2 c w2 + c^2 s)``; n the columns covered),
+  merged by the split-V merge with the same rules and finalized as ``SC = ln s - ln2 u2 / V - ln V`` and
+  ``VE = ln2^2 (q2 / s - (w2 / s)^2)`` (:func:`finalize_extras`);
+- the backward is the coefficient form of ``backends/rows.py``, ``dx_i = (p_i (alpha + beta L_i) + lam [i = y])
+  / T`` (with HAS_GAMMA / HAS_DELTA also ``gamma L_i^2`` in the bracket and ``+ delta``: :func:`grad_nonlabel_x`),
+  written as ``dz = 2^(u log2(e) + b) * (c1 u + c0)`` with ``u = max((x - m) / T, u_min)`` (per-row scalars
+  b, c1, c0, u_min from the stats and (alpha, beta): ``grad_row``), two FMAs per element written as ``tl.fma`` so
+  the count does not depend on Triton's fp-fusion default; the factor 1/T of the chain rule sits in the exponent
+  (``b`` holds log2(1/T)), so no per-row constant grows with 1/T and nothing overflows for any temperature the API
+  accepts (a product of finite factors is inf only where the gradient itself is out of fp32 range); the label's
+  column, with its ``lam (1 - p_y)`` as ``-lam expm1(L_y)``, is patched once per row as a scalar;
 - column indices are 32-bit (a row has fewer than 2^31 columns); row offsets are 64-bit.
 """
 
@@ -48,6 +56,7 @@ from sirl_kernels.backends.triton import utils
 # (only the interpreter accepts a plain Python float).
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
+LN2_SQ = tl.constexpr(0.4804530139182014)  # ln(2)^2: base-2 squared units to natural ones
 NEG_MAX = tl.constexpr(-3.4028234663852886e38)  # -FLT_MAX: finite, so 0 * NEG_MAX is 0, not NaN
 # p = exp2(t) is 0 in fp32 for t <= -200 (2^-200 is below the smallest denormal); the backward clamps x - m to
 # the d whose exponent is -200, so the elements that p rounds to 0 (x = -inf included) give exactly 0.
@@ -82,6 +91,27 @@ def state_shift(m_new):
 
 
 @triton.jit
+def tile_max(m, x, PER_THREAD: tl.constexpr):
+    """The states' new max after tile ``x`` (per thread, or per row)."""
+    if PER_THREAD:
+        m_new = tl.maximum(m, thread_max(x))
+    else:
+        m_new = tl.maximum(m, tl.max(x, axis=1))
+    return m_new
+
+
+@triton.jit
+def scaled_differences(x, m_new, scale2, PER_THREAD: tl.constexpr):
+    """``d = (x - max) log2(e) / T`` of tile ``x`` against its states' max (the difference before any scaling)."""
+    shift = state_shift(m_new)
+    if PER_THREAD:
+        d2 = (x - shift[None, :, None]) * scale2
+    else:
+        d2 = (x - shift[:, None]) * scale2
+    return d2
+
+
+@triton.jit
 def update_state(m, s, w2, x, scale2, PER_THREAD: tl.constexpr):
     """Adds an fp32 tile ``x`` of raw logits (-inf where masked) to online states (m, s, w2): one per row of a
     [rows, cols] tile (the fused linear), or with ``PER_THREAD`` one per thread of a [R, T, VEC] tile (the logits
@@ -91,19 +121,13 @@ def update_state(m, s, w2, x, scale2, PER_THREAD: tl.constexpr):
     ``w2 += sum 2^d max(d, -FLT_MAX)`` with ``d = (x - max) log2(e) / T``: per element a subtract, a multiply, an
     exp2, an add and, for the entropy sum, a clamp and an FMA. The difference x - max is taken before any scaling
     (exact under a common offset). d is clamped at -FLT_MAX so a -inf logit adds 0 (not 0 x -inf), while a NaN one
-    still adds NaN through its 2^d. Extra statistics (issue 23: sum x, varentropy) are more sums here, compiled in
-    by constexpr flags only where requested. (The sum of 2^d is formed before the products: the other order cost
+    still adds NaN through its 2^d. The optional statistics (issue 23: self-certainty, varentropy) are more sums of
+    the same terms, in :func:`update_state_extras`, which the kernels call instead only under their constexpr
+    flags. (The sum of 2^d is formed before the products: the other order cost
     the fused-linear GEMM tile on sm_100 registers it then spilled.)"""
-    if PER_THREAD:
-        m_new = tl.maximum(m, thread_max(x))
-    else:
-        m_new = tl.maximum(m, tl.max(x, axis=1))
+    m_new = tile_max(m, x, PER_THREAD)
     s, w2 = rescale_state(m, s, w2, m_new, scale2)
-    shift = state_shift(m_new)
-    if PER_THREAD:
-        d2 = (x - shift[None, :, None]) * scale2
-    else:
-        d2 = (x - shift[:, None]) * scale2
+    d2 = scaled_differences(x, m_new, scale2, PER_THREAD)
     e = tl.exp2(d2)
     if PER_THREAD:
         s = s + thread_sum(e)
@@ -112,6 +136,87 @@ def update_state(m, s, w2, x, scale2, PER_THREAD: tl.constexpr):
         s = s + tl.sum(e, axis=1)
         w2 = w2 + tl.sum(e * tl.maximum(d2, NEG_MAX), axis=1)
     return m_new, s, w2
+
+
+@triton.jit
+def rescale_extras(m_old, s, w2, u2, q2, n, m_new, scale2, HAS_SC: tl.constexpr, HAS_VE: tl.constexpr):
+    """Rescales the optional sums of a state (``rows.Extras``) to a max m_new >= m_old, from the state's sums s, w2
+    BEFORE their own rescale (:func:`rescale_state`), ``n`` the columns the state covers (float; 0 for an empty
+    one). In base-2 units d = (x - max) log2(e) / T and with c = (m_old - m_new) log2(e) / T <= 0 (0 for equal
+    maxima):
+
+    - self-certainty: ``u2 = sum d``, rescaled ``u2 + n c`` (n c taken as 0 for an empty state, where c may be -inf);
+    - varentropy: ``q2 = sum 2^d d^2``, rescaled ``2^c (q2 + 2 c w2 + c^2 s)``, written as
+      ``a q2 + (a c)(2 w2 + c s)`` with c taken as 0 where a = 2^c underflows to 0 (as in :func:`rescale_state`:
+      c may be -inf or huge there) so a NaN in q2, w2 or s still comes through; every term is >= 0 (c, w2 <= 0):
+      no cancellation."""
+    d2 = tl.where(m_old == m_new, 0.0, (m_old - m_new) * scale2)
+    if HAS_SC:
+        u2 = u2 + tl.where(n > 0.0, n * d2, 0.0)
+    if HAS_VE:
+        a = tl.exp2(d2)
+        c = tl.where(a == 0.0, 0.0, d2)
+        q2 = a * q2 + (a * c) * (2.0 * w2 + c * s)
+    return u2, q2
+
+
+@triton.jit
+def update_state_extras(m, s, w2, u2, q2, x, n, mask, scale2, PER_THREAD: tl.constexpr, MASKED: tl.constexpr,
+                        HAS_SC: tl.constexpr, HAS_VE: tl.constexpr):
+    """:func:`update_state` with the optional sums of :func:`rescale_extras` (``n``: the columns the states cover
+    before this tile; ``mask`` (with MASKED) the tile's real columns, whose -inf fill must not reach ``u2``):
+    per element one more add for ``u2 += d``, and for ``q2 += 2^d d^2`` the product ``2^d d`` (d clamped at
+    -FLT_MAX as for w2, so a -inf logit adds (0 x -FLT_MAX) x -FLT_MAX = 0) shared by w2 and an FMA. A -inf logit
+    makes ``u2`` -inf (self-certainty +inf, like the definition's mean of z)."""
+    m_new = tile_max(m, x, PER_THREAD)
+    u2, q2 = rescale_extras(m, s, w2, u2, q2, n, m_new, scale2, HAS_SC, HAS_VE)
+    s, w2 = rescale_state(m, s, w2, m_new, scale2)
+    d2 = scaled_differences(x, m_new, scale2, PER_THREAD)
+    e = tl.exp2(d2)
+    dc = tl.maximum(d2, NEG_MAX)
+    ed = e * dc
+    if MASKED:
+        du = tl.where(mask, d2, 0.0)
+    else:
+        du = d2
+    if PER_THREAD:
+        s = s + thread_sum(e)
+        w2 = w2 + thread_sum(ed)
+        if HAS_SC:
+            u2 = u2 + thread_sum(du)
+        if HAS_VE:
+            q2 = q2 + thread_sum(ed * dc)
+    else:
+        s = s + tl.sum(e, axis=1)
+        w2 = w2 + tl.sum(ed, axis=1)
+        if HAS_SC:
+            u2 = u2 + tl.sum(du, axis=1)
+        if HAS_VE:
+            q2 = q2 + tl.sum(ed * dc, axis=1)
+    return m_new, s, w2, u2, q2
+
+
+@triton.jit
+def finalize_extras(s, w2, u2, q2, n, bad_label):
+    """(self-certainty, varentropy) of a state covering all ``n`` columns of its row (float), in natural units:
+    ``SC = ln s - ln2 u2 / n - ln n`` (= lse(z) - mean(z) - ln V; +inf with a -inf logit) and
+    ``VE = ln2^2 (q2 / s - (w2 / s)^2)`` clamped at 0 (its cancellation is a few ulps of E[d^2] + E[d]^2).
+    NaN for bad labels, NaN rows and all -inf rows (s = 0: 0/0), like :func:`finalize_state`."""
+    s = tl.where(bad_label, float("nan"), s)
+    sc = LN2 * tl.log2(s) - LN2 * (u2 / n) - tl.log(n)
+    r = w2 / s
+    ve = LN2_SQ * (q2 / s - r * r)
+    ve = tl.where(ve < 0.0, 0.0, ve)
+    return sc, ve
+
+
+@triton.jit
+def store_extras(out_sc, out_ve, rows, row_ok, valid, sc, ve, HAS_SC: tl.constexpr, HAS_VE: tl.constexpr):
+    """Writes the optional outputs of rows; ignored rows get zeros."""
+    if HAS_SC:
+        tl.store(out_sc + rows, tl.where(valid, sc, 0.0), mask=row_ok)
+    if HAS_VE:
+        tl.store(out_ve + rows, tl.where(valid, ve, 0.0), mask=row_ok)
 
 
 @triton.jit
@@ -157,19 +262,20 @@ def expm1_from(logp, p):
 
 
 @triton.jit
-def grad_row(m, log_s, ent, g_lp, g_h, log2_inv_t):
+def grad_row(m, log_s, alpha, beta, log2_inv_t):
     """Per-row constants ``(u_min, b, c1, c0)`` of :func:`grad_nonlabel`, from the forward's stats (m, ln s), the
-    entropy H, the upstream gradients and log2(1/T) (every argument a row scalar or a column of them).
+    row's coefficients alpha, beta (``backends/rows.py``) and log2(1/T) (every argument a row scalar or a column of
+    them).
 
-    With u = (x - m) / T and log p = u - ln s, the non-label gradient is
-    ``[-g_lp p - g_h p (log p + H)] / T = (p / T) (c1 u + c0)``, ``c1 = -g_h``, ``c0 = -(g_lp + g_h (H - ln s))``,
+    With u = (x - m) / T and L = log p = u - ln s, the non-label gradient is
+    ``p (alpha + beta L) / T = (p / T) (c1 u + c0)``, ``c1 = beta``, ``c0 = alpha - beta ln s``,
     and ``p / T = 2^(u log2(e) + b)``, ``b = log2(1/T) - ln s log2(e)``. Keeping 1/T in the exponent keeps every
-    constant free of 1/T (``-g_h / T^2`` overflows once 1/T > 1.8e19, and then p = 0 times inf is NaN), and
+    constant free of 1/T (``beta / T^2`` overflows once 1/T > 1.8e19, and then p = 0 times inf is NaN), and
     ``2^(...) <= 2^126`` since u <= 0, ln s >= 0 and 1/T <= 2^126. Where the exponent is below -200, p / T is 0 in
     fp32: u is clamped at that point, ``u_min``, so ``c1 u`` stays finite (|u_min| <= 226) and a -inf logit gives
     exactly 0. A NaN row has NaN stats, so NaN everywhere."""
     b = log2_inv_t - log_s * LOG2E
-    return (b - EXP2_ZERO) * -LN2, b, -g_h, -(g_lp + g_h * (ent - log_s))  # tensor - constexpr: a tensor
+    return (b - EXP2_ZERO) * -LN2, b, beta, alpha - beta * log_s  # tensor - constexpr: a tensor
 
 
 @triton.jit
@@ -182,26 +288,75 @@ def grad_nonlabel(x, m, inv_t, u_min, b, c1, c0):
 
 
 @triton.jit
-def grad_label(logp, ent, g_lp, g_h, inv_t):
-    """dL/dx of the label element from its log p: ``[g_lp (1 - p) - g_h p (log p + H)] / T`` with 1 - p computed
-    as -expm1(log p) (exact near p = 1) and the entropy term exactly 0 where p is. Every factor is bounded before
-    the final 1/T, so it overflows only where the gradient itself is out of fp32 range."""
+def grad_label(logp, alpha, beta, lam, inv_t):
+    """dL/dx of the label element from its log p: ``[p (alpha + lam + beta log p) - lam expm1(log p)] / T``, i.e.
+    ``[p (alpha + beta log p) + lam (1 - p)] / T`` with 1 - p computed as -expm1(log p) (exact near p = 1) and the p
+    term exactly 0 where p is (a -inf label logit: ``beta log p`` is -inf there). Every factor is bounded before
+    the final 1/T, so it overflows only where the gradient itself is out of fp32 range. (The grouping
+    ``alpha + (beta log p + lam)`` is the one that compiled to the fewest registers in the fused-linear backward's
+    epilogue, where this runs on a whole tile: sm_90, tests/sirl_kernels/backends/test_triton_compile.py.)"""
     p = tl.exp2(logp * LOG2E)
-    ent_term = tl.where(p > 0.0, p * (logp + ent), 0.0)
-    return (g_lp * -expm1_from(logp, p) - g_h * ent_term) * inv_t
+    p_term = tl.where(p > 0.0, p * (alpha + (beta * logp + lam)), 0.0)
+    return (lam * -expm1_from(logp, p) + p_term) * inv_t
+
+
+@triton.jit
+def grad_row_x(m, log_s, alpha, beta, gamma, log2_inv_t):
+    """:func:`grad_row` with the varentropy term ``gamma L^2``: ``(u_min, b, c2, c1, c0)`` with
+    ``alpha + beta L + gamma L^2 = c2 u^2 + c1 u + c0`` for L = u + L0, L0 = -ln s: ``c2 = gamma``,
+    ``c1 = beta + 2 gamma L0``, ``c0 = alpha + L0 (beta + gamma L0)`` (u <= 0 and L0 <= 0: the gamma terms
+    u^2, -2 u L0... add up with one sign, no cancellation)."""
+    b = log2_inv_t - log_s * LOG2E
+    l0 = -log_s
+    return (b - EXP2_ZERO) * -LN2, b, gamma, beta + 2.0 * gamma * l0, alpha + l0 * (beta + gamma * l0)
+
+
+@triton.jit
+def grad_nonlabel_x(x, m, inv_t, u_min, b, c2, c1, c0, delta_t, HAS_GAMMA: tl.constexpr, HAS_DELTA: tl.constexpr):
+    """:func:`grad_nonlabel` with the optional terms: the polynomial ``(c2 u + c1) u + c0`` (one more FMA) with
+    HAS_GAMMA, and ``+ delta / T`` (``delta_t``) folded into the last multiply as an FMA with HAS_DELTA, so a
+    column with p = 0 (a -inf logit) gets exactly ``delta_t`` (0 x finite + delta_t)."""
+    u = tl.maximum((x - m) * inv_t, u_min)
+    if HAS_GAMMA:
+        poly = tl.fma(tl.fma(u, c2, c1), u, c0)
+    else:
+        poly = tl.fma(u, c1, c0)
+    e = tl.exp2(tl.fma(u, LOG2E, b))
+    if HAS_DELTA:
+        return tl.fma(e, poly, delta_t)
+    else:
+        return e * poly
+
+
+@triton.jit
+def grad_label_x(logp, alpha, beta, gamma, lam, delta, inv_t, HAS_GAMMA: tl.constexpr, HAS_DELTA: tl.constexpr):
+    """:func:`grad_label` with the optional terms: ``[p (alpha + lam + beta L + gamma L^2) - lam expm1(L) + delta]
+    / T`` (the p term exactly 0 where p is)."""
+    p = tl.exp2(logp * LOG2E)
+    if HAS_GAMMA:
+        inner = alpha + ((beta + gamma * logp) * logp + lam)
+    else:
+        inner = alpha + (beta * logp + lam)
+    g = lam * -expm1_from(logp, p) + tl.where(p > 0.0, p * inner, 0.0)
+    if HAS_DELTA:
+        g = g + delta
+    return g * inv_t
 
 
 @triton.jit
 def merge_partials_kernel(
-    part_m, part_s, part_w, xy_ptr, labels_ptr, out_lp, out_h, out_stats,
-    N, V, NUM_SPLITS, xy_stride, inv_t, scale2, ignore_index,
+    part_m, part_s, part_w, part_u, part_q, xy_ptr, labels_ptr, out_lp, out_h, out_stats, out_sc, out_ve,
+    N, V, NUM_SPLITS, xy_stride, inv_t, scale2, ignore_index, chunk,
     LABEL_FROM_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+    HAS_SC: tl.constexpr, HAS_VE: tl.constexpr,
 ):
     """Merges the per-split partial states [N, NUM_SPLITS] of each row (a fixed-shape reduction: deterministic).
 
     The label's raw logit is read at ``xy_ptr + row * xy_stride + label`` (logits input, LABEL_FROM_ROWS) or
     at ``xy_ptr + row`` (fused-linear, where the split that owned the label wrote it; no other row of it is read,
-    so it may be left uninitialised).
+    so it may be left uninitialised). With HAS_SC / HAS_VE the optional sums ``part_u`` / ``part_q`` are merged too
+    (:func:`rescale_extras`; split k covers ``min(chunk, V - k chunk)`` columns) and finalized into ``out_sc`` /
+    ``out_ve``.
     """
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
@@ -212,6 +367,13 @@ def merge_partials_kernel(
     ps = tl.load(part_s + idx, mask=mask, other=0.0)
     pw = tl.load(part_w + idx, mask=mask, other=0.0)
     m = tl.max(pm, axis=1)
+    if HAS_SC or HAS_VE:
+        pu = tl.load(part_u + idx, mask=mask, other=0.0) if HAS_SC else ps
+        pq = tl.load(part_q + idx, mask=mask, other=0.0) if HAS_VE else ps
+        n_k = tl.maximum(tl.minimum(V - ks * chunk, chunk), 0).to(tl.float32)
+        u2, q2 = rescale_extras(pm, ps, pw, pu, pq, n_k[None, :], m[:, None], scale2, HAS_SC, HAS_VE)
+        u2 = tl.sum(u2, axis=1)
+        q2 = tl.sum(q2, axis=1)
     s, w2 = rescale_state(pm, ps, pw, m[:, None], scale2)
     s = tl.sum(s, axis=1)
     w2 = tl.sum(w2, axis=1)
@@ -222,6 +384,9 @@ def merge_partials_kernel(
         x_y = tl.load(xy_ptr + rows, mask=valid & ~bad, other=0.0)
     lp, h, log_s = finalize_state(m, s, w2, x_y, inv_t, bad)
     store_row_outputs(out_lp, out_h, out_stats, rows, row_ok, valid, lp, h, m, log_s)
+    if HAS_SC or HAS_VE:
+        sc, ve = finalize_extras(s, w2, u2, q2, tl.zeros([BLOCK_N], tl.float32) + V, bad)
+        store_extras(out_sc, out_ve, rows, row_ok, valid, sc, ve, HAS_SC, HAS_VE)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -254,17 +419,29 @@ def reduce_thread_states(m, s, w2, scale2):
     return m_row, tl.sum(s, axis=0), tl.sum(w2, axis=0)
 
 
+@triton.jit
+def reduce_thread_states_extras(m, s, w2, u2, q2, n, scale2, HAS_SC: tl.constexpr, HAS_VE: tl.constexpr):
+    """:func:`reduce_thread_states` with the optional sums (``n`` [T]: the columns each thread covered)."""
+    m_row = tl.max(m, axis=0)
+    u2, q2 = rescale_extras(m, s, w2, u2, q2, n, m_row, scale2, HAS_SC, HAS_VE)
+    s, w2 = rescale_state(m, s, w2, m_row, scale2)
+    return m_row, tl.sum(s, axis=0), tl.sum(w2, axis=0), tl.sum(u2, axis=0), tl.sum(q2, axis=0)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # forward
 # --------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _logits_fwd_kernel(
-    x_ptr, labels_ptr, out_lp, out_h, out_stats, part_m, part_s, part_w,
+    x_ptr, labels_ptr, out_lp, out_h, out_stats, out_sc, out_ve, part_m, part_s, part_w, part_u, part_q,
     stride_row, V, inv_t, scale2, ignore_index, chunk, NUM_SPLITS,
     SPLIT: tl.constexpr, R: tl.constexpr, T: tl.constexpr, VEC: tl.constexpr, UNIT: tl.constexpr,
+    HAS_SC: tl.constexpr, HAS_VE: tl.constexpr,
 ):
     """Row ``program_id(0)``, columns [split * chunk, +chunk) of it (``stride_row`` in units of UNIT
-    elements). No barrier in the loop: the state is per thread and reduced across the block once."""
+    elements). No barrier in the loop: the state is per thread and reduced across the block once. HAS_SC /
+    HAS_VE add the self-certainty / varentropy sums (:func:`update_state_extras`; each thread's column count
+    ``n`` for their rescale); with both off the kernel is the plain one."""
     TILE: tl.constexpr = R * T * VEC
     row = tl.program_id(0).to(tl.int64)  # row * stride_row can exceed 2**31
     split = tl.program_id(1)
@@ -278,21 +455,41 @@ def _logits_fwd_kernel(
     m = tl.full([T], float("-inf"), tl.float32)
     s = tl.zeros([T], tl.float32)
     w2 = tl.zeros([T], tl.float32)
+    u2 = tl.zeros([T], tl.float32)
+    q2 = tl.zeros([T], tl.float32)
+    n = tl.zeros([T], tl.float32)  # columns each thread covered so far (the extras' rescale)
     for start in range(v_begin, body_stop, TILE):  # unmasked: 16-byte loads
         x = tl.load(base + start + offs).to(tl.float32)
-        m, s, w2 = update_state(m, s, w2, x, scale2, True)
+        if HAS_SC or HAS_VE:
+            m, s, w2, u2, q2 = update_state_extras(m, s, w2, u2, q2, x, n, x, scale2, True, False, HAS_SC, HAS_VE)
+            n += R * VEC
+        else:
+            m, s, w2 = update_state(m, s, w2, x, scale2, True)
     cols = body_stop + offs  # the one masked tile
-    x = tl.load(base + cols, mask=cols < v_stop, other=float("-inf")).to(tl.float32)
-    m, s, w2 = update_state(m, s, w2, x, scale2, True)
-    m, s, w2 = reduce_thread_states(m, s, w2, scale2)
+    tail = cols < v_stop
+    x = tl.load(base + cols, mask=tail, other=float("-inf")).to(tl.float32)
+    if HAS_SC or HAS_VE:
+        m, s, w2, u2, q2 = update_state_extras(m, s, w2, u2, q2, x, n, tail, scale2, True, True, HAS_SC, HAS_VE)
+        n += thread_sum(tail.to(tl.float32))
+        m, s, w2, u2, q2 = reduce_thread_states_extras(m, s, w2, u2, q2, n, scale2, HAS_SC, HAS_VE)
+    else:
+        m, s, w2 = update_state(m, s, w2, x, scale2, True)
+        m, s, w2 = reduce_thread_states(m, s, w2, scale2)
     if SPLIT:
         tl.store(part_m + row * NUM_SPLITS + split, m)
         tl.store(part_s + row * NUM_SPLITS + split, s)
         tl.store(part_w + row * NUM_SPLITS + split, w2)
+        if HAS_SC:
+            tl.store(part_u + row * NUM_SPLITS + split, u2)
+        if HAS_VE:
+            tl.store(part_q + row * NUM_SPLITS + split, q2)
     else:
         x_y = tl.load(base + label, mask=valid & ~bad, other=0.0).to(tl.float32)
         lp, h, log_s = finalize_state(m, s, w2, x_y, inv_t, bad)
         store_row_outputs(out_lp, out_h, out_stats, row, True, valid, lp, h, m, log_s)
+        if HAS_SC or HAS_VE:
+            sc, ve = finalize_extras(s, w2, u2, q2, (v_stop - v_begin).to(tl.float32), bad)
+            store_extras(out_sc, out_ve, row, True, valid, sc, ve, HAS_SC, HAS_VE)
 
 
 def _split_plan(kernel, n, vocab, tile, args_of, kwargs_of, target, num_splits):
@@ -309,8 +506,19 @@ def _split_plan(kernel, n, vocab, tile, args_of, kwargs_of, target, num_splits):
     return utils.split_chunk(vocab, tile, max(1, min(num_splits, tiles)))
 
 
-def logits_forward(logits, labels, temperature, ignore_index, num_splits=None):
-    """(logprobs, entropy [N], stats [N, 2]) fp32; ``num_splits`` forces the split-V path (tests)."""
+def extra_outputs(extras, dummy):
+    """(pointers, constexprs) of the optional outputs ``extras`` (``rows.Extras`` or None): the tensors to fill,
+    ``dummy`` for those not wanted, and HAS_SC / HAS_VE."""
+    sc, ve = (None, None) if extras is None else (extras.self_certainty, extras.varentropy)
+    for t in (sc, ve):
+        assert t is None or (t.dtype == torch.float32 and t.is_contiguous()), "extras: contiguous fp32 [N]"
+    return (dummy if sc is None else sc, dummy if ve is None else ve), dict(HAS_SC=sc is not None,
+                                                                           HAS_VE=ve is not None)
+
+
+def logits_forward(logits, labels, temperature, ignore_index, extras=None, num_splits=None):
+    """(logprobs, entropy [N], stats [N, 2]) fp32; ``extras`` (``rows.Extras``: [N] fp32 tensors or None) are
+    filled in the same pass; ``num_splits`` forces the split-V path (tests)."""
     n, v = logits.shape
     dev = logits.device
     out = [torch.empty(n, dtype=torch.float32, device=dev) for _ in range(2)]
@@ -324,31 +532,48 @@ def logits_forward(logits, labels, temperature, ignore_index, num_splits=None):
     cfg = utils.logits_tiles(v, logits.dtype, target)
     unit = utils.stride_unit(logits.dtype, logits.stride(0))
     scalars = (inv_t, inv_t * LOG2E, ignore_index)
+    extra_ptrs, flags = extra_outputs(extras, out[0])
 
-    def args_of(chunk, splits, parts=(out[0], out[0], out[0])):
-        return (logits, labels, *out, *parts, logits.stride(0) // unit, v, *scalars, chunk, splits)
+    def args_of(chunk, splits, parts=(out[0],) * 5):
+        return (logits, labels, *out, *extra_ptrs, *parts, logits.stride(0) // unit, v, *scalars, chunk, splits)
 
-    kwargs = dict(R=cfg["R"], T=cfg["T"], VEC=cfg["VEC"], UNIT=unit, num_warps=cfg["num_warps"])
+    kwargs = dict(R=cfg["R"], T=cfg["T"], VEC=cfg["VEC"], UNIT=unit, num_warps=cfg["num_warps"], **flags)
     chunk, splits = _split_plan(_logits_fwd_kernel, n, v, utils.tile_width(cfg), args_of,
                                 lambda split: dict(kwargs, SPLIT=split), target, num_splits)
     if splits == 1:
         utils.launch(_logits_fwd_kernel, (n, 1), *args_of(chunk, 1), SPLIT=False, **kwargs)
         return tuple(out)
-    parts = [torch.empty(n, splits, dtype=torch.float32, device=dev) for _ in range(3)]
+    parts = partial_states(n, splits, dev, flags)
     utils.launch(_logits_fwd_kernel, (n, splits), *args_of(chunk, splits, parts), SPLIT=True, **kwargs)
-    launch_merge(parts, logits, labels, out, n, v, logits.stride(0), scalars, target, label_from_rows=True)
+    launch_merge(parts, logits, labels, out, n, v, logits.stride(0), scalars, target, label_from_rows=True,
+                 extra_ptrs=extra_ptrs, flags=flags, chunk=chunk)
     return tuple(out)
 
 
-def launch_merge(parts, xy, labels, out, n, v, xy_stride, args, target, label_from_rows):
-    """Merges the split-V partial states ``parts`` (``merge_partials_kernel``) into the row outputs ``out``."""
+def partial_states(n, splits, dev, flags):
+    """The split-V partial states [n, splits] fp32: (m, s, w2, u2, q2), the last two only where their flag is on
+    (the first otherwise, never written)."""
+    parts = [torch.empty(n, splits, dtype=torch.float32, device=dev) for _ in range(3)]
+    return parts + [torch.empty(n, splits, dtype=torch.float32, device=dev) if flags[f] else parts[0]
+                    for f in ("HAS_SC", "HAS_VE")]
+
+
+def launch_merge(parts, xy, labels, out, n, v, xy_stride, args, target, label_from_rows, extra_ptrs=None,
+                 flags=None, chunk=0):
+    """Merges the split-V partial states ``parts`` (``merge_partials_kernel``; ``partial_states``) into the row
+    outputs ``out`` and, per ``flags``, the optional ones ``extra_ptrs`` (splits of ``chunk`` columns)."""
+    flags = flags or dict(HAS_SC=False, HAS_VE=False)
+    extra_ptrs = extra_ptrs or (out[0], out[0])
+    parts = list(parts) + [parts[0]] * (5 - len(parts))
     splits = parts[0].shape[1]
     block_s = utils.next_pow2(splits)
-    # on a GPU about 2048 partial states per program (three fp32 [BLOCK_N, BLOCK_S] tiles stay in registers)
-    block_n = max(2, min(64, 2048 // block_s)) if target.gpu else min(1024, utils.next_pow2(n))
+    # on a GPU about 2048 partial states per program (three fp32 [BLOCK_N, BLOCK_S] tiles stay in registers; the
+    # optional sums add up to two more)
+    per_program = 2048 if not (flags["HAS_SC"] or flags["HAS_VE"]) else 1024
+    block_n = max(2, min(64, per_program // block_s)) if target.gpu else min(1024, utils.next_pow2(n))
     utils.launch(merge_partials_kernel, (utils.cdiv(n, block_n),),
-                 *parts, xy, labels, *out, n, v, splits, xy_stride, *args,
-                 LABEL_FROM_ROWS=label_from_rows, BLOCK_N=block_n, BLOCK_S=block_s)
+                 *parts, xy, labels, *out, *extra_ptrs, n, v, splits, xy_stride, *args, chunk,
+                 LABEL_FROM_ROWS=label_from_rows, BLOCK_N=block_n, BLOCK_S=block_s, **flags)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -356,19 +581,23 @@ def launch_merge(parts, xy, labels, out, n, v, xy_stride, args, target, label_fr
 # --------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _logits_bwd_kernel(
-    x_ptr, labels_ptr, stats_ptr, h_ptr, glp_ptr, gh_ptr, out_ptr,
+    x_ptr, labels_ptr, stats_ptr, alpha_ptr, beta_ptr, lam_ptr, gamma_ptr, delta_ptr, out_ptr,
     stride_row, out_stride_row, V, inv_t, log2_inv_t, ignore_index, chunk,
     R: tl.constexpr, T: tl.constexpr, VEC: tl.constexpr, UNIT: tl.constexpr, OUT_UNIT: tl.constexpr,
+    HAS_GAMMA: tl.constexpr, HAS_DELTA: tl.constexpr,
 ):
     """One pass: read a tile of logits, write the same tile of gradient (possibly into the logits' storage), the
-    non-label elements by :func:`grad_nonlabel` from per-row constants, the label rewritten once after the loop, as
-    a scalar (:func:`grad_label`).
+    non-label elements by :func:`grad_nonlabel` from per-row constants (the stats and the row's coefficients alpha,
+    beta), the label rewritten once after the loop, as a scalar (:func:`grad_label`, with lam).
 
     In place (``out_ptr`` the logits' own storage), every element of the loop is read by the thread that then
     writes it; the label's logit is read once, before the loop, by one thread, and two block barriers (once per
     row, outside the loop) order the label column's three accesses across threads: the early read before any
     thread's loop store (another warp may own that column in the loop and overwrite it first), and the loop's
-    store of that column before the label's own gradient is stored over it."""
+    store of that column before the label's own gradient is stored over it.
+
+    HAS_GAMMA / HAS_DELTA add the ``gamma L^2`` and ``delta`` terms of the form (:func:`grad_nonlabel_x`); with
+    both off the kernel is the plain one."""
     TILE: tl.constexpr = R * T * VEC
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
@@ -384,23 +613,41 @@ def _logits_bwd_kernel(
     if valid & ~bad:
         m = tl.load(stats_ptr + 2 * row)
         log_s = tl.load(stats_ptr + 2 * row + 1)
-        ent = tl.load(h_ptr + row)
-        g_lp = tl.load(glp_ptr + row)
-        g_h = tl.load(gh_ptr + row)
-        u_min, b, c1, c0 = grad_row(m, log_s, ent, g_lp, g_h, log2_inv_t)
+        alpha = tl.load(alpha_ptr + row)
+        beta = tl.load(beta_ptr + row)
+        # lam (only the label's) is loaded here, not after the loop: there it cost the V % 8 != 0 views up to 16
+        # registers (4 CTAs an SM instead of 6) and an instruction a loop iteration on sm_90
+        lam = tl.load(lam_ptr + row)
+        if HAS_GAMMA or HAS_DELTA:
+            gamma = tl.load(gamma_ptr + row) if HAS_GAMMA else 0.0
+            delta = tl.load(delta_ptr + row) if HAS_DELTA else 0.0
+            u_min, b, c2, c1, c0 = grad_row_x(m, log_s, alpha, beta, gamma, log2_inv_t)
+            delta_t = delta * inv_t
+        else:
+            u_min, b, c1, c0 = grad_row(m, log_s, alpha, beta, log2_inv_t)
         owns_label = (label >= v_begin) & (label < v_stop)
         x_y = tl.load(base + label, mask=owns_label, other=0.0).to(tl.float32)
         tl.debug_barrier()  # in place: x_y is read before any thread's loop store to the label's column
         for start in range(v_begin, body_stop, TILE):  # unmasked: 16-byte loads and stores
             x = tl.load(base + start + offs).to(tl.float32)
-            dz = grad_nonlabel(x, m, inv_t, u_min, b, c1, c0)
+            if HAS_GAMMA or HAS_DELTA:
+                dz = grad_nonlabel_x(x, m, inv_t, u_min, b, c2, c1, c0, delta_t, HAS_GAMMA, HAS_DELTA)
+            else:
+                dz = grad_nonlabel(x, m, inv_t, u_min, b, c1, c0)
             tl.store(out_base + start + offs, dz.to(out_ptr.dtype.element_ty))
         x = tl.load(base + cols, mask=tail, other=float("-inf")).to(tl.float32)
-        dz = grad_nonlabel(x, m, inv_t, u_min, b, c1, c0)
+        if HAS_GAMMA or HAS_DELTA:
+            dz = grad_nonlabel_x(x, m, inv_t, u_min, b, c2, c1, c0, delta_t, HAS_GAMMA, HAS_DELTA)
+        else:
+            dz = grad_nonlabel(x, m, inv_t, u_min, b, c1, c0)
         tl.store(out_base + cols, dz.to(out_ptr.dtype.element_ty), mask=tail)
         if owns_label:
             tl.debug_barrier()  # the loop's store of this column (by some thread) lands first
-            g_y = grad_label((x_y - m) * inv_t - log_s, ent, g_lp, g_h, inv_t)
+            if HAS_GAMMA or HAS_DELTA:
+                g_y = grad_label_x((x_y - m) * inv_t - log_s, alpha, beta, gamma, lam, delta, inv_t, HAS_GAMMA,
+                                   HAS_DELTA)
+            else:
+                g_y = grad_label((x_y - m) * inv_t - log_s, alpha, beta, lam, inv_t)
             tl.store(out_base + label, g_y.to(out_ptr.dtype.element_ty))
     else:  # ignored rows get zeros, rows with a label outside [0, V) NaN; neither is read
         fill = tl.where(bad, float("nan"), 0.0) + tl.zeros([R, T, VEC], tl.float32)
@@ -410,9 +657,21 @@ def _logits_bwd_kernel(
         tl.store(out_base + cols, fill, mask=tail)
 
 
-def logits_backward(grad_logprobs, grad_entropy, logits, labels, stats, entropy, temperature, ignore_index,
-                    num_splits=None, out=None):
-    """Gradient w.r.t. the logits in their dtype. ``out`` may be ``logits`` itself (in-place backward)."""
+def coefficient_rows(coef):
+    """The kernels' five coefficient pointers (alpha, beta, lam, gamma, delta) of ``coef`` (``rows.Coefficients``),
+    contiguous fp32; alpha stands in for an absent gamma or delta (never read: HAS_GAMMA / HAS_DELTA off)."""
+    alpha, beta, lam = (c.to(torch.float32).contiguous() for c in coef[:3])
+    return (alpha, beta, lam, *(alpha if c is None else c.to(torch.float32).contiguous() for c in coef[3:5]))
+
+
+def coefficient_flags(coef):
+    return dict(HAS_GAMMA=coef.gamma is not None, HAS_DELTA=coef.delta is not None)
+
+
+def logits_backward(coef, logits, labels, stats, temperature, ignore_index, num_splits=None, out=None):
+    """The backward form of ``backends/rows.py`` for the coefficients ``coef`` (``rows.Coefficients``: alpha, beta,
+    lam and optional gamma, delta, [N] each) w.r.t. the logits, in their dtype. ``out`` may be ``logits`` itself
+    (in-place backward)."""
     n, v = logits.shape
     dev = logits.device
     target = utils.target_of(dev)
@@ -428,15 +687,14 @@ def logits_backward(grad_logprobs, grad_entropy, logits, labels, stats, entropy,
     # wherever the logits' is, whatever V (allocated above or by the op); the in-place backward writes with the
     # logits' own stride (docs/triton-kernels.md, "Alignment").
     unit, out_unit = utils.stride_unit(logits.dtype, logits.stride(0)), utils.stride_unit(out.dtype, out.stride(0))
-    f32 = torch.float32
-    rows = (labels.contiguous(), stats.to(f32).contiguous(), entropy.to(f32).contiguous(),
-            grad_logprobs.to(f32).contiguous(), grad_entropy.to(f32).contiguous())
+    rows = (labels.contiguous(), stats.to(torch.float32).contiguous(), *coefficient_rows(coef))
 
     def args_of(chunk, splits):
         return (logits, rows[0], *rows[1:], out, logits.stride(0) // unit, out.stride(0) // out_unit, v,
                 1.0 / temperature, -math.log2(temperature), ignore_index, chunk)
 
-    kwargs = dict(R=cfg["R"], T=cfg["T"], VEC=cfg["VEC"], UNIT=unit, OUT_UNIT=out_unit, num_warps=cfg["num_warps"])
+    kwargs = dict(R=cfg["R"], T=cfg["T"], VEC=cfg["VEC"], UNIT=unit, OUT_UNIT=out_unit, num_warps=cfg["num_warps"],
+                  **coefficient_flags(coef))
     chunk, splits = _split_plan(_logits_bwd_kernel, n, v, utils.tile_width(cfg), args_of, lambda split: kwargs,
                                 target, num_splits)
     utils.launch(_logits_bwd_kernel, (n, splits), *args_of(chunk, splits), **kwargs)

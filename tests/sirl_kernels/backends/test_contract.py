@@ -21,7 +21,7 @@ def test_every_backend_module_implements_the_contract(name):
 
 
 def test_the_required_members_are_read_off_the_protocol():
-    assert ATTRIBUTES == ("name",)
+    assert ATTRIBUTES == ("name", "stats_units")
     assert set(FUNCTIONS) == {"unavailable_reason", "logits_forward", "logits_backward", "linear_forward",
                               "linear_backward"}
 
@@ -29,6 +29,7 @@ def test_the_required_members_are_read_off_the_protocol():
 def _complete_module() -> types.ModuleType:
     module = types.ModuleType("broken_backend")
     module.name = "broken"
+    module.stats_units = "z"
     for attr in FUNCTIONS:
         setattr(module, attr, lambda *a, **k: None)
     return check_backend(module)

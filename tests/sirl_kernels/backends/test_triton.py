@@ -2,7 +2,9 @@
 backward, the fused-linear forward and vocabulary-chunked backward (every dtype, bias or not, odd shapes,
 strided rows, needs_grad), bitwise determinism, the matmul work counted with the GPU tile table (8·NDV), int64
 offsets past 2**31, NaN poison and bad labels that never read outside their row, the occupancy-sized grids and
-the L2-aware program order, and the launch path planned on meta tensors under the tensors' device.
+the L2-aware program order, the launch path planned on meta tensors under the tensors' device, and the optional
+self-certainty / varentropy outputs and the backward's gamma / delta terms (against float64 and autograd, within
+bounds derived from fp32 rounding).
 
 Run on CPU under TRITON_INTERPRET=1 (tests/conftest.py sets it when there is no CUDA) with small shapes and
 large tiles; on a GPU the same tests run on CUDA tensors (those that watch the interpreter skip there). The
@@ -21,6 +23,7 @@ from reference_impl import grad_tolerance, reference_grads, reference_linear, re
 
 import sirl_kernels
 from sirl_kernels.backends import triton as tb
+from sirl_kernels.backends.rows import Coefficients, Extras, logprob_entropy_coefficients
 
 pytestmark = pytest.mark.skipif(
     not sirl_kernels.available_backends()["triton"].available,
@@ -62,8 +65,8 @@ def _run(logits, labels, g_lp, g_h, temperature=1.0, ignore_index=-100, splits=N
     lp, h, lse = tb.logits_forward(logits, labels, temperature, ignore_index) if splits is None else \
         tlog.logits_forward(logits, labels, temperature, ignore_index, num_splits=splits)
     with utils.quiet():
-        grad = tlog.logits_backward(g_lp, g_h, logits, labels, lse, h, temperature, ignore_index,
-                                    num_splits=bwd_splits)
+        grad = tlog.logits_backward(logprob_entropy_coefficients(g_lp, g_h, h), logits, labels, lse, temperature,
+                                    ignore_index, num_splits=bwd_splits)
     return lp, h, lse, grad
 
 
@@ -176,8 +179,8 @@ def test_out_of_place_gradient_rows_align_like_the_logits():
         labels = torch.empty(4, dtype=torch.int64, device="meta")
         with utils.record_launches(utils.GPU_TARGETS[90]) as launches:
             _, ent, stats = tlog.logits_forward(x, labels, 1.0, -100)
-            grad = tlog.logits_backward(torch.empty(4, device="meta"), torch.empty(4, device="meta"), x, labels,
-                                        stats, ent, 1.0, -100)
+            coef = Coefficients(*(torch.empty(4, device="meta") for _ in range(3)))
+            grad = tlog.logits_backward(coef, x, labels, stats, 1.0, -100)
         assert grad.shape == (4, v) and grad.stride() == (want, 1), (stride, v, grad.stride())
         backward = [launch for launch in launches if launch.name == "_logits_bwd_kernel"]
         assert backward and backward[0].kwargs["OUT_UNIT"] == (8 if want % 8 == 0 else 1)
@@ -194,7 +197,8 @@ def test_backward_into_padded_rows_of_a_view(dtype):
     with utils.quiet():
         lp, h, stats = tlog.logits_forward(logits, labels, 0.9, -100)
         buf = torch.full((5, 1040), 7.0, dtype=dtype, device=DEV)
-        grad = tlog.logits_backward(g_lp, g_h, logits, labels, stats, h, 0.9, -100, out=buf[:, :1037])
+        grad = tlog.logits_backward(logprob_entropy_coefficients(g_lp, g_h, h), logits, labels, stats, 0.9, -100,
+                                    out=buf[:, :1037])
     assert grad.data_ptr() == buf.data_ptr() and grad.stride() == (1040, 1)
     ref = reference_grads(logits.cpu(), labels.cpu(), g_lp.cpu(), g_h.cpu(), 0.9)
     torch.testing.assert_close(grad.double().cpu(), ref, **grad_tolerance(dtype, ref))
@@ -311,7 +315,8 @@ def test_label_gradient_exact_when_p_near_one():
     ent = torch.zeros(2, device=DEV)
     g = torch.ones(2, device=DEV)
     with utils.quiet():
-        grad = tlog.logits_backward(g, torch.zeros(2, device=DEV), logits, labels, stats, ent, 1.0, -100)
+        grad = tlog.logits_backward(logprob_entropy_coefficients(g, torch.zeros(2, device=DEV), ent), logits, labels,
+                                    stats, 1.0, -100)
     torch.testing.assert_close(grad[:, 7].double().cpu(), -torch.expm1(torch.tensor([-1e-9, -1e-9],
                                dtype=torch.float64)), rtol=1e-6, atol=0)
 
@@ -327,7 +332,8 @@ def test_inplace_backward_kernel(dtype):
     buf = logits.clone()
     ptr = buf.data_ptr()
     with utils.quiet():
-        out = tlog.logits_backward(g_lp, g_h, buf, labels, lse, h, 0.9, -100, num_splits=2, out=buf)
+        out = tlog.logits_backward(logprob_entropy_coefficients(g_lp, g_h, h), buf, labels, lse, 0.9, -100,
+                                   num_splits=2, out=buf)
     assert out.data_ptr() == ptr
     torch.testing.assert_close(buf.double().cpu(), ref, **grad_tolerance(dtype, ref))
 
@@ -395,7 +401,8 @@ def _lin_reference_grads(hidden, weight, bias, labels, g_lp, g_h, temperature):
 def _lin_run(hidden, weight, b, labels, g_lp, g_h, temperature=1.0, splits=None, chunk=16, needs=(True, True, True)):
     with utils.quiet():
         lp, h, stats = tlin.linear_forward(hidden, weight, b, labels, temperature, -100, num_splits=splits)
-        grads = tb.linear_backward(g_lp, g_h, hidden, weight, b, labels, stats, h, temperature, -100, chunk, needs)
+        grads = tb.linear_backward(logprob_entropy_coefficients(g_lp, g_h, h), hidden, weight, b, labels, stats,
+                                   temperature, -100, chunk, needs)
     return lp, h, grads
 
 
@@ -581,6 +588,143 @@ def test_linear_vocabulary_chunks_against_float64(chunk):
     _lin_check(*case, 0.9, lp, h, grads)
 
 
+# --- the coefficient form (backends/rows.py) with arbitrary coefficients -----------------------------------------
+
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def _random_coefficients(n, seed, ignored_row=None, gamma=False, delta=False):
+    """Random (alpha, beta, lam) [n] fp32: row 1 has lam = 0, row 2 alpha only (beta = lam = 0); the rest all
+    three, at scales up to 10. ``gamma`` / ``delta``: random varentropy / self-certainty terms too (row 2 without
+    them)."""
+    g = torch.Generator().manual_seed(seed)
+    alpha, beta, lam, gam, dlt = (torch.randn(n, generator=g) * torch.exp(torch.randn(n, generator=g))
+                                  for _ in range(5))
+    lam[1] = 0.0
+    beta[2] = lam[2] = gam[2] = dlt[2] = 0.0
+    return Coefficients(*(t.to(DEV).contiguous() for t in (alpha, beta, lam)),
+                        gam.to(DEV).contiguous() if gamma else None, dlt.to(DEV).contiguous() if delta else None)
+
+
+def _form_reference(z64, labels, coef, temperature, ignore_index, logit_err):
+    """(dz, bound) in float64: the form ``(p (alpha + beta L + gamma L^2) + delta + lam [i = y]) / T`` from float64
+    log_softmax of ``z64`` (the logits / T; gamma, delta 0 when None), ``delta / T`` where p = 0, 0 on ignored
+    rows, and a bound on an fp32 evaluation's error.
+
+    The bound follows fp32 rounding: the kernels' L = (x - m) / T - ln s carries ``dL`` of absolute error, a few
+    ulps of |x - m| / T and of ln s (ln s from a sum of V terms: up to log2(V) more ulps) plus ``logit_err / T``
+    (the logits' own error, 0 for given logits) at the element and at the row's max; p = exp(L) then has relative
+    error dL, so ``p (alpha + beta L)`` has ``p dL (|alpha| + |beta| (|L| + 1))``, and every product, sum and the
+    stored result add a few ulps of ``p (|alpha| + |beta| |L|) + |lam| [i = y]`` (the label's lam (1 - p) is
+    -lam expm1(L), a few ulps of lam). The gamma term is a polynomial in L: its error is ``p dL`` times the size of
+    the polynomial plus its derivative ``|beta| + 2 |gamma| |L|``, and a few ulps of ``p |gamma| L^2`` (the kernel's
+    terms in ``u = L + ln s`` all have one sign: no cancellation); delta adds a few ulps of |delta|."""
+    zero = torch.zeros(z64.shape[0])
+    alpha, beta, lam, gamma, delta = ((zero if c is None else c.double().cpu())[:, None] for c in coef)
+    logp = torch.log_softmax(z64, dim=1)
+    p = logp.exp()
+    valid = labels != ignore_index
+    onehot = torch.zeros_like(z64)
+    onehot[valid.nonzero()[:, 0], labels[valid]] = 1.0
+    finite_l = torch.where(p > 0, logp, torch.zeros_like(logp))
+    dz = (p * (alpha + beta * finite_l + gamma * finite_l**2) + delta + lam * onehot) / temperature
+    dz[~valid] = 0.0
+    v = z64.shape[1]
+    log_s = (z64 - z64.max(dim=1, keepdim=True).values).exp().sum(dim=1, keepdim=True).log()
+    err = logit_err / temperature
+    d_l = EPS32 * (4 * (finite_l.abs() + 2 * log_s + 1) + math.log2(v)) + err + err.max(dim=1, keepdim=True).values
+    poly = alpha.abs() + beta.abs() * (finite_l.abs() + 1) + gamma.abs() * finite_l.abs() * (finite_l.abs() + 2)
+    size = p * poly + lam.abs() * onehot + delta.abs()
+    bound = (p * d_l * poly + 8 * EPS32 * size) / temperature + 1e-30
+    return dz, bound.where(valid[:, None], 1e-30)
+
+
+def _assert_within(got, ref, bound, what):
+    excess = (got - ref).abs() / bound
+    worst = int(excess.nan_to_num(nan=math.inf).argmax())
+    assert not excess.isnan().any() and float(excess.max()) <= 1.0, (
+        f"{what}: |error| {float((got - ref).abs().flatten()[worst]):.3e} > bound "
+        f"{float(bound.flatten()[worst]):.3e} at flat index {worst}")
+
+
+def _logits_backward_against_the_form(coef, logits, labels, temperature, splits):
+    """The logits backward with ``coef`` against the float64 backward form; returns (the gradient, the forward's
+    stats, the -inf columns)."""
+    with utils.quiet():
+        lp, h, stats = tlog.logits_forward(logits, labels, temperature, -100, num_splits=splits)
+        grad = tlog.logits_backward(coef, logits, labels, stats, temperature, -100, num_splits=splits)
+    z64 = logits.double().cpu() / temperature
+    ref, bound = _form_reference(z64, labels.cpu(), coef, temperature, -100, torch.zeros_like(z64))
+    got = grad.double().cpu()
+    _assert_within(got, ref, bound, "dlogits")
+    return grad, stats, torch.isinf(logits.cpu())
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_logits_backward_coefficient_form_matches_float64(splits):
+    """The logits backward for random (alpha, beta, lam), lam = 0 and alpha-only rows included, against the form
+    evaluated from float64 log_softmax, within a bound derived from fp32 rounding (``_form_reference``); -inf
+    columns get exactly 0 and an ignored row (with nonzero coefficients) exactly 0. A forced split
+    (``num_splits=3``: 2 programs a row over V's 4 interpreter tiles) puts the label in one split's chunk only."""
+    n, v, temperature = 6, 3 * 4096 + 37, 0.8
+    logits, labels, _, _ = _case(n, v, seed=40 + splits, scale=4.0)
+    labels[3] = -100
+    logits[0, 5:900:7] = float("-inf")
+    logits[4, : v // 2] = float("-inf")
+    labels[4] = v // 2 + 11
+    labels[0] = 6  # a finite column
+    coef = _random_coefficients(n, seed=splits)
+    grad, _, inf_cols = _logits_backward_against_the_form(coef, logits, labels, temperature, splits)
+    got = grad.double().cpu()
+    assert (got[inf_cols] == 0).all() and bool(inf_cols.any())
+    assert (got[3] == 0).all()
+    # the old (g_lp, g_H) inputs are the special case alpha = -g_lp - g_H H, beta = -g_H, lam = g_lp
+    g_lp, g_h = torch.randn(n, device=DEV), torch.randn(n, device=DEV)
+    with utils.quiet():
+        _, h, stats = tlog.logits_forward(logits, labels, temperature, -100, num_splits=splits)
+        grad = tlog.logits_backward(logprob_entropy_coefficients(g_lp, g_h, h), logits, labels, stats, temperature,
+                                    -100, num_splits=splits)
+    ref = reference_grads(logits.cpu(), labels.cpu(), g_lp.cpu(), g_h.cpu(), temperature)
+    torch.testing.assert_close(grad.double().cpu(), ref, **grad_tolerance(torch.float32, ref))
+
+
+def _linear_backward_against_the_form(coef, hidden, weight, b, labels, temperature):
+    """The fused-linear backward with ``coef`` against the float64 backward form chained through the layer, each
+    gradient within the bound carried through the products; returns ``(grad_hidden, grad_weight, grad_bias)``."""
+    (n, d), v = hidden.shape, weight.shape[0]
+    with utils.quiet():
+        lp, h, stats = tlin.linear_forward(hidden, weight, b, labels, temperature, -100)
+        gx, gw, gb = tb.linear_backward(coef, hidden, weight, b, labels, stats, temperature, -100, 8, (True,) * 3)
+    h64, w64, b64 = (t.double().cpu() for t in (hidden, weight, b))
+    x64 = h64 @ w64.T + b64
+    finite_b = torch.where(torch.isinf(b64), torch.zeros_like(b64), b64)
+    logit_err = d * EPS32 * (h64.abs() @ w64.abs().T + finite_b.abs())
+    dz, bound = _form_reference(x64 / temperature, labels.cpu(), coef, temperature, -100, logit_err)
+    _assert_within(gx.double().cpu(), dz @ w64, bound @ w64.abs() + v * EPS32 * (dz.abs() @ w64.abs()) + 1e-30,
+                   "grad_hidden")
+    _assert_within(gw.double().cpu(), dz.T @ h64, bound.T @ h64.abs() + n * EPS32 * (dz.abs().T @ h64.abs()) + 1e-30,
+                   "grad_weight")
+    _assert_within(gb.double().cpu(), dz.sum(0), bound.sum(0) + n * EPS32 * dz.abs().sum(0) + 1e-30, "grad_bias")
+    return gx, gw, gb
+
+
+def test_linear_backward_coefficient_form_matches_float64():
+    """The fused-linear backward for random (alpha, beta, lam) (lam = 0 and alpha-only rows included) against the
+    float64 form chained through ``hidden @ weight.T + bias``: dX = dz W, dW = dz^T X, db = sum dz, each within
+    the dz bound of ``_form_reference`` (the logits' own fp32 error is D ulps of |h| |w|) carried through the
+    products plus their own fp32 accumulation (V or N ulps). A -inf bias column gets exactly 0 in dW and db, and an
+    ignored row exactly 0 in dX. Several vocabulary chunks and row chunks (chunk 8)."""
+    n, d, v, temperature = 24, 48, 300, 0.9
+    hidden, weight, b, labels, _, _ = _lin_case(n, d, v, torch.float32, seed=41, ignore_frac=0.0)
+    labels[5] = -100
+    dead = next(c for c in range(v) if not (labels == c).any())  # a column no row has for its label
+    b[dead] = float("-inf")
+    coef = _random_coefficients(n, seed=7)
+    gx, gw, gb = _linear_backward_against_the_form(coef, hidden, weight, b, labels, temperature)
+    assert (gw[dead] == 0).all() and gb[dead] == 0
+    assert (gx[5] == 0).all()
+
+
 # --- matmul work: counted under the interpreter with the GPU tile table ---------------------------------------
 
 
@@ -605,7 +749,8 @@ def test_fused_linear_flops_with_gpu_tiles(d, v):
             before = dots["flops"]
             with utils.quiet():
                 mm = instrument.torch_matmul_flops(
-                    lambda needs=needs: tb.linear_backward(*case[4:], *case[:4], stats, h, 1.0, -100, n // 2, needs))
+                    lambda needs=needs: tb.linear_backward(logprob_entropy_coefficients(*case[4:], h), *case[:4], stats,
+                                                           1.0, -100, n // 2, needs))
             backward[needs] = (dots["flops"] - before + mm) / ndv
     assert forward / ndv == 2.0
     assert backward[(True, True, True)] == 6.0
@@ -828,3 +973,278 @@ def test_every_launch_runs_under_its_tensors_device(monkeypatch):
     assert calls == [((3,), [torch.device("cuda:1")])] and entered[-1] is None
     utils.launch(Kernel(), (1,), torch.empty(2), 7)  # CPU tensors (the interpreter): no device switch
     assert calls[-1] == ((1,), [torch.device("cuda:1"), None])
+
+
+# --- self-certainty and varentropy (rows.Extras) and the backward's gamma / delta terms ----------------------
+
+
+def _extras_reference(x64, labels, temperature, ignore_index=-100, logit_err=None):
+    """(sc, ve, sc_bound, ve_bound) [N] float64 of raw logits ``x64`` [N, V]: ``SC = logsumexp(z) - mean(z) - ln V``
+    and ``VE = sum p L^2 - H^2`` from float64 log_softmax of z = x / T; ignored rows 0, labels outside [0, V) NaN.
+
+    The bounds follow the kernels' fp32 evaluation (natural units, D_i = z_i - max z, moments over p:
+    ``M1 = E|D|``, ``M2 = E D^2``, ``M3 = E|D|^3``; ``mean|D|`` the plain mean): each d = (x - m) log2(e) / T
+    carries ~3 ulps (subtract, the fp32 scale, the multiply), so 2^d a relative ``3 eps |D|`` more; every sum is
+    of same-signed terms (the online rescales included: ``n c`` and ``2 c w2``, ``c^2 s`` have the sign of the
+    sums), so a sum of V terms is within ``K eps`` of its size, K = V / 256 + 2 log2(V) + 16 (a GPU thread adds
+    V / 256 of a row's terms in sequence, the interpreter fewer; then log2 of the tree), and s so within K eps:
+
+    - SC = ln s - mean(D) - ln V: ``eps ((K + 8) (ln s + mean|D| + ln V + 1) + 3 M1)``;
+    - VE = E[D^2] - E[D]^2, whose cancellation is the ulps of its two terms: p_i within
+      ``eps (3 |D_i| + K + 4)``, so E[D^2] within ``eps ((2 K + 12) M2 + 3 M3)`` and E[D]^2 within
+      ``2 M1 eps ((2 K + 7) M1 + 3 M2)``.
+
+    ``logit_err`` [N, V] (the fused linear's fp32 logits): up to ``e = 2 max_i err_i / T`` more in each D, so
+    ``2 e`` in SC and ``e (2 M2 + 4 M1 + 4 M1^2)`` in VE (p moves by 2 e relative). A factor 2 on the whole covers
+    the second-order terms, and 1e-12 of the terms the float64 reference's own rounding. Non-finite references
+    (+inf SC with a -inf logit, NaN rows) must match exactly."""
+    z = x64 / temperature
+    v = z.shape[1]
+    sc = torch.logsumexp(z, dim=1) - z.mean(dim=1) - math.log(v)
+    logp = torch.log_softmax(z, dim=1)
+    p = logp.exp()
+    fl = torch.where(p > 0, logp, torch.zeros_like(logp))
+    h = -(p * fl).sum(dim=1)
+    ve = (p * fl * fl).sum(dim=1) - h * h
+    dd = z - z.max(dim=1, keepdim=True).values
+    dd = torch.where(torch.isfinite(dd), dd, torch.zeros_like(dd))
+    m1, m2, m3 = ((p * dd.abs() ** k).sum(dim=1) for k in (1, 2, 3))
+    log_s = (torch.logsumexp(z, dim=1) - z.max(dim=1).values).nan_to_num(0.0, 0.0, 0.0)
+    kk = v / 256 + 2 * math.log2(max(v, 2)) + 16
+    sc_bound = EPS32 * ((kk + 8) * (log_s + dd.abs().mean(dim=1) + math.log(v) + 1) + 3 * m1)
+    ve_bound = EPS32 * ((2 * kk + 12) * m2 + 3 * m3 + 2 * m1 * ((2 * kk + 7) * m1 + 3 * m2) + 4 * ve.abs())
+    if logit_err is not None:
+        e = 2 * logit_err.max(dim=1).values / temperature
+        sc_bound = sc_bound + 2 * e
+        ve_bound = ve_bound + e * (2 * m2 + 4 * m1 + 4 * m1 * m1)
+    ignored = labels == ignore_index
+    bad = ~ignored & ((labels < 0) | (labels >= v))
+    for t in (sc, ve):
+        t[ignored] = 0.0
+        t[bad] = float("nan")
+    # plus the float64 reference's own rounding (its VE cancels E[L^2] against H^2: ~1e-16 of E[L^2])
+    sc_bound = sc_bound + 1e-12 * (torch.logsumexp(z, dim=1).abs() + z.mean(dim=1).abs()).nan_to_num(0.0, 0.0, 0.0)
+    ve_bound = ve_bound + 1e-12 * (p * fl * fl).sum(dim=1).nan_to_num(0.0, 0.0, 0.0)
+    return sc, ve, 2 * sc_bound + 1e-30, 2 * ve_bound + 1e-30
+
+
+def _assert_extras(got, ref, bound, what):
+    got = got.double().cpu()
+    finite = torch.isfinite(ref)
+    assert torch.equal(got[~finite].nan_to_num(nan=7.0), ref[~finite].nan_to_num(nan=7.0)), (
+        what, got[~finite], ref[~finite])
+    _assert_within(got[finite], ref[finite], bound[finite], what)
+
+
+def _adversarial_rows(v, dtype, seed=0):
+    """[12, v] logits and labels: normal, a NaN, a +inf, a -inf, all -inf, offset 1e4, ignored (-100), a bad label
+    (V + 5), peaked (one logit 30 above: varentropy's cancellation), -inf over the first half (the max arrives
+    after -inf states), constant (SC = VE = 0), wide (scale 20)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(12, v, generator=g) * 3
+    labels = torch.randint(0, v, (12,), generator=g)
+    x[1, v // 3] = float("nan")
+    x[2, v // 2] = float("inf")
+    x[3, v - 1] = float("-inf")
+    labels[3] = 0 if v > 1 else labels[3]
+    x[4] = float("-inf")
+    x[5] += 1e4
+    labels[6] = -100
+    labels[7] = v + 5
+    x[8, v // 4] += 30.0
+    x[9, : v // 2] = float("-inf")
+    labels[9] = v - 1
+    x[10] = 1.5
+    x[11] *= 20 / 3
+    if v == 1:
+        x[3, 0] = 0.25
+    return x.to(dtype).to(DEV), labels.to(DEV)
+
+
+@pytest.mark.parametrize("v", [1, 15, 3 * 4096 + 37])
+@pytest.mark.parametrize("dtype,temperature,splits", [
+    (torch.float32, 0.5, None), (torch.float32, 2.0, 3), (torch.bfloat16, 2.0, None), (torch.bfloat16, 0.5, 2),
+    (torch.float32, 1.0, 7)])
+def test_logits_forward_self_certainty_and_varentropy(v, dtype, temperature, splits):
+    """Self-certainty and varentropy of the logits forward (unsplit and forced split-V merge) against float64 over
+    adversarial rows (``_adversarial_rows``), within ``_extras_reference``'s fp32 bounds; the other outputs are
+    those of the forward without them, bit for bit; each statistic alone gives the same bits as both."""
+    x, labels = _adversarial_rows(v, dtype, seed=v)
+    n = x.shape[0]
+    both = Extras(torch.full((n,), -7.0, device=DEV), torch.full((n,), -7.0, device=DEV))
+    with utils.quiet():
+        outs = tlog.logits_forward(x, labels, temperature, -100, both, num_splits=splits)
+        plain = tlog.logits_forward(x, labels, temperature, -100, num_splits=splits)
+        sc_only = Extras(torch.empty(n, device=DEV), None)
+        ve_only = Extras(None, torch.empty(n, device=DEV))
+        tlog.logits_forward(x, labels, temperature, -100, sc_only, num_splits=splits)
+        tlog.logits_forward(x, labels, temperature, -100, ve_only, num_splits=splits)
+    for a, b in zip(outs, plain):
+        assert torch.equal(a.nan_to_num(nan=7.0), b.nan_to_num(nan=7.0))
+    assert torch.equal(sc_only.self_certainty.nan_to_num(nan=7.0), both.self_certainty.nan_to_num(nan=7.0))
+    assert torch.equal(ve_only.varentropy.nan_to_num(nan=7.0), both.varentropy.nan_to_num(nan=7.0))
+    sc, ve, sc_b, ve_b = _extras_reference(x.double().cpu(), labels.cpu(), temperature)
+    _assert_extras(both.self_certainty, sc, sc_b, "self-certainty")
+    _assert_extras(both.varentropy, ve, ve_b, "varentropy")
+    assert (both.varentropy.nan_to_num(0.0) >= 0).all()
+    if v > 1:  # the cases the rows are there for
+        assert both.self_certainty[3] == math.inf and both.self_certainty[4].isnan()
+        assert both.self_certainty[6] == 0 and both.varentropy[6] == 0
+        assert both.varentropy[7].isnan() and both.varentropy[1].isnan()
+
+
+@pytest.mark.parametrize("dtype,temperature,splits,bias", [
+    (torch.float32, 0.5, None, True), (torch.float32, 2.0, 3, False), (torch.bfloat16, 2.0, 2, True),
+    (torch.bfloat16, 0.5, None, False)])
+def test_linear_forward_self_certainty_and_varentropy(dtype, temperature, splits, bias):
+    """The fused-linear forward's self-certainty and varentropy (unsplit and split-V) against float64 of
+    ``hidden @ weight.T + bias`` within ``_extras_reference``'s bounds with the logits' own fp32 error (D ulps of
+    |h| |w| + |b|): ignored rows 0, a bad label NaN, a NaN hidden row NaN, an offset of 1e4 on every logit (the
+    bias) and V = 300 (not a multiple of 8 nor of the tile); a -inf bias column makes every row's SC +inf."""
+    n, d, v = 20, 24, 300
+    hidden, weight, b, labels, _, _ = _lin_case(n, d, v, dtype, seed=50, bias=bias, ignore_frac=0.2)
+    labels[0] = v + 5
+    labels[1] = 3
+    hidden[1] = float("nan")
+    if bias:
+        b = (b.float() + 1e4).to(dtype)
+    ex = Extras(torch.empty(n, device=DEV), torch.empty(n, device=DEV))
+    with utils.quiet():
+        outs = tlin.linear_forward(hidden, weight, b, labels, temperature, -100, ex, num_splits=splits)
+        plain = tlin.linear_forward(hidden, weight, b, labels, temperature, -100, num_splits=splits)
+    for a, c in zip(outs, plain):
+        assert torch.equal(a.nan_to_num(nan=7.0), c.nan_to_num(nan=7.0))
+    h64, w64 = hidden.double().cpu(), weight.double().cpu()
+    b64 = torch.zeros(v, dtype=torch.float64) if b is None else b.double().cpu()
+    x64 = h64 @ w64.T + b64
+    logit_err = d * EPS32 * (h64.abs() @ w64.abs().T + b64.abs())
+    sc, ve, sc_b, ve_b = _extras_reference(x64, labels.cpu(), temperature, logit_err=logit_err.nan_to_num(0.0))
+    _assert_extras(ex.self_certainty, sc, sc_b, "self-certainty")
+    _assert_extras(ex.varentropy, ve, ve_b, "varentropy")
+    assert ex.self_certainty[0].isnan() and ex.self_certainty[1].isnan()
+    if bias:
+        b = b.clone()
+        b[7] = float("-inf")
+        with utils.quiet():
+            tlin.linear_forward(hidden, weight, b, labels, temperature, -100, ex, num_splits=splits)
+        valid = (labels.cpu() != -100) & (labels.cpu() < v)
+        valid[1] = False
+        assert (ex.self_certainty.cpu()[valid] == math.inf).all()
+        assert torch.isfinite(ex.varentropy.cpu()[valid]).all()
+
+
+@pytest.mark.parametrize("splits,gamma,delta", [(1, True, True), (3, True, True), (1, True, False), (1, False, True)])
+def test_logits_backward_gamma_delta_match_float64(splits, gamma, delta):
+    """The logits backward with random gamma and/or delta against the float64 form (``_form_reference``'s
+    bound); -inf columns get exactly delta / T (fp32 delta x fp32 1/T), an ignored row exactly 0, a bad label NaN."""
+    n, v, temperature = 6, 3 * 4096 + 37, 0.8
+    logits, labels, _, _ = _case(n, v, seed=60 + splits, scale=4.0)
+    labels[3] = -100
+    logits[0, 5:900:7] = float("-inf")
+    logits[4, : v // 2] = float("-inf")
+    labels[4] = v // 2 + 11
+    labels[0] = 6
+    coef = _random_coefficients(n, seed=splits + 10, gamma=gamma, delta=delta)
+    grad, stats, inf_cols = _logits_backward_against_the_form(coef, logits, labels, temperature, splits)
+    got = grad.double().cpu()
+    inv_t = torch.tensor(1.0 / temperature, dtype=torch.float32)
+    delta_t = (coef.delta.cpu() * inv_t if delta else torch.zeros(n))[:, None].expand(n, v)
+    assert torch.equal(grad.cpu()[inf_cols], delta_t[inf_cols]) and bool(inf_cols.any())
+    assert (got[3] == 0).all()
+    inplace = logits.clone()
+    with utils.quiet():  # in place: the same bits
+        tlog.logits_backward(coef, inplace, labels, stats, temperature, -100, num_splits=splits, out=inplace)
+    assert torch.equal(inplace, grad)
+    bad = labels.clone()
+    bad[1] = v + 3
+    with utils.quiet():
+        grad = tlog.logits_backward(coef, logits, bad, stats, temperature, -100, num_splits=splits)
+    assert grad[1].isnan().all() and (grad[3] == 0).all()
+
+
+def _statistics_coefficients(g_sc, g_ve, h, ve, v):
+    """The coefficients of ``g_SC SC + g_VE VE`` (backends/rows.py) from the forward's entropy and varentropy."""
+    return Coefficients(g_sc + g_ve * (2 * h + h * h - ve), 2 * g_ve * (1 + h), torch.zeros_like(h), g_ve.clone(),
+                        -g_sc / v)
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.5])
+def test_statistics_coefficients_give_autograds_gradient(temperature):
+    """Coefficients built from g_SC, g_VE (alpha = g_SC + g_VE (2H + H^2 - VE), beta = 2 g_VE (1 + H), gamma = g_VE,
+    delta = -g_SC / V, lam = 0) give torch autograd's float64 gradient of ``g_SC SC + g_VE VE`` w.r.t. the logits:
+    the float64 form with float64 coefficients equals autograd to 1e-9, and the kernel, fed the fp32 coefficients
+    of its own forward (H and VE in fp32), is within the form's fp32 bound of the float64 form evaluated with
+    those same coefficients (so each check holds the part of the error it is about). A -inf logit's column is
+    -g_SC / (V T) (SC's mean term) and an ignored row 0."""
+    n, v = 5, 4096 + 21
+    logits, labels, _, _ = _case(n, v, seed=70, scale=3.0)
+    logits[2, 100:200] = float("-inf")
+    labels[2] = 5
+    labels[4] = -100
+    g = torch.Generator().manual_seed(71)
+    g_sc, g_ve = torch.randn(n, generator=g).to(DEV), torch.randn(n, generator=g).to(DEV)
+    x64 = logits.double().cpu().requires_grad_(True)
+    z = x64 / temperature
+    logp = torch.log_softmax(z, dim=1)
+    p = logp.exp()
+    fl = torch.where(p > 0, logp, torch.zeros_like(logp))
+    h64 = -(p * fl).sum(dim=1)
+    ve64 = (p * fl * fl).sum(dim=1) - h64 * h64
+    # +inf on row 2 (its -inf logits); the gradient of its mean term is 1 / (V T) in every column all the same
+    sc64 = torch.logsumexp(z, dim=1) - z.mean(dim=1) - math.log(v)
+    valid = labels.cpu() != -100
+    loss = (g_sc.cpu().double() * sc64 + g_ve.cpu().double() * ve64)[valid].sum()
+    (auto,) = torch.autograd.grad(loss, x64)
+    coef64 = _statistics_coefficients(g_sc.cpu().double(), g_ve.cpu().double(), h64.detach(), ve64.detach(), v)
+    form64, _ = _form_reference(z.detach(), labels.cpu(), coef64, temperature, -100, torch.zeros_like(z))
+    torch.testing.assert_close(form64, auto, rtol=1e-9, atol=1e-12)
+    ex = Extras(None, torch.empty(n, device=DEV))
+    with utils.quiet():
+        lp, h, stats = tb.logits_forward(logits, labels, temperature, -100, ex)  # the backend's entry point
+        coef = _statistics_coefficients(g_sc, g_ve, h, ex.varentropy, v)
+        grad = tlog.logits_backward(coef, logits, labels, stats, temperature, -100)
+    ref, bound = _form_reference(z.detach(), labels.cpu(), coef, temperature, -100, torch.zeros_like(z))
+    _assert_within(grad.double().cpu(), ref, bound, "dlogits")
+    # and end to end, with the fp32 H and VE in the coefficients (a few ulps of |g_VE| (2 + 2H + H^2 + VE) in alpha)
+    torch.testing.assert_close(grad.double().cpu(), auto, rtol=1e-4, atol=1e-5 * float(auto.abs().max()))
+    assert (grad[4] == 0).all()
+
+
+def test_linear_backward_gamma_delta_match_float64():
+    """The fused-linear backward with random gamma and delta (several vocabulary and row chunks) against the
+    float64 form chained through ``hidden @ weight.T + bias`` (bounds as in
+    ``test_linear_backward_coefficient_form_matches_float64``; a -inf bias column, whose dz is delta / T, included);
+    and the statistics' coefficients against autograd's float64 gradient of ``g_SC SC + g_VE VE`` through the
+    linear layer."""
+    n, d, v, temperature = 24, 48, 300, 0.9
+    hidden, weight, b_clean, labels, _, _ = _lin_case(n, d, v, torch.float32, seed=42, ignore_frac=0.0)
+    labels[5] = -100
+    dead = next(c for c in range(v) if not (labels == c).any())
+    b = b_clean.clone()
+    b[dead] = float("-inf")
+    coef = _random_coefficients(n, seed=9, gamma=True, delta=True)
+    gx, gw, gb = _linear_backward_against_the_form(coef, hidden, weight, b, labels, temperature)
+    assert (gx[5] == 0).all() and gb[dead] != 0
+    # the statistics through the layer (finite bias), against autograd
+    b = b_clean
+    h64, w64, b64 = (t.double().cpu() for t in (hidden, weight, b_clean))
+    g = torch.Generator().manual_seed(43)
+    g_sc, g_ve = torch.randn(n, generator=g).to(DEV), torch.randn(n, generator=g).to(DEV)
+    ex = Extras(torch.empty(n, device=DEV), torch.empty(n, device=DEV))
+    with utils.quiet():
+        lp, h, stats = tb.linear_forward(hidden, weight, b, labels, temperature, -100, 8, ex)
+        grads = tb.linear_backward(_statistics_coefficients(g_sc, g_ve, h, ex.varentropy, v), hidden, weight, b,
+                                   labels, stats, temperature, -100, 8, (True,) * 3)
+    leaves = [t.requires_grad_(True) for t in (h64.clone(), w64.clone(), b64.clone())]
+    z = (leaves[0] @ leaves[1].T + leaves[2]) / temperature
+    logp = torch.log_softmax(z, dim=1)
+    p = logp.exp()
+    hh = -(p * logp).sum(dim=1)
+    ve = (p * logp * logp).sum(dim=1) - hh * hh
+    sc = torch.logsumexp(z, dim=1) - z.mean(dim=1) - math.log(v)
+    valid = labels.cpu() != -100
+    loss = (g_sc.cpu().double() * sc + g_ve.cpu().double() * ve)[valid].sum()
+    autos = torch.autograd.grad(loss, leaves)
+    for got, ref, what in zip(grads, autos, ("grad_hidden", "grad_weight", "grad_bias")):
+        scale = float(ref.abs().max())
+        torch.testing.assert_close(got.double().cpu(), ref, rtol=1e-4, atol=1e-5 * scale, msg=what)

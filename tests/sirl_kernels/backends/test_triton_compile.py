@@ -46,11 +46,22 @@ EXPECTED = [
         ("_dlogits_kernel", {"HAS_BIAS": True, "NEED_DB": True}),
         ("_dlogits_kernel", {"HAS_BIAS": True, "NEED_DB": False}),
         ("_dlogits_kernel", {"HAS_BIAS": False, "NEED_DB": False}),
+        # self-certainty and varentropy (both on; the backward's gamma and delta terms)
+        ("_logits_fwd_kernel", {"SPLIT": False, "HAS_SC": True, "HAS_VE": True}),
+        ("_logits_fwd_kernel", {"SPLIT": True, "HAS_SC": True, "HAS_VE": True}),
+        ("_logits_bwd_kernel", {"HAS_GAMMA": True, "HAS_DELTA": True}),
+        ("_linear_fwd_kernel", {"SPLIT": False, "HAS_SC": True, "HAS_VE": True}),
+        ("_linear_fwd_kernel", {"SPLIT": True, "HAS_SC": True, "HAS_VE": True}),
+        ("_dlogits_kernel", {"HAS_BIAS": True, "NEED_DB": True, "HAS_GAMMA": True, "HAS_DELTA": True}),
     ]
 ] + [("_logits_fwd_kernel", "bfloat16", {"UNIT": 1}),  # a row stride that is not a multiple of 16 bytes
      ("_logits_bwd_kernel", "bfloat16", {"UNIT": 1, "OUT_UNIT": 1}),
      ("merge_partials_kernel", "float32", {"LABEL_FROM_ROWS": True}),
      ("merge_partials_kernel", "float32", {"LABEL_FROM_ROWS": False}),
+     ("merge_partials_kernel", "float32", {"LABEL_FROM_ROWS": True, "HAS_SC": True, "HAS_VE": True}),
+     ("merge_partials_kernel", "float32", {"LABEL_FROM_ROWS": False, "HAS_SC": True, "HAS_VE": True}),
+     ("_logits_fwd_kernel", "bfloat16", {"HAS_SC": True, "HAS_VE": False}),  # one statistic alone
+     ("_logits_fwd_kernel", "bfloat16", {"HAS_SC": False, "HAS_VE": True}),
      ("_add_row_sums_kernel", "float32", {})]
 
 pytestmark = pytest.mark.skipif(tb._IMPORT_ERROR is not None, reason=f"triton not importable: {tb._IMPORT_ERROR}")
