@@ -182,8 +182,8 @@ def token_stats(logits: Tensor, labels: Tensor, *, want=("logprobs", "entropy"),
     outputs = statistics.token_stats_op(dense_rows(logits), flat_labels, temperature, ignore_index, name,
                              "self_certainty" in names, "varentropy" in names, check_labels)
     logprobs, entropy, _, lse, sc, ve = outputs
-    return statistics.result(dict(logprobs=logprobs, entropy=entropy, lse=lse, self_certainty=sc, varentropy=ve), names, labels,
-                  k_labels)
+    values = dict(logprobs=logprobs, entropy=entropy, lse=lse, self_certainty=sc, varentropy=ve)
+    return statistics.result(values, names, labels, k_labels)
 
 
 def linear_token_stats(hidden: Tensor, weight: Tensor, labels: Tensor, *, want=("logprobs", "entropy"),
@@ -212,8 +212,8 @@ def linear_token_stats(hidden: Tensor, weight: Tensor, labels: Tensor, *, want=(
                                     ignore_index, name, chunk_size, "self_certainty" in names,
                                     "varentropy" in names, check_labels)
     logprobs, entropy, _, lse, sc, ve = outputs
-    return statistics.result(dict(logprobs=logprobs, entropy=entropy, lse=lse, self_certainty=sc, varentropy=ve), names, labels,
-                  k_labels)
+    values = dict(logprobs=logprobs, entropy=entropy, lse=lse, self_certainty=sc, varentropy=ve)
+    return statistics.result(values, names, labels, k_labels)
 
 
 def validate_labels(labels: Tensor, vocab_size: int, ignore_index: int = -100) -> None:

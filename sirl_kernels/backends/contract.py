@@ -50,11 +50,12 @@ class Backend(Protocol):
 
     def logits_backward(self, coef: Coefficients, logits: Tensor, labels: Tensor, stats: Tensor, temperature: float,
                         ignore_index: int, out: Tensor | None = None) -> Tensor:
-        """The backward form of ``rows.py``, ``dx_i = (p_i (alpha + beta L_i + gamma L_i^2) + delta + lam [i = y]) / T``
-        (``gamma`` and ``delta`` None when absent), w.r.t. the logits, in ``out`` (a new tensor in the logits' dtype when None). ``out`` may be ``logits`` itself: the
-        in-place backward every backend supports (each element is read before it is overwritten). ``coef`` holds
-        ``[N]`` contiguous tensors in the accumulation dtype (fp32; float64 for float64 logits), formed and checked
-        by the backward ops."""
+        """The backward form of ``rows.py``,
+        ``dx_i = (p_i (alpha + beta L_i + gamma L_i^2) + delta + lam [i = y]) / T`` (``gamma`` and ``delta`` None
+        when absent), w.r.t. the logits, in ``out`` (a new tensor in the logits' dtype when None). ``out`` may be
+        ``logits`` itself: the in-place backward every backend supports (each element is read before it is
+        overwritten). ``coef`` holds ``[N]`` contiguous tensors in the accumulation dtype (fp32; float64 for float64
+        logits), formed and checked by the backward ops."""
 
     def linear_forward(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
                        temperature: float, ignore_index: int, chunk_size: int, extras: Extras | None = None
