@@ -70,6 +70,9 @@ class SIRLConfig:
     logprob_support: str = knob("full", "full = log-probs and entropies of softmax(z / T) over the whole vocabulary; "
                                 "sampler = of the distribution the sampler draws from (top_k, then top_p, "
                                 "renormalised), for the ratio, the KL anchor and the reward", choices=("full", "sampler"))
+    confidence_top_k: int = knob(0, "log DeepConf's token confidence, minus the mean log-prob of the k most probable "
+                                 "tokens, averaged over each completion, as top_k_confidence_mean; 0 = off "
+                                 "(DeepConf reads the sampler's top 20)", ge=0, le=1024)
     tis_cap: float | None = knob(None, "truncated importance sampling: weight each token's policy gradient by "
                                  "min(p_trainer / p_sampler, tis_cap) (needs the vllm engine's log-probs); null = off",
                                  gt=0)

@@ -27,13 +27,16 @@ class TokenScorer(torch.nn.Module):
         self.model = model
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor, temperature: float = 1.0,
-                check_labels: bool = True, extra: tuple[str, ...] = (), support: tuple[int, float] | None = None
-                ) -> TokenStats:
-        """Log-probs, entropies and the ``extra`` statistics (``sirl_kernels.STATISTICS``), ``[B, T]`` each; with
+                check_labels: bool = True, extra: tuple[str, ...] = (), support: tuple[int, float] | None = None,
+                confidence_k: int = 0) -> TokenStats:
+        """Log-probs, entropies and the ``extra`` statistics (``sirl_kernels.STATISTICS``, and
+        ``top_k_confidence`` over the ``confidence_k`` most probable tokens), ``[B, T]`` each; with
         ``support=(top_k, top_p)`` the log-probs and entropies of the sampler's truncated distribution."""
+        kernel_stats = tuple(name for name in extra if name != "top_k_confidence")
         return causal_lm_token_stats(self.model, input_ids, attention_mask, completion_mask,
-                                     want=("logprobs", "entropy", *extra), temperature=temperature,
-                                     check_labels=check_labels, support=support)
+                                     want=("logprobs", "entropy", *kernel_stats), temperature=temperature,
+                                     check_labels=check_labels, support=support,
+                                     confidence_k=confidence_k if "top_k_confidence" in extra else 0)
 
 
 def logprob_support(cfg) -> tuple[int, float] | None:
@@ -70,7 +73,8 @@ def token_logprobs_entropy(model, rollout: Rollout, temperature: float, token_bu
 
 @torch.no_grad()
 def token_statistics(model, rollout: Rollout, temperature: float, token_budget: int, check_labels: bool = True,
-                     extra: tuple[str, ...] = (), support: tuple[int, float] | None = None) -> dict[str, Tensor]:
+                     extra: tuple[str, ...] = (), support: tuple[int, float] | None = None,
+                     confidence_k: int = 0) -> dict[str, Tensor]:
     """``{"logprobs", "entropy", *extra}``: ``[N, T]`` float32 each, zero outside the completion, one no-grad pass
     over micro-batches of at most ``token_budget`` padded tokens.
 
@@ -87,7 +91,7 @@ def token_statistics(model, rollout: Rollout, temperature: float, token_budget: 
         for rows in micro_batches(rollout, token_budget):
             mb = trim(rollout.select(rows))
             stats = model(mb.input_ids, mb.attention_mask, mb.completion_mask, temperature, check_labels, extra,
-                          support)
+                          support, confidence_k)
             for name in names:
                 value = getattr(stats, name)
                 out[name][rows, : value.shape[1]] = value
@@ -132,9 +136,10 @@ def policy_gradient_pass(
         mb = trim(batch.select(rows))
         width = mb.input_ids.shape[1]
         extra = () if score_in_loss is None else score_in_loss.scoring.extra_statistics
+        confidence_k = 0 if score_in_loss is None else score_in_loss.scoring.confidence_k
         with autocast:  # the ids were validated once after the rollout: no check per call
             out = scorer(mb.input_ids, mb.attention_mask, mb.completion_mask, cfg.temperature, False, extra,
-                         logprob_support(cfg))
+                         logprob_support(cfg), confidence_k)
         new_logprobs = out.logprobs
         if score_in_loss is None:
             old, adv = old_logprobs[rows, :width], advantages[rows]

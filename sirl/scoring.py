@@ -94,16 +94,20 @@ class Scoring:
     group_size: int
     advantage_scale: str = "group"
     advantage_min_std: float = 1e-4
+    confidence_k: int = 0  # > 0: DeepConf's top-k token confidence as a metric (config confidence_top_k)
 
     @classmethod
     def of(cls, cfg) -> "Scoring":
-        return cls(RewardSpec.of(cfg), cfg.group_size, cfg.advantage_scale, cfg.advantage_min_std)
+        return cls(RewardSpec.of(cfg), cfg.group_size, cfg.advantage_scale, cfg.advantage_min_std,
+                   cfg.confidence_top_k)
 
     @property
     def extra_statistics(self) -> tuple[str, ...]:
-        """What a scoring pass computes besides log-probs and entropies: the reward's statistic, and varentropy
-        (a metric: a confidence signal and an entropy-collapse diagnostic)."""
-        return tuple(dict.fromkeys(s for s in (self.spec.statistic, "varentropy") if s != "entropy"))
+        """What a scoring pass computes besides log-probs and entropies: the reward's statistic, varentropy (a
+        metric: a confidence signal and an entropy-collapse diagnostic) and, when ``confidence_k``, the top-k
+        confidence (a metric)."""
+        metrics = ("varentropy",) + (("top_k_confidence",) if self.confidence_k else ())
+        return tuple(dict.fromkeys(s for s in (self.spec.statistic, *metrics) if s != "entropy"))
 
     def __call__(self, batch, entropy: Tensor, logprobs: Tensor | None = None, keys: list[tuple] | None = None,
                  dd=None, extra: dict | None = None) -> Scores:

@@ -261,7 +261,7 @@ def train(cfg: SIRLConfig, resume: bool = False, allow_config_change: bool = Fal
                 with timer("score"):
                     stats = token_statistics(run.scorer, batch, cfg.temperature, cfg.micro_batch_tokens,
                                              check_labels=False, extra=scoring.extra_statistics,
-                                             support=logprob_support(cfg))
+                                             support=logprob_support(cfg), confidence_k=scoring.confidence_k)
                     old_logprobs, entropy = stats.pop("logprobs"), stats.pop("entropy")
                     scores = scoring(batch, entropy, old_logprobs, keys, dd, extra=stats)
             # 4. reference: log-probs of the KL anchor (the adapters disabled, or the frozen copy)

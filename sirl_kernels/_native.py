@@ -25,7 +25,7 @@ import torch
 
 from sirl_kernels._checks import check_row_tensors
 
-ABI_VERSION = 3  # SIRL_ABI_VERSION of c_api.h
+ABI_VERSION = 4  # SIRL_ABI_VERSION of c_api.h
 LIB_DIR_ENV = "SIRL_KERNELS_LIB_DIR"
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # sirl_dtype
@@ -73,6 +73,8 @@ SIGNATURES = {
     "sirl_cpu_advise_hugepages": (c_int32, [c_void_p, c_uint64]),
     "sirl_cpu_exp": (c_int32, [c_void_p, c_void_p, c_int64, c_int32]),
     "sirl_cpu_convert": (c_int32, [c_void_p, c_int32, c_void_p, c_int32, c_int64]),
+    "sirl_cpu_fixed_order_logits": (c_int32, [c_void_p, c_int32, c_int64, c_int64, c_int64, c_void_p, c_int64,
+                                              c_int64, c_void_p, c_int64, c_int32]),
     "sirl_reference_logits_forward": _FORWARD,
     "sirl_reference_logits_backward": _BACKWARD,
 }
@@ -181,6 +183,17 @@ class NativeLibrary:
             if buf is not t:
                 t.copy_(buf)
         return logprobs, entropy, stats
+
+    def fixed_order_logits(self, out, hidden, weight, num_threads: int):
+        """``out[n, v] = sum_d hidden[n, d] weight[v, d]`` (libsirl_cpu only), each output one fixed chain over d
+        (``sirl_cpu_fixed_order_logits``): batch-invariant. Shapes, dtypes and strides are checked by the caller
+        (``backends.cpu.fixed_order_logits``); returns ``out``."""
+        rows, dim = hidden.shape
+        vocab = weight.shape[0]
+        self.call("sirl_cpu_fixed_order_logits", hidden.data_ptr(), dtype_code(hidden.dtype), rows, dim,
+                  hidden.stride(0), weight.data_ptr(), vocab, weight.stride(0), out.data_ptr(), out.stride(0),
+                  int(num_threads))
+        return out
 
     def logits_backward(self, coef, logits, labels, stats, temperature, ignore_index, out, launch: Launch,
                         entry: str = "sirl_logits_backward"):

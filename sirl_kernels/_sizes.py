@@ -52,3 +52,16 @@ def empty_aligned_rows(rows: int, cols: int, dtype: torch.dtype, device, like: i
     """An uninitialised ``[rows, cols]`` tensor with row stride ``aligned_row_stride(cols, dtype, like)`` (the
     ``[:, :cols]`` view of a padded buffer; contiguous when no padding is needed)."""
     return torch.empty_strided((rows, cols), (aligned_row_stride(cols, dtype, like), 1), dtype=dtype, device=device)
+
+
+# Batch-invariant mode (``batch_invariant=True``): the split-V kernels (Triton, CUDA) split every row into the
+# same number of vocabulary segments whatever N is, so a row's reduction order depends on V alone. One segment per
+# this many columns: at V = 151,936 ten segments, enough to spread a few rows over an H100's SMs, while at large N
+# the merge adds 10 x 12-20 bytes of partial state per row against the row's 304 KB of bf16 logits.
+BATCH_INVARIANT_SPLIT_COLUMNS = 16384
+
+
+def batch_invariant_splits(vocab_size: int) -> int:
+    """Vocabulary segments per row in batch-invariant mode: a function of V alone (at least 1, at most 256, the
+    CUDA kernels' limit)."""
+    return max(1, min(256, -(-int(vocab_size) // BATCH_INVARIANT_SPLIT_COLUMNS)))

@@ -31,6 +31,7 @@ def token_logprobs_entropy(
     inplace_backward: bool = False,
     check_labels: bool = True,
     process_group=None,
+    batch_invariant: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Per-position log-probability of the label and entropy of softmax(logits / temperature).
 
@@ -58,6 +59,10 @@ def token_logprobs_entropy(
             ``labels`` are global ids, the same on every rank. One all_gather of 4 floats per row merges the ranks
             (``sirl_kernels.vocab_parallel``); the results are the global ones, the same bits on every rank, and
             the backward is local. Not with ``inplace_backward``.
+        batch_invariant: every output of a row is bitwise the same whatever the number of rows, the rows
+            around it and its position (no split, tile or reduction order chosen from the batch): train/rollout
+            parity (vLLM's ``VLLM_BATCH_INVARIANT``). Its cost per backend is in the README. Gradients are
+            unchanged (the logits gradient is elementwise given the row stats). Not with ``inplace_backward``.
 
     Returns:
         ``(logprobs, entropy)``, float32 tensors shaped like ``labels``. Differentiable with respect to
@@ -68,12 +73,20 @@ def token_logprobs_entropy(
     check_label_tensor(labels, logits.shape[:-1], logits.device)
     inplace_backward = check_bool("inplace_backward", inplace_backward)
     check_labels = check_bool("check_labels", check_labels)
+    batch_invariant = check_bool("batch_invariant", batch_invariant)
     if process_group is not None:
         if inplace_backward:
             raise ValueError("inplace_backward=True is not supported with a process_group (vocabulary-parallel)")
         return vocab_parallel.token_logprobs_entropy(logits, labels, process_group=process_group,
                                                      temperature=temperature, ignore_index=ignore_index,
-                                                     backend=backend, check_labels=check_labels)
+                                                     backend=backend, check_labels=check_labels,
+                                                     batch_invariant=batch_invariant)
+    if batch_invariant:
+        if inplace_backward:
+            raise ValueError("inplace_backward=True is not supported with batch_invariant=True")
+        out = token_stats(logits, labels, temperature=temperature, ignore_index=ignore_index, backend=backend,
+                          check_labels=check_labels, batch_invariant=True)
+        return out.logprobs, out.entropy
     name = backends.resolve(backend, logits.device, logits.dtype)
 
     flat = (dense_rows(logits), labels.reshape(-1).long(), temperature, ignore_index, name)
@@ -96,6 +109,7 @@ def linear_token_logprobs_entropy(
     chunk_size: int | None = None,
     check_labels: bool = True,
     process_group=None,
+    batch_invariant: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """``token_logprobs_entropy`` of ``logits = hidden @ weight.T (+ bias)`` without materialising the logits.
 
@@ -111,6 +125,8 @@ def linear_token_logprobs_entropy(
         process_group: the vocabulary sharded over a ``torch.distributed`` group: ``weight [V_r, D]`` (and
             ``bias [V_r]``) are this rank's rows, after the lower ranks' ones; ``hidden`` and ``labels`` (global
             ids) are the same on every rank, and the gradient of ``hidden`` is summed over the group.
+        batch_invariant: as in :func:`token_logprobs_entropy`, whatever ``chunk_size`` too: each logit is summed
+            over D in an order fixed per row (never a GEMM whose blocking follows the number of rows).
 
     Returns:
         ``(logprobs, entropy)`` as float32 tensors shaped like ``labels``, differentiable with respect to
@@ -126,10 +142,13 @@ def linear_token_logprobs_entropy(
     ):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     check_labels = check_bool("check_labels", check_labels)
-    if process_group is not None:
-        return vocab_parallel.linear_token_logprobs_entropy(
-            hidden, weight, labels, process_group=process_group, bias=bias, temperature=temperature,
-            ignore_index=ignore_index, backend=backend, chunk_size=chunk_size, check_labels=check_labels)
+    batch_invariant = check_bool("batch_invariant", batch_invariant)
+    if process_group is not None or batch_invariant:
+        out = linear_token_stats(hidden, weight, labels, bias=bias, temperature=temperature,
+                                 ignore_index=ignore_index, backend=backend, chunk_size=chunk_size,
+                                 check_labels=check_labels, process_group=process_group,
+                                 batch_invariant=batch_invariant)
+        return out.logprobs, out.entropy
     name = backends.resolve(backend, hidden.device, hidden.dtype)
     if chunk_size is None:
         chunk_size = default_linear_chunk_size(vocab, name, hidden.dtype)
@@ -152,8 +171,8 @@ def linear_token_logprobs_entropy(
 
 
 def token_stats(logits: Tensor, labels: Tensor, *, want=("logprobs", "entropy"), temperature: float = 1.0,
-                ignore_index: int = -100, backend: str = "auto", check_labels: bool = True, process_group=None
-                ) -> statistics.TokenStats:
+                ignore_index: int = -100, backend: str = "auto", check_labels: bool = True, process_group=None,
+                batch_invariant: bool = False) -> statistics.TokenStats:
     """The statistics ``want`` names (``STATISTICS``) of ``softmax(logits / temperature)`` per position, in one pass,
     as a :class:`TokenStats`.
 
@@ -165,13 +184,14 @@ def token_stats(logits: Tensor, labels: Tensor, *, want=("logprobs", "entropy"),
         process_group: the vocabulary sharded over a ``torch.distributed`` group, as in
             :func:`token_logprobs_entropy` (``sirl_kernels.vocab_parallel``).
     Every output is differentiable (any weighted combination has an exact backward); only the accumulators the
-    request needs are kept. ``temperature``, ``ignore_index``, ``backend``, ``check_labels``: as in
-    :func:`token_logprobs_entropy`; a row whose first label is ``ignore_index`` is ignored.
+    request needs are kept. ``temperature``, ``ignore_index``, ``backend``, ``check_labels``, ``batch_invariant``:
+    as in :func:`token_logprobs_entropy`; a row whose first label is ``ignore_index`` is ignored.
     """
+    batch_invariant = check_bool("batch_invariant", batch_invariant)
     if process_group is not None:
         return vocab_parallel.token_stats(logits, labels, process_group=process_group, want=want,
                                           temperature=temperature, ignore_index=ignore_index, backend=backend,
-                                          check_labels=check_labels)
+                                          check_labels=check_labels, batch_invariant=batch_invariant)
     names = statistics.wanted(want)
     temperature, ignore_index = check_logits_args(logits, temperature, ignore_index)
     check_labels = check_bool("check_labels", check_labels)
@@ -180,7 +200,7 @@ def token_stats(logits: Tensor, labels: Tensor, *, want=("logprobs", "entropy"),
     name = backends.resolve(backend, logits.device, logits.dtype)
     flat_labels = labels.reshape(-1, labels.shape[-1] if k_labels else 1).long()
     outputs = statistics.token_stats_op(dense_rows(logits), flat_labels, temperature, ignore_index, name,
-                             "self_certainty" in names, "varentropy" in names, check_labels)
+                             "self_certainty" in names, "varentropy" in names, check_labels, batch_invariant)
     logprobs, entropy, _, lse, sc, ve = outputs
     values = dict(logprobs=logprobs, entropy=entropy, lse=lse, self_certainty=sc, varentropy=ve)
     return statistics.result(values, names, labels, k_labels)
@@ -189,13 +209,15 @@ def token_stats(logits: Tensor, labels: Tensor, *, want=("logprobs", "entropy"),
 def linear_token_stats(hidden: Tensor, weight: Tensor, labels: Tensor, *, want=("logprobs", "entropy"),
                        bias: Tensor | None = None, temperature: float = 1.0, ignore_index: int = -100,
                        backend: str = "auto", chunk_size: int | None = None, check_labels: bool = True,
-                       process_group=None) -> statistics.TokenStats:
+                       process_group=None, batch_invariant: bool = False) -> statistics.TokenStats:
     """:func:`token_stats` of ``logits = hidden @ weight.T (+ bias)`` without materialising the logits (as
     :func:`linear_token_logprobs_entropy`, ``process_group`` included); ``labels`` ``[...]`` or ``[..., K]``."""
+    batch_invariant = check_bool("batch_invariant", batch_invariant)
     if process_group is not None:
         return vocab_parallel.linear_token_stats(hidden, weight, labels, process_group=process_group, want=want,
                                                  bias=bias, temperature=temperature, ignore_index=ignore_index,
-                                                 backend=backend, chunk_size=chunk_size, check_labels=check_labels)
+                                                 backend=backend, chunk_size=chunk_size, check_labels=check_labels,
+                                                 batch_invariant=batch_invariant)
     names = statistics.wanted(want)
     temperature, ignore_index = check_linear_args(hidden, weight, bias, temperature, ignore_index)
     check_labels = check_bool("check_labels", check_labels)
@@ -210,7 +232,7 @@ def linear_token_stats(hidden: Tensor, weight: Tensor, labels: Tensor, *, want=(
     bias = bias if bias is None or bias.stride(-1) == 1 else bias.contiguous()
     outputs = statistics.linear_token_stats_op(dense_rows(hidden), dense_rows(weight), bias, flat_labels, temperature,
                                     ignore_index, name, chunk_size, "self_certainty" in names,
-                                    "varentropy" in names, check_labels)
+                                    "varentropy" in names, check_labels, batch_invariant)
     logprobs, entropy, _, lse, sc, ve = outputs
     values = dict(logprobs=logprobs, entropy=entropy, lse=lse, self_certainty=sc, varentropy=ve)
     return statistics.result(values, names, labels, k_labels)

@@ -44,7 +44,7 @@ from torch import Tensor
 
 from sirl_kernels.api import linear_token_stats, validate_labels
 from sirl_kernels.statistics import TokenStats
-from sirl_kernels.topk import linear_sampler_logprobs_entropy
+from sirl_kernels.topk import linear_sampler_logprobs_entropy, linear_top_k_confidence
 
 VERIFY_ENV = "SIRL_KERNELS_HF_VERIFY"
 VERIFY_TOKENS = 16  # tokens of one input row that the logits check runs the model on
@@ -386,6 +386,7 @@ def causal_lm_token_stats(
     verify_logits: bool | None = None,
     check_labels: bool = True,
     support: tuple[int, float] | None = None,
+    confidence_k: int = 0,
 ) -> TokenStats:
     """The per-token statistics ``want`` names (``sirl_kernels.STATISTICS``: the next token's log-prob, the entropy,
     self-certainty, varentropy, lse of the distribution that produced it) as float32 ``[B, T]`` tensors in a
@@ -393,7 +394,8 @@ def causal_lm_token_stats(
     :func:`causal_lm_token_logprobs_entropy`, of which this is the general form (one fused pass either way).
     ``support=(top_k, top_p)``: ``logprobs`` and ``entropy`` are those of the distribution a top-k then top-p
     sampler draws from (:func:`sirl_kernels.linear_sampler_logprobs_entropy`; the other statistics stay those of
-    the full vocabulary)."""
+    the full vocabulary). ``confidence_k > 0`` also fills ``top_k_confidence``: DeepConf's token confidence over
+    the ``confidence_k`` most probable tokens (:func:`sirl_kernels.topk.linear_top_k_confidence`; detached)."""
     if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape or completion_mask.shape != input_ids.shape:
         raise ValueError(
             f"input_ids, attention_mask and completion_mask must all be [B, T]; got {tuple(input_ids.shape)}, "
@@ -413,6 +415,11 @@ def causal_lm_token_stats(
         rows = fused_head(base, rows_hidden, labels, folded_temperature, backend, check_labels, want)
     else:
         rows = _sampler_head(base, rows_hidden, labels, folded_temperature, backend, check_labels, want, support)
+    if confidence_k:
+        weight, bias = output_head(base)
+        rows = dataclasses.replace(rows, top_k_confidence=linear_top_k_confidence(
+            rows_hidden.to(weight.dtype), weight, confidence_k, bias=bias, temperature=folded_temperature,
+            backend=backend))
     full = predict.new_zeros(input_ids.shape)
     full[:, 1:] = predict
     zeros = hidden.new_zeros(input_ids.shape, dtype=torch.float32)

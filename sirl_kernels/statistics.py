@@ -19,6 +19,7 @@ from torch import Tensor
 
 from sirl_kernels import backends, ops
 from sirl_kernels._checks import accumulation_dtype, check_label_tensor, check_label_values
+from sirl_kernels.backends import fixed_order
 from sirl_kernels.backends.rows import Extras
 
 STATISTICS = ("logprobs", "entropy", "self_certainty", "varentropy", "lse")
@@ -34,6 +35,9 @@ class TokenStats:
     self_certainty: Tensor | None = None
     varentropy: Tensor | None = None
     lse: Tensor | None = None
+    # DeepConf's token confidence, -mean of the k largest log-probs: not a kernel output (the kernels' requests are
+    # STATISTICS); filled, detached, by sirl_kernels.hf.causal_lm_token_stats(confidence_k=k)
+    top_k_confidence: Tensor | None = None
 
 
 def wanted(want) -> frozenset[str]:
@@ -133,7 +137,7 @@ def _check_stats_labels(labels: Tensor, rows: int, device) -> None:
 # --------------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("sirl_kernels::token_stats", mutates_args=())
 def token_stats_op(logits: Tensor, labels: Tensor, temperature: float, ignore_index: int, backend: str,
-                   self_certainty: bool, varentropy: bool, check_labels: bool = True
+                   self_certainty: bool, varentropy: bool, check_labels: bool = True, batch_invariant: bool = False
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     _check_stats_labels(labels, logits.shape[0], logits.device)
     logits, backend = ops._logits_inputs(logits, labels[:, 0].contiguous(), temperature, ignore_index, backend)
@@ -142,7 +146,7 @@ def token_stats_op(logits: Tensor, labels: Tensor, temperature: float, ignore_in
     acc = accumulation_dtype(logits.dtype)
     extras, sc, ve = _extras(logits.shape[0], acc, logits.device, self_certainty, varentropy)
     first, entropy, stats = backends.get(backend).logits_forward(logits, labels[:, 0].contiguous(), temperature,
-                                                                 ignore_index, extras)
+                                                                 ignore_index, extras, batch_invariant=batch_invariant)
     safe, _ = _safe_extra(labels, logits.shape[-1], ignore_index)
     label_logits = logits.gather(1, safe).to(acc)
     logprobs, lse = _row_outputs(label_logits, labels, first, stats, temperature, ignore_index, backend,
@@ -151,7 +155,8 @@ def token_stats_op(logits: Tensor, labels: Tensor, temperature: float, ignore_in
 
 
 @token_stats_op.register_fake
-def _(logits, labels, temperature, ignore_index, backend, self_certainty, varentropy, check_labels=True):
+def _(logits, labels, temperature, ignore_index, backend, self_certainty, varentropy, check_labels=True,
+      batch_invariant=False):
     return _fake_stats(logits, logits.shape[0], labels.shape[-1], self_certainty, varentropy)
 
 
@@ -163,6 +168,17 @@ def _stats_setup_context(ctx, inputs, output):
     ctx.save_for_backward(logits, labels, stats, entropy, sc, ve, extra_ok)
     ctx.temperature, ctx.ignore_index, ctx.backend = temperature, ignore_index, backend
     ctx.want_sc, ctx.want_ve = want_sc, want_ve
+
+
+# The further labels' weight rows are gathered a block of rows at a time: at most this many values ([rows, K - 1, D])
+# at once (32 MiB in fp32), not [N, K - 1, D] (2.1 GB in bf16 at N = 4096, K = 64, D = 4096).
+GATHER_ELEMENTS = 8 * 1024 * 1024
+
+
+def gather_chunks(n: int, per_row: int):
+    """Row slices of at most ``GATHER_ELEMENTS // per_row`` rows (at least one) covering ``range(n)``."""
+    step = max(1, GATHER_ELEMENTS // max(1, per_row))
+    return (slice(s, min(s + step, n)) for s in range(0, n, step))
 
 
 def add_label_terms(grad: Tensor, labels: Tensor, extra_ok: Tensor, g_extra: Tensor, inv_t: float) -> None:
@@ -183,11 +199,18 @@ def linear_label_terms(grads, hidden: Tensor, weight: Tensor, labels: Tensor, ex
     safe = torch.where(extra_ok, labels[:, 1:], torch.zeros_like(labels[:, 1:]))
     scaled = torch.where(extra_ok, g_extra * inv_t, torch.zeros_like(g_extra))  # [N, K - 1]
     acc = scaled.dtype
+    chunks = list(gather_chunks(safe.shape[0], safe.shape[1] * hidden.shape[1]))
     if d_hidden is not None and d_hidden.numel():
-        d_hidden = (d_hidden.to(acc) + torch.einsum("nk,nkd->nd", scaled, weight[safe].to(acc))).to(d_hidden.dtype)
+        d_hidden = d_hidden.to(acc)
+        for rows in chunks:
+            d_hidden[rows] += torch.einsum("nk,nkd->nd", scaled[rows], weight[safe[rows]].to(acc))
+        d_hidden = d_hidden.to(grads[0].dtype)
     if d_weight is not None and d_weight.numel():
-        rows = (scaled[:, :, None] * hidden.to(acc)[:, None, :]).reshape(-1, hidden.shape[1])
-        d_weight = d_weight.to(acc).index_add_(0, safe.reshape(-1), rows).to(d_weight.dtype)
+        d_weight = d_weight.to(acc)
+        for rows in chunks:
+            part = (scaled[rows, :, None] * hidden[rows].to(acc)[:, None, :]).reshape(-1, hidden.shape[1])
+            d_weight.index_add_(0, safe[rows].reshape(-1), part)
+        d_weight = d_weight.to(grads[1].dtype)
     if d_bias is not None and d_bias.numel():
         d_bias = d_bias.to(acc).index_add_(0, safe.reshape(-1), scaled.reshape(-1)).to(d_bias.dtype)
     return d_hidden, d_weight, d_bias
@@ -201,7 +224,7 @@ def _stats_backward(ctx, *grads):
                                        ctx.ignore_index, ctx.backend, gamma, delta)
     if labels.shape[1] > 1:
         add_label_terms(grad, labels, extra_ok, g_extra, 1.0 / ctx.temperature)
-    return grad, None, None, None, None, None, None, None
+    return grad, None, None, None, None, None, None, None, None
 
 
 token_stats_op.register_autograd(_stats_backward, setup_context=_stats_setup_context)
@@ -213,7 +236,8 @@ token_stats_op.register_autograd(_stats_backward, setup_context=_stats_setup_con
 @torch.library.custom_op("sirl_kernels::linear_token_stats", mutates_args=())
 def linear_token_stats_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, temperature: float,
                           ignore_index: int, backend: str, chunk_size: int, self_certainty: bool, varentropy: bool,
-                          check_labels: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                          check_labels: bool = True, batch_invariant: bool = False
+                          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     _check_stats_labels(labels, hidden.shape[0], hidden.device)
     first_label = labels[:, 0].contiguous()
     hidden, weight, bias, backend = ops._linear_inputs(hidden, weight, bias, first_label, temperature, ignore_index,
@@ -223,10 +247,16 @@ def linear_token_stats_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, l
     acc = accumulation_dtype(hidden.dtype)
     extras, sc, ve = _extras(hidden.shape[0], acc, hidden.device, self_certainty, varentropy)
     first, entropy, stats = backends.get(backend).linear_forward(hidden, weight, bias, first_label, temperature,
-                                                                 ignore_index, chunk_size, extras)
+                                                                 ignore_index, chunk_size, extras,
+                                                                 batch_invariant=batch_invariant)
     safe, _ = _safe_extra(labels, weight.shape[0], ignore_index)
     # the further labels' logits, fp32-accumulated like the kernels' (in another order: within fp32 rounding)
-    label_logits = torch.einsum("nd,nkd->nk", hidden.to(acc), weight[safe].to(acc))
+    if batch_invariant:
+        label_logits = fixed_order.gathered_logits(hidden, weight, safe)
+    else:
+        label_logits = torch.empty(safe.shape, dtype=acc, device=hidden.device)
+        for rows in gather_chunks(safe.shape[0], safe.shape[1] * hidden.shape[1]):
+            label_logits[rows] = torch.einsum("nd,nkd->nk", hidden[rows].to(acc), weight[safe[rows]].to(acc))
     if bias is not None:
         label_logits = label_logits + bias[safe].to(acc)
     logprobs, lse = _row_outputs(label_logits, labels, first, stats, temperature, ignore_index, backend,
@@ -236,7 +266,7 @@ def linear_token_stats_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, l
 
 @linear_token_stats_op.register_fake
 def _(hidden, weight, bias, labels, temperature, ignore_index, backend, chunk_size, self_certainty, varentropy,
-      check_labels=True):
+      check_labels=True, batch_invariant=False):
     return _fake_stats(hidden, hidden.shape[0], labels.shape[-1], self_certainty, varentropy)
 
 
@@ -262,7 +292,7 @@ def _linear_stats_backward(ctx, *grads):
         d_hidden, d_weight, d_bias = linear_label_terms((d_hidden, d_weight, d_bias), hidden, weight, labels, extra_ok,
                                                         g_extra, 1.0 / ctx.temperature)
     return (d_hidden if need_hidden else None, d_weight if need_weight else None, d_bias if need_bias else None,
-            None, None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None, None)
 
 
 linear_token_stats_op.register_autograd(_linear_stats_backward, setup_context=_linear_stats_setup_context)

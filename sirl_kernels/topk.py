@@ -24,6 +24,8 @@ from torch import Tensor
 from sirl_kernels.api import linear_token_stats, token_stats
 from sirl_kernels._checks import check_label_tensor, check_linear_args, check_logits_args, dense_rows
 from sirl_kernels._sizes import logits_chunk_rows
+from sirl_kernels.backends.matmul import matmul_into
+from sirl_kernels.statistics import gather_chunks
 
 MAX_K = 1024
 
@@ -70,10 +72,14 @@ def linear_top_k_ids(hidden: Tensor, weight: Tensor, k: int, *, bias: Tensor | N
     flat = dense_rows(hidden)
     k = _check_k(k, weight.shape[0])
     out = torch.empty((flat.shape[0], k), dtype=torch.int64, device=flat.device)
+    wide = torch.float64 if flat.dtype == torch.float64 else torch.float32
+    buf = torch.empty((min(chunk_size, flat.shape[0]), weight.shape[0]), dtype=wide, device=flat.device)
     for s in range(0, flat.shape[0], chunk_size):
-        z = torch.matmul(flat[s:s + chunk_size].float(), weight.float().T)
+        rows = flat[s:s + chunk_size]
+        # fp32 accumulation without an fp32 copy of the whole weight (the fused-linear numeric policy)
+        z = matmul_into(buf[: rows.shape[0]], rows, weight.t())
         if bias is not None:
-            z = z + bias.float()
+            z += bias
         out[s:s + chunk_size] = _top_k_of_chunk(z, k)
     return out.view(*hidden.shape[:-1], k)
 
@@ -137,25 +143,24 @@ def linear_sampler_logprobs_entropy(hidden: Tensor, weight: Tensor, labels: Tens
     top_k, top_p = _check_sampler(top_k, top_p, weight.shape[0])
     flat, y = dense_rows(hidden), labels.reshape(-1).long()
     ids = linear_top_k_ids(flat, weight, top_k, bias=bias, chunk_size=chunk_size)
-    z_s = _GatheredLogits.apply(flat, weight, bias, ids, chunk_size)
+    z_s = _GatheredLogits.apply(flat, weight, bias, ids)
     return _finish_sampler(z_s, ids, y, top_p, temperature, ignore_index, labels.shape)
 
 
 class _GatheredLogits(torch.autograd.Function):
-    """``z[n, j] = hidden[n] . weight[ids[n, j]] (+ bias[ids[n, j]])`` in fp32 (float64 for float64), ``chunk``
-    rows at a time, saving only the ids: no ``[N, k, D]`` gather is kept for the backward."""
+    """``z[n, j] = hidden[n] . weight[ids[n, j]] (+ bias[ids[n, j]])`` in fp32 (float64 for float64), a block of
+    rows at a time (``statistics.gather_chunks``: at most 8M gathered weight values), saving only the ids: no
+    ``[N, k, D]`` gather exists, forward or backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, ids, chunk):
+    def forward(ctx, hidden, weight, bias, ids):
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         z = torch.empty(ids.shape, dtype=acc, device=hidden.device)
-        for s in range(0, ids.shape[0], chunk):
-            rows = slice(s, s + chunk)
+        for rows in gather_chunks(ids.shape[0], ids.shape[1] * hidden.shape[1]):
             z[rows] = torch.einsum("nd,nkd->nk", hidden[rows].to(acc), weight[ids[rows]].to(acc))
         if bias is not None:
             z = z + bias[ids].to(acc)
         ctx.save_for_backward(hidden, weight, bias, ids)
-        ctx.chunk = chunk
         return z
 
     @staticmethod
@@ -165,8 +170,7 @@ class _GatheredLogits(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         d_h = torch.empty_like(hidden) if need_h else None
         d_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-        for s in range(0, ids.shape[0], ctx.chunk):
-            rows = slice(s, s + ctx.chunk)
+        for rows in gather_chunks(ids.shape[0], ids.shape[1] * hidden.shape[1]):
             if need_h:
                 d_h[rows] = torch.einsum("nk,nkd->nd", grad[rows], weight[ids[rows]].to(acc)).to(hidden.dtype)
             if need_w:
@@ -176,7 +180,7 @@ class _GatheredLogits(torch.autograd.Function):
         if need_b:
             d_b = torch.zeros(bias.shape, dtype=acc, device=bias.device).index_add_(
                 0, ids.reshape(-1), grad.reshape(-1)).to(bias.dtype)
-        return d_h, None if d_w is None else d_w.to(weight.dtype), d_b, None, None
+        return d_h, None if d_w is None else d_w.to(weight.dtype), d_b, None
 
 
 def _finish_sampler(z_s, ids, y, top_p, temperature, ignore_index, shape):
@@ -198,6 +202,16 @@ def top_k_logprobs(logits: Tensor, k: int, *, temperature: float = 1.0, backend:
     lower id) and their log-probs, differentiable (K-label log-probs of :func:`sirl_kernels.token_stats`)."""
     ids = top_k_ids(logits, k)
     return ids, token_stats(logits, ids, want=("logprobs",), temperature=temperature, backend=backend).logprobs
+
+
+@torch.no_grad()
+def linear_top_k_confidence(hidden: Tensor, weight: Tensor, k: int, *, bias: Tensor | None = None,
+                            temperature: float = 1.0, backend: str = "auto", chunk_size: int = 256) -> Tensor:
+    """DeepConf's token confidence ``-(1/k) sum_j log p_(j)`` over the k most probable tokens of
+    ``softmax((hidden @ weight.T + bias) / T)``, ``[...]`` fp32, not differentiable (a metric): high when the
+    distribution is peaked."""
+    return -linear_top_k_logprobs(hidden, weight, k, bias=bias, temperature=temperature, backend=backend,
+                                  chunk_size=chunk_size)[1].mean(-1)
 
 
 def linear_top_k_logprobs(hidden: Tensor, weight: Tensor, k: int, *, bias: Tensor | None = None,

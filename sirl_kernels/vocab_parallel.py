@@ -134,16 +134,17 @@ class _VocabParallelStats(torch.autograd.Function):
     the label)."""
 
     @staticmethod
-    def forward(ctx, local_input, weight, bias, labels, shard, temperature, ignore_index, backend, chunk_size, want):
+    def forward(ctx, local_input, weight, bias, labels, shard, temperature, ignore_index, backend, chunk_size, want,
+                batch_invariant=False):
         local, owner, mine, counted = shard.split_labels(labels, ignore_index)
         want_sc, want_ve = "self_certainty" in want, "varentropy" in want
         if weight is None:
             lp, h, stats, _, sc, ve = statistics.token_stats_op(local_input, local, temperature, ignore_index, backend,
-                                                                want_sc, want_ve, False)
+                                                                want_sc, want_ve, False, batch_invariant)
         else:
             lp, h, stats, _, sc, ve = statistics.linear_token_stats_op(
                 local_input, weight, bias, local, temperature, ignore_index, backend, chunk_size, want_sc, want_ve,
-                False)
+                False, batch_invariant)
         fill = torch.zeros_like(h)
         state = torch.cat([torch.stack([stats[:, 0], stats[:, 1], h, sc if want_sc else fill,
                                         ve if want_ve else fill], dim=1), lp], dim=1)
@@ -175,7 +176,7 @@ class _VocabParallelStats(torch.autograd.Function):
             grad = ops.token_stats_backward_op(alpha, beta, lam, local_input, first, stats, *args, gamma, delta)
             if local.shape[1] > 1:
                 statistics.add_label_terms(grad, local, mine[:, 1:], g_extra, 1.0 / ctx.temperature)
-            return grad, None, None, None, None, None, None, None, None, None
+            return grad, None, None, None, None, None, None, None, None, None, None
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         grads = ops.linear_token_stats_backward_op(alpha, beta, lam, local_input, weight, bias, first, stats, *args,
                                                    ctx.chunk_size, need_hidden, need_weight, need_bias, gamma, delta)
@@ -188,12 +189,12 @@ class _VocabParallelStats(torch.autograd.Function):
             dist.all_reduce(summed, group=ctx.shard.group)
             grad_hidden = summed.to(grad_hidden.dtype)
         return (grad_hidden if need_hidden else None, grad_weight if need_weight else None,
-                grad_bias if need_bias else None, None, None, None, None, None, None, None)
+                grad_bias if need_bias else None, None, None, None, None, None, None, None, None)
 
 
 def token_stats(logits: Tensor, labels: Tensor, *, process_group, want=("logprobs", "entropy"),
-                temperature: float = 1.0, ignore_index: int = -100, backend: str = "auto", check_labels: bool = True
-                ) -> statistics.TokenStats:
+                temperature: float = 1.0, ignore_index: int = -100, backend: str = "auto", check_labels: bool = True,
+                batch_invariant: bool = False) -> statistics.TokenStats:
     """:func:`sirl_kernels.token_stats` with the vocabulary sharded over ``process_group``: this rank's
     ``logits [..., V_r]`` are the global columns after those of the lower ranks; ``labels`` (``[...]`` or
     ``[..., K]``) are global ids, the same on every rank. The global statistics, the same bits on every rank."""
@@ -207,7 +208,7 @@ def token_stats(logits: Tensor, labels: Tensor, *, process_group, want=("logprob
     if check_labels:
         check_label_values(flat.reshape(-1), shard.vocab, ignore_index)
     outputs = _VocabParallelStats.apply(dense_rows(logits), None, None, flat, shard, temperature, ignore_index, name,
-                                        0, names)
+                                        0, names, batch_invariant)
     return statistics.result(dict(zip(("logprobs", "entropy", "lse", "self_certainty", "varentropy"), outputs)),
                              names, labels, k_labels)
 
@@ -215,7 +216,7 @@ def token_stats(logits: Tensor, labels: Tensor, *, process_group, want=("logprob
 def linear_token_stats(hidden: Tensor, weight: Tensor, labels: Tensor, *, process_group,
                        want=("logprobs", "entropy"), bias: Tensor | None = None, temperature: float = 1.0,
                        ignore_index: int = -100, backend: str = "auto", chunk_size: int | None = None,
-                       check_labels: bool = True) -> statistics.TokenStats:
+                       check_labels: bool = True, batch_invariant: bool = False) -> statistics.TokenStats:
     """:func:`sirl_kernels.linear_token_stats` with ``weight [V_r, D]`` (and ``bias [V_r]``) this rank's rows of a
     vocabulary sharded over ``process_group`` in rank order; ``hidden`` and ``labels`` (global ids) are the same on
     every rank. The gradient of ``hidden`` is summed over the group; ``weight`` and ``bias`` get their own rows'."""
@@ -233,28 +234,29 @@ def linear_token_stats(hidden: Tensor, weight: Tensor, labels: Tensor, *, proces
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     outputs = _VocabParallelStats.apply(dense_rows(hidden), dense_rows(weight), bias, flat, shard, temperature,
-                                        ignore_index, name, int(chunk_size), names)
+                                        ignore_index, name, int(chunk_size), names, batch_invariant)
     return statistics.result(dict(zip(("logprobs", "entropy", "lse", "self_certainty", "varentropy"), outputs)),
                              names, labels, k_labels)
 
 
 def token_logprobs_entropy(logits: Tensor, labels: Tensor, *, process_group, temperature: float = 1.0,
-                           ignore_index: int = -100, backend: str = "auto", check_labels: bool = True
-                           ) -> tuple[Tensor, Tensor]:
+                           ignore_index: int = -100, backend: str = "auto", check_labels: bool = True,
+                           batch_invariant: bool = False) -> tuple[Tensor, Tensor]:
     """:func:`sirl_kernels.token_logprobs_entropy` with the vocabulary sharded over ``process_group`` (see
     :func:`token_stats`)."""
     out = token_stats(logits, labels, process_group=process_group, temperature=temperature,
-                      ignore_index=ignore_index, backend=backend, check_labels=check_labels)
+                      ignore_index=ignore_index, backend=backend, check_labels=check_labels,
+                      batch_invariant=batch_invariant)
     return out.logprobs, out.entropy
 
 
 def linear_token_logprobs_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, *, process_group,
                                   bias: Tensor | None = None, temperature: float = 1.0, ignore_index: int = -100,
-                                  backend: str = "auto", chunk_size: int | None = None, check_labels: bool = True
-                                  ) -> tuple[Tensor, Tensor]:
+                                  backend: str = "auto", chunk_size: int | None = None, check_labels: bool = True,
+                                  batch_invariant: bool = False) -> tuple[Tensor, Tensor]:
     """:func:`sirl_kernels.linear_token_logprobs_entropy` with the vocabulary sharded over ``process_group`` (see
     :func:`linear_token_stats`)."""
     out = linear_token_stats(hidden, weight, labels, process_group=process_group, bias=bias,
                              temperature=temperature, ignore_index=ignore_index, backend=backend,
-                             chunk_size=chunk_size, check_labels=check_labels)
+                             chunk_size=chunk_size, check_labels=check_labels, batch_invariant=batch_invariant)
     return out.logprobs, out.entropy

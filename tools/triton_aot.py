@@ -91,27 +91,31 @@ def _extras(n, extras):
     return Extras(_meta(n) if extras in ("sc", "both") else None, _meta(n) if extras in ("ve", "both") else None)
 
 
-def _logits_case(dtype, n, inplace=False, vocab=VOCAB, backward=True, stride=VOCAB, extras=None):
+def _logits_case(dtype, n, inplace=False, vocab=VOCAB, backward=True, stride=VOCAB, extras=None,
+                 batch_invariant=False):
     """[n, vocab] logits with row stride ``stride`` (a view when vocab < stride); the out-of-place backward's
     gradient is the launcher's own (rows padded to 16 bytes on a GPU), the in-place one the logits. ``extras``
     ("sc", "ve", "both"): the forward also fills self-certainty / varentropy, and the backward has the gamma
-    and delta terms."""
+    and delta terms. ``batch_invariant``: the forward's batch-invariant mode."""
     x = _meta(n, stride, dtype=dtype)[:, :vocab]
     labels = _meta(n, dtype=torch.int64)
-    lp, ent, stats = logits.logits_forward(x, labels, 1.0, -100, _extras(n, extras))
+    lp, ent, stats = logits.logits_forward(x, labels, 1.0, -100, _extras(n, extras), batch_invariant=batch_invariant)
     if backward:
         logits.logits_backward(_coefficients(n, bool(extras)), x, labels, stats, 1.0, -100,
                                out=x if inplace else None)
 
 
-def _linear_case(dtype, n, bias, needs=(True, True, True), backward=True, chunk=None, extras=None):
+def _linear_case(dtype, n, bias, needs=(True, True, True), backward=True, chunk=None, extras=None,
+                 batch_invariant=False):
     """``chunk`` None: the op's default ``chunk_size`` for the Triton backend (``_sizes.default_linear_chunk_size``:
-    1 GiB of dz, at N_TOKENS = 4096 rows bf16/fp16 take 2 vocabulary chunks, fp32 3)."""
+    1 GiB of dz, at N_TOKENS = 4096 rows bf16/fp16 take 2 vocabulary chunks, fp32 3). ``batch_invariant``: the
+    forward's batch-invariant mode."""
     chunk = default_linear_chunk_size(VOCAB, "triton", dtype) if chunk is None else chunk
     hidden, weight = _meta(n, DIM, dtype=dtype), _meta(VOCAB, DIM, dtype=dtype)
     b = _meta(VOCAB, dtype=dtype) if bias else None
     labels = _meta(n, dtype=torch.int64)
-    lp, ent, stats = linear.linear_forward(hidden, weight, b, labels, 1.0, -100, _extras(n, extras))
+    lp, ent, stats = linear.linear_forward(hidden, weight, b, labels, 1.0, -100, _extras(n, extras),
+                                           batch_invariant=batch_invariant)
     if backward:
         linear.linear_backward(_coefficients(n, bool(extras)), hidden, weight, b, labels, stats, 1.0, -100, chunk,
                                needs)
@@ -143,6 +147,16 @@ for _name, _dt in DTYPES.items():
         lambda dt=_dt: _linear_case(dt, N_TOKENS, True, extras="both")
     CASES[f"linear {_name} bias, self-certainty and varentropy, 16 rows (split-V)"] = \
         lambda dt=_dt: _linear_case(dt, 16, True, backward=False, extras="both")
+    CASES[f"linear {_name} no bias, self-certainty and varentropy"] = \
+        lambda dt=_dt: _linear_case(dt, N_TOKENS, False, backward=False, extras="both")
+    # batch-invariant forwards (``batch_invariant=True``): tiles of a large N and _sizes.batch_invariant_splits(V)
+    # splits whatever N, so 16 rows take the 64-row tile split 10 ways (a GPU keeps tl.dot: no constexpr of its own)
+    CASES[f"logits {_name}, batch-invariant, 8 rows"] = \
+        lambda dt=_dt: _logits_case(dt, 8, backward=False, batch_invariant=True)
+    CASES[f"linear {_name} bias, batch-invariant, 16 rows"] = \
+        lambda dt=_dt: _linear_case(dt, 16, True, backward=False, batch_invariant=True)
+    CASES[f"linear {_name} no bias, batch-invariant, self-certainty and varentropy, 16 rows"] = \
+        lambda dt=_dt: _linear_case(dt, 16, False, backward=False, extras="both", batch_invariant=True)
 # one of the two statistics alone (bf16): the forward compiles only its own accumulator
 CASES["logits bf16, self-certainty only"] = lambda: _logits_case(torch.bfloat16, N_TOKENS, backward=False, extras="sc")
 CASES["logits bf16, varentropy only"] = lambda: _logits_case(torch.bfloat16, N_TOKENS, backward=False, extras="ve")

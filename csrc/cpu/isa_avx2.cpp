@@ -7,6 +7,8 @@
 
 #include <type_traits>
 
+#include <immintrin.h>  // fixed_order_logits.inc: explicit FMA intrinsics
+
 #include "kernels.h"
 #include "sirl/host_api.h"
 #include "sirl/online_state.h"
@@ -18,6 +20,7 @@
 namespace sirl_cpu {
 namespace avx2 {
 #include "row_kernels.inc"
+#include "fixed_order_logits.inc"
 }  // namespace avx2
 }  // namespace sirl_cpu
 

@@ -18,6 +18,7 @@
 namespace sirl_cpu {
 namespace baseline {
 #include "row_kernels.inc"
+#include "fixed_order_logits.inc"
 }  // namespace baseline
 }  // namespace sirl_cpu
 

@@ -12,6 +12,8 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
+#include <new>
 #include <string>
 #include <system_error>
 #include <thread>
@@ -30,13 +32,18 @@ struct Kernels {
   decltype(&baseline::backward_rows) backward_rows;
   decltype(&baseline::exp_array) exp_array;
   decltype(&baseline::convert_array) convert_array;
+  decltype(&baseline::fixed_order_panel_cols) fixed_order_panel_cols;
+  decltype(&baseline::fixed_order_work_floats) fixed_order_work_floats;
+  decltype(&baseline::fixed_order_logits) fixed_order_logits;
 };
 
-const Kernels kAvx512{"avx512", avx512::forward_rows, avx512::backward_rows, avx512::exp_array,
-                      avx512::convert_array};
-const Kernels kAvx2{"avx2", avx2::forward_rows, avx2::backward_rows, avx2::exp_array, avx2::convert_array};
-const Kernels kBaseline{"baseline", baseline::forward_rows, baseline::backward_rows, baseline::exp_array,
-                        baseline::convert_array};
+#define SIRL_CPU_KERNELS_OF(isa)                                                                              \
+  isa::forward_rows, isa::backward_rows, isa::exp_array, isa::convert_array, isa::fixed_order_panel_cols,       \
+      isa::fixed_order_work_floats, isa::fixed_order_logits
+const Kernels kAvx512{"avx512", SIRL_CPU_KERNELS_OF(avx512)};
+const Kernels kAvx2{"avx2", SIRL_CPU_KERNELS_OF(avx2)};
+const Kernels kBaseline{"baseline", SIRL_CPU_KERNELS_OF(baseline)};
+#undef SIRL_CPU_KERNELS_OF
 
 bool cpu_has_avx512() {
   __builtin_cpu_init();
@@ -103,6 +110,55 @@ sirl::Status run_rows(const Args& args, const sirl_launch& launch, RowKernel Ker
   parallel_rows(args.in.rows, args.in.vocab, launch.num_threads,
                 [&](int64_t r0, int64_t r1) { kernel(args, inv_t, r0, r1); });
   return sirl::ok();
+}
+
+// sirl_cpu_fixed_order_logits with checked arguments, rows, vocab and dim > 0. The work is split into a grid of
+// (vocabulary panels) x (row ranges), one cell per thread; never over dim, so each output is one thread's fixed
+// chain of FMAs (fixed_order_logits.inc) and the result does not depend on the thread count or the split.
+void fixed_order_run(const FixedOrderArgs& a, int32_t num_threads) {
+  const Kernels* k = active().load();
+  const int64_t panel = k->fixed_order_panel_cols(a.dim);
+  const int64_t panels = (a.vocab + panel - 1) / panel;
+  // At least about 2^22 multiply-adds per thread (a millisecond): below it a thread costs more than it saves.
+  const double work = (double)a.rows * (double)a.vocab * (double)a.dim;
+  const int64_t threads =
+      std::max<int64_t>(1, std::min<int64_t>(num_threads, (int64_t)std::min(work / 4194304.0, 1e9)));
+  const int64_t tp = std::min(threads, panels);
+  const int64_t tr = std::max<int64_t>(1, std::min<int64_t>(threads / tp, a.rows));
+  const size_t work_bytes = ((size_t)k->fixed_order_work_floats(a.dim) * 4 + 63) / 64 * 64;
+  auto cell = [&a, k, panel, panels, tp, tr, work_bytes](int64_t t) {
+    const int64_t pi = t % tp, ri = t / tp;
+    const int64_t v0 = std::min(a.vocab, panels * pi / tp * panel);
+    const int64_t v1 = std::min(a.vocab, panels * (pi + 1) / tp * panel);
+    const int64_t r0 = a.rows * ri / tr, r1 = a.rows * (ri + 1) / tr;
+    if (v0 >= v1 || r0 >= r1) return;
+    float* buf = static_cast<float*>(std::aligned_alloc(64, work_bytes));
+    if (buf == nullptr) throw std::bad_alloc();
+    k->fixed_order_logits(a, v0, v1, r0, r1, buf);
+    std::free(buf);
+  };
+  const int64_t cells = tp * tr;
+  std::vector<std::thread> workers;
+  std::vector<std::exception_ptr> errors(static_cast<size_t>(cells));
+  workers.reserve(static_cast<size_t>(cells - 1));
+  auto guarded = [&cell, &errors](int64_t t) {
+    try {
+      cell(t);
+    } catch (...) {
+      errors[static_cast<size_t>(t)] = std::current_exception();
+    }
+  };
+  for (int64_t t = 1; t < cells; ++t) {
+    try {
+      workers.emplace_back(guarded, t);
+    } catch (const std::system_error&) {  // no thread to be had: this cell runs here instead
+      guarded(t);
+    }
+  }
+  guarded(0);
+  for (std::thread& w : workers) w.join();
+  for (const std::exception_ptr& e : errors)
+    if (e) std::rethrow_exception(e);
 }
 
 sirl::Status isa_invalid(const char* fn, const char* name) {
@@ -182,6 +238,37 @@ SIRL_API int32_t sirl_cpu_convert(const void* src, int32_t src_dtype, void* dst,
     }
     if (n < 0 || (n > 0 && (!src || !dst))) return sirl::invalid(fn, "needs n >= 0 and buffers");
     sirl_cpu::active().load()->convert_array(src_dtype, src, dst_dtype, dst, n);
+    return sirl::ok();
+  });
+}
+
+SIRL_API int32_t sirl_cpu_fixed_order_logits(const void* hidden, int32_t dtype, int64_t rows, int64_t dim,
+                                             int64_t stride_hidden, const void* weight, int64_t vocab,
+                                             int64_t stride_weight, float* out, int64_t stride_out,
+                                             int32_t num_threads) {
+  const char* fn = "sirl_cpu_fixed_order_logits";
+  return sirl::run_exported(fn, [&] {
+    if (!sirl::dtype_supported(dtype)) {
+      return sirl::Status{SIRL_UNSUPPORTED_DTYPE, std::string(fn) + ": dtype code " + std::to_string(dtype) +
+                                                      " is not supported (float32 = 0, bfloat16 = 1, float16 = 2)"};
+    }
+    if (rows < 0 || dim < 0 || vocab < 0) return sirl::invalid(fn, "needs rows, dim and vocab >= 0");
+    if (stride_hidden < 0 || stride_weight < 0) return sirl::invalid(fn, "needs row strides >= 0");
+    if (rows > 1 && stride_out < vocab) {
+      return sirl::invalid(fn, "out rows overlap: stride_out " + std::to_string(stride_out) + " < vocab " +
+                                   std::to_string(vocab));
+    }
+    if (rows == 0 || vocab == 0) return sirl::ok();
+    if (out == nullptr || (dim > 0 && (hidden == nullptr || weight == nullptr))) {
+      return sirl::invalid(fn, "hidden, weight or out is a null pointer");
+    }
+    if (dim == 0) {  // an empty sum: +0
+      for (int64_t n = 0; n < rows; ++n) std::fill(out + n * stride_out, out + n * stride_out + vocab, 0.0f);
+      return sirl::ok();
+    }
+    const sirl_cpu::FixedOrderArgs a{hidden, weight, out, rows, dim, vocab, stride_hidden, stride_weight,
+                                     stride_out, dtype};
+    sirl_cpu::fixed_order_run(a, num_threads);
     return sirl::ok();
   });
 }

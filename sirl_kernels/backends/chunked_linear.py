@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from sirl_kernels._checks import accumulation_dtype
+from sirl_kernels.backends import fixed_order
 from sirl_kernels.backends.contract import NeedsGrad
 from sirl_kernels.backends.matmul import matmul_into
 from sirl_kernels.backends.rows import Coefficients, Extras
@@ -38,16 +39,19 @@ def default_workspace(rows: int, vocab: int, dtype: torch.dtype, device: torch.d
 @dataclass(frozen=True)
 class LogitsKernels:
     """What a backend lends the driver: its logits forward and backward (contract signatures) and, optionally,
-    how to allocate the chunk workspace (the "cpu" backend asks for huge pages)."""
+    how to allocate the chunk workspace (the "cpu" backend asks for huge pages) and its batch-invariant logits
+    product ``fixed_order_matmul(out, hidden, weight)`` (default: ``fixed_order.matmul_into``)."""
 
     forward: Callable[..., tuple[Tensor, Tensor, Tensor]]
     backward: Callable[..., Tensor]
     workspace: Workspace = default_workspace
+    fixed_order_matmul: Callable[[Tensor, Tensor, Tensor], Tensor] = fixed_order.matmul_into
 
 
-def bind(forward, backward, workspace: Workspace = default_workspace):
+def bind(forward, backward, workspace: Workspace = default_workspace,
+         fixed_order_matmul: Callable[[Tensor, Tensor, Tensor], Tensor] = fixed_order.matmul_into):
     """``(linear_forward, linear_backward)`` with the contract's signatures, driving a backend's logits kernels."""
-    kernels = LogitsKernels(forward, backward, workspace)
+    kernels = LogitsKernels(forward, backward, workspace, fixed_order_matmul)
     return functools.partial(linear_forward, kernels), functools.partial(linear_backward, kernels)
 
 
@@ -57,16 +61,21 @@ def _chunks(n: int, chunk_size: int):
         yield start, min(start + step, n)
 
 
-def _logits_into(z: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    matmul_into(z, hidden, weight.t())
+def _logits_into(z: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None, fixed_order_matmul=None) -> Tensor:
+    if fixed_order_matmul is None:
+        matmul_into(z, hidden, weight.t())
+    else:
+        fixed_order_matmul(z, hidden, weight)
     if bias is not None:
         z += bias  # promoted to z's fp32
     return z
 
 
 def linear_forward(kernels: LogitsKernels, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
-                   temperature: float, ignore_index: int, chunk_size: int, extras: Extras | None = None
-                   ) -> tuple[Tensor, Tensor, Tensor]:
+                   temperature: float, ignore_index: int, chunk_size: int, extras: Extras | None = None,
+                   batch_invariant: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """``batch_invariant``: the backend's fixed-order product forms each chunk's logits (a row's logits then do
+    not depend on the chunk), and its logits forward runs batch-invariant (contract.py)."""
     n, vocab = hidden.shape[0], weight.shape[0]
     acc = accumulation_dtype(hidden.dtype)
     logprobs = torch.empty(n, dtype=acc, device=hidden.device)
@@ -76,9 +85,12 @@ def linear_forward(kernels: LogitsKernels, hidden: Tensor, weight: Tensor, bias:
         return logprobs, entropy, stats
     buf = kernels.workspace(min(int(chunk_size), n), vocab, acc, hidden.device)
     for s, e in _chunks(n, chunk_size):
-        z = _logits_into(buf[: e - s], hidden[s:e], weight, bias)
-        more = () if extras is None else (extras.rows(s, e),)  # views: the chunk's kernel fills them in place
-        logprobs[s:e], entropy[s:e], stats[s:e] = kernels.forward(z, labels[s:e], temperature, ignore_index, *more)
+        z = _logits_into(buf[: e - s], hidden[s:e], weight, bias,
+                         kernels.fixed_order_matmul if batch_invariant else None)
+        more = {} if extras is None else {"extras": extras.rows(s, e)}  # views: the chunk's kernel fills them
+        if batch_invariant:
+            more["batch_invariant"] = True
+        logprobs[s:e], entropy[s:e], stats[s:e] = kernels.forward(z, labels[s:e], temperature, ignore_index, **more)
     return logprobs, entropy, stats
 
 

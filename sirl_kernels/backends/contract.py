@@ -43,10 +43,12 @@ class Backend(Protocol):
         """None if the backend can run on ``device`` (or on some device of this machine when None), else why not."""
 
     def logits_forward(self, logits: Tensor, labels: Tensor, temperature: float, ignore_index: int,
-                       extras: Extras | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                       extras: Extras | None = None, batch_invariant: bool = False) -> tuple[Tensor, Tensor, Tensor]:
         """``(logprobs [N], entropy [N], stats [N, 2])``, all fp32 (float64 in, float64 out on "torch"); the
         outputs ``extras`` holds (self-certainty, varentropy: ``rows.Extras``) filled in the same pass when not
-        None, their accumulators compiled in only then."""
+        None, their accumulators compiled in only then. ``batch_invariant``: every output of a row is bitwise the
+        same whatever N, the other rows and the row's position (no split, tile or reduction strategy chosen from
+        N: split-V kernels use ``_sizes.batch_invariant_splits(V)``)."""
 
     def logits_backward(self, coef: Coefficients, logits: Tensor, labels: Tensor, stats: Tensor, temperature: float,
                         ignore_index: int, out: Tensor | None = None) -> Tensor:
@@ -58,10 +60,12 @@ class Backend(Protocol):
         logits), formed and checked by the backward ops."""
 
     def linear_forward(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
-                       temperature: float, ignore_index: int, chunk_size: int, extras: Extras | None = None
-                       ) -> tuple[Tensor, Tensor, Tensor]:
+                       temperature: float, ignore_index: int, chunk_size: int, extras: Extras | None = None,
+                       batch_invariant: bool = False) -> tuple[Tensor, Tensor, Tensor]:
         """The logits forward of ``hidden @ weight.T (+ bias)`` without holding more than ``chunk_size x V``
-        logits (backends that keep logits tiles in registers hold none)."""
+        logits (backends that keep logits tiles in registers hold none). ``batch_invariant``: as in
+        ``logits_forward``, and whatever ``chunk_size``: each logit is summed over D in an order fixed per row
+        (never a GEMM whose blocking depends on the number of rows)."""
 
     def linear_backward(self, coef: Coefficients, hidden: Tensor, weight: Tensor, bias: Tensor | None,
                         labels: Tensor, stats: Tensor, temperature: float, ignore_index: int, chunk_size: int,

@@ -8,7 +8,9 @@ fixed order, so results never depend on the thread count.
 
 Fused linear: the shared chunked driver (``chunked_linear``) over these kernels, its fp32 chunk workspace on
 transparent huge pages. Fresh gradients of the logits are also allocated on huge pages: first-touch page faults of a
-multi-GB tensor otherwise cost more than the kernel (measured 1.2 s vs 0.2 s for 2.5 GB here).
+multi-GB tensor otherwise cost more than the kernel (measured 1.2 s vs 0.2 s for 2.5 GB here). With
+``batch_invariant=True`` each chunk's logits come from :func:`fixed_order_logits` (one FMA chain per logit, in the
+order d = 0..D-1) instead of MKL, whose kernel depends on the number of rows.
 
 The ISA build (AVX-512, AVX2 or baseline x86-64) is picked at load time from the CPU; ``$SIRL_KERNELS_CPU_ISA``
 (``avx512`` | ``avx2`` | ``baseline`` | ``auto``, read once) caps it, any other value is a ValueError on use, and
@@ -94,9 +96,10 @@ def _cpu_only(*tensors: torch.Tensor) -> None:
             raise ValueError(f"backend 'cpu' takes CPU tensors, got one on {t.device}")
 
 
-def logits_forward(logits, labels, temperature, ignore_index, extras=None):
+def logits_forward(logits, labels, temperature, ignore_index, extras=None, batch_invariant=False):
     """``extras`` (``rows.Extras``): self-certainty / varentropy filled in the same pass, by the kernels'
-    instantiation that keeps their sums (the plain one runs when None)."""
+    instantiation that keeps their sums (the plain one runs when None). Always batch-invariant: one thread
+    reduces each row, in an order fixed by V alone (tests/sirl_kernels/test_batch_invariant.py)."""
     _cpu_only(logits, labels)
     return library().logits_forward(logits, labels, temperature, ignore_index, _launch(), extras=extras)
 
@@ -112,7 +115,41 @@ def _hugepage_workspace(rows, vocab, dtype, device):
     return empty_hugepage((rows, vocab), dtype)
 
 
-linear_forward, linear_backward = chunked_linear.bind(logits_forward, logits_backward, _hugepage_workspace)
+# ---- batch-invariant logits matmul (fixed reduction order) ------------------------------------------------------
+def fixed_order_logits(out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``out[n, v] = sum_d hidden[n, d] * weight[v, d]`` in fp32, written into ``out`` (fp32 ``[rows, V]``, unit
+    stride along V, any row stride) and returned. ``hidden`` ``[rows, D]`` and ``weight`` ``[V, D]``: one dtype
+    (fp32, bf16 or fp16), unit stride along D. Every output is the same sequential chain over d = 0..D-1 (fp32 FMA
+    on the AVX2/AVX-512 builds) whatever the number of rows, the row's position, the thread count
+    (``torch.get_num_threads()``) or the blocking: batch-invariant, unlike an MKL GEMM
+    (csrc/cpu/fixed_order_logits.inc)."""
+    _cpu_only(out, hidden, weight)
+    if hidden.dim() != 2 or weight.dim() != 2 or out.dim() != 2:
+        raise ValueError(f"fixed_order_logits needs 2-D out, hidden, weight, got {tuple(out.shape)}, "
+                         f"{tuple(hidden.shape)}, {tuple(weight.shape)}")
+    rows, dim = hidden.shape
+    vocab = weight.shape[0]
+    if weight.shape[1] != dim or tuple(out.shape) != (rows, vocab):
+        raise ValueError(f"fixed_order_logits: shapes do not match: hidden {tuple(hidden.shape)}, weight "
+                         f"{tuple(weight.shape)} (want [V, {dim}]), out {tuple(out.shape)} (want [{rows}, {vocab}])")
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"fixed_order_logits: hidden is {hidden.dtype} but weight is {weight.dtype}")
+    _native.dtype_code(hidden.dtype)  # TypeError for anything but fp32 / bf16 / fp16
+    if out.dtype != torch.float32:
+        raise TypeError(f"fixed_order_logits: out must be float32, got {out.dtype}")
+    for label, t in (("hidden", hidden), ("weight", weight), ("out", out)):
+        if t.shape[1] > 1 and t.stride(1) != 1:
+            raise ValueError(f"fixed_order_logits: {label} must have unit stride along its last dim, got strides "
+                             f"{t.stride()}")
+        if t.shape[0] > 1 and t.stride(0) < 0:
+            raise ValueError(f"fixed_order_logits: {label} has a negative row stride {t.stride()}")
+    return library().fixed_order_logits(out, hidden, weight, torch.get_num_threads())
+
+
+# The fused linear: the shared chunked driver over the kernels above (its batch-invariant mode forms each chunk's
+# logits with fixed_order_logits instead of MKL).
+linear_forward, linear_backward = chunked_linear.bind(logits_forward, logits_backward, _hugepage_workspace,
+                                                      fixed_order_logits)
 
 
 # ---- test hooks: the active build's vector exps and conversions on their own, and the header's scalar reference ----

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from sirl_kernels import _native
+from sirl_kernels._sizes import batch_invariant_splits
 from sirl_kernels.backends import chunked_linear
 
 name = "cuda"
@@ -48,10 +49,16 @@ def _launch(logits: torch.Tensor, num_splits: int = 0) -> _native.Launch:
     return _native.Launch(stream=stream.cuda_stream, device=logits.device.index, num_splits=int(num_splits))
 
 
-def logits_forward(logits, labels, temperature, ignore_index, extras=None, num_splits: int = 0):
+def logits_forward(logits, labels, temperature, ignore_index, extras=None, batch_invariant=False,
+                   num_splits: int = 0):
     """``extras`` (``rows.Extras``): self-certainty / varentropy filled in the same pass (the kernels' specialised
     instantiation; the plain one when None). ``num_splits``: vocabulary segments per row (0 chooses; more than one
-    only for too few rows to fill the GPU)."""
+    only for too few rows to fill the GPU); ``batch_invariant`` forces ``batch_invariant_splits(V)`` whatever N
+    (one block per row segment, merged in segment order: a row's sums then depend on V alone). The fused linear's
+    batch-invariant logits come from ``fixed_order.matmul_into`` (2 D elementwise passes per chunk: slow; the
+    "triton" backend keeps its tiles fixed instead)."""
+    if batch_invariant:
+        num_splits = batch_invariant_splits(logits.shape[1])
     return library().logits_forward(logits, labels, temperature, ignore_index, _launch(logits, num_splits),
                                     extras=extras)
 

@@ -18,7 +18,7 @@ import torch
 
 from sirl_kernels._checks import accumulation_dtype
 from sirl_kernels._sizes import logits_chunk_rows
-from sirl_kernels.backends import chunked_linear
+from sirl_kernels.backends import chunked_linear, fixed_order
 
 name = "torch"
 stats_units = "z"  # stats[:, 0] is the max of z = x / T (the contract's Backend.stats_units)
@@ -89,7 +89,11 @@ def _chunk_grad(z, labels, ignore_index, stats, coef, inv_t):
     return dz * inv_t
 
 
-def logits_forward(logits, labels, temperature, ignore_index, extras=None):
+def logits_forward(logits, labels, temperature, ignore_index, extras=None, batch_invariant=False):
+    """``batch_invariant``: each row alone (``fixed_order.row_by_row``: torch's reductions pick their strategy
+    from the shape, so a row's sums otherwise depend on how many rows come with it)."""
+    if batch_invariant:
+        return fixed_order.row_by_row(logits_forward, logits, labels, temperature, ignore_index, extras=extras)
     n, v = logits.shape
     inv_t = 1.0 / temperature
     acc = accumulation_dtype(logits.dtype)

@@ -191,14 +191,15 @@ def test_dropout_in_the_model_keeps_the_reward_out_of_the_training_forward(tmp_p
 def test_self_certainty_reward_is_the_mean_kl_from_uniform(tmp_path, in_loss):
     """reward=self_certainty (Intuitor): each completion's reward is the mean over its tokens of KL(U || p) =
     lse(z) - mean(z) - log V of the distribution that produced the token, from a no-grad scoring pass or from the
-    training forward; varentropy comes with it as a metric. Against float64 statistics of the same hidden states."""
+    training forward; varentropy comes with it as a metric, and DeepConf's top-k confidence when asked for. Against
+    float64 statistics of the same hidden states."""
     from sirl.passes import token_statistics
     from sirl.scoring import ScoreInLoss, Scoring
     from sirl_kernels.hf import final_hidden_states, output_head, unwrap_model
 
-    cfg = _config(tmp_path, reward="self_certainty")
+    cfg = _config(tmp_path, reward="self_certainty", confidence_top_k=5)
     scoring = Scoring.of(cfg)
-    assert scoring.extra_statistics == ("self_certainty", "varentropy")
+    assert scoring.extra_statistics == ("self_certainty", "varentropy", "top_k_confidence")
     policy, _, batch = _built_and_rolled_out(cfg)
     with torch.no_grad():
         weight, bias = output_head(unwrap_model(policy))
@@ -210,6 +211,7 @@ def test_self_certainty_reward_is_the_mean_kl_from_uniform(tmp_path, in_loss):
     per_token = {
         "self_certainty": torch.logsumexp(z, -1) - z.mean(-1) - math.log(z.shape[-1]),
         "varentropy": (logp.exp() * (logp + entropy[..., None]) ** 2).sum(-1),
+        "top_k_confidence": -logp.topk(5, dim=-1).values.mean(-1),
     }
     mask = batch.completion_mask[:, 1:].double()
     if in_loss:
@@ -219,13 +221,14 @@ def test_self_certainty_reward_is_the_mean_kl_from_uniform(tmp_path, in_loss):
                              nullcontext(), score_in_loss=score_in_loss)
         scores = score_in_loss.scores
     else:
-        stats = token_statistics(policy, batch, 1.0, cfg.micro_batch_tokens, extra=scoring.extra_statistics)
+        stats = token_statistics(policy, batch, 1.0, cfg.micro_batch_tokens, extra=scoring.extra_statistics,
+                                 confidence_k=scoring.confidence_k)
         scores = scoring(batch, stats.pop("entropy"), stats.pop("logprobs"), extra=stats)
     # fp32 kernels on the same hidden states: 64 ulp of |statistic| + log V + the rows' spread of z (varentropy,
     # E[d^2] - E[d]^2 in the kernels, rounds at the square of that scale)
     bound = math.log(z.shape[-1]) + (z.amax(-1) - z.amin(-1)).max().item() + 1
     eps = torch.finfo(torch.float32).eps
-    tol = {"self_certainty": 64 * eps * bound, "varentropy": 64 * eps * bound ** 2}
+    tol = {"self_certainty": 64 * eps * bound, "varentropy": 64 * eps * bound ** 2, "top_k_confidence": 64 * eps * bound}
     for name, ref in per_token.items():
         err = (scores.extra[name][:, 1:].double() - ref).abs() * mask
         assert err.max().item() <= tol[name] * (1 + (ref * mask).abs().max().item()), name

@@ -165,3 +165,25 @@ def test_requests_are_checked():
         sk.token_stats(x, torch.tensor([[1, 9], [0, 0]]))
     got = sk.token_stats(x, torch.tensor([[1, 9], [0, 0]]), check_labels=False, backend="torch")
     assert torch.isnan(got.logprobs[0, 1]) and torch.isfinite(got.logprobs[1]).all()
+
+
+def test_further_labels_gathered_in_row_blocks(monkeypatch):
+    """The further labels' weight rows are gathered a few rows at a time (``statistics.GATHER_ELEMENTS``), never
+    as one [N, K - 1, D] tensor: blocks of one row give the same outputs and gradients as one block (float64)."""
+    from sirl_kernels import statistics
+
+    g = torch.Generator().manual_seed(8)
+    hidden = torch.randn(7, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(19, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 19, (7, 4), generator=g)
+    labels[3, 2] = -100
+
+    def run():
+        out = sk.linear_token_stats(hidden, weight, labels, want=("logprobs", "entropy"), backend="torch")
+        grads = torch.autograd.grad(out.logprobs.sum() + out.entropy.sum(), (hidden, weight))
+        return (out.logprobs, *grads)
+
+    whole = run()
+    monkeypatch.setattr(statistics, "GATHER_ELEMENTS", 1)  # one row per block
+    for a, b in zip(whole, run()):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)

@@ -213,6 +213,20 @@ def _every_statistic(rank, world, backend, dtype, temperature):
     _grad_check(w_local.grad.T, w64.grad[lo:hi].T, dtype, "stats dweight", slice(None))
     _grad_check(b_local.grad[None], b64.grad[lo:hi][None], dtype, "stats dbias", slice(None))
 
+    # batch_invariant=True: a row alone gives the bits it gets among all the rows, sharded too
+    with torch.no_grad():
+        for r in (1, 4):
+            kw = dict(want=STATISTICS, temperature=temperature, backend=backend, process_group=dist.group.WORLD,
+                      batch_invariant=True)
+            pairs = [(token_stats(logits[:, lo:hi], labels2, **kw), token_stats(logits[r:r + 1, lo:hi],
+                                                                                labels2[r:r + 1], **kw)),
+                     (linear_token_stats(hidden, weight[lo:hi], labels2, bias=bias[lo:hi], chunk_size=3, **kw),
+                      linear_token_stats(hidden[r:r + 1], weight[lo:hi], labels2[r:r + 1], bias=bias[lo:hi],
+                                         **kw))]
+            for batch, alone in pairs:
+                for name in STATISTICS:
+                    assert torch.equal(getattr(batch, name)[r], getattr(alone, name)[0]), (name, r)
+
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_vocab_parallel_matches_the_full_vocabulary(world):

@@ -19,7 +19,7 @@
 
 #include <stdint.h>
 
-#define SIRL_ABI_VERSION 3
+#define SIRL_ABI_VERSION 4
 
 #define SIRL_API __attribute__((visibility("default")))
 
@@ -129,6 +129,16 @@ SIRL_API int32_t sirl_cpu_advise_hugepages(void* data, uint64_t bytes);
  * exp of x <= 0; and the dtype conversions (round to nearest even). */
 SIRL_API int32_t sirl_cpu_exp(const float* x, float* y, int64_t n, int32_t variant);
 SIRL_API int32_t sirl_cpu_convert(const void* src, int32_t src_dtype, void* dst, int32_t dst_dtype, int64_t n);
+/* Batch-invariant logits: out[n, v] = sum_d hidden[n, d] weight[v, d] (fp32 out, n < rows, v < vocab), hidden
+ * [rows, dim] and weight [vocab, dim] of one dtype (fp32, bf16, fp16; converted to fp32 exactly), unit stride along
+ * dim, row strides in elements; out has unit stride along vocab. Each output is one fixed sequential chain over
+ * d = 0..dim-1 (FMA on the AVX2/AVX-512 builds, rounded multiply then add on baseline), so it is a pure function of
+ * (hidden row, weight row) for a given build: independent of rows, the row's position, num_threads and the
+ * blocking (csrc/cpu/fixed_order_logits.inc). dim == 0 writes +0. */
+SIRL_API int32_t sirl_cpu_fixed_order_logits(const void* hidden, int32_t dtype, int64_t rows, int64_t dim,
+                                             int64_t stride_hidden, const void* weight, int64_t vocab,
+                                             int64_t stride_weight, float* out, int64_t stride_out,
+                                             int32_t num_threads);
 /* The scalar reference: the same contract as sirl_logits_forward/backward, computed with nothing but
  * online_state.h's update, finalize, log_prob and grad_* (one thread, one element at a time), so the SIMD, CUDA
  * and Triton forms can be tested against the header itself. */

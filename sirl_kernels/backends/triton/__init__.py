@@ -16,6 +16,10 @@
   of dW (complete, written once) and the chunk's share of dX (summed in fp32) with fixed-order GEMMs (cuBLAS
   on a GPU: reproducible as cuBLAS is, on the same GPU model and cuBLAS version): 8·N·D·V flops in all, fp32
   accumulation, no atomics; only the gradients asked for are computed.
+- ``batch_invariant=True`` (both forwards): the split count from V alone (``_sizes.batch_invariant_splits``) and
+  the fused linear's tiles of a large N, so a row's outputs do not depend on N, the other rows or its position;
+  under the interpreter the fused tiles are an order-fixed sum instead of numpy's BLAS matmul
+  (``linear.linear_forward``, docs/triton-fused-linear.md).
 - ``utils.py``: the target architectures, the tile tables, occupancy and waves, and the one launch helper (every
   launch under its tensors' device). The AOT compile, SASS counts, interpreter instrumentation and the GPU model
   live outside the package, in the checkout's ``tools/``.
@@ -67,11 +71,13 @@ def _require():
         raise RuntimeError(unavailable_reason(None))
 
 
-def logits_forward(logits, labels, temperature, ignore_index, extras=None):
-    """``extras``: ``rows.Extras`` ([N] fp32 self-certainty / varentropy to fill, or None), same pass."""
+def logits_forward(logits, labels, temperature, ignore_index, extras=None, batch_invariant=False):
+    """``extras``: ``rows.Extras`` ([N] fp32 self-certainty / varentropy to fill, or None), same pass.
+    ``batch_invariant``: the split count from V alone (``_sizes.batch_invariant_splits``), not from N."""
     _require()
     with _utils.quiet():
-        return _logits.logits_forward(logits, labels, temperature, ignore_index, extras)
+        return _logits.logits_forward(logits, labels, temperature, ignore_index, extras,
+                                      batch_invariant=batch_invariant)
 
 
 def logits_backward(coef, logits, labels, stats, temperature, ignore_index, out=None):
@@ -82,11 +88,14 @@ def logits_backward(coef, logits, labels, stats, temperature, ignore_index, out=
         return _logits.logits_backward(coef, logits, labels, stats, temperature, ignore_index, out=out)
 
 
-def linear_forward(hidden, weight, bias, labels, temperature, ignore_index, chunk_size, extras=None):
-    """``chunk_size`` is not needed: the forward materialises no logits."""
+def linear_forward(hidden, weight, bias, labels, temperature, ignore_index, chunk_size, extras=None,
+                   batch_invariant=False):
+    """``chunk_size`` is not needed: the forward materialises no logits (so no result depends on it).
+    ``batch_invariant``: tiles and split count from V, D and the dtype alone, not from N (``linear.linear_forward``)."""
     _require()
     with _utils.quiet():
-        return _linear.linear_forward(hidden, weight, bias, labels, temperature, ignore_index, extras)
+        return _linear.linear_forward(hidden, weight, bias, labels, temperature, ignore_index, extras,
+                                      batch_invariant=batch_invariant)
 
 
 def linear_backward(coef, hidden, weight, bias, labels, stats, temperature, ignore_index, chunk_size, needs_grad):

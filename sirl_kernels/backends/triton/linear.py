@@ -50,7 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sirl_kernels._sizes import empty_aligned_rows
+from sirl_kernels._sizes import batch_invariant_splits, empty_aligned_rows
 from sirl_kernels.backends.matmul import matmul_into
 from sirl_kernels.backends.triton import utils
 from sirl_kernels.backends.triton.logits import (
@@ -95,22 +95,36 @@ def grouped_tile(pid, row_tiles, col_tiles, ROW_GROUP):
 @triton.jit
 def _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, D, stride_h, stride_w,
                  HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                 FIXED_ORDER_DOT: tl.constexpr):
     """fp32 [BLOCK_N, BLOCK_V] tile of hidden @ weight.T + bias, -inf in out-of-range columns. ``rows`` and
-    ``cols`` are int64."""
+    ``cols`` are int64.
+
+    ``FIXED_ORDER_DOT`` (the interpreter's batch-invariant forward only, ``_fixed_order_dot``): the product is
+    summed over k = 0, 1, ..., D - 1 in sequence, one fp32 multiply and one fp32 add per element and k, instead
+    of ``tl.dot``, which the interpreter runs as numpy's matmul, whose BLAS kernels may sum a row's products in
+    an order that depends on the row's position in the tile."""
     acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
-    h_rows = h_ptr + rows[:, None] * stride_h
-    w_rows = w_ptr + cols[:, None] * stride_w
-    ks0 = tl.arange(0, BLOCK_D)
-    for k in range(0, D, BLOCK_D):
-        ks = k + ks0
-        k_ok = ks < D
-        a = tl.load(h_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        if DOT_F32:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+    if FIXED_ORDER_DOT:
+        h_row = h_ptr + rows * stride_h
+        w_row = w_ptr + cols * stride_w
+        for k in range(0, D):
+            a = tl.load(h_row + k, mask=row_ok, other=0.0).to(tl.float32)
+            b = tl.load(w_row + k, mask=col_ok, other=0.0).to(tl.float32)
+            acc = acc + a[:, None] * b[None, :]
+    else:
+        h_rows = h_ptr + rows[:, None] * stride_h
+        w_rows = w_ptr + cols[:, None] * stride_w
+        ks0 = tl.arange(0, BLOCK_D)
+        for k in range(0, D, BLOCK_D):
+            ks = k + ks0
+            k_ok = ks < D
+            a = tl.load(h_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            if DOT_F32:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     return tl.where(col_ok[None, :], acc, float("-inf"))
@@ -134,7 +148,7 @@ def _linear_fwd_kernel(
     part_q, xy_ptr, N, V, D, stride_h, stride_w, inv_t, scale2, ignore_index, chunk, NUM_SPLITS, ROW_GROUP,
     HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_SC: tl.constexpr, HAS_VE: tl.constexpr,
+    HAS_SC: tl.constexpr, HAS_VE: tl.constexpr, FIXED_ORDER_DOT: tl.constexpr = False,
 ):
     """BLOCK_N rows, the columns [split * chunk, +chunk): per-row online states of the logits tiles (with HAS_SC /
     HAS_VE the self-certainty / varentropy sums, ``logits.update_state_extras``)."""
@@ -155,7 +169,7 @@ def _linear_fwd_kernel(
         cols = start + offs
         col_ok = cols < v_stop
         x = _logits_tile(h_ptr, w_ptr, b_ptr, rows, valid, cols, col_ok, D, stride_h, stride_w,
-                         HAS_BIAS, DOT_F32, PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
+                         HAS_BIAS, DOT_F32, PRECISION, BLOCK_N, BLOCK_V, BLOCK_D, FIXED_ORDER_DOT)
         x_y += tl.sum(tl.where(_label_columns(labels, start, BLOCK_V), x, 0.0), axis=1)
         if HAS_SC or HAS_VE:
             m, s, w2, u2, q2 = update_state_extras(m, s, w2, u2, q2, x, (start - v_begin).to(tl.float32),
@@ -239,9 +253,38 @@ def _fused_plan(row_tiles: int, v_tiles: int, fit: int, slots: int, least: int) 
     return best[1], best[2]
 
 
-def linear_forward(hidden, weight, bias, labels, temperature, ignore_index, extras=None, num_splits=None):
+def linear_forward(hidden, weight, bias, labels, temperature, ignore_index, extras=None, num_splits=None,
+                   batch_invariant=False):
     """(logprobs, entropy [N], stats [N, 2]) fp32 of ``hidden @ weight.T (+ bias)``; ``extras`` (``rows.Extras``)
-    filled in the same pass; ``num_splits`` forces the split-V path (tests)."""
+    filled in the same pass; ``num_splits`` forces the split-V path (tests).
+
+    ``batch_invariant``: every output of a row is bitwise the same whatever N, the other rows and the row's
+    position. By default two things depend on N: the row tile BLOCK_N (``utils.linear_logits_blocks``: smaller for
+    small batches) and the split count (planned from the row tiles and the occupancy). Here the tiles are those of a
+    large N (``batch_invariant=True`` there: BLOCK_N, BLOCK_V, BLOCK_D, warps and stages from V, D, the dtype and
+    the target alone) and the splits ``_sizes.batch_invariant_splits(V)`` (capped by the tiles; ``num_splits``
+    and ``utils.force_num_splits`` are ignored), so a row's logits and states are formed from the same tiles over
+    the same column ranges and merged in the same order. What still depends on N does not touch a row's
+    arithmetic: the row group (``ROW_GROUP``, ``grouped_tile``) only renumbers the programs (which program runs
+    when), the row tile a row falls in only moves it within a tile, masked rows (past N, ignored) load zeros,
+    and every reduction of ``_linear_fwd_kernel`` and of the merge is along a row (over its columns or splits),
+    never across rows.
+
+    That a row's results do not depend on its position within the tile is the remaining assumption:
+
+    - On a GPU the batch-invariant forward keeps ``tl.dot``: it is a default specialisation (for N >= 64 the
+      same tiles and constexprs as the default launch; only the split count differs). With the tile config and the K order fixed, a tensor-core MMA (mma.sync, wgmma, tcgen05)
+      computes each output element from its row and column of the operands with the same instruction sequence,
+      whichever row of the tile it is (the basis of the batch-invariant matmuls of vLLM and Thinking Machines);
+      the row reductions (``tl.max`` / ``tl.sum`` over axis 1) combine a row's columns in a tree fixed by the
+      layout, the same for every row. Triton's integer specialisations (N == 1, N % 16 == 0, NUM_SPLITS and
+      ROW_GROUP == 1) change only index arithmetic and masks. This is argued, not measured on a GPU here.
+    - Under the interpreter ``tl.dot`` is numpy's matmul of the fp32-upcast tiles, and OpenBLAS's kernels (e.g.
+      its Haswell / Zen kernels) give results that depend on a row's position in the tile. So the interpreter's
+      batch-invariant forward forms the tile with ``FIXED_ORDER_DOT`` (``_logits_tile``): a sequential sum over
+      k of elementwise fp32 products, one rounding each, the same for every element; the row reductions are
+      numpy reductions over axis 1 of a [BLOCK_N, BLOCK_V] array of fixed shape, each row reduced by the same
+      loop."""
     n, dim = hidden.shape
     v = weight.shape[0]
     dev = hidden.device
@@ -251,7 +294,7 @@ def linear_forward(hidden, weight, bias, labels, temperature, ignore_index, extr
         return tuple(out)
     labels = labels.contiguous()
     target = utils.target_of(dev)
-    cfg = utils.linear_logits_blocks(n, v, dim, hidden.dtype, target)
+    cfg = utils.linear_logits_blocks(n, v, dim, hidden.dtype, target, batch_invariant=batch_invariant)
     bn, bv = cfg["BLOCK_N"], cfg["BLOCK_V"]
     row_tiles = utils.cdiv(n, bn)
     tiles = utils.cdiv(v, bv)
@@ -260,7 +303,14 @@ def linear_forward(hidden, weight, bias, labels, temperature, ignore_index, extr
     scalars = (inv_t, inv_t * LOG2E, ignore_index)
     b = bias if bias is not None else weight  # dummy pointer when HAS_BIAS is False
     extra_ptrs, flags = extra_outputs(extras, out[0])
+    if any(flags.values()):
+        # The self-certainty / varentropy sums are two more per-row fp32 states through the tile loop: under
+        # sm_90's 128-register cap the 64-row split specialisation without bias spilled 32-48 B; without the cap
+        # it compiles to more registers and no spill (fewer CTAs per SM, on a path that is asked for explicitly).
+        cfg.pop("maxnreg", None)
     kwargs = dict(HAS_BIAS=bias is not None, **_dot_constexprs(hidden.dtype), **cfg, **flags)
+    if _fixed_order_dot(batch_invariant, target):
+        kwargs["FIXED_ORDER_DOT"] = True  # the default specialisations do not pass it (False)
     plan = {"group": row_tiles}
 
     def args_of(chunk, splits, parts=(out[0],) * 6):
@@ -275,7 +325,13 @@ def linear_forward(hidden, weight, bias, labels, temperature, ignore_index, extr
         chunk, splits = utils.split_chunk(v, bv, splits)
         return (row_tiles * splits,), args_of(chunk, splits), dict(kwargs, SPLIT=splits > 1)
 
-    if num_splits is None:
+    if batch_invariant:
+        num_splits = batch_invariant_splits(v)
+        # the row group only orders the programs (one group under the interpreter, as by default)
+        if target.gpu:
+            plan["group"] = _batch_invariant_group(row_tiles, fit, utils.actual_splits(tiles, num_splits), launch_of,
+                                                   target)
+    elif num_splits is None:
         num_splits = utils.plan_splits(_linear_fwd_kernel, launch_of, choose, target)
     else:
         choose(1, 1)
@@ -289,8 +345,29 @@ def linear_forward(hidden, weight, bias, labels, temperature, ignore_index, extr
     utils.launch(_linear_fwd_kernel, (row_tiles * splits,), *args_of(chunk, splits, (*parts, x_y)), SPLIT=True,
                  **kwargs)
     launch_merge(parts, x_y, labels, out, n, v, 0, scalars, target, label_from_rows=False, extra_ptrs=extra_ptrs,
-                 flags=flags, chunk=chunk)
+                 flags=flags, chunk=chunk, batch_invariant=batch_invariant)
     return tuple(out)
+
+
+def _fixed_order_dot(batch_invariant: bool, target: utils.TileTarget) -> bool:
+    """Whether the fused forward forms its tiles with the sequential sum instead of ``tl.dot``: under the
+    interpreter in batch-invariant mode only (``linear_forward``); a GPU target planned under the interpreter
+    (the instrumentation's counts) keeps ``tl.dot``, as that GPU would."""
+    return batch_invariant and utils.INTERPRET and not target.gpu
+
+
+def _batch_invariant_group(row_tiles, fit, splits, launch_of, target):
+    """Row group of the batch-invariant fused forward on a GPU, whose split count is fixed (``splits``), by
+    ``fused_plan``'s rule for a given split count: one group when every hidden block fits the L2, else as many
+    row tiles as fit in MULTI_GROUP_SHARE of it, a multiple of the CTAs a wave holds over ``splits`` when
+    possible (a wave inside one group). Only the program order depends on it (``linear_forward``)."""
+    if row_tiles <= fit:
+        return row_tiles
+    grid, args, kwargs = launch_of(splits)
+    slots = utils.resident_ctas(_linear_fwd_kernel, grid, args, kwargs, target) * target.num_sms
+    multi_fit = max(1, int(MULTI_GROUP_SHARE * fit))
+    unit = slots // math.gcd(slots, splits)
+    return max(1, min(row_tiles, multi_fit // unit * unit or multi_fit))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -324,7 +401,7 @@ def _dlogits_kernel(
     beta = tl.load(beta_ptr + rows, mask=valid, other=0.0)
     lam = tl.load(lam_ptr + rows, mask=valid, other=0.0)
     x = _logits_tile(h_ptr, w_ptr, b_ptr, rows, valid, cols, col_ok, D, stride_h, stride_w,
-                     HAS_BIAS, DOT_F32, PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
+                     HAS_BIAS, DOT_F32, PRECISION, BLOCK_N, BLOCK_V, BLOCK_D, False)
     if HAS_GAMMA or HAS_DELTA:
         gamma = tl.load(gamma_ptr + rows, mask=valid, other=0.0) if HAS_GAMMA else tl.zeros([BLOCK_N], tl.float32)
         delta = tl.load(delta_ptr + rows, mask=valid, other=0.0) if HAS_DELTA else tl.zeros([BLOCK_N], tl.float32)

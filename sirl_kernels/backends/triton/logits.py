@@ -49,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sirl_kernels._sizes import empty_aligned_rows
+from sirl_kernels._sizes import batch_invariant_splits, empty_aligned_rows
 from sirl_kernels.backends.triton import utils
 
 # tl.constexpr globals: the compiler rejects any global a @triton.jit function reads that is not a tl.constexpr
@@ -516,9 +516,17 @@ def extra_outputs(extras, dummy):
                                                                            HAS_VE=ve is not None)
 
 
-def logits_forward(logits, labels, temperature, ignore_index, extras=None, num_splits=None):
+def logits_forward(logits, labels, temperature, ignore_index, extras=None, num_splits=None, batch_invariant=False):
     """(logprobs, entropy [N], stats [N, 2]) fp32; ``extras`` (``rows.Extras``: [N] fp32 tensors or None) are
-    filled in the same pass; ``num_splits`` forces the split-V path (tests)."""
+    filled in the same pass; ``num_splits`` forces the split-V path (tests).
+
+    ``batch_invariant``: every output of a row is bitwise the same whatever N, the other rows and the row's
+    position. One program reduces one row (and split), with a tile (``utils.logits_tiles``) that depends on V,
+    the dtype and the target only; what depends on N by default is the split count (planned from N and the
+    occupancy). Here it is ``_sizes.batch_invariant_splits(V)`` (capped by the tiles as always; ``num_splits``
+    and ``utils.force_num_splits`` are ignored), so a row always takes the same path (unsplit, or split and
+    merged in a fixed order) over the same column ranges, and the merge's row block does not depend on N either
+    (``launch_merge``)."""
     n, v = logits.shape
     dev = logits.device
     out = [torch.empty(n, dtype=torch.float32, device=dev) for _ in range(2)]
@@ -538,6 +546,8 @@ def logits_forward(logits, labels, temperature, ignore_index, extras=None, num_s
         return (logits, labels, *out, *extra_ptrs, *parts, logits.stride(0) // unit, v, *scalars, chunk, splits)
 
     kwargs = dict(R=cfg["R"], T=cfg["T"], VEC=cfg["VEC"], UNIT=unit, num_warps=cfg["num_warps"], **flags)
+    if batch_invariant:
+        num_splits = batch_invariant_splits(v)
     chunk, splits = _split_plan(_logits_fwd_kernel, n, v, utils.tile_width(cfg), args_of,
                                 lambda split: dict(kwargs, SPLIT=split), target, num_splits)
     if splits == 1:
@@ -546,7 +556,7 @@ def logits_forward(logits, labels, temperature, ignore_index, extras=None, num_s
     parts = partial_states(n, splits, dev, flags)
     utils.launch(_logits_fwd_kernel, (n, splits), *args_of(chunk, splits, parts), SPLIT=True, **kwargs)
     launch_merge(parts, logits, labels, out, n, v, logits.stride(0), scalars, target, label_from_rows=True,
-                 extra_ptrs=extra_ptrs, flags=flags, chunk=chunk)
+                 extra_ptrs=extra_ptrs, flags=flags, chunk=chunk, batch_invariant=batch_invariant)
     return tuple(out)
 
 
@@ -559,9 +569,14 @@ def partial_states(n, splits, dev, flags):
 
 
 def launch_merge(parts, xy, labels, out, n, v, xy_stride, args, target, label_from_rows, extra_ptrs=None,
-                 flags=None, chunk=0):
+                 flags=None, chunk=0, batch_invariant=False):
     """Merges the split-V partial states ``parts`` (``merge_partials_kernel``; ``partial_states``) into the row
-    outputs ``out`` and, per ``flags``, the optional ones ``extra_ptrs`` (splits of ``chunk`` columns)."""
+    outputs ``out`` and, per ``flags``, the optional ones ``extra_ptrs`` (splits of ``chunk`` columns).
+
+    A row's merge is a reduction over its own splits only; its block of BLOCK_N rows depends on the splits alone
+    on a GPU, and on N under the interpreter (one numpy reduction for all rows), except with ``batch_invariant``,
+    where the interpreter takes the GPU's block too: the shape of the arrays numpy reduces then never depends
+    on N."""
     flags = flags or dict(HAS_SC=False, HAS_VE=False)
     extra_ptrs = extra_ptrs or (out[0], out[0])
     parts = list(parts) + [parts[0]] * (5 - len(parts))
@@ -570,7 +585,8 @@ def launch_merge(parts, xy, labels, out, n, v, xy_stride, args, target, label_fr
     # on a GPU about 2048 partial states per program (three fp32 [BLOCK_N, BLOCK_S] tiles stay in registers; the
     # optional sums add up to two more)
     per_program = 2048 if not (flags["HAS_SC"] or flags["HAS_VE"]) else 1024
-    block_n = max(2, min(64, per_program // block_s)) if target.gpu else min(1024, utils.next_pow2(n))
+    gpu_block = max(2, min(64, per_program // block_s))
+    block_n = gpu_block if target.gpu or batch_invariant else min(1024, utils.next_pow2(n))
     utils.launch(merge_partials_kernel, (utils.cdiv(n, block_n),),
                  *parts, xy, labels, *out, *extra_ptrs, n, v, splits, xy_stride, *args, chunk,
                  LABEL_FROM_ROWS=label_from_rows, BLOCK_N=block_n, BLOCK_S=block_s, **flags)

@@ -448,12 +448,21 @@ def tile_width(cfg: dict) -> int:
     return cfg["R"] * cfg["T"] * cfg["VEC"]
 
 
-def linear_logits_blocks(n: int, vocab: int, dim: int, dtype: torch.dtype, target: TileTarget) -> dict:
+# BLOCK_N of the fused-linear tiles for many rows, and in batch-invariant mode for any number of rows.
+LINEAR_MAX_BLOCK_N = 64
+
+
+def linear_logits_blocks(n: int, vocab: int, dim: int, dtype: torch.dtype, target: TileTarget,
+                         batch_invariant: bool = False) -> dict:
     """Tiles of the kernels that form logits tiles ``hidden @ weight.T`` in registers (the fused forward and the
     backward's recompute): rows BLOCK_N, vocabulary BLOCK_V, reduction BLOCK_D. ``tl.dot`` needs every
-    dimension >= 16; tails are masked."""
+    dimension >= 16; tails are masked. Only BLOCK_N depends on ``n`` (small batches get smaller row tiles);
+    ``batch_invariant`` gives every ``n`` the tiles of a large ``n`` (a function of V, D, the dtype and the
+    target alone)."""
+    if batch_invariant:
+        n = LINEAR_MAX_BLOCK_N
     if not target.gpu:
-        return {"BLOCK_N": _clamp_pow2(n, 16, 64), "BLOCK_V": _clamp_pow2(vocab, 16, 1024),
+        return {"BLOCK_N": _clamp_pow2(n, 16, LINEAR_MAX_BLOCK_N), "BLOCK_V": _clamp_pow2(vocab, 16, 1024),
                 "BLOCK_D": _clamp_pow2(dim, 16, 256), "num_warps": 4, "num_stages": 1}
     if dtype == torch.float32:
         # true fp32 (ieee) dots run on the FMA units with both operand tiles in registers: 64 x 128 x 64 took
@@ -465,7 +474,7 @@ def linear_logits_blocks(n: int, vocab: int, dim: int, dtype: torch.dtype, targe
     # 128 so that two CTAs share an SM (no spill there: docs/triton-kernels.md) and one's softmax epilogue
     # overlaps the other's matmul (sm_80 spills under the cap); 128-row tiles took 249 registers (one CTA) and
     # 128 x 256 spilled.
-    cfg = {"BLOCK_N": _clamp_pow2(n, 16, 64), "BLOCK_V": 128, "BLOCK_D": _clamp_pow2(dim, 16, 64),
+    cfg = {"BLOCK_N": _clamp_pow2(n, 16, LINEAR_MAX_BLOCK_N), "BLOCK_V": 128, "BLOCK_D": _clamp_pow2(dim, 16, 64),
            "num_warps": 8, "num_stages": 3}
     if target.arch == 90:
         cfg["maxnreg"] = 128

@@ -15,6 +15,7 @@ import torch
 from reference_impl import grad_tolerance, reference_grads, reference_linear, reference_logprobs_entropy
 
 import sirl_kernels
+from cpu_isas import isa, supported_isas  # noqa: F401 (isa: a fixture)
 from sirl_kernels import linear_token_logprobs_entropy, token_logprobs_entropy
 from sirl_kernels.backends.rows import Coefficients, logprob_entropy_coefficients
 
@@ -25,26 +26,6 @@ if _STATUS.available:
     from sirl_kernels.backends import cpu
 
 FWD_TOL = {"rtol": 1e-5, "atol": 2e-5}
-
-
-def _supported_isas():
-    """Every ISA build this CPU runs, best first (set_isa caps at what the CPU supports)."""
-    found = []
-    for name in ("avx512", "avx2", "baseline"):
-        got = cpu.set_isa(name)
-        if got == name:
-            found.append(name)
-    cpu.set_isa("auto")
-    return found
-
-
-@pytest.fixture(params=["avx512", "avx2", "baseline"])
-def isa(request):
-    if request.param not in _supported_isas():
-        pytest.skip(f"this CPU does not run the {request.param} build")
-    cpu.set_isa(request.param)
-    yield request.param
-    cpu.set_isa("auto")
 
 
 def _case(n, v, dtype=torch.float32, seed=0, scale=3.0):
@@ -70,7 +51,7 @@ def _check_logits(logits, labels, temperature=1.0, ignore_index=-100, seed=1):
 
 
 def test_dispatch_picks_the_best_build():
-    isas = _supported_isas()
+    isas = supported_isas()
     assert cpu.isa() == isas[0]
     assert "baseline" in isas
     with pytest.raises(ValueError, match="unknown CPU ISA"):
@@ -86,7 +67,7 @@ def test_env_var_caps_the_build():
     for name in ("baseline", "avx2"):
         env = dict(os.environ, SIRL_KERNELS_CPU_ISA=name)
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-        assert out.stdout.strip() == (name if name in _supported_isas() else "baseline")
+        assert out.stdout.strip() == (name if name in supported_isas() else "baseline")
 
 
 def test_library_checks_its_inputs_with_typed_one_line_errors():
@@ -235,7 +216,7 @@ def test_vocab_sizes(v):
 def test_builds_agree_closely():
     logits, labels = _case(9, 30_001, torch.bfloat16, seed=4)
     outs = {}
-    for name in _supported_isas():
+    for name in supported_isas():
         cpu.set_isa(name)
         outs[name] = cpu.logits_forward(logits, labels, 1.0, -100)
     cpu.set_isa("auto")
@@ -272,14 +253,14 @@ def test_any_forward_pairs_with_any_backward_of_the_library(dtype):
                                    -100)
 
     forwards = {"reference": cpu.reference_forward(logits, labels, temperature, -100)}
-    forwards.update((name, isa_forward(name)) for name in _supported_isas())
+    forwards.update((name, isa_forward(name)) for name in supported_isas())
     try:
         for fwd, (lp, h, stats) in forwards.items():
             torch.testing.assert_close(lp.double(), ref_lp, **FWD_TOL, msg=lambda m, fwd=fwd: f"{fwd}: {m}")
             torch.testing.assert_close(h.double(), ref_h, **FWD_TOL, msg=lambda m, fwd=fwd: f"{fwd}: {m}")
             coef = logprob_entropy_coefficients(g_lp, g_h, h)
             grads = {"reference": cpu.reference_backward(coef, logits, labels, stats, temperature, -100)}
-            grads.update((name, isa_backward(name, stats, h)) for name in _supported_isas())
+            grads.update((name, isa_backward(name, stats, h)) for name in supported_isas())
             for bwd, grad in grads.items():
                 torch.testing.assert_close(grad.double(), ref, **tol,
                                            msg=lambda m, fwd=fwd, bwd=bwd: f"forward {fwd}, backward {bwd}: {m}")
