@@ -41,8 +41,11 @@ def _assert_row_equal(alone: sk.TokenStats, batch: sk.TokenStats, pos: int, wher
 
 
 def _sizes(backend: str, v: int) -> list[int]:
-    sizes = [1, 2, 7, 64, 300]
-    if backend != "triton" and v <= 1000:  # the interpreter is slow: the large batch on the compiled backends
+    sizes = [1, 2, 7, 64] + ([] if backend == "triton" else [300])  # the interpreter is slow
+    # The large batch on the C++ kernels (its threads split rows: the case a batch could change). "torch" computes
+    # each row alone, so 4096 rows only repeat 300 rows' work; Triton's interpreter runs its own N = 4096 case
+    # (test_triton_batch_invariant.py).
+    if backend == "cpu" and v <= 1000:
         sizes.append(4096)
     return sizes
 
@@ -62,7 +65,7 @@ def test_logits_rows_are_batch_invariant(backend, dtype, v):
     label = torch.randint(0, v, (2,), generator=g)
     alone = sk.token_stats(target[None], label[None], want=WANT, temperature=0.7, backend=backend,
                            batch_invariant=True)
-    for n in _sizes(backend, v) if v < 20000 else [1, 3, 17, 64]:
+    for n in _sizes(backend, v) if v < 20000 else [1, 3, 17]:
         for pos in sorted({0, n // 2, n - 1}):
             x, labels = _batch(target, n, pos, seed=n), _labels(label, n, pos, v, seed=n)
             got = sk.token_stats(x, labels, want=WANT, temperature=0.7, backend=backend, batch_invariant=True)
