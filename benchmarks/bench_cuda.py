@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import torch
+from sirl_kernels.backends.rows import Rows
 
 
 def _time_ms(fn, warmup: int, iters: int) -> float:
@@ -78,22 +79,22 @@ def main(argv=None) -> int:
         results["ops"][name] = {"ms": ms, "GB/s": gbs}
         print(f"{name:<28} {ms:9.3f} ms  {gbs:8.1f} GB/s")
 
-    _, h, stats = cuda_backend.logits_forward(logits, labels, t, -100)
+    _, h, stats = cuda_backend.logits_forward(Rows(logits, labels, t, -100))
     coef = logprob_entropy_coefficients(g_lp, g_h, h)
-    report("cuda forward", _time_ms(lambda: cuda_backend.logits_forward(logits, labels, t, -100), args.warmup,
+    report("cuda forward", _time_ms(lambda: cuda_backend.logits_forward(Rows(logits, labels, t, -100)), args.warmup,
                                     args.iters), bytes_in)
     report("cuda backward", _time_ms(
-        lambda: cuda_backend.logits_backward(coef, logits, labels, stats, t, -100), args.warmup, args.iters
+        lambda: cuda_backend.logits_backward(Rows(logits, labels, t, -100), stats, coef), args.warmup, args.iters
     ), 2 * bytes_in)
     work = logits.clone()
     report("cuda backward (in place)", _time_ms(
-        lambda: cuda_backend.logits_backward(coef, work, labels, stats, t, -100, out=work), args.warmup,
+        lambda: cuda_backend.logits_backward(Rows(work, labels, t, -100), stats, coef, out=work), args.warmup,
         args.iters
     ), 2 * bytes_in)
     del work
     small = logits[:64]
     report("cuda forward N=64 (split-V)", _time_ms(
-        lambda: cuda_backend.logits_forward(small, labels[:64], t, -100), args.warmup, args.iters
+        lambda: cuda_backend.logits_forward(Rows(small, labels[:64], t, -100)), args.warmup, args.iters
     ), small.numel() * small.element_size())
     if not args.no_eager:
         try:

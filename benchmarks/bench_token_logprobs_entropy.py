@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import cpu_peak_extra_bytes, machine_info, measure_read_bandwidth, median_seconds, write_results  # noqa: E402
 
 import sirl_kernels  # noqa: E402
+from sirl_kernels.backends.rows import Rows
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -236,14 +237,14 @@ def time_one_build(args) -> None:
         from sirl_kernels.backends import cpu
         from sirl_kernels.backends.rows import logprob_entropy_coefficients
 
-        _, h, stats = cpu.logits_forward(logits, labels, 1.0, -100)
+        _, h, stats = cpu.logits_forward(Rows(logits, labels, 1.0, -100))
 
         def step(logits, labels, g):
             if mode == "bwd-into":
                 coef = logprob_entropy_coefficients(g, g, h)
-                return cpu.logits_backward(coef, logits, labels, stats, 1.0, -100, out=grad)
-            lp, h_, stats_ = cpu.logits_forward(logits, labels, 1.0, -100)
-            return (cpu.logits_backward(logprob_entropy_coefficients(g, g, h_), logits, labels, stats_, 1.0, -100)
+                return cpu.logits_backward(Rows(logits, labels, 1.0, -100), stats, coef, out=grad)
+            lp, h_, stats_ = cpu.logits_forward(Rows(logits, labels, 1.0, -100))
+            return (cpu.logits_backward(Rows(logits, labels, 1.0, -100), stats_, logprob_entropy_coefficients(g, g, h_))
                     if mode == "fwd+bwd" else lp)
 
     times = []

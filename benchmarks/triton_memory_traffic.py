@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from sirl_kernels.backends import triton as tb  # noqa: E402
-from sirl_kernels.backends.rows import logprob_entropy_coefficients  # noqa: E402
+from sirl_kernels.backends.rows import LinearRows, Rows, logprob_entropy_coefficients  # noqa: E402
 from sirl_kernels.backends.triton import utils  # noqa: E402
 from tools import triton_instrument as instrument  # noqa: E402
 
@@ -92,7 +92,7 @@ def logits_rows(n, v, dtype, splits):
     with utils.force_num_splits(splits):
         COUNTER.track(logits=logits, labels=labels)
         COUNTER.reset()
-        lp, h, stats = tb.logits_forward(logits, labels, 1.0, -100)
+        lp, h, stats = tb.logits_forward(Rows(logits, labels, 1.0, -100))
         minimum = n * v * esz + n * FWD_ROW_BYTES
         moved = _total(COUNTER.loads) + _total(COUNTER.stores)
         rows.append({
@@ -103,7 +103,7 @@ def logits_rows(n, v, dtype, splits):
         grad = torch.empty_like(logits)
         COUNTER.track(logits=logits, labels=labels, grad=grad)
         COUNTER.reset()
-        tb.logits_backward(logprob_entropy_coefficients(g_lp, g_h, h), logits, labels, stats, 1.0, -100, out=grad)
+        tb.logits_backward(Rows(logits, labels, 1.0, -100), stats, logprob_entropy_coefficients(g_lp, g_h, h), out=grad)
         minimum = 2 * n * v * esz + n * BWD_ROW_BYTES
         moved = _total(COUNTER.loads) + _total(COUNTER.stores)
         rows.append({
@@ -133,7 +133,7 @@ def linear_rows(n, d, v, dtype, gpu_tiles, chunk_size=4096, needs=(True, True, T
     with utils.tile_target(target), instrument.count_dot_flops() as dots:
         COUNTER.track(hidden=hidden, weight=weight, bias=bias, labels=labels)
         COUNTER.reset()
-        lp, h, stats = tb.linear_forward(hidden, weight, bias, labels, 1.0, -100, chunk_size)
+        lp, h, stats = tb.linear_forward(LinearRows(hidden, weight, bias, labels, 1.0, -100), chunk_size)
         fwd_flops = dots["flops"]
         rows = [{
             "kernel": f"linear forward ({dtype_name(dtype)}, {tiles})", "shape": f"N={n} D={d} V={v}",
@@ -147,8 +147,8 @@ def linear_rows(n, d, v, dtype, gpu_tiles, chunk_size=4096, needs=(True, True, T
         }]
         COUNTER.reset()
         mm_flops = instrument.torch_matmul_flops(
-            lambda: tb.linear_backward(logprob_entropy_coefficients(g_lp, g_h, h), hidden, weight, bias, labels, stats,
-                                       1.0, -100, chunk_size, needs))
+            lambda: tb.linear_backward(LinearRows(hidden, weight, bias, labels, 1.0, -100), stats,
+                                       logprob_entropy_coefficients(g_lp, g_h, h), chunk_size, needs))
         rows.append({
             "kernel": f"linear backward ({dtype_name(dtype)}, {tiles}{frozen})", "shape": f"N={n} D={d} V={v}",
             "tiles": {k: cfg[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_D")},

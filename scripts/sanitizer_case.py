@@ -6,7 +6,7 @@ synccheck)."""
 import torch
 import sirl_kernels
 from sirl_kernels.backends import cuda as cuda_backend
-from sirl_kernels.backends.rows import logprob_entropy_coefficients
+from sirl_kernels.backends.rows import Rows, logprob_entropy_coefficients
 from sirl_kernels.backends.triton import utils
 
 torch.manual_seed(0)
@@ -38,11 +38,11 @@ for dtype in (torch.float32, torch.bfloat16):
     g = torch.randn(7, device="cuda")
     outs = {}
     for splits in (1, 3):
-        lp, h, stats = cuda_backend.logits_forward(x, y, 0.7, -100, num_splits=splits)
-        grad = cuda_backend.logits_backward(logprob_entropy_coefficients(g, g, h), x, y, stats, 0.7, -100)
+        lp, h, stats = cuda_backend.logits_forward(Rows(x, y, 0.7, -100), num_splits=splits)
+        grad = cuda_backend.logits_backward(Rows(x, y, 0.7, -100), stats, logprob_entropy_coefficients(g, g, h))
         outs[splits] = (lp, h, grad)
     inplace = big.clone()[:, 1:3002]
-    cuda_backend.logits_backward(logprob_entropy_coefficients(g, g, h), inplace, y, stats, 0.7, -100, out=inplace)
+    cuda_backend.logits_backward(Rows(inplace, y, 0.7, -100), stats, logprob_entropy_coefficients(g, g, h), out=inplace)
     ok = torch.tensor([r not in (2, 4) for r in range(7)], device="cuda")
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2**-6, atol=2**-6)  # grads in dtype
     for one, split, t in zip(outs[1], outs[3], (dict(rtol=1e-5, atol=1e-5),) * 2 + (tol,)):

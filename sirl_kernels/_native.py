@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from sirl_kernels._checks import check_row_tensors
+from sirl_kernels.backends.rows import RowOutputs, Rows
 
 ABI_VERSION = 4  # SIRL_ABI_VERSION of c_api.h
 LIB_DIR_ENV = "SIRL_KERNELS_LIB_DIR"
@@ -32,19 +33,19 @@ DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # sirl_dt
 
 
 # The structs of c_api.h, field for field (the loader checks their sizes against the library's).
-class Rows(ctypes.Structure):
+class RowsStruct(ctypes.Structure):
     _fields_ = [("logits", c_void_p), ("rows", c_int64), ("vocab", c_int64), ("row_stride", c_int64),
                 ("labels", c_void_p), ("label_stride", c_int64), ("temperature", c_double),
                 ("ignore_index", c_int64), ("dtype", c_int32)]
 
 
 class ForwardArgs(ctypes.Structure):
-    _fields_ = [("rows", Rows), ("logprobs", c_void_p), ("entropy", c_void_p), ("stats", c_void_p),
+    _fields_ = [("rows", RowsStruct), ("logprobs", c_void_p), ("entropy", c_void_p), ("stats", c_void_p),
                 ("self_certainty", c_void_p), ("varentropy", c_void_p)]
 
 
 class BackwardArgs(ctypes.Structure):
-    _fields_ = [("rows", Rows), ("stats", c_void_p), ("alpha", c_void_p), ("beta", c_void_p), ("lam", c_void_p),
+    _fields_ = [("rows", RowsStruct), ("stats", c_void_p), ("alpha", c_void_p), ("beta", c_void_p), ("lam", c_void_p),
                 ("grad_logits", c_void_p), ("grad_row_stride", c_int64), ("gamma", c_void_p), ("delta", c_void_p)]
 
 
@@ -53,7 +54,7 @@ class Launch(ctypes.Structure):
                 ("num_threads", c_int32), ("num_splits", c_int32)]
 
 
-_STRUCTS = {0: Rows, 1: ForwardArgs, 2: BackwardArgs, 3: Launch}  # sirl_struct codes
+_STRUCTS = {0: RowsStruct, 1: ForwardArgs, 2: BackwardArgs, 3: Launch}  # sirl_struct codes
 
 _FORWARD = (c_int32, [POINTER(ForwardArgs), POINTER(Launch)])
 _BACKWARD = (c_int32, [POINTER(BackwardArgs), POINTER(Launch)])
@@ -103,7 +104,9 @@ def dtype_code(dtype: torch.dtype) -> int:
         raise TypeError(f"the native kernels take float32, bfloat16 or float16 logits, got {dtype}") from None
 
 
-def _rows(logits, labels, temperature, ignore_index) -> Rows:
+def _rows(rows: Rows) -> RowsStruct:
+    """The C ABI's ``sirl_rows`` of ``rows``, after checking what the C side relies on."""
+    logits, labels, temperature, ignore_index = rows
     if logits.dim() != 2:
         raise ValueError(f"logits must be 2-D [N, V], got shape {tuple(logits.shape)}")
     n, vocab = logits.shape
@@ -113,7 +116,7 @@ def _rows(logits, labels, temperature, ignore_index) -> Rows:
         raise ValueError(f"labels must be int64 [{n}], got {labels.dtype} {tuple(labels.shape)}")
     if labels.device != logits.device:
         raise ValueError(f"labels are on {labels.device} but the logits are on {logits.device}")
-    return Rows(logits.data_ptr(), n, vocab, logits.stride(0), labels.data_ptr(), labels.stride(0),
+    return RowsStruct(logits.data_ptr(), n, vocab, logits.stride(0), labels.data_ptr(), labels.stride(0),
                 float(temperature), int(ignore_index), dtype_code(logits.dtype))
 
 
@@ -154,11 +157,12 @@ class NativeLibrary:
         """None if the library can run on ``launch.device`` here, else why not."""
         return None if self.fn("sirl_probe")(byref(launch)) == 0 else self.last_error()
 
-    def logits_forward(self, logits, labels, temperature, ignore_index, launch: Launch,
-                       entry: str = "sirl_logits_forward", extras=None):
+    def logits_forward(self, rows: Rows, launch: Launch, entry: str = "sirl_logits_forward",
+                       extras=None) -> RowOutputs:
         """``(logprobs, entropy, stats [N, 2])``, fp32, on the logits' device. ``extras`` (``rows.Extras`` of fp32
         ``[N]`` tensors or None, each filled in place) asks for self-certainty and varentropy in the same pass. The
         CUDA library's split-V workspace is allocated here by torch (on the current stream, like the kernels)."""
+        logits = rows.logits
         n = logits.shape[0]
         f32 = dict(dtype=torch.float32, device=logits.device)
         logprobs, entropy, stats = torch.empty(n, **f32), torch.empty(n, **f32), torch.empty((n, 2), **f32)
@@ -170,7 +174,7 @@ class NativeLibrary:
             check_row_tensors(n, logits.device, torch.float32, **{key: t})
             # the C side writes dense rows: a strided view is filled through a contiguous buffer
             outs[key] = (t, t if t.is_contiguous() else torch.empty(n, **f32))
-        args = ForwardArgs(_rows(logits, labels, temperature, ignore_index), logprobs.data_ptr(), entropy.data_ptr(),
+        args = ForwardArgs(_rows(rows), logprobs.data_ptr(), entropy.data_ptr(),
                            stats.data_ptr(), *(outs[k][1].data_ptr() if k in outs else None
                                                for k in ("self_certainty", "varentropy")))
         workspace, size = None, c_uint64(0)
@@ -182,7 +186,7 @@ class NativeLibrary:
         for t, buf in outs.values():
             if buf is not t:
                 t.copy_(buf)
-        return logprobs, entropy, stats
+        return RowOutputs(logprobs, entropy, stats)
 
     def fixed_order_logits(self, out, hidden, weight, num_threads: int):
         """``out[n, v] = sum_d hidden[n, d] weight[v, d]`` (libsirl_cpu only), each output one fixed chain over d
@@ -195,12 +199,12 @@ class NativeLibrary:
                   int(num_threads))
         return out
 
-    def logits_backward(self, coef, logits, labels, stats, temperature, ignore_index, out, launch: Launch,
-                        entry: str = "sirl_logits_backward"):
+    def logits_backward(self, rows: Rows, stats, coef, out, launch: Launch, entry: str = "sirl_logits_backward"):
         """Writes the logits' gradient of the backward form (``backends/rows.py``; ``coef`` its
         ``Coefficients(alpha, beta, lam)``, fp32 ``[N]`` each) into ``out`` (``[N, V]``, the logits' dtype, unit
         stride along V; may be ``logits`` itself) and returns it."""
-        rows = _rows(logits, labels, temperature, ignore_index)
+        logits = rows.logits
+        c_rows = _rows(rows)
         if (out.shape != logits.shape or out.dtype != logits.dtype or out.device != logits.device
                 or (out.dim() == 2 and out.shape[1] > 1 and out.stride(1) != 1)):
             raise ValueError(f"out must be a {logits.dtype} {tuple(logits.shape)} tensor on {logits.device} with unit "
@@ -213,7 +217,7 @@ class NativeLibrary:
         # Contiguous copies only where a view is strided (an expanded zero coefficient): the C side reads dense rows.
         stats, alpha, beta, lam = stats.contiguous(), alpha.contiguous(), beta.contiguous(), lam.contiguous()
         terms = {k: t.contiguous() for k, t in terms.items()}  # gamma / delta absent: null, the plain kernels
-        args = BackwardArgs(rows, stats.data_ptr(), alpha.data_ptr(), beta.data_ptr(), lam.data_ptr(),
+        args = BackwardArgs(c_rows, stats.data_ptr(), alpha.data_ptr(), beta.data_ptr(), lam.data_ptr(),
                             out.data_ptr(), out.stride(0),
                             *(terms[k].data_ptr() if k in terms else None for k in ("gamma", "delta")))
         self.call(entry, byref(args), byref(launch))

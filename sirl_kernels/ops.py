@@ -18,7 +18,7 @@ from torch import Tensor
 
 from sirl_kernels import backends
 from sirl_kernels._sizes import aligned_row_stride
-from sirl_kernels.backends.rows import Coefficients, logprob_entropy_coefficients
+from sirl_kernels.backends.rows import Coefficients, LinearRows, Rows, logprob_entropy_coefficients
 from sirl_kernels._checks import (
     accumulation_dtype,
     check_inplace_target,
@@ -93,7 +93,7 @@ def token_logprobs_entropy_op(
     logits, backend = _logits_inputs(logits, labels, temperature, ignore_index, backend)
     if check_labels:
         check_label_values(labels, logits.shape[-1], ignore_index)
-    return backends.get(backend).logits_forward(logits, labels, temperature, ignore_index)
+    return tuple(backends.get(backend).logits_forward(Rows(logits, labels, temperature, ignore_index)))
 
 
 @token_logprobs_entropy_op.register_fake
@@ -156,7 +156,7 @@ def token_logprobs_entropy_backward_inplace_op(
         raise ValueError("the in-place backward needs logits with unit stride along V and rows that do not overlap, "
                          f"got strides {logits.stride()} for shape {tuple(logits.shape)}")
     coef = _backward_rows(grad_logprobs, grad_entropy, stats, entropy, logits)
-    backends.get(backend).logits_backward(coef, logits, labels, stats, temperature, ignore_index, out=logits)
+    backends.get(backend).logits_backward(Rows(logits, labels, temperature, ignore_index), stats, coef, out=logits)
 
 
 @token_logprobs_entropy_backward_inplace_op.register_fake
@@ -205,7 +205,8 @@ def linear_token_logprobs_entropy_op(
                                                    chunk_size)
     if check_labels:
         check_label_values(labels, weight.shape[0], ignore_index)
-    return backends.get(backend).linear_forward(hidden, weight, bias, labels, temperature, ignore_index, chunk_size)
+    rows = LinearRows(hidden, weight, bias, labels, temperature, ignore_index)
+    return tuple(backends.get(backend).linear_forward(rows, chunk_size))
 
 
 @linear_token_logprobs_entropy_op.register_fake
@@ -271,7 +272,7 @@ def token_stats_backward_op(
     out = None
     if logits.device.type == "cuda":
         out = torch.empty_strided(logits.shape, _gradient_strides(logits), dtype=logits.dtype, device=logits.device)
-    return backends.get(backend).logits_backward(coef, logits, labels, stats, temperature, ignore_index, out=out)
+    return backends.get(backend).logits_backward(Rows(logits, labels, temperature, ignore_index), stats, coef, out=out)
 
 
 @token_stats_backward_op.register_fake
@@ -290,8 +291,8 @@ def linear_token_stats_backward_op(
                                                    chunk_size)
     coef = _checked_coefficients(alpha, beta, lam, stats, hidden, gamma, delta)
     needs = (needs_hidden_grad, needs_weight_grad, needs_bias_grad and bias is not None)
-    grads = backends.get(backend).linear_backward(coef, hidden, weight, bias, labels, stats, temperature,
-                                                  ignore_index, chunk_size, needs)
+    rows = LinearRows(hidden, weight, bias, labels, temperature, ignore_index)
+    grads = backends.get(backend).linear_backward(rows, stats, coef, chunk_size, needs)
     return tuple(g if g is not None else hidden.new_empty(0) for g in grads)
 
 

@@ -20,7 +20,7 @@ from torch import Tensor
 from sirl_kernels import backends, ops
 from sirl_kernels._checks import accumulation_dtype, check_label_tensor, check_label_values
 from sirl_kernels.backends import fixed_order
-from sirl_kernels.backends.rows import Extras
+from sirl_kernels.backends.rows import Extras, LinearRows, Rows
 
 STATISTICS = ("logprobs", "entropy", "self_certainty", "varentropy", "lse")
 
@@ -145,8 +145,8 @@ def token_stats_op(logits: Tensor, labels: Tensor, temperature: float, ignore_in
         check_label_values(labels.reshape(-1), logits.shape[-1], ignore_index)
     acc = accumulation_dtype(logits.dtype)
     extras, sc, ve = _extras(logits.shape[0], acc, logits.device, self_certainty, varentropy)
-    first, entropy, stats = backends.get(backend).logits_forward(logits, labels[:, 0].contiguous(), temperature,
-                                                                 ignore_index, extras, batch_invariant=batch_invariant)
+    rows = Rows(logits, labels[:, 0].contiguous(), temperature, ignore_index)
+    first, entropy, stats = backends.get(backend).logits_forward(rows, extras, batch_invariant=batch_invariant)
     safe, _ = _safe_extra(labels, logits.shape[-1], ignore_index)
     label_logits = logits.gather(1, safe).to(acc)
     logprobs, lse = _row_outputs(label_logits, labels, first, stats, temperature, ignore_index, backend,
@@ -246,8 +246,8 @@ def linear_token_stats_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, l
         check_label_values(labels.reshape(-1), weight.shape[0], ignore_index)
     acc = accumulation_dtype(hidden.dtype)
     extras, sc, ve = _extras(hidden.shape[0], acc, hidden.device, self_certainty, varentropy)
-    first, entropy, stats = backends.get(backend).linear_forward(hidden, weight, bias, first_label, temperature,
-                                                                 ignore_index, chunk_size, extras,
+    rows = LinearRows(hidden, weight, bias, first_label, temperature, ignore_index)
+    first, entropy, stats = backends.get(backend).linear_forward(rows, chunk_size, extras,
                                                                  batch_invariant=batch_invariant)
     safe, _ = _safe_extra(labels, weight.shape[0], ignore_index)
     # the further labels' logits, fp32-accumulated like the kernels' (in another order: within fp32 rounding)

@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from sirl_kernels._sizes import default_linear_chunk_size
-from sirl_kernels.backends.rows import Coefficients, Extras
+from sirl_kernels.backends.rows import Coefficients, Extras, LinearRows, Rows
 from sirl_kernels.backends.triton import linear, logits, utils
 from tools import sass
 
@@ -99,9 +99,10 @@ def _logits_case(dtype, n, inplace=False, vocab=VOCAB, backward=True, stride=VOC
     and delta terms. ``batch_invariant``: the forward's batch-invariant mode."""
     x = _meta(n, stride, dtype=dtype)[:, :vocab]
     labels = _meta(n, dtype=torch.int64)
-    lp, ent, stats = logits.logits_forward(x, labels, 1.0, -100, _extras(n, extras), batch_invariant=batch_invariant)
+    lp, ent, stats = logits.logits_forward(Rows(x, labels, 1.0, -100), _extras(n, extras),
+                                           batch_invariant=batch_invariant)
     if backward:
-        logits.logits_backward(_coefficients(n, bool(extras)), x, labels, stats, 1.0, -100,
+        logits.logits_backward(Rows(x, labels, 1.0, -100), stats, _coefficients(n, bool(extras)),
                                out=x if inplace else None)
 
 
@@ -114,11 +115,11 @@ def _linear_case(dtype, n, bias, needs=(True, True, True), backward=True, chunk=
     hidden, weight = _meta(n, DIM, dtype=dtype), _meta(VOCAB, DIM, dtype=dtype)
     b = _meta(VOCAB, dtype=dtype) if bias else None
     labels = _meta(n, dtype=torch.int64)
-    lp, ent, stats = linear.linear_forward(hidden, weight, b, labels, 1.0, -100, _extras(n, extras),
+    lp, ent, stats = linear.linear_forward(LinearRows(hidden, weight, b, labels, 1.0, -100), _extras(n, extras),
                                            batch_invariant=batch_invariant)
     if backward:
-        linear.linear_backward(_coefficients(n, bool(extras)), hidden, weight, b, labels, stats, 1.0, -100, chunk,
-                               needs)
+        linear.linear_backward(LinearRows(hidden, weight, b, labels, 1.0, -100), stats, _coefficients(n, bool(extras)),
+                               chunk, needs)
 
 
 CASES = {}

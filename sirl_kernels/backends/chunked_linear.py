@@ -27,7 +27,7 @@ from sirl_kernels._checks import accumulation_dtype
 from sirl_kernels.backends import fixed_order
 from sirl_kernels.backends.contract import NeedsGrad
 from sirl_kernels.backends.matmul import matmul_into
-from sirl_kernels.backends.rows import Coefficients, Extras
+from sirl_kernels.backends.rows import Coefficients, Extras, LinearRows, RowOutputs
 
 Workspace = Callable[[int, int, torch.dtype, torch.device], Tensor]
 
@@ -42,7 +42,7 @@ class LogitsKernels:
     how to allocate the chunk workspace (the "cpu" backend asks for huge pages) and its batch-invariant logits
     product ``fixed_order_matmul(out, hidden, weight)`` (default: ``fixed_order.matmul_into``)."""
 
-    forward: Callable[..., tuple[Tensor, Tensor, Tensor]]
+    forward: Callable[..., RowOutputs]
     backward: Callable[..., Tensor]
     workspace: Workspace = default_workspace
     fixed_order_matmul: Callable[[Tensor, Tensor, Tensor], Tensor] = fixed_order.matmul_into
@@ -71,18 +71,18 @@ def _logits_into(z: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None,
     return z
 
 
-def linear_forward(kernels: LogitsKernels, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
-                   temperature: float, ignore_index: int, chunk_size: int, extras: Extras | None = None,
-                   batch_invariant: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+def linear_forward(kernels: LogitsKernels, rows: LinearRows, chunk_size: int, extras: Extras | None = None,
+                   batch_invariant: bool = False) -> RowOutputs:
     """``batch_invariant``: the backend's fixed-order product forms each chunk's logits (a row's logits then do
     not depend on the chunk), and its logits forward runs batch-invariant (contract.py)."""
+    hidden, weight, bias = rows.hidden, rows.weight, rows.bias
     n, vocab = hidden.shape[0], weight.shape[0]
     acc = accumulation_dtype(hidden.dtype)
     logprobs = torch.empty(n, dtype=acc, device=hidden.device)
     entropy = torch.empty(n, dtype=acc, device=hidden.device)
     stats = torch.empty((n, 2), dtype=acc, device=hidden.device)
     if n == 0:
-        return logprobs, entropy, stats
+        return RowOutputs(logprobs, entropy, stats)
     buf = kernels.workspace(min(int(chunk_size), n), vocab, acc, hidden.device)
     for s, e in _chunks(n, chunk_size):
         z = _logits_into(buf[: e - s], hidden[s:e], weight, bias,
@@ -90,13 +90,13 @@ def linear_forward(kernels: LogitsKernels, hidden: Tensor, weight: Tensor, bias:
         more = {} if extras is None else {"extras": extras.rows(s, e)}  # views: the chunk's kernel fills them
         if batch_invariant:
             more["batch_invariant"] = True
-        logprobs[s:e], entropy[s:e], stats[s:e] = kernels.forward(z, labels[s:e], temperature, ignore_index, **more)
-    return logprobs, entropy, stats
+        logprobs[s:e], entropy[s:e], stats[s:e] = kernels.forward(rows.rows(s, e).of_logits(z), **more)
+    return RowOutputs(logprobs, entropy, stats)
 
 
-def linear_backward(kernels: LogitsKernels, coef: Coefficients, hidden: Tensor, weight: Tensor, bias: Tensor | None,
-                    labels: Tensor, stats: Tensor, temperature: float, ignore_index: int, chunk_size: int,
+def linear_backward(kernels: LogitsKernels, rows: LinearRows, stats: Tensor, coef: Coefficients, chunk_size: int,
                     needs_grad: NeedsGrad) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    hidden, weight, bias = rows.hidden, rows.weight, rows.bias
     need_hidden, need_weight, need_bias = needs_grad
     n, vocab = hidden.shape[0], weight.shape[0]
     acc = accumulation_dtype(hidden.dtype)
@@ -104,15 +104,15 @@ def linear_backward(kernels: LogitsKernels, coef: Coefficients, hidden: Tensor, 
     grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
     grad_bias = torch.zeros(vocab, dtype=acc, device=weight.device) if need_bias else None
     if n > 0 and (need_hidden or need_weight or need_bias):
-        rows = min(int(chunk_size), n)
-        buf = kernels.workspace(rows, vocab, acc, hidden.device)
+        chunk = min(int(chunk_size), n)
+        buf = kernels.workspace(chunk, vocab, acc, hidden.device)
         # The matmul operand: the gradient rounded to the input dtype, in one buffer reused by every chunk (none
         # for fp32 inputs, whose operand is the gradient itself, and none when only the bias gradient is needed).
-        rounded = (torch.empty((rows, vocab), dtype=hidden.dtype, device=hidden.device)
+        rounded = (torch.empty((chunk, vocab), dtype=hidden.dtype, device=hidden.device)
                    if hidden.dtype != acc and (need_hidden or need_weight) else None)
         for s, e in _chunks(n, chunk_size):
             z = _logits_into(buf[: e - s], hidden[s:e], weight, bias)
-            dz = kernels.backward(coef.rows(s, e), z, labels[s:e], stats[s:e], temperature, ignore_index, out=z)
+            dz = kernels.backward(rows.rows(s, e).of_logits(z), stats[s:e], coef.rows(s, e), out=z)
             if need_bias:
                 grad_bias += dz.sum(0)
             operand = dz if rounded is None else rounded[: e - s].copy_(dz)

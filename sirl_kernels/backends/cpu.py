@@ -26,6 +26,7 @@ import torch
 
 from sirl_kernels import _native
 from sirl_kernels.backends import chunked_linear
+from sirl_kernels.backends.rows import RowOutputs, Rows
 
 name = "cpu"
 stats_units = "x"  # stats[:, 0] is the max of the raw logits x (the contract's Backend.stats_units)
@@ -96,19 +97,19 @@ def _cpu_only(*tensors: torch.Tensor) -> None:
             raise ValueError(f"backend 'cpu' takes CPU tensors, got one on {t.device}")
 
 
-def logits_forward(logits, labels, temperature, ignore_index, extras=None, batch_invariant=False):
+def logits_forward(rows: Rows, extras=None, batch_invariant=False) -> RowOutputs:
     """``extras`` (``rows.Extras``): self-certainty / varentropy filled in the same pass, by the kernels'
     instantiation that keeps their sums (the plain one runs when None). Always batch-invariant: one thread
     reduces each row, in an order fixed by V alone (tests/sirl_kernels/test_batch_invariant.py)."""
-    _cpu_only(logits, labels)
-    return library().logits_forward(logits, labels, temperature, ignore_index, _launch(), extras=extras)
+    _cpu_only(rows.logits, rows.labels)
+    return library().logits_forward(rows, _launch(), extras=extras)
 
 
-def logits_backward(coef, logits, labels, stats, temperature, ignore_index, out=None):
-    _cpu_only(logits, labels)
+def logits_backward(rows: Rows, stats, coef, out=None):
+    _cpu_only(rows.logits, rows.labels)
     if out is None:
-        out = empty_hugepage(logits.shape, logits.dtype)
-    return library().logits_backward(coef, logits, labels, stats, temperature, ignore_index, out, _launch())
+        out = empty_hugepage(rows.logits.shape, rows.logits.dtype)
+    return library().logits_backward(rows, stats, coef, out, _launch())
 
 
 def _hugepage_workspace(rows, vocab, dtype, device):
@@ -170,17 +171,17 @@ def convert_hook(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return y
 
 
-def reference_forward(logits, labels, temperature, ignore_index, extras=None):
+def reference_forward(rows: Rows, extras=None) -> RowOutputs:
     """The contract's forward computed by ``online_state.h`` alone, one element at a time (no SIMD)."""
-    _cpu_only(logits, labels)
-    return library().logits_forward(logits, labels, temperature, ignore_index, _launch(),
+    _cpu_only(rows.logits, rows.labels)
+    return library().logits_forward(rows, _launch(),
                                     entry="sirl_reference_logits_forward", extras=extras)
 
 
-def reference_backward(coef, logits, labels, stats, temperature, ignore_index, out=None):
+def reference_backward(rows: Rows, stats, coef, out=None):
     """The contract's backward (the form of ``rows.py``) from ``online_state.h``'s ``log_prob`` and ``grad_*``
     alone."""
-    _cpu_only(logits, labels)
-    out = torch.empty_like(logits, memory_format=torch.contiguous_format) if out is None else out
-    return library().logits_backward(coef, logits, labels, stats, temperature, ignore_index, out, _launch(),
+    _cpu_only(rows.logits, rows.labels)
+    out = torch.empty_like(rows.logits, memory_format=torch.contiguous_format) if out is None else out
+    return library().logits_backward(rows, stats, coef, out, _launch(),
                                      entry="sirl_reference_logits_backward")

@@ -15,6 +15,7 @@ import torch
 from sirl_kernels import _native
 from sirl_kernels._sizes import batch_invariant_splits
 from sirl_kernels.backends import chunked_linear
+from sirl_kernels.backends.rows import RowOutputs, Rows
 
 name = "cuda"
 stats_units = "x"  # stats[:, 0] is the max of the raw logits x (the contract's Backend.stats_units)
@@ -49,8 +50,7 @@ def _launch(logits: torch.Tensor, num_splits: int = 0) -> _native.Launch:
     return _native.Launch(stream=stream.cuda_stream, device=logits.device.index, num_splits=int(num_splits))
 
 
-def logits_forward(logits, labels, temperature, ignore_index, extras=None, batch_invariant=False,
-                   num_splits: int = 0):
+def logits_forward(rows: Rows, extras=None, batch_invariant=False, num_splits: int = 0) -> RowOutputs:
     """``extras`` (``rows.Extras``): self-certainty / varentropy filled in the same pass (the kernels' specialised
     instantiation; the plain one when None). ``num_splits``: vocabulary segments per row (0 chooses; more than one
     only for too few rows to fill the GPU); ``batch_invariant`` forces ``batch_invariant_splits(V)`` whatever N
@@ -58,15 +58,15 @@ def logits_forward(logits, labels, temperature, ignore_index, extras=None, batch
     batch-invariant logits come from ``fixed_order.matmul_into`` (2 D elementwise passes per chunk: slow; the
     "triton" backend keeps its tiles fixed instead)."""
     if batch_invariant:
-        num_splits = batch_invariant_splits(logits.shape[1])
-    return library().logits_forward(logits, labels, temperature, ignore_index, _launch(logits, num_splits),
-                                    extras=extras)
+        num_splits = batch_invariant_splits(rows.logits.shape[1])
+    return library().logits_forward(rows, _launch(rows.logits, num_splits), extras=extras)
 
 
-def logits_backward(coef, logits, labels, stats, temperature, ignore_index, out=None):
+def logits_backward(rows: Rows, stats, coef, out=None):
+    logits = rows.logits
     if out is None:
         out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    return library().logits_backward(coef, logits, labels, stats, temperature, ignore_index, out, _launch(logits))
+    return library().logits_backward(rows, stats, coef, out, _launch(logits))
 
 
 linear_forward, linear_backward = chunked_linear.bind(logits_forward, logits_backward)

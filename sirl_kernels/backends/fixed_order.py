@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from sirl_kernels._checks import accumulation_dtype
+from sirl_kernels.backends.rows import RowOutputs, Rows
 
 
 # Vocabulary columns per block of matmul_into: the block's transposed weight ([D, 4096] fp32: 16 KiB per unit of D)
@@ -62,17 +63,16 @@ def gathered_logits(hidden: Tensor, weight: Tensor, columns: Tensor) -> Tensor:
     return out
 
 
-def row_by_row(kernel: Callable[..., tuple[Tensor, ...]], logits: Tensor, labels: Tensor, *args,
-               extras=None) -> tuple[Tensor, ...]:
-    """``kernel(row [1, V], label [1], *args, extras_of_row)`` for each row alone, outputs stacked. Each row is
-    copied into one fresh contiguous buffer first (the same address alignment for every row)."""
-    n, vocab = logits.shape
-    buf = torch.empty((1, vocab), dtype=logits.dtype, device=logits.device)
+def row_by_row(kernel: Callable[..., RowOutputs], rows: Rows, extras=None) -> RowOutputs:
+    """``kernel(rows of one row, extras of that row)`` for each row alone, outputs stacked. Each row is copied into
+    one fresh contiguous buffer first (the same address alignment for every row)."""
+    n, vocab = rows.logits.shape
+    buf = torch.empty((1, vocab), dtype=rows.logits.dtype, device=rows.logits.device)
     parts = []
     for r in range(n):
-        buf.copy_(logits[r:r + 1])
-        more = () if extras is None else (extras.rows(r, r + 1),)
-        parts.append(kernel(buf, labels[r:r + 1], *args, *more))
+        buf.copy_(rows.logits[r:r + 1])
+        one = rows.rows(r, r + 1)._replace(logits=buf)
+        parts.append(kernel(one, None if extras is None else extras.rows(r, r + 1)))
     if not parts:
-        return kernel(logits, labels, *args, *(() if extras is None else (extras,)))
-    return tuple(torch.cat(p) for p in zip(*parts))
+        return kernel(rows, extras)
+    return RowOutputs(*(torch.cat(p) for p in zip(*parts)))

@@ -29,6 +29,54 @@ from typing import NamedTuple
 from torch import Tensor
 
 
+class Rows(NamedTuple):
+    """The rows a logits kernel reads: the Python side of the C ABI's ``sirl_rows`` (``csrc/include/sirl/c_api.h``).
+
+    ``logits`` ``[N, V]`` with unit stride along V (any row stride); ``labels`` ``[N]`` int64, the label each row's
+    kernel reads (the first of K); ``temperature`` > 0 (``z = x / T``); ``ignore_index`` the label of an ignored
+    row (zero outputs, zero stats, zero gradient). A label outside ``[0, V)`` that is not ``ignore_index`` gives
+    NaN outputs and a NaN gradient row, never a read outside the row."""
+
+    logits: Tensor
+    labels: Tensor
+    temperature: float
+    ignore_index: int
+
+    def rows(self, start: int, end: int) -> "Rows":
+        """Rows ``start:end`` (a chunk)."""
+        return self._replace(logits=self.logits[start:end], labels=self.labels[start:end])
+
+
+class LinearRows(NamedTuple):
+    """The rows of the fused linear: logits ``hidden @ weight.T (+ bias)`` never held whole. ``hidden`` ``[N, D]``
+    and ``weight`` ``[V, D]`` with unit stride along D, ``bias`` ``[V]`` or None; the rest as in :class:`Rows`."""
+
+    hidden: Tensor
+    weight: Tensor
+    bias: Tensor | None
+    labels: Tensor
+    temperature: float
+    ignore_index: int
+
+    def rows(self, start: int, end: int) -> "LinearRows":
+        """Rows ``start:end`` (a chunk): the same weight and bias."""
+        return self._replace(hidden=self.hidden[start:end], labels=self.labels[start:end])
+
+    def of_logits(self, logits: Tensor) -> Rows:
+        """The :class:`Rows` of these rows' logits, once formed (``logits`` ``[N, V]``)."""
+        return Rows(logits, self.labels, self.temperature, self.ignore_index)
+
+
+class RowOutputs(NamedTuple):
+    """What a forward returns, ``[N]`` each in the accumulation dtype (fp32; float64 for float64 inputs on
+    "torch"): the first label's log-prob, the entropy, and the row stats ``[N, 2]`` that only the same backend's
+    backward reads back (``contract.py``). Self-certainty and varentropy go to the caller's ``Extras``."""
+
+    logprobs: Tensor
+    entropy: Tensor
+    stats: Tensor
+
+
 class Coefficients(NamedTuple):
     """Per-row coefficients of the backward form, ``[N]`` each, contiguous, in the accumulation dtype (fp32; float64
     for float64 inputs). ``gamma`` (varentropy) and ``delta`` (self-certainty) are None when their term is absent:

@@ -19,6 +19,7 @@ import torch
 from sirl_kernels._checks import accumulation_dtype
 from sirl_kernels._sizes import logits_chunk_rows
 from sirl_kernels.backends import chunked_linear, fixed_order
+from sirl_kernels.backends.rows import RowOutputs, Rows
 
 name = "torch"
 stats_units = "z"  # stats[:, 0] is the max of z = x / T (the contract's Backend.stats_units)
@@ -89,11 +90,12 @@ def _chunk_grad(z, labels, ignore_index, stats, coef, inv_t):
     return dz * inv_t
 
 
-def logits_forward(logits, labels, temperature, ignore_index, extras=None, batch_invariant=False):
+def logits_forward(rows: Rows, extras=None, batch_invariant=False) -> RowOutputs:
     """``batch_invariant``: each row alone (``fixed_order.row_by_row``: torch's reductions pick their strategy
     from the shape, so a row's sums otherwise depend on how many rows come with it)."""
     if batch_invariant:
-        return fixed_order.row_by_row(logits_forward, logits, labels, temperature, ignore_index, extras=extras)
+        return fixed_order.row_by_row(logits_forward, rows, extras=extras)
+    logits, labels, temperature, ignore_index = rows
     n, v = logits.shape
     inv_t = 1.0 / temperature
     acc = accumulation_dtype(logits.dtype)
@@ -106,10 +108,11 @@ def logits_forward(logits, labels, temperature, ignore_index, extras=None, batch
         z = logits[s:e].to(acc) * inv_t
         part = None if extras is None else extras.rows(s, e)
         logprobs[s:e], entropy[s:e], stats[s:e] = _chunk_forward(z, labels[s:e], ignore_index, part)
-    return logprobs, entropy, stats
+    return RowOutputs(logprobs, entropy, stats)
 
 
-def logits_backward(coef, logits, labels, stats, temperature, ignore_index, out=None):
+def logits_backward(rows: Rows, stats, coef, out=None):
+    logits, labels, temperature, ignore_index = rows
     n, v = logits.shape
     inv_t = 1.0 / temperature
     acc = accumulation_dtype(logits.dtype)

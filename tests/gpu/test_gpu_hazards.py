@@ -18,6 +18,7 @@ import math
 
 import pytest
 import torch
+from sirl_kernels.backends.rows import Rows
 
 pytestmark = [
     pytest.mark.gpu,
@@ -250,7 +251,7 @@ def test_unsplit_forward_at_16896_rows():
 
     utils.launch = spy
     try:
-        lp, h, _ = tlog.logits_forward(logits, labels, 1.0, -100)
+        lp, h, _ = tlog.logits_forward(Rows(logits, labels, 1.0, -100))
     finally:
         utils.launch = real
     assert grids == [("_logits_fwd_kernel", (n, 1))], grids

@@ -9,7 +9,7 @@ from torch.overrides import TorchFunctionMode
 
 from sirl_kernels import backends, linear_token_logprobs_entropy, ops
 from sirl_kernels._sizes import default_linear_chunk_size
-from sirl_kernels.backends.rows import logprob_entropy_coefficients
+from sirl_kernels.backends.rows import LinearRows, logprob_entropy_coefficients
 
 # Logits are formed with fp32 accumulation and never rounded to the input dtype, so the forward of every dtype
 # matches float64 (of the same low-precision inputs) to fp32 accuracy: a bf16/fp16 round trip of the logits, the
@@ -222,11 +222,11 @@ def test_backward_computes_only_the_gradients_asked_for(backend, device, grads):
     n, d, v, chunk = 10, 24, 37, 4
     hidden, weight, bias, labels = _case(n, d, v, torch.float32, device, seed=5)
     impl = backends.get(backend)
-    _, entropy, stats = impl.linear_forward(hidden, weight, bias, labels, 1.0, -100, chunk)
+    _, entropy, stats = impl.linear_forward(LinearRows(hidden, weight, bias, labels, 1.0, -100), chunk)
     g = torch.ones(n, device=device)
     with _OpLog() as log:
-        grad_h, grad_w, grad_b = impl.linear_backward(logprob_entropy_coefficients(g, g, entropy), hidden, weight,
-                                                      bias, labels, stats, 1.0, -100, chunk, NEEDS[grads])
+        grad_h, grad_w, grad_b = impl.linear_backward(LinearRows(hidden, weight, bias, labels, 1.0, -100), stats,
+                                                      logprob_entropy_coefficients(g, g, entropy), chunk, NEEDS[grads])
     assert (grad_h is not None, grad_w is not None, grad_b is not None) == NEEDS[grads]
     need_h, need_w, _ = NEEDS[grads]
     if not need_w:

@@ -7,7 +7,7 @@ import torch
 
 import sirl_kernels
 from sirl_kernels import ops
-from sirl_kernels.backends.rows import logprob_entropy_coefficients
+from sirl_kernels.backends.rows import Rows, logprob_entropy_coefficients
 
 
 def test_opcheck_logits_op(backend, device):
@@ -111,17 +111,17 @@ def test_native_binding_checks_row_tensors_and_devices():
     g_lp, g_h, logits, labels, stats, ent = _backward_case("cpu", "cpu")
     coef = logprob_entropy_coefficients(g_lp, g_h, ent)
     with pytest.raises(ValueError, match=r"^stats must have shape \(4, 2\)"):
-        cpu.logits_backward(coef, logits, labels, stats[:1], 1.0, -100)
+        cpu.logits_backward(Rows(logits, labels, 1.0, -100), stats[:1], coef)
     with pytest.raises(ValueError, match=r"^beta must have shape \(4,\)"):
-        cpu.logits_backward(coef._replace(beta=coef.beta[:2]), logits, labels, stats, 1.0, -100)
+        cpu.logits_backward(Rows(logits, labels, 1.0, -100), stats, coef._replace(beta=coef.beta[:2]))
     with pytest.raises(TypeError, match=r"^alpha must be torch.float32, got torch.float64"):
-        cpu.logits_backward(coef._replace(alpha=coef.alpha.double()), logits, labels, stats, 1.0, -100)
+        cpu.logits_backward(Rows(logits, labels, 1.0, -100), stats, coef._replace(alpha=coef.alpha.double()))
     meta = torch.empty(4, 300, device="meta")
     with pytest.raises(ValueError, match=r"^out must be a torch.float32 \(4, 300\) tensor on cpu"):
-        cpu.library().logits_backward(coef, logits, labels, stats, 1.0, -100, meta, cpu._launch())
+        cpu.library().logits_backward(Rows(logits, labels, 1.0, -100), stats, coef, meta, cpu._launch())
     with pytest.raises(ValueError, match=r"^labels are on meta but the logits are on cpu"):
-        cpu.library().logits_forward(logits, labels.to("meta"), 1.0, -100, cpu._launch())
+        cpu.library().logits_forward(Rows(logits, labels.to("meta"), 1.0, -100), cpu._launch())
     # an expanded (stride 0) coefficient, as a caller may hand over, is read correctly
-    expected = cpu.logits_backward(coef._replace(beta=torch.zeros(4)), logits, labels, stats, 1.0, -100)
-    got = cpu.logits_backward(coef._replace(beta=torch.zeros(1).expand(4)), logits, labels, stats, 1.0, -100)
+    expected = cpu.logits_backward(Rows(logits, labels, 1.0, -100), stats, coef._replace(beta=torch.zeros(4)))
+    got = cpu.logits_backward(Rows(logits, labels, 1.0, -100), stats, coef._replace(beta=torch.zeros(1).expand(4)))
     torch.testing.assert_close(got, expected, rtol=0, atol=0)

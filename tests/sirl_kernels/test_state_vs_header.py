@@ -18,7 +18,7 @@ import torch
 
 import sirl_kernels
 from sirl_kernels import backends
-from sirl_kernels.backends.rows import logprob_entropy_coefficients
+from sirl_kernels.backends.rows import Rows, logprob_entropy_coefficients
 
 REPORT = sirl_kernels.available_backends()
 pytestmark = pytest.mark.skipif(not REPORT["cpu"].available, reason=f"no libsirl_cpu: {REPORT['cpu'].reason}")
@@ -136,8 +136,8 @@ def form(request):
 def test_every_form_agrees_with_the_header(form, v, dtype, temperature):
     logits, labels = adversarial_rows(v, seed=v)
     logits = logits.to(dtype)
-    ref_lp, ref_h, ref_stats = cpu.reference_forward(logits, labels, temperature, IGNORE)
-    lp, h, stats = form.logits_forward(logits, labels, temperature, IGNORE)
+    ref_lp, ref_h, ref_stats = cpu.reference_forward(Rows(logits, labels, temperature, IGNORE))
+    lp, h, stats = form.logits_forward(Rows(logits, labels, temperature, IGNORE))
     # Rows whose x / T overflows fp32 (3e38 / 0.7) are outside the header's domain, which takes z = x / T: it sees
     # +inf there (NaN, as log_softmax(x / T) does), where the CPU kernels, scaling differences, stay finite.
     keep = ~(torch.isfinite(logits.float()) & ~torch.isfinite(logits.float() * (1.0 / temperature))).any(1)
@@ -153,9 +153,10 @@ def test_every_form_agrees_with_the_header(form, v, dtype, temperature):
 
     g = torch.Generator().manual_seed(1)
     g_lp, g_h = torch.randn(labels.shape, generator=g), torch.randn(labels.shape, generator=g)
-    grad = form.logits_backward(logprob_entropy_coefficients(g_lp, g_h, h), logits, labels, stats, temperature, IGNORE)
+    grad = form.logits_backward(Rows(logits, labels, temperature, IGNORE), stats,
+                                logprob_entropy_coefficients(g_lp, g_h, h))
     ref_coef = logprob_entropy_coefficients(g_lp, g_h, ref_h)
-    ref_grad = cpu.reference_backward(ref_coef, logits, labels, ref_stats, temperature, IGNORE)
+    ref_grad = cpu.reference_backward(Rows(logits, labels, temperature, IGNORE), ref_stats, ref_coef)
     finite = torch.isfinite(ref_grad)
     scale = float(ref_grad[finite].abs().max()) if bool(finite.any()) else 1.0
     eps = 1e-5 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps

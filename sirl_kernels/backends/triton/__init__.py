@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import torch
 
+from sirl_kernels.backends.rows import LinearRows, RowOutputs, Rows
+
 name = "triton"
 stats_units = "x"  # stats[:, 0] is the max of the raw logits x (the contract's Backend.stats_units)
 
@@ -71,37 +73,33 @@ def _require():
         raise RuntimeError(unavailable_reason(None))
 
 
-def logits_forward(logits, labels, temperature, ignore_index, extras=None, batch_invariant=False):
+def logits_forward(rows: Rows, extras=None, batch_invariant=False) -> RowOutputs:
     """``extras``: ``rows.Extras`` ([N] fp32 self-certainty / varentropy to fill, or None), same pass.
     ``batch_invariant``: the split count from V alone (``_sizes.batch_invariant_splits``), not from N."""
     _require()
     with _utils.quiet():
-        return _logits.logits_forward(logits, labels, temperature, ignore_index, extras,
-                                      batch_invariant=batch_invariant)
+        return _logits.logits_forward(rows, extras, batch_invariant=batch_invariant)
 
 
-def logits_backward(coef, logits, labels, stats, temperature, ignore_index, out=None):
+def logits_backward(rows: Rows, stats, coef, out=None):
     """``coef``: ``rows.Coefficients`` (alpha, beta, lam, optional gamma and delta); ``out=logits`` writes the
     gradient over the logits (in place)."""
     _require()
     with _utils.quiet():
-        return _logits.logits_backward(coef, logits, labels, stats, temperature, ignore_index, out=out)
+        return _logits.logits_backward(rows, stats, coef, out=out)
 
 
-def linear_forward(hidden, weight, bias, labels, temperature, ignore_index, chunk_size, extras=None,
-                   batch_invariant=False):
+def linear_forward(rows: LinearRows, chunk_size, extras=None, batch_invariant=False) -> RowOutputs:
     """``chunk_size`` is not needed: the forward materialises no logits (so no result depends on it).
     ``batch_invariant``: tiles and split count from V, D and the dtype alone, not from N (``linear.linear_forward``)."""
     _require()
     with _utils.quiet():
-        return _linear.linear_forward(hidden, weight, bias, labels, temperature, ignore_index, extras,
-                                      batch_invariant=batch_invariant)
+        return _linear.linear_forward(rows, extras, batch_invariant=batch_invariant)
 
 
-def linear_backward(coef, hidden, weight, bias, labels, stats, temperature, ignore_index, chunk_size, needs_grad):
+def linear_backward(rows: LinearRows, stats, coef, chunk_size, needs_grad):
     """Holds at most ``chunk_size x V`` values of the logits gradient (in the input dtype) at once: all rows of a
     vocabulary chunk (rows are chunked too only when not even one vocabulary tile of all rows fits)."""
     _require()
     with _utils.quiet():
-        return _linear.linear_backward(coef, hidden, weight, bias, labels, stats, temperature, ignore_index,
-                                       chunk_size, needs_grad)
+        return _linear.linear_backward(rows, stats, coef, chunk_size, needs_grad)

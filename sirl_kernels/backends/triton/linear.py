@@ -52,6 +52,7 @@ import triton.language as tl
 
 from sirl_kernels._sizes import batch_invariant_splits, empty_aligned_rows
 from sirl_kernels.backends.matmul import matmul_into
+from sirl_kernels.backends.rows import LinearRows, RowOutputs
 from sirl_kernels.backends.triton import utils
 from sirl_kernels.backends.triton.logits import (
     LOG2E,
@@ -253,8 +254,7 @@ def _fused_plan(row_tiles: int, v_tiles: int, fit: int, slots: int, least: int) 
     return best[1], best[2]
 
 
-def linear_forward(hidden, weight, bias, labels, temperature, ignore_index, extras=None, num_splits=None,
-                   batch_invariant=False):
+def linear_forward(rows: LinearRows, extras=None, num_splits=None, batch_invariant=False) -> RowOutputs:
     """(logprobs, entropy [N], stats [N, 2]) fp32 of ``hidden @ weight.T (+ bias)``; ``extras`` (``rows.Extras``)
     filled in the same pass; ``num_splits`` forces the split-V path (tests).
 
@@ -285,13 +285,14 @@ def linear_forward(hidden, weight, bias, labels, temperature, ignore_index, extr
       k of elementwise fp32 products, one rounding each, the same for every element; the row reductions are
       numpy reductions over axis 1 of a [BLOCK_N, BLOCK_V] array of fixed shape, each row reduced by the same
       loop."""
+    hidden, weight, bias, labels, temperature, ignore_index = rows
     n, dim = hidden.shape
     v = weight.shape[0]
     dev = hidden.device
     out = [torch.empty(n, dtype=torch.float32, device=dev) for _ in range(2)]
     out.append(torch.empty((n, 2), dtype=torch.float32, device=dev))
     if n == 0:
-        return tuple(out)
+        return RowOutputs(*out)
     labels = labels.contiguous()
     target = utils.target_of(dev)
     cfg = utils.linear_logits_blocks(n, v, dim, hidden.dtype, target, batch_invariant=batch_invariant)
@@ -338,7 +339,7 @@ def linear_forward(hidden, weight, bias, labels, temperature, ignore_index, extr
     chunk, splits = utils.split_chunk(v, bv, max(1, min(num_splits, tiles)))
     if splits == 1:
         utils.launch(_linear_fwd_kernel, (row_tiles,), *args_of(chunk, 1), SPLIT=False, **kwargs)
-        return tuple(out)
+        return RowOutputs(*out)
     parts = partial_states(n, splits, dev, flags)
     # written by the split that owns the label, for every row with a label in [0, V); the merge reads no other row
     x_y = torch.empty(n, dtype=torch.float32, device=dev)
@@ -346,7 +347,7 @@ def linear_forward(hidden, weight, bias, labels, temperature, ignore_index, extr
                  **kwargs)
     launch_merge(parts, x_y, labels, out, n, v, 0, scalars, target, label_from_rows=False, extra_ptrs=extra_ptrs,
                  flags=flags, chunk=chunk, batch_invariant=batch_invariant)
-    return tuple(out)
+    return RowOutputs(*out)
 
 
 def _fixed_order_dot(batch_invariant: bool, target: utils.TileTarget) -> bool:
@@ -476,10 +477,10 @@ def _rows(t, start: int, stop: int):
     return t if start == 0 and stop == t.shape[0] else t[start:stop]
 
 
-def linear_backward(coef, hidden, weight, bias, labels, stats, temperature, ignore_index, chunk_size,
-                    needs_grad=(True, True, True)):
+def linear_backward(rows: LinearRows, stats, coef, chunk_size, needs_grad=(True, True, True)):
     """The backward form of ``backends/rows.py`` for the coefficients ``coef`` (``rows.Coefficients``: alpha, beta,
     lam, [N] each) through ``hidden @ weight.T (+ bias)``: (grad_hidden, grad_weight, grad_bias)."""
+    hidden, weight, bias, labels, temperature, ignore_index = rows
     need_hidden, need_weight, need_bias = needs_grad
     need_bias = need_bias and bias is not None
     n, dim = hidden.shape

@@ -50,6 +50,7 @@ import triton
 import triton.language as tl
 
 from sirl_kernels._sizes import batch_invariant_splits, empty_aligned_rows
+from sirl_kernels.backends.rows import RowOutputs, Rows
 from sirl_kernels.backends.triton import utils
 
 # tl.constexpr globals: the compiler rejects any global a @triton.jit function reads that is not a tl.constexpr
@@ -516,7 +517,7 @@ def extra_outputs(extras, dummy):
                                                                            HAS_VE=ve is not None)
 
 
-def logits_forward(logits, labels, temperature, ignore_index, extras=None, num_splits=None, batch_invariant=False):
+def logits_forward(rows: Rows, extras=None, num_splits=None, batch_invariant=False) -> RowOutputs:
     """(logprobs, entropy [N], stats [N, 2]) fp32; ``extras`` (``rows.Extras``: [N] fp32 tensors or None) are
     filled in the same pass; ``num_splits`` forces the split-V path (tests).
 
@@ -527,12 +528,13 @@ def logits_forward(logits, labels, temperature, ignore_index, extras=None, num_s
     and ``utils.force_num_splits`` are ignored), so a row always takes the same path (unsplit, or split and
     merged in a fixed order) over the same column ranges, and the merge's row block does not depend on N either
     (``launch_merge``)."""
+    logits, labels, temperature, ignore_index = rows
     n, v = logits.shape
     dev = logits.device
     out = [torch.empty(n, dtype=torch.float32, device=dev) for _ in range(2)]
     out.append(torch.empty((n, 2), dtype=torch.float32, device=dev))
     if n == 0:
-        return tuple(out)
+        return RowOutputs(*out)
     assert logits.stride(1) == 1 or v == 1
     labels = labels.contiguous()
     inv_t = 1.0 / temperature
@@ -552,12 +554,12 @@ def logits_forward(logits, labels, temperature, ignore_index, extras=None, num_s
                                 lambda split: dict(kwargs, SPLIT=split), target, num_splits)
     if splits == 1:
         utils.launch(_logits_fwd_kernel, (n, 1), *args_of(chunk, 1), SPLIT=False, **kwargs)
-        return tuple(out)
+        return RowOutputs(*out)
     parts = partial_states(n, splits, dev, flags)
     utils.launch(_logits_fwd_kernel, (n, splits), *args_of(chunk, splits, parts), SPLIT=True, **kwargs)
     launch_merge(parts, logits, labels, out, n, v, logits.stride(0), scalars, target, label_from_rows=True,
                  extra_ptrs=extra_ptrs, flags=flags, chunk=chunk, batch_invariant=batch_invariant)
-    return tuple(out)
+    return RowOutputs(*out)
 
 
 def partial_states(n, splits, dev, flags):
@@ -684,10 +686,11 @@ def coefficient_flags(coef):
     return dict(HAS_GAMMA=coef.gamma is not None, HAS_DELTA=coef.delta is not None)
 
 
-def logits_backward(coef, logits, labels, stats, temperature, ignore_index, num_splits=None, out=None):
+def logits_backward(rows: Rows, stats, coef, num_splits=None, out=None):
     """The backward form of ``backends/rows.py`` for the coefficients ``coef`` (``rows.Coefficients``: alpha, beta,
     lam and optional gamma, delta, [N] each) w.r.t. the logits, in their dtype. ``out`` may be ``logits`` itself
     (in-place backward)."""
+    logits, labels, temperature, ignore_index = rows
     n, v = logits.shape
     dev = logits.device
     target = utils.target_of(dev)

@@ -63,3 +63,30 @@ def test_get_checks_the_contract(monkeypatch):
     monkeypatch.setattr(backends, "_CHECKED", set())
     with pytest.raises(TypeError, match="breaks the backend contract"):
         backends.get("torch")
+
+
+def test_a_function_with_the_old_positional_chain_is_refused():
+    """The contract's functions take named tuples (``rows.Rows``, ``rows.LinearRows``); a backend still taking
+    logits, labels, temperature, ignore_index one by one is refused by name, as is a required extra parameter."""
+    broken = _complete_module()
+
+    def logits_forward(logits, labels, temperature, ignore_index, extras=None, batch_invariant=False):
+        return None
+
+    broken.logits_forward = logits_forward
+    with pytest.raises(TypeError, match=r"logits_forward\(logits, labels, .*\) does not take the contract's "
+                                        r"\(rows, extras, batch_invariant\)$"):
+        check_backend(broken)
+
+    def needs_more(rows, extras=None, batch_invariant=False, num_splits=0):  # like cuda's: extra with a default
+        return None
+
+    broken.logits_forward = needs_more
+    assert check_backend(broken) is broken
+
+    def requires_more(rows, extras, batch_invariant, launch):
+        return None
+
+    broken.logits_forward = requires_more
+    with pytest.raises(TypeError, match="does not take the contract's"):
+        check_backend(broken)

@@ -17,7 +17,7 @@ from reference_impl import grad_tolerance, reference_grads, reference_linear, re
 import sirl_kernels
 from cpu_isas import isa, supported_isas  # noqa: F401 (isa: a fixture)
 from sirl_kernels import linear_token_logprobs_entropy, token_logprobs_entropy
-from sirl_kernels.backends.rows import Coefficients, logprob_entropy_coefficients
+from sirl_kernels.backends.rows import Coefficients, LinearRows, Rows, logprob_entropy_coefficients
 
 _STATUS = sirl_kernels.available_backends()["cpu"]
 pytestmark = pytest.mark.skipif(not _STATUS.available, reason=f"backend cpu unavailable: {_STATUS.reason}")
@@ -74,26 +74,26 @@ def test_library_checks_its_inputs_with_typed_one_line_errors():
     x = torch.randn(3, 10)
     labels = torch.tensor([0, 1, 2])
     with pytest.raises(ValueError, match="unit stride"):
-        cpu.logits_forward(torch.randn(10, 3).t(), labels, 1.0, -100)
+        cpu.logits_forward(Rows(torch.randn(10, 3).t(), labels, 1.0, -100))
     with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
-        cpu.logits_forward(x.double(), labels, 1.0, -100)
+        cpu.logits_forward(Rows(x.double(), labels, 1.0, -100))
     with pytest.raises(ValueError, match=r"labels must be int64 \[3\]"):
-        cpu.logits_forward(x, torch.tensor([0, 1]), 1.0, -100)
+        cpu.logits_forward(Rows(x, torch.tensor([0, 1]), 1.0, -100))
     # Checked in C++, reported through sirl_last_error():
     with pytest.raises(ValueError, match=r"^libsirl_cpu: sirl_logits_forward: temperature must be finite and > 0"):
-        cpu.logits_forward(x, labels, -1.0, -100)
+        cpu.logits_forward(Rows(x, labels, -1.0, -100))
     with pytest.raises(ValueError, match="rows would overlap"):
-        cpu.logits_forward(torch.randn(40).as_strided((3, 10), (5, 1)), labels, 1.0, -100)
+        cpu.logits_forward(Rows(torch.randn(40).as_strided((3, 10), (5, 1)), labels, 1.0, -100))
     # Finite and > 0, yet (float)(1 / T) overflows: rejected by every entry point, never an inf scale.
     for entry in (cpu.logits_forward, cpu.reference_forward):
         with pytest.raises(ValueError, match=r"temperature 1e-39 is too small: 1 / temperature overflows float32"):
-            entry(x, labels, 1e-39, -100)
-    lp, h, stats = cpu.logits_forward(x, labels, 1.0, -100)
+            entry(Rows(x, labels, 1e-39, -100))
+    lp, h, stats = cpu.logits_forward(Rows(x, labels, 1.0, -100))
     with pytest.raises(ValueError, match=r"sirl_logits_backward: temperature .* overflows float32"):
-        cpu.logits_backward(Coefficients(*torch.ones(3, 3)), x, labels, stats, 1e-40, -100)
+        cpu.logits_backward(Rows(x, labels, 1e-40, -100), stats, Coefficients(*torch.ones(3, 3)))
     wide = torch.randn(2, 20)  # in place, but the output rows 10 elements apart and the input rows 20
     with pytest.raises(ValueError, match="in-place backward .* needs grad_row_stride == row_stride"):
-        cpu.logits_backward(Coefficients(*torch.ones(3, 2)), wide[:, :10], labels[:2], stats[:2], 1.0, -100,
+        cpu.logits_backward(Rows(wide[:, :10], labels[:2], 1.0, -100), stats[:2], Coefficients(*torch.ones(3, 2)),
                             out=wide.view(4, 10)[:2])
 
 
@@ -102,10 +102,10 @@ def test_bad_labels_give_nan_rows_never_an_error_or_a_wild_read():
     a NaN gradient row; the row is never indexed by that label (V + 10**12 would fault if it were)."""
     x = torch.randn(4, 10)
     labels = torch.tensor([3, 10**12, -7, -100])
-    lp, h, stats = cpu.logits_forward(x, labels, 1.0, -100)
+    lp, h, stats = cpu.logits_forward(Rows(x, labels, 1.0, -100))
     assert torch.isnan(lp[1:3]).all() and torch.isnan(h[1:3]).all() and torch.isnan(stats[1:3]).all()
     assert float(lp[3]) == 0.0 and float(h[3]) == 0.0 and bool((stats[3] == 0).all())
-    grad = cpu.logits_backward(Coefficients(*torch.ones(3, 4)), x, labels, stats, 1.0, -100)
+    grad = cpu.logits_backward(Rows(x, labels, 1.0, -100), stats, Coefficients(*torch.ones(3, 4)))
     assert torch.isnan(grad[1:3]).all() and bool((grad[3] == 0).all()) and torch.isfinite(grad[0]).all()
 
 
@@ -218,7 +218,7 @@ def test_builds_agree_closely():
     outs = {}
     for name in supported_isas():
         cpu.set_isa(name)
-        outs[name] = cpu.logits_forward(logits, labels, 1.0, -100)
+        outs[name] = cpu.logits_forward(Rows(logits, labels, 1.0, -100))
     cpu.set_isa("auto")
     first = next(iter(outs.values()))
     for out in outs.values():
@@ -245,21 +245,21 @@ def test_any_forward_pairs_with_any_backward_of_the_library(dtype):
 
     def isa_forward(name):
         cpu.set_isa(name)
-        return cpu.logits_forward(logits, labels, temperature, -100)
+        return cpu.logits_forward(Rows(logits, labels, temperature, -100))
 
     def isa_backward(name, stats, h):
         cpu.set_isa(name)
-        return cpu.logits_backward(logprob_entropy_coefficients(g_lp, g_h, h), logits, labels, stats, temperature,
-                                   -100)
+        return cpu.logits_backward(Rows(logits, labels, temperature, -100), stats,
+                                   logprob_entropy_coefficients(g_lp, g_h, h))
 
-    forwards = {"reference": cpu.reference_forward(logits, labels, temperature, -100)}
+    forwards = {"reference": cpu.reference_forward(Rows(logits, labels, temperature, -100))}
     forwards.update((name, isa_forward(name)) for name in supported_isas())
     try:
         for fwd, (lp, h, stats) in forwards.items():
             torch.testing.assert_close(lp.double(), ref_lp, **FWD_TOL, msg=lambda m, fwd=fwd: f"{fwd}: {m}")
             torch.testing.assert_close(h.double(), ref_h, **FWD_TOL, msg=lambda m, fwd=fwd: f"{fwd}: {m}")
             coef = logprob_entropy_coefficients(g_lp, g_h, h)
-            grads = {"reference": cpu.reference_backward(coef, logits, labels, stats, temperature, -100)}
+            grads = {"reference": cpu.reference_backward(Rows(logits, labels, temperature, -100), stats, coef)}
             grads.update((name, isa_backward(name, stats, h)) for name in supported_isas())
             for bwd, grad in grads.items():
                 torch.testing.assert_close(grad.double(), ref, **tol,
@@ -273,7 +273,7 @@ def test_row_stride_larger_than_v_and_zero():
     _check_logits(wide[:, 1000:4001], labels % 3001)  # stride(0) = 5000 > V = 3001, offset storage
     row = wide[:1, :4000].expand(5, 4000)  # stride(0) = 0: every row is the same memory
     assert row.stride(0) == 0
-    lp, h, stats = cpu.logits_forward(row, labels[:5] % 4000, 1.0, -100)
+    lp, h, stats = cpu.logits_forward(Rows(row, labels[:5] % 4000, 1.0, -100))
     assert bool((stats == stats[0]).all()) and bool((h == h[0]).all())
     ref_lp, ref_h = reference_logprobs_entropy(row, labels[:5] % 4000)
     torch.testing.assert_close(lp.double(), ref_lp, **FWD_TOL)
@@ -282,12 +282,12 @@ def test_row_stride_larger_than_v_and_zero():
 def test_in_place_backward_equals_out_of_place(isa):
     logits, labels = _case(4, 3001, torch.bfloat16, seed=6)
     labels[2] = -100
-    lp, h, stats = cpu.logits_forward(logits, labels, 1.3, -100)
+    lp, h, stats = cpu.logits_forward(Rows(logits, labels, 1.3, -100))
     g_lp, g_h = torch.randn(4), torch.randn(4)
     coef = logprob_entropy_coefficients(g_lp, g_h, h)
-    expected = cpu.logits_backward(coef, logits, labels, stats, 1.3, -100)
+    expected = cpu.logits_backward(Rows(logits, labels, 1.3, -100), stats, coef)
     buf = logits.clone()
-    assert cpu.logits_backward(coef, buf, labels, stats, 1.3, -100, out=buf) is buf
+    assert cpu.logits_backward(Rows(buf, labels, 1.3, -100), stats, coef, out=buf) is buf
     assert torch.equal(buf.view(torch.int16), expected.view(torch.int16))
 
 
@@ -311,7 +311,7 @@ def test_backward_form_with_arbitrary_coefficients(isa, dtype, kind):
     if kind == "alpha_only":
         beta.zero_()
     coef = Coefficients(alpha, beta, lam)
-    _, _, stats = cpu.logits_forward(logits, labels, temperature, -100)
+    _, _, stats = cpu.logits_forward(Rows(logits, labels, temperature, -100))
 
     logp = torch.log_softmax(logits.double() / temperature, dim=-1)
     p = logp.exp()
@@ -334,7 +334,7 @@ def test_backward_form_with_arbitrary_coefficients(isa, dtype, kind):
     bound = 2 * bound + torch.where(p < 2.0**-120, term / temperature, torch.zeros_like(p))
     rtol = torch.finfo(dtype).eps
     for entry in (cpu.logits_backward, cpu.reference_backward):
-        grad = entry(coef, logits, labels, stats, temperature, -100)
+        grad = entry(Rows(logits, labels, temperature, -100), stats, coef)
         err = (grad.double() - ref).abs()
         ratio = err / (bound + rtol * ref.abs()).clamp_min(torch.finfo(torch.float64).tiny)
         assert bool((ratio <= 1).all()), f"{entry.__name__}: error {float(ratio.max()):.3g} x the bound"
@@ -353,8 +353,9 @@ def test_threads_do_not_change_results():
     try:
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            lp, h, stats = cpu.logits_forward(logits, labels, 1.0, -100)
-            grad = cpu.logits_backward(logprob_entropy_coefficients(g_lp, g_h, h), logits, labels, stats, 1.0, -100)
+            lp, h, stats = cpu.logits_forward(Rows(logits, labels, 1.0, -100))
+            grad = cpu.logits_backward(Rows(logits, labels, 1.0, -100), stats,
+                                       logprob_entropy_coefficients(g_lp, g_h, h))
             outs.append((lp, h, stats, grad))
     finally:
         torch.set_num_threads(before)
@@ -373,7 +374,7 @@ def test_special_values():
     logits[4, :2048] = -math.inf  # an all -inf block followed by finite ones
     logits[5] = 0.0
     labels = torch.tensor([0, 3, 2, int(logits[3].argmax()), 2100, 7])
-    lp, h, _ = cpu.logits_forward(logits, labels, 1.0, -100)
+    lp, h, _ = cpu.logits_forward(Rows(logits, labels, 1.0, -100))
     assert float(lp[0]) == 0.0 and float(h[0]) == 0.0
     assert math.isnan(float(h[1])) and math.isnan(float(lp[1]))
     assert math.isnan(float(lp[2])) and math.isnan(float(h[2]))
@@ -391,13 +392,13 @@ def test_int64_row_offsets():
     logits.copy_(torch.randn(2, v).to(torch.bfloat16))
     labels = torch.tensor([3, 60])
     dense = logits.clone()
-    lp, h, stats = cpu.logits_forward(logits, labels, 1.0, -100)
-    ref = cpu.logits_forward(dense, labels, 1.0, -100)
+    lp, h, stats = cpu.logits_forward(Rows(logits, labels, 1.0, -100))
+    ref = cpu.logits_forward(Rows(dense, labels, 1.0, -100))
     for a, b in zip((lp, h, stats), ref):
         assert torch.equal(a, b)
     g = torch.ones(2)
-    grad = cpu.logits_backward(logprob_entropy_coefficients(g, g, h), logits, labels, stats, 1.0, -100)
-    dense_grad = cpu.logits_backward(logprob_entropy_coefficients(g, g, h), dense, labels, stats, 1.0, -100)
+    grad = cpu.logits_backward(Rows(logits, labels, 1.0, -100), stats, logprob_entropy_coefficients(g, g, h))
+    dense_grad = cpu.logits_backward(Rows(dense, labels, 1.0, -100), stats, logprob_entropy_coefficients(g, g, h))
     assert torch.equal(grad.view(torch.int16), dense_grad.view(torch.int16))
     del storage, logits
 
@@ -536,10 +537,10 @@ def test_forward_self_certainty_and_varentropy(isa, dtype, temperature, v):
     logits, labels = _extras_case(v, dtype)
     ref_sc, ref_ve, scales = _extras_reference(logits, labels, temperature)
     n = logits.shape[0]
-    plain = cpu.logits_forward(logits, labels, temperature, -100)
+    plain = cpu.logits_forward(Rows(logits, labels, temperature, -100))
     for entry in (cpu.logits_forward, cpu.reference_forward):
         sc, ve = torch.full((n,), 123.0), torch.full((n,), 123.0)
-        out = entry(logits, labels, temperature, -100, extras=Extras(sc, ve))
+        out = entry(Rows(logits, labels, temperature, -100), extras=Extras(sc, ve))
         _assert_extras_close(sc, ve, ref_sc, ref_ve, scales, f"{entry.__name__} {isa}")
         if entry is cpu.logits_forward:
             # the plain outputs of the specialised instantiation: the plain kernel's, up to rounding
@@ -547,10 +548,10 @@ def test_forward_self_certainty_and_varentropy(isa, dtype, temperature, v):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, equal_nan=True)
     # one of the two alone
     sc = torch.empty(n)
-    cpu.logits_forward(logits, labels, temperature, -100, extras=Extras(sc, None))
+    cpu.logits_forward(Rows(logits, labels, temperature, -100), extras=Extras(sc, None))
     _assert_extras_close(sc, ref_ve.clone(), ref_sc, ref_ve, scales, "self_certainty alone")
     ve = torch.empty(n)
-    cpu.logits_forward(logits, labels, temperature, -100, extras=Extras(None, ve))
+    cpu.logits_forward(Rows(logits, labels, temperature, -100), extras=Extras(None, ve))
     _assert_extras_close(ref_sc.clone(), ve, ref_sc, ref_ve, scales, "varentropy alone")
 
 
@@ -565,9 +566,9 @@ def test_extras_rows_and_threads_and_strided_outputs():
     try:
         torch.set_num_threads(1)
         one = Extras(torch.empty(64), torch.empty(64))
-        cpu.logits_forward(logits, labels, 0.8, -100, extras=one)
+        cpu.logits_forward(Rows(logits, labels, 0.8, -100), extras=one)
         torch.set_num_threads(max(2, old))
-        cpu.logits_forward(logits, labels, 0.8, -100, extras=Extras(out[:, 0], out[:, 1]))
+        cpu.logits_forward(Rows(logits, labels, 0.8, -100), extras=Extras(out[:, 0], out[:, 1]))
     finally:
         torch.set_num_threads(old)
     assert torch.equal(out[:, 0], one.self_certainty) or torch.allclose(out[:, 0], one.self_certainty, equal_nan=True)
@@ -607,7 +608,7 @@ def test_backward_with_gamma_and_delta(isa, dtype, which):
     g = torch.Generator().manual_seed(52)
     alpha, beta, lam, gamma, delta = (torch.randn(n, generator=g) * 3 for _ in range(5))
     coef = Coefficients(alpha, beta, lam, gamma if which != "delta" else None, delta if which != "gamma" else None)
-    _, _, stats = cpu.logits_forward(logits, labels, temperature, -100)
+    _, _, stats = cpu.logits_forward(Rows(logits, labels, temperature, -100))
     full = Coefficients(alpha, beta, lam, gamma if coef.gamma is not None else torch.zeros(n),
                         delta if coef.delta is not None else torch.zeros(n))
     ref, p, L, is_label, valid = _terms_reference(logits, labels, full, temperature)
@@ -621,7 +622,7 @@ def test_backward_with_gamma_and_delta(isa, dtype, which):
     rtol = torch.finfo(dtype).eps
     inv_t = torch.tensor(1.0 / temperature, dtype=torch.float32)
     for entry in (cpu.logits_backward, cpu.reference_backward):
-        grad = entry(coef, logits, labels, stats, temperature, -100)
+        grad = entry(Rows(logits, labels, temperature, -100), stats, coef)
         err = (grad.double() - ref).abs()
         ratio = err / (bound + rtol * ref.abs()).clamp_min(torch.finfo(torch.float64).tiny)
         assert bool((ratio <= 1).all()), f"{entry.__name__}: error {float(ratio.max()):.3g} x the bound"
@@ -632,9 +633,9 @@ def test_backward_with_gamma_and_delta(isa, dtype, which):
         exact = ((lam[2] + full.delta[2]) * inv_t).to(dtype)
         assert float(grad[2, 10]) == float(exact), "a label with p_y = 0 gets (lam + delta) / T"
     # in place equals out of place
-    expected = cpu.logits_backward(coef, logits, labels, stats, temperature, -100)
+    expected = cpu.logits_backward(Rows(logits, labels, temperature, -100), stats, coef)
     buf = logits.clone()
-    cpu.logits_backward(coef, buf, labels, stats, temperature, -100, out=buf)
+    cpu.logits_backward(Rows(buf, labels, temperature, -100), stats, coef, out=buf)
     assert torch.equal(buf.view(torch.int16 if dtype != torch.float32 else torch.int32),
                        expected.view(torch.int16 if dtype != torch.float32 else torch.int32))
 
@@ -643,11 +644,11 @@ def test_backward_with_bad_labels_and_absent_terms():
     """Out-of-range labels: NaN rows with the terms too; zero gamma / delta tensors give the plain kernel's result."""
     logits, labels = _case(5, 1001, torch.float32, seed=61)
     labels[1] = 5000
-    _, h, stats = cpu.logits_forward(logits, labels, 1.0, -100)
+    _, h, stats = cpu.logits_forward(Rows(logits, labels, 1.0, -100))
     coef = logprob_entropy_coefficients(torch.randn(5), torch.randn(5), h)
-    plain = cpu.logits_backward(coef, logits, labels, stats, 1.0, -100)
+    plain = cpu.logits_backward(Rows(logits, labels, 1.0, -100), stats, coef)
     zeros = Coefficients(*coef[:3], torch.zeros(5), torch.zeros(5))
-    with_terms = cpu.logits_backward(zeros, logits, labels, stats, 1.0, -100)
+    with_terms = cpu.logits_backward(Rows(logits, labels, 1.0, -100), stats, zeros)
     assert bool(torch.isnan(with_terms[1]).all()) and bool(torch.isnan(plain[1]).all())
     ok = torch.ones(5, dtype=torch.bool)
     ok[1] = False
@@ -664,10 +665,10 @@ def test_self_certainty_varentropy_gradient_matches_autograd(isa, temperature):
     g = torch.Generator().manual_seed(72)
     g_sc, g_ve = torch.randn(n, generator=g), torch.randn(n, generator=g)
     sc, ve = torch.empty(n), torch.empty(n)
-    _, h, stats = cpu.logits_forward(logits, labels, temperature, -100, extras=Extras(sc, ve))
+    _, h, stats = cpu.logits_forward(Rows(logits, labels, temperature, -100), extras=Extras(sc, ve))
     coef = Coefficients(g_sc + g_ve * (2 * h + h * h - ve), 2 * g_ve * (1 + h), torch.zeros(n), g_ve.clone(),
                         -g_sc / v)
-    grad = cpu.logits_backward(coef, logits, labels, stats, temperature, -100)
+    grad = cpu.logits_backward(Rows(logits, labels, temperature, -100), stats, coef)
 
     x = logits.double().requires_grad_(True)
     z = x / temperature
@@ -692,9 +693,9 @@ def test_linear_forward_fills_extras_chunk_by_chunk(chunk_size):
     labels = torch.randint(0, 501, (13,), generator=g)
     labels[2] = -100
     sc, ve = torch.empty(13), torch.empty(13)
-    cpu.linear_forward(hidden, weight, None, labels, 0.9, -100, chunk_size, extras=Extras(sc, ve))
+    cpu.linear_forward(LinearRows(hidden, weight, None, labels, 0.9, -100), chunk_size, extras=Extras(sc, ve))
     want = Extras(torch.empty(13), torch.empty(13))
-    cpu.logits_forward(hidden @ weight.t(), labels, 0.9, -100, extras=want)
+    cpu.logits_forward(Rows(hidden @ weight.t(), labels, 0.9, -100), extras=want)
     torch.testing.assert_close(sc, want.self_certainty, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ve, want.varentropy, rtol=1e-5, atol=1e-5)
 
@@ -708,7 +709,7 @@ def test_misaligned_extras_and_terms_are_rejected():
     from sirl_kernels import _native
 
     outs = [torch.empty(3), torch.empty(3), torch.empty(3, 2)]
-    rows = _native._rows(logits, labels, 1.0, -100)
+    rows = _native._rows(Rows(logits, labels, 1.0, -100))
     args = _native.ForwardArgs(rows, *(t.data_ptr() for t in outs), bad, None)
     with pytest.raises(ValueError, match="self_certainty or varentropy is not 4-byte aligned"):
         lib.call("sirl_logits_forward", ctypes.byref(args), ctypes.byref(_native.Launch()))

@@ -17,7 +17,7 @@ import sirl_kernels
 from reference_impl import grad_tolerance, reference_grads, reference_logprobs_entropy
 from sirl_kernels import _native, backends
 from sirl_kernels.backends import cuda as cuda_backend
-from sirl_kernels.backends.rows import Coefficients, Extras, logprob_entropy_coefficients
+from sirl_kernels.backends.rows import Coefficients, Extras, Rows, logprob_entropy_coefficients
 
 ROOT = Path(__file__).resolve().parents[3]
 _REASON = cuda_backend.unavailable_reason(torch.device("cuda"))
@@ -125,7 +125,7 @@ def _case(n, v, dtype, seed=0, scale=3.0, ignore_every=0, ninf_every=0):
 @needs_cuda
 def test_forward_matches_float64(dtype, n, v, temperature):
     logits, labels = _case(n, v, dtype, seed=n + v, ignore_every=4, ninf_every=3 if v > 7 else 0)
-    lp, h, stats = cuda_backend.logits_forward(logits, labels, temperature, -100)
+    lp, h, stats = cuda_backend.logits_forward(Rows(logits, labels, temperature, -100))
     ref_lp, ref_h = reference_logprobs_entropy(logits, labels, temperature, -100)
     torch.testing.assert_close(lp.double(), ref_lp, **_tol(dtype))
     torch.testing.assert_close(h.double(), ref_h, **_tol(dtype))
@@ -139,9 +139,9 @@ def test_forward_matches_float64(dtype, n, v, temperature):
 @needs_cuda
 def test_split_v_matches_unsplit_and_is_deterministic(dtype, splits):
     logits, labels = _case(6, 20011, dtype, seed=splits, ignore_every=5)
-    one = cuda_backend.logits_forward(logits, labels, 0.9, -100, num_splits=1)
-    many = cuda_backend.logits_forward(logits, labels, 0.9, -100, num_splits=splits)
-    again = cuda_backend.logits_forward(logits, labels, 0.9, -100, num_splits=splits)
+    one = cuda_backend.logits_forward(Rows(logits, labels, 0.9, -100), num_splits=1)
+    many = cuda_backend.logits_forward(Rows(logits, labels, 0.9, -100), num_splits=splits)
+    again = cuda_backend.logits_forward(Rows(logits, labels, 0.9, -100), num_splits=splits)
     for a, b, c in zip(one, many, again):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
         assert torch.equal(b, c), "split-V merge must be bit-reproducible"
@@ -157,7 +157,7 @@ def test_unaligned_rows_and_strides(dtype):
     base, _ = _case(9, 1031, dtype, seed=5)
     logits = base[:, 3:1030]  # row start off 16-byte alignment, odd row stride
     labels = torch.randint(0, logits.shape[1], (9,), device="cuda")
-    lp, h, _ = cuda_backend.logits_forward(logits, labels, 1.3, -100)
+    lp, h, _ = cuda_backend.logits_forward(Rows(logits, labels, 1.3, -100))
     ref_lp, ref_h = reference_logprobs_entropy(logits, labels, 1.3, -100)
     torch.testing.assert_close(lp.double(), ref_lp, **_tol(dtype))
     torch.testing.assert_close(h.double(), ref_h, **_tol(dtype))
@@ -171,16 +171,16 @@ def test_backward_matches_float64_and_in_place(dtype, temperature):
     logits, labels = _case(33, 3001, dtype, seed=11, ignore_every=6, ninf_every=4)
     g_lp = torch.randn(33, device="cuda")
     g_h = torch.randn(33, device="cuda")
-    _, h, stats = cuda_backend.logits_forward(logits, labels, temperature, -100)
+    _, h, stats = cuda_backend.logits_forward(Rows(logits, labels, temperature, -100))
     coef = logprob_entropy_coefficients(g_lp, g_h, h)
-    grad = cuda_backend.logits_backward(coef, logits, labels, stats, temperature, -100)
+    grad = cuda_backend.logits_backward(Rows(logits, labels, temperature, -100), stats, coef)
     assert grad.dtype == dtype and grad.shape == logits.shape
     ref = reference_grads(logits, labels, g_lp, g_h, temperature, -100)
     torch.testing.assert_close(grad.double(), ref, **grad_tolerance(dtype, ref))
     assert torch.all(grad[labels == -100] == 0)
     assert torch.all(grad[torch.isinf(logits)] == 0), "-inf logits get exactly zero gradient"
     inplace = logits.clone()
-    out = cuda_backend.logits_backward(coef, inplace, labels, stats, temperature, -100, out=inplace)
+    out = cuda_backend.logits_backward(Rows(inplace, labels, temperature, -100), stats, coef, out=inplace)
     assert out.data_ptr() == inplace.data_ptr()
     assert torch.equal(inplace, grad), "in-place backward must equal the out-of-place one bit for bit"
 
@@ -229,8 +229,8 @@ def test_forward_self_certainty_and_varentropy(dtype, splits, temperature):
     labels[8] = v - 1
     sc = torch.empty(n, device="cuda")
     ve = torch.empty(n, device="cuda")
-    out = cuda_backend.logits_forward(logits, labels, temperature, -100, extras=Extras(sc, ve), num_splits=splits)
-    plain = cuda_backend.logits_forward(logits, labels, temperature, -100, num_splits=splits)
+    out = cuda_backend.logits_forward(Rows(logits, labels, temperature, -100), extras=Extras(sc, ve), num_splits=splits)
+    plain = cuda_backend.logits_forward(Rows(logits, labels, temperature, -100), num_splits=splits)
     for a, b in zip(out, plain):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, equal_nan=True)
     ref_sc, ref_ve = _extras_reference(logits, labels, temperature)
@@ -238,10 +238,10 @@ def test_forward_self_certainty_and_varentropy(dtype, splits, temperature):
     torch.testing.assert_close(sc.double().cpu(), ref_sc, rtol=1e-4, atol=1e-4, equal_nan=True)
     torch.testing.assert_close(ve.double().cpu(), ref_ve, rtol=1e-4, atol=1e-4, equal_nan=True)
     sc2, ve2 = torch.empty_like(sc), torch.empty_like(ve)
-    cuda_backend.logits_forward(logits, labels, temperature, -100, extras=Extras(sc2, ve2), num_splits=splits)
+    cuda_backend.logits_forward(Rows(logits, labels, temperature, -100), extras=Extras(sc2, ve2), num_splits=splits)
     assert torch.equal(sc.nan_to_num(7.0), sc2.nan_to_num(7.0)) and torch.equal(ve.nan_to_num(7.0), ve2.nan_to_num(7.0))
     only = torch.empty_like(sc)
-    cuda_backend.logits_forward(logits, labels, temperature, -100, extras=Extras(None, only), num_splits=splits)
+    cuda_backend.logits_forward(Rows(logits, labels, temperature, -100), extras=Extras(None, only), num_splits=splits)
     assert torch.equal(only.nan_to_num(7.0), ve.nan_to_num(7.0))
 
 
@@ -256,14 +256,14 @@ def test_backward_with_gamma_and_delta(dtype, temperature):
     g = torch.Generator(device="cuda").manual_seed(14)
     alpha, beta, lam, gamma, delta = (torch.randn(33, device="cuda", generator=g) for _ in range(5))
     coef = Coefficients(alpha, beta, lam, gamma, delta)
-    _, _, stats = cuda_backend.logits_forward(logits, labels, temperature, -100)
-    grad = cuda_backend.logits_backward(coef, logits, labels, stats, temperature, -100)
+    _, _, stats = cuda_backend.logits_forward(Rows(logits, labels, temperature, -100))
+    grad = cuda_backend.logits_backward(Rows(logits, labels, temperature, -100), stats, coef)
     from sirl_kernels.backends import cpu as cpu_backend
 
     c_logits, c_labels = logits.cpu(), labels.cpu()
-    _, _, c_stats = cpu_backend.logits_forward(c_logits, c_labels, temperature, -100)
+    _, _, c_stats = cpu_backend.logits_forward(Rows(c_logits, c_labels, temperature, -100))
     c_coef = Coefficients(*(t.cpu() for t in coef))
-    c_grad = cpu_backend.logits_backward(c_coef, c_logits, c_labels, c_stats, temperature, -100)
+    c_grad = cpu_backend.logits_backward(Rows(c_logits, c_labels, temperature, -100), c_stats, c_coef)
     scale = c_grad.float().abs().amax(-1, keepdim=True)
     torch.testing.assert_close(grad.float().cpu(), c_grad.float(), rtol=1e-2 if dtype != torch.float32 else 1e-4,
                                atol=float(1e-5 * scale.max()))
@@ -277,7 +277,7 @@ def test_backward_with_gamma_and_delta(dtype, temperature):
     assert torch.equal(grad[sel], want[sel]), "-inf columns get exactly delta / T"
     assert torch.all(grad[labels == -100] == 0)
     inplace = logits.clone()
-    cuda_backend.logits_backward(coef, inplace, labels, stats, temperature, -100, out=inplace)
+    cuda_backend.logits_backward(Rows(inplace, labels, temperature, -100), stats, coef, out=inplace)
     assert torch.equal(inplace, grad)
 
 
@@ -333,7 +333,7 @@ def test_large_vocab_bf16_vs_float64_and_triton():
     logits = (torch.randn(n, v, device="cuda") * 4).to(torch.bfloat16)
     labels = torch.randint(0, v, (n,), device="cuda")
     labels[::13] = -100
-    lp, h, stats = cuda_backend.logits_forward(logits, labels, 1.0, -100)
+    lp, h, stats = cuda_backend.logits_forward(Rows(logits, labels, 1.0, -100))
     rows = torch.arange(0, n, 997, device="cuda")  # float64 on a sample of rows (the full tensor is 20 GB)
     ref_lp, ref_h = reference_logprobs_entropy(logits[rows], labels[rows])
     torch.testing.assert_close(lp[rows].double(), ref_lp, rtol=1e-4, atol=2e-4)
@@ -341,10 +341,10 @@ def test_large_vocab_bf16_vs_float64_and_triton():
     g_lp = torch.randn(n, device="cuda")
     g_h = torch.randn(n, device="cuda")
     coef = logprob_entropy_coefficients(g_lp, g_h, h)
-    grad = cuda_backend.logits_backward(coef, logits, labels, stats, 1.0, -100)
+    grad = cuda_backend.logits_backward(Rows(logits, labels, 1.0, -100), stats, coef)
     ref = reference_grads(logits[rows], labels[rows], g_lp[rows], g_h[rows])
     torch.testing.assert_close(grad[rows].double(), ref, **grad_tolerance(torch.bfloat16, ref))
-    cuda_backend.logits_backward(coef, logits, labels, stats, 1.0, -100, out=logits)  # in place, 5 GB saved
+    cuda_backend.logits_backward(Rows(logits, labels, 1.0, -100), stats, coef, out=logits)  # in place, 5 GB saved
     assert torch.equal(logits, grad)
     del grad, logits
     torch.cuda.empty_cache()
@@ -353,12 +353,12 @@ def test_large_vocab_bf16_vs_float64_and_triton():
         pytest.skip("triton backend unavailable: compared with float64 only")
     torch.manual_seed(0)
     logits = (torch.randn(n, v, device="cuda") * 4).to(torch.bfloat16)
-    t_lp, t_h, t_lse = backends.get("triton").logits_forward(logits, labels, 1.0, -100)
+    t_lp, t_h, t_lse = backends.get("triton").logits_forward(Rows(logits, labels, 1.0, -100))
     torch.testing.assert_close(lp, t_lp, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(h, t_h, rtol=1e-5, atol=1e-4)
     t_coef = logprob_entropy_coefficients(g_lp, g_h, t_h)
-    t_grad = backends.get("triton").logits_backward(t_coef, logits, labels, t_lse, 1.0, -100)
-    c_grad = cuda_backend.logits_backward(coef, logits, labels, stats, 1.0, -100)
+    t_grad = backends.get("triton").logits_backward(Rows(logits, labels, 1.0, -100), t_lse, t_coef)
+    c_grad = cuda_backend.logits_backward(Rows(logits, labels, 1.0, -100), stats, coef)
     torch.testing.assert_close(c_grad.float(), t_grad.float(), rtol=1e-2, atol=1e-6)
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from sirl_kernels.backends import matmul
+from sirl_kernels.backends.rows import LinearRows
 
 U32 = 2.0 ** -24  # unit roundoff of fp32
 
@@ -272,7 +273,7 @@ def test_fp32_policy_holds_for_the_chunked_fused_linear(monkeypatch):
     old = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("high")
-        lp, h, _ = torch_ref.linear_forward(hidden, weight, None, labels, 1.0, -100, 3)
+        lp, h, _ = torch_ref.linear_forward(LinearRows(hidden, weight, None, labels, 1.0, -100), 3)
     finally:
         torch.set_float32_matmul_precision(old)
     assert seen and set(seen) == {"ieee"}

@@ -23,7 +23,7 @@ from reference_impl import grad_tolerance, reference_grads, reference_linear, re
 
 import sirl_kernels
 from sirl_kernels.backends import triton as tb
-from sirl_kernels.backends.rows import Coefficients, Extras, logprob_entropy_coefficients
+from sirl_kernels.backends.rows import Coefficients, Extras, LinearRows, Rows, logprob_entropy_coefficients
 
 pytestmark = pytest.mark.skipif(
     not sirl_kernels.available_backends()["triton"].available,
@@ -62,11 +62,11 @@ def _check_fwd(lp, h, logits, labels, temperature=1.0, ignore_index=-100):
 
 
 def _run(logits, labels, g_lp, g_h, temperature=1.0, ignore_index=-100, splits=None, bwd_splits=None):
-    lp, h, lse = tb.logits_forward(logits, labels, temperature, ignore_index) if splits is None else \
-        tlog.logits_forward(logits, labels, temperature, ignore_index, num_splits=splits)
+    lp, h, lse = tb.logits_forward(Rows(logits, labels, temperature, ignore_index)) if splits is None else \
+        tlog.logits_forward(Rows(logits, labels, temperature, ignore_index), num_splits=splits)
     with utils.quiet():
-        grad = tlog.logits_backward(logprob_entropy_coefficients(g_lp, g_h, h), logits, labels, lse, temperature,
-                                    ignore_index, num_splits=bwd_splits)
+        grad = tlog.logits_backward(Rows(logits, labels, temperature, ignore_index), lse,
+                                    logprob_entropy_coefficients(g_lp, g_h, h), num_splits=bwd_splits)
     return lp, h, lse, grad
 
 
@@ -178,9 +178,9 @@ def test_out_of_place_gradient_rows_align_like_the_logits():
         x = torch.empty(4, stride, dtype=torch.bfloat16, device="meta")[:, :v]
         labels = torch.empty(4, dtype=torch.int64, device="meta")
         with utils.record_launches(utils.GPU_TARGETS[90]) as launches:
-            _, ent, stats = tlog.logits_forward(x, labels, 1.0, -100)
+            _, ent, stats = tlog.logits_forward(Rows(x, labels, 1.0, -100))
             coef = Coefficients(*(torch.empty(4, device="meta") for _ in range(3)))
-            grad = tlog.logits_backward(coef, x, labels, stats, 1.0, -100)
+            grad = tlog.logits_backward(Rows(x, labels, 1.0, -100), stats, coef)
         assert grad.shape == (4, v) and grad.stride() == (want, 1), (stride, v, grad.stride())
         backward = [launch for launch in launches if launch.name == "_logits_bwd_kernel"]
         assert backward and backward[0].kwargs["OUT_UNIT"] == (8 if want % 8 == 0 else 1)
@@ -195,9 +195,9 @@ def test_backward_into_padded_rows_of_a_view(dtype):
     base, labels, g_lp, g_h = _case(5, 1064, dtype, seed=4)
     logits, labels = base[:, :1037], labels.clamp(max=1036)
     with utils.quiet():
-        lp, h, stats = tlog.logits_forward(logits, labels, 0.9, -100)
+        lp, h, stats = tlog.logits_forward(Rows(logits, labels, 0.9, -100))
         buf = torch.full((5, 1040), 7.0, dtype=dtype, device=DEV)
-        grad = tlog.logits_backward(logprob_entropy_coefficients(g_lp, g_h, h), logits, labels, stats, 0.9, -100,
+        grad = tlog.logits_backward(Rows(logits, labels, 0.9, -100), stats, logprob_entropy_coefficients(g_lp, g_h, h),
                                     out=buf[:, :1037])
     assert grad.data_ptr() == buf.data_ptr() and grad.stride() == (1040, 1)
     ref = reference_grads(logits.cpu(), labels.cpu(), g_lp.cpu(), g_h.cpu(), 0.9)
@@ -315,8 +315,8 @@ def test_label_gradient_exact_when_p_near_one():
     ent = torch.zeros(2, device=DEV)
     g = torch.ones(2, device=DEV)
     with utils.quiet():
-        grad = tlog.logits_backward(logprob_entropy_coefficients(g, torch.zeros(2, device=DEV), ent), logits, labels,
-                                    stats, 1.0, -100)
+        grad = tlog.logits_backward(Rows(logits, labels, 1.0, -100), stats,
+                                    logprob_entropy_coefficients(g, torch.zeros(2, device=DEV), ent))
     torch.testing.assert_close(grad[:, 7].double().cpu(), -torch.expm1(torch.tensor([-1e-9, -1e-9],
                                dtype=torch.float64)), rtol=1e-6, atol=0)
 
@@ -328,11 +328,11 @@ def test_label_gradient_exact_when_p_near_one():
 def test_inplace_backward_kernel(dtype):
     logits, labels, g_lp, g_h = _case(4, 6000, dtype, seed=6, ignore_frac=0.3)
     ref = reference_grads(logits.cpu(), labels.cpu(), g_lp.cpu(), g_h.cpu(), 0.9)
-    lp, h, lse = tb.logits_forward(logits, labels, 0.9, -100)
+    lp, h, lse = tb.logits_forward(Rows(logits, labels, 0.9, -100))
     buf = logits.clone()
     ptr = buf.data_ptr()
     with utils.quiet():
-        out = tlog.logits_backward(logprob_entropy_coefficients(g_lp, g_h, h), buf, labels, lse, 0.9, -100,
+        out = tlog.logits_backward(Rows(buf, labels, 0.9, -100), lse, logprob_entropy_coefficients(g_lp, g_h, h),
                                    num_splits=2, out=buf)
     assert out.data_ptr() == ptr
     torch.testing.assert_close(buf.double().cpu(), ref, **grad_tolerance(dtype, ref))
@@ -400,9 +400,9 @@ def _lin_reference_grads(hidden, weight, bias, labels, g_lp, g_h, temperature):
 
 def _lin_run(hidden, weight, b, labels, g_lp, g_h, temperature=1.0, splits=None, chunk=16, needs=(True, True, True)):
     with utils.quiet():
-        lp, h, stats = tlin.linear_forward(hidden, weight, b, labels, temperature, -100, num_splits=splits)
-        grads = tb.linear_backward(logprob_entropy_coefficients(g_lp, g_h, h), hidden, weight, b, labels, stats,
-                                   temperature, -100, chunk, needs)
+        lp, h, stats = tlin.linear_forward(LinearRows(hidden, weight, b, labels, temperature, -100), num_splits=splits)
+        grads = tb.linear_backward(LinearRows(hidden, weight, b, labels, temperature, -100), stats,
+                                   logprob_entropy_coefficients(g_lp, g_h, h), chunk, needs)
     return lp, h, grads
 
 
@@ -507,7 +507,7 @@ def test_linear_split_forward_reads_no_uninitialised_memory(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", nan_empty)
     with utils.quiet():
-        lp, h, stats = tlin.linear_forward(hidden, weight, b, labels, 1.0, -100, num_splits=3)
+        lp, h, stats = tlin.linear_forward(LinearRows(hidden, weight, b, labels, 1.0, -100), num_splits=3)
     monkeypatch.undo()
     bad = torch.zeros(12, dtype=torch.bool, device=DEV)
     bad[[1, 5]] = True
@@ -542,7 +542,7 @@ def test_fused_forward_never_materialises_logits(monkeypatch):
     hidden, weight, b, labels, _, _ = _lin_case(8, 16, 3000, torch.float32, seed=10)
     made = _spy_allocations(monkeypatch)
     with utils.quiet():
-        tlin.linear_forward(hidden, weight, b, labels, 1.0, -100)
+        tlin.linear_forward(LinearRows(hidden, weight, b, labels, 1.0, -100))
     assert made and max(math.prod(s) for s in made) < 3000
 
 
@@ -651,8 +651,8 @@ def _logits_backward_against_the_form(coef, logits, labels, temperature, splits)
     """The logits backward with ``coef`` against the float64 backward form; returns (the gradient, the forward's
     stats, the -inf columns)."""
     with utils.quiet():
-        lp, h, stats = tlog.logits_forward(logits, labels, temperature, -100, num_splits=splits)
-        grad = tlog.logits_backward(coef, logits, labels, stats, temperature, -100, num_splits=splits)
+        lp, h, stats = tlog.logits_forward(Rows(logits, labels, temperature, -100), num_splits=splits)
+        grad = tlog.logits_backward(Rows(logits, labels, temperature, -100), stats, coef, num_splits=splits)
     z64 = logits.double().cpu() / temperature
     ref, bound = _form_reference(z64, labels.cpu(), coef, temperature, -100, torch.zeros_like(z64))
     got = grad.double().cpu()
@@ -681,9 +681,9 @@ def test_logits_backward_coefficient_form_matches_float64(splits):
     # the old (g_lp, g_H) inputs are the special case alpha = -g_lp - g_H H, beta = -g_H, lam = g_lp
     g_lp, g_h = torch.randn(n, device=DEV), torch.randn(n, device=DEV)
     with utils.quiet():
-        _, h, stats = tlog.logits_forward(logits, labels, temperature, -100, num_splits=splits)
-        grad = tlog.logits_backward(logprob_entropy_coefficients(g_lp, g_h, h), logits, labels, stats, temperature,
-                                    -100, num_splits=splits)
+        _, h, stats = tlog.logits_forward(Rows(logits, labels, temperature, -100), num_splits=splits)
+        grad = tlog.logits_backward(Rows(logits, labels, temperature, -100), stats,
+                                    logprob_entropy_coefficients(g_lp, g_h, h), num_splits=splits)
     ref = reference_grads(logits.cpu(), labels.cpu(), g_lp.cpu(), g_h.cpu(), temperature)
     torch.testing.assert_close(grad.double().cpu(), ref, **grad_tolerance(torch.float32, ref))
 
@@ -693,8 +693,9 @@ def _linear_backward_against_the_form(coef, hidden, weight, b, labels, temperatu
     gradient within the bound carried through the products; returns ``(grad_hidden, grad_weight, grad_bias)``."""
     (n, d), v = hidden.shape, weight.shape[0]
     with utils.quiet():
-        lp, h, stats = tlin.linear_forward(hidden, weight, b, labels, temperature, -100)
-        gx, gw, gb = tb.linear_backward(coef, hidden, weight, b, labels, stats, temperature, -100, 8, (True,) * 3)
+        lp, h, stats = tlin.linear_forward(LinearRows(hidden, weight, b, labels, temperature, -100))
+        gx, gw, gb = tb.linear_backward(LinearRows(hidden, weight, b, labels, temperature, -100), stats, coef, 8,
+                                        (True,) * 3)
     h64, w64, b64 = (t.double().cpu() for t in (hidden, weight, b))
     x64 = h64 @ w64.T + b64
     finite_b = torch.where(torch.isinf(b64), torch.zeros_like(b64), b64)
@@ -742,15 +743,15 @@ def test_fused_linear_flops_with_gpu_tiles(d, v):
     ndv = n * d * v
     with utils.tile_target(utils.GPU_TARGETS[90]), instrument.count_dot_flops() as dots:
         with utils.quiet():
-            lp, h, stats = tlin.linear_forward(*case[:4], 1.0, -100)
+            lp, h, stats = tlin.linear_forward(LinearRows(*case[:4], 1.0, -100))
         forward = dots["flops"]
         backward = {}
         for needs in [(True, True, True), (True, False, False), (False, True, False), (False, False, True)]:
             before = dots["flops"]
             with utils.quiet():
                 mm = instrument.torch_matmul_flops(
-                    lambda needs=needs: tb.linear_backward(logprob_entropy_coefficients(*case[4:], h), *case[:4], stats,
-                                                           1.0, -100, n // 2, needs))
+                    lambda needs=needs: tb.linear_backward(LinearRows(*case[:4], 1.0, -100), stats,
+                                                           logprob_entropy_coefficients(*case[4:], h), n // 2, needs))
             backward[needs] = (dots["flops"] - before + mm) / ndv
     assert forward / ndv == 2.0
     assert backward[(True, True, True)] == 6.0
@@ -1073,12 +1074,12 @@ def test_logits_forward_self_certainty_and_varentropy(v, dtype, temperature, spl
     n = x.shape[0]
     both = Extras(torch.full((n,), -7.0, device=DEV), torch.full((n,), -7.0, device=DEV))
     with utils.quiet():
-        outs = tlog.logits_forward(x, labels, temperature, -100, both, num_splits=splits)
-        plain = tlog.logits_forward(x, labels, temperature, -100, num_splits=splits)
+        outs = tlog.logits_forward(Rows(x, labels, temperature, -100), both, num_splits=splits)
+        plain = tlog.logits_forward(Rows(x, labels, temperature, -100), num_splits=splits)
         sc_only = Extras(torch.empty(n, device=DEV), None)
         ve_only = Extras(None, torch.empty(n, device=DEV))
-        tlog.logits_forward(x, labels, temperature, -100, sc_only, num_splits=splits)
-        tlog.logits_forward(x, labels, temperature, -100, ve_only, num_splits=splits)
+        tlog.logits_forward(Rows(x, labels, temperature, -100), sc_only, num_splits=splits)
+        tlog.logits_forward(Rows(x, labels, temperature, -100), ve_only, num_splits=splits)
     for a, b in zip(outs, plain):
         assert torch.equal(a.nan_to_num(nan=7.0), b.nan_to_num(nan=7.0))
     assert torch.equal(sc_only.self_certainty.nan_to_num(nan=7.0), both.self_certainty.nan_to_num(nan=7.0))
@@ -1110,8 +1111,8 @@ def test_linear_forward_self_certainty_and_varentropy(dtype, temperature, splits
         b = (b.float() + 1e4).to(dtype)
     ex = Extras(torch.empty(n, device=DEV), torch.empty(n, device=DEV))
     with utils.quiet():
-        outs = tlin.linear_forward(hidden, weight, b, labels, temperature, -100, ex, num_splits=splits)
-        plain = tlin.linear_forward(hidden, weight, b, labels, temperature, -100, num_splits=splits)
+        outs = tlin.linear_forward(LinearRows(hidden, weight, b, labels, temperature, -100), ex, num_splits=splits)
+        plain = tlin.linear_forward(LinearRows(hidden, weight, b, labels, temperature, -100), num_splits=splits)
     for a, c in zip(outs, plain):
         assert torch.equal(a.nan_to_num(nan=7.0), c.nan_to_num(nan=7.0))
     h64, w64 = hidden.double().cpu(), weight.double().cpu()
@@ -1126,7 +1127,7 @@ def test_linear_forward_self_certainty_and_varentropy(dtype, temperature, splits
         b = b.clone()
         b[7] = float("-inf")
         with utils.quiet():
-            tlin.linear_forward(hidden, weight, b, labels, temperature, -100, ex, num_splits=splits)
+            tlin.linear_forward(LinearRows(hidden, weight, b, labels, temperature, -100), ex, num_splits=splits)
         valid = (labels.cpu() != -100) & (labels.cpu() < v)
         valid[1] = False
         assert (ex.self_certainty.cpu()[valid] == math.inf).all()
@@ -1153,12 +1154,12 @@ def test_logits_backward_gamma_delta_match_float64(splits, gamma, delta):
     assert (got[3] == 0).all()
     inplace = logits.clone()
     with utils.quiet():  # in place: the same bits
-        tlog.logits_backward(coef, inplace, labels, stats, temperature, -100, num_splits=splits, out=inplace)
+        tlog.logits_backward(Rows(inplace, labels, temperature, -100), stats, coef, num_splits=splits, out=inplace)
     assert torch.equal(inplace, grad)
     bad = labels.clone()
     bad[1] = v + 3
     with utils.quiet():
-        grad = tlog.logits_backward(coef, logits, bad, stats, temperature, -100, num_splits=splits)
+        grad = tlog.logits_backward(Rows(logits, bad, temperature, -100), stats, coef, num_splits=splits)
     assert grad[1].isnan().all() and (grad[3] == 0).all()
 
 
@@ -1200,9 +1201,9 @@ def test_statistics_coefficients_give_autograds_gradient(temperature):
     torch.testing.assert_close(form64, auto, rtol=1e-9, atol=1e-12)
     ex = Extras(None, torch.empty(n, device=DEV))
     with utils.quiet():
-        lp, h, stats = tb.logits_forward(logits, labels, temperature, -100, ex)  # the backend's entry point
+        lp, h, stats = tb.logits_forward(Rows(logits, labels, temperature, -100), ex)  # the backend's entry point
         coef = _statistics_coefficients(g_sc, g_ve, h, ex.varentropy, v)
-        grad = tlog.logits_backward(coef, logits, labels, stats, temperature, -100)
+        grad = tlog.logits_backward(Rows(logits, labels, temperature, -100), stats, coef)
     ref, bound = _form_reference(z.detach(), labels.cpu(), coef, temperature, -100, torch.zeros_like(z))
     _assert_within(grad.double().cpu(), ref, bound, "dlogits")
     # and end to end, with the fp32 H and VE in the coefficients (a few ulps of |g_VE| (2 + 2H + H^2 + VE) in alpha)
@@ -1232,9 +1233,9 @@ def test_linear_backward_gamma_delta_match_float64():
     g_sc, g_ve = torch.randn(n, generator=g).to(DEV), torch.randn(n, generator=g).to(DEV)
     ex = Extras(torch.empty(n, device=DEV), torch.empty(n, device=DEV))
     with utils.quiet():
-        lp, h, stats = tb.linear_forward(hidden, weight, b, labels, temperature, -100, 8, ex)
-        grads = tb.linear_backward(_statistics_coefficients(g_sc, g_ve, h, ex.varentropy, v), hidden, weight, b,
-                                   labels, stats, temperature, -100, 8, (True,) * 3)
+        lp, h, stats = tb.linear_forward(LinearRows(hidden, weight, b, labels, temperature, -100), 8, ex)
+        grads = tb.linear_backward(LinearRows(hidden, weight, b, labels, temperature, -100), stats,
+                                   _statistics_coefficients(g_sc, g_ve, h, ex.varentropy, v), 8, (True,) * 3)
     leaves = [t.requires_grad_(True) for t in (h64.clone(), w64.clone(), b64.clone())]
     z = (leaves[0] @ leaves[1].T + leaves[2]) / temperature
     logp = torch.log_softmax(z, dim=1)

@@ -25,7 +25,7 @@ from statistics_reference import tolerance as stats_tolerance
 import sirl_kernels
 from sirl_kernels._sizes import batch_invariant_splits
 from sirl_kernels.backends import triton as tb
-from sirl_kernels.backends.rows import Extras
+from sirl_kernels.backends.rows import Extras, LinearRows, Rows
 
 pytestmark = pytest.mark.skipif(
     not sirl_kernels.available_backends()["triton"].available,
@@ -81,7 +81,7 @@ def _logits_rows(n, v, dtype, seed):
 
 def _logits_fwd(x, labels, which):
     ex = _new_extras(x.shape[0], which)
-    res = tb.logits_forward(x.to(DEV), labels.to(DEV), TEMPERATURE, -100, ex, batch_invariant=True)
+    res = tb.logits_forward(Rows(x.to(DEV), labels.to(DEV), TEMPERATURE, -100), ex, batch_invariant=True)
     return _outputs(res, ex)
 
 
@@ -119,7 +119,7 @@ def test_logits_forward_batch_invariant_splits(v):
         x = torch.empty(n, v, dtype=torch.bfloat16, device="meta")
         labels = torch.empty(n, dtype=torch.int64, device="meta")
         with utils.record_launches(utils.GPU_TARGETS[90]) as launches, utils.force_num_splits(7):
-            tb.logits_forward(x, labels, 1.0, -100, batch_invariant=True)
+            tb.logits_forward(Rows(x, labels, 1.0, -100), batch_invariant=True)
         shapes.append([(lc.name, lc.grid[1:] if lc.name == "_logits_fwd_kernel" else (),
                         tuple(sorted((k, val) for k, val in lc.kwargs.items()))) for lc in launches])
         fwd = [lc for lc in launches if lc.name == "_logits_fwd_kernel"]
@@ -147,7 +147,7 @@ def _linear_params(d, v, dtype, bias, seed=7):
 
 def _linear_fwd(hidden, weight, b, labels, which, chunk_size=16):
     ex = _new_extras(hidden.shape[0], which)
-    res = tb.linear_forward(hidden.to(DEV), weight, b, labels.to(DEV), TEMPERATURE, -100, chunk_size, ex,
+    res = tb.linear_forward(LinearRows(hidden.to(DEV), weight, b, labels.to(DEV), TEMPERATURE, -100), chunk_size, ex,
                             batch_invariant=True)
     return _outputs(res, ex)
 
@@ -191,7 +191,7 @@ def test_linear_forward_batch_invariant_plan():
         hidden = torch.empty(n, d, dtype=torch.bfloat16, device="meta")
         labels = torch.empty(n, dtype=torch.int64, device="meta")
         with utils.record_launches(utils.GPU_TARGETS[90]) as launches:
-            tb.linear_forward(hidden, weight, None, labels, 1.0, -100, 16, batch_invariant=True)
+            tb.linear_forward(LinearRows(hidden, weight, None, labels, 1.0, -100), 16, batch_invariant=True)
         fwd = [lc for lc in launches if lc.name == "_linear_fwd_kernel"][0]
         assert "FIXED_ORDER_DOT" not in fwd.kwargs  # a GPU keeps tl.dot: the default specialisation
         # (chunk, splits) are the args after ignore_index; the row group (the last) may differ
@@ -211,7 +211,7 @@ def test_logits_forward_batch_invariant_matches_float64(v, dtype):
     n = 6
     x, labels = _logits_rows(n, v, dtype, seed=3)
     ex = _new_extras(n, "both")
-    lp, h, _ = tb.logits_forward(x.to(DEV), labels.to(DEV), TEMPERATURE, -100, ex, batch_invariant=True)
+    lp, h, _ = tb.logits_forward(Rows(x.to(DEV), labels.to(DEV), TEMPERATURE, -100), ex, batch_invariant=True)
     ref_lp, ref_h = reference_logprobs_entropy(x, labels, TEMPERATURE, -100)
     torch.testing.assert_close(lp.double().cpu(), ref_lp, **FWD_TOL)
     torch.testing.assert_close(h.double().cpu(), ref_h, **FWD_TOL)
@@ -227,7 +227,7 @@ def test_linear_forward_batch_invariant_matches_float64(dtype, bias):
     weight, b = _linear_params(d, v, dtype, bias)
     hidden, labels = _linear_rows(n, d, v, dtype, seed=5)
     ex = _new_extras(n, "both")
-    lp, h, _ = tb.linear_forward(hidden.to(DEV), weight, b, labels.to(DEV), TEMPERATURE, -100, 16, ex,
+    lp, h, _ = tb.linear_forward(LinearRows(hidden.to(DEV), weight, b, labels.to(DEV), TEMPERATURE, -100), 16, ex,
                                  batch_invariant=True)
     b64 = None if b is None else b.double().cpu()
     ref_lp, ref_h = reference_linear(hidden.double(), weight.double().cpu(), labels, b64, TEMPERATURE)
