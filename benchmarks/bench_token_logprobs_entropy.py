@@ -4,6 +4,13 @@ Times forward and forward+backward (median of --repeats), reports achieved GB/s 
 bandwidth (the floor: bytes that must move / read bandwidth) and the peak memory beyond inputs, outputs and
 the gradient. Writes OUT_DIR/token_logprobs_entropy.{json,md}.
 
+On each sirl kernel backend (not the "torch" reference) it also times the optional statistics in the same run
+(``--no-stats`` leaves them out): ``token_stats`` with log-prob + entropy alone, + self-certainty, + varentropy,
++ both, and with K = 8 labels; ``top_k_logprobs`` (k = 64); ``sampler_logprobs_entropy`` (top_k = 64, top_p = 0.9).
+Column "x plain" is each one's time over the plain ``token_logprobs_entropy`` of the same backend, case and mode.
+The top-k ids behind the last two are torch ops over the whole [N, V] (tens of times the kernels' time on a CPU),
+so they run only where N x V <= --top-k-max-elems.
+
     python benchmarks/bench_token_logprobs_entropy.py                      # all default shapes, this machine
     python benchmarks/bench_token_logprobs_entropy.py --n 4096 --v 151936 --dtypes float32
 
@@ -54,7 +61,48 @@ def _trl_impl():
     return trl_logprobs_entropy
 
 
-def implementations(device, include_compile=True):
+# The optional statistics' cases: K labels a row, the top-k width, the sampler's top-k / top-p
+K_LABELS, TOP_K, SAMPLER_TOP_K, SAMPLER_TOP_P = 8, 64, 64, 0.9
+STATS = {  # name suffix -> what token_stats is asked for, beside the plain pair
+    "stats": (), "stats+sc": ("self_certainty",), "stats+ve": ("varentropy",),
+    "stats+sc+ve": ("self_certainty", "varentropy"),
+}
+
+
+def _case(fn, plain, k_labels=None, top_k=False):
+    """Tags an implementation with the plain one its time is divided by, with K when it takes [N, K] labels, and
+    whether it ranks the top-k ids (capped by --top-k-max-elems)."""
+    fn.plain, fn.k_labels, fn.top_k = plain, k_labels, top_k
+    return fn
+
+
+def stats_implementations(backend: str, plain: str) -> dict:
+    """The optional statistics on ``backend``: each returns its float outputs (every one differentiable)."""
+
+    def token_stats(extra):
+        want = ("logprobs", "entropy", *extra)
+
+        def run(logits, labels):
+            out = sirl_kernels.token_stats(logits, labels, want=want, backend=backend)
+            return tuple(getattr(out, name) for name in want)
+
+        return run
+
+    impls = {f"{plain} {suffix}": _case(token_stats(extra), plain) for suffix, extra in STATS.items()}
+    impls[f"{plain} stats K={K_LABELS}"] = _case(token_stats(()), plain, k_labels=K_LABELS)
+    impls[f"{plain} top_k_logprobs k={TOP_K}"] = _case(
+        lambda logits, labels: (sirl_kernels.top_k_logprobs(logits, TOP_K, backend=backend)[1],), plain, top_k=True)
+    return impls
+
+
+def sampler_logprobs_entropy(logits, labels):
+    lp, h = sirl_kernels.sampler_logprobs_entropy(logits, labels, top_k=SAMPLER_TOP_K, top_p=SAMPLER_TOP_P)
+    # a label outside the sampler's support has log-prob -inf: kept out of the loss so that the backward stays
+    # finite (random labels mostly are); an O(N) select, nothing next to the [N, V] work
+    return torch.where(torch.isfinite(lp), lp, 0.0), h
+
+
+def implementations(device, include_compile=True, include_stats=True):
     impls = {"eager": eager_logprobs_entropy}
     if include_compile:
         impls["torch.compile"] = torch.compile(eager_logprobs_entropy, dynamic=False)
@@ -68,9 +116,17 @@ def implementations(device, include_compile=True):
             continue  # the interpreter's timings mean nothing
         if name == "cpu" and device.type != "cpu":
             continue
-        impls[f"sirl:{name}"] = (
-            lambda logits, labels, _b=name: sirl_kernels.token_logprobs_entropy(logits, labels, backend=_b)
-        )
+        impls[f"sirl:{name}"] = _case(
+            lambda logits, labels, _b=name: sirl_kernels.token_logprobs_entropy(logits, labels, backend=_b),
+            f"sirl:{name}")
+    # the kernel backends: the "torch" reference's statistics are eager PyTorch, timed by the baselines already
+    plains = [k for k in impls if k.startswith("sirl:") and k != "sirl:torch"]
+    if include_stats:
+        for plain in plains:
+            impls.update(stats_implementations(plain.removeprefix("sirl:"), plain))
+        if plains:  # not a backend kernel (top-k ids and a gather): timed once, against the first backend
+            impls[f"sirl sampler k={SAMPLER_TOP_K} p={SAMPLER_TOP_P}"] = _case(sampler_logprobs_entropy, plains[0],
+                                                                              top_k=True)
     return impls
 
 
@@ -88,40 +144,58 @@ def _available_bytes() -> int:
 BASELINE_FOOTPRINT = {"fwd": 3, "fwd+bwd": 5}
 
 
-def run_case(impl_name, fn, n, v, dtype, mode, device, repeats):
+def run_case(impl_name, fn, n, v, dtype, mode, device, repeats, top_k_max_elems=0):
     g = torch.Generator(device="cpu").manual_seed(0)
     logits = (torch.randn(n, v, generator=g) * 2).to(dtype).to(device)
     labels = torch.randint(0, v, (n,), generator=g).to(device)
+    k = getattr(fn, "k_labels", None)
+    if k:  # [N, K]: the label first, then K - 1 more (their own generator: the other cases' inputs stay the same)
+        more = torch.randint(0, v, (n, k - 1), generator=torch.Generator().manual_seed(1)).to(device)
+        labels = torch.cat([labels[:, None], more], dim=1)
     logit_bytes = logits.numel() * logits.element_size()
     row = {"impl": impl_name, "n": n, "v": v, "dtype": str(dtype).removeprefix("torch."), "mode": mode}
+    if getattr(fn, "plain", None):
+        row["plain"] = fn.plain
+    if getattr(fn, "top_k", False) and top_k_max_elems and n * v > top_k_max_elems:
+        row["note"] = "skipped: N x V > --top-k-max-elems"
+        return row
     if not impl_name.startswith("sirl") and device.type == "cpu":
         need = BASELINE_FOOTPRINT[mode] * n * v * 4 + logit_bytes
         if need > 0.8 * _available_bytes():
             row["note"] = f"skipped: needs ~{need / 2**30:.0f} GiB"
             return row
+    # the outputs' bytes (they count in the peak), known after the warm-up; the upstream gradients too, drawn
+    # there in output order (for (logprobs, entropy): g_lp then g_h, as ever)
+    out_bytes, upstream = [], []
+
+    def record(outs):
+        if not out_bytes:
+            out_bytes.append(sum(o.numel() * o.element_size() for o in outs))
+        return outs
+
     if mode == "fwd":
 
         def step():
             with torch.no_grad():
-                return fn(logits, labels)
+                return record(fn(logits, labels))
 
-        expected_extra = 2 * n * 4
         moved = logit_bytes
     else:
         logits.requires_grad_(True)
-        g_lp = torch.randn(n, generator=g).to(device)
-        g_h = torch.randn(n, generator=g).to(device)
 
         def step():
             logits.grad = None
-            lp, h = fn(logits, labels)
-            (lp * g_lp + h * g_h).sum().backward()
+            outs = record(fn(logits, labels))
+            if not upstream:
+                upstream.extend(torch.randn(o.shape, generator=g).to(device) for o in outs)
+            sum((o * w).sum() for o, w in zip(outs, upstream)).backward()
             return logits.grad
 
-        expected_extra = logit_bytes + 2 * n * 4  # the gradient itself and the outputs
         moved = 3 * logit_bytes  # read in forward, read in backward, write the gradient
 
     step()  # warm-up (and compilation)
+    # the outputs, and in fwd+bwd the gradient itself
+    expected_extra = out_bytes[0] + (logit_bytes if mode != "fwd" else 0)
     if device.type == "cpu":
         extra = cpu_peak_extra_bytes(step)
         if extra is not None:
@@ -157,6 +231,11 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out-dir", default="bench_results")
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile baseline")
+    parser.add_argument("--no-stats", action="store_true",
+                        help="leave out the optional statistics (token_stats, top_k_logprobs, the sampler)")
+    parser.add_argument("--top-k-max-elems", type=int, default=1 << 25,
+                        help="top_k_logprobs and the sampler only where N x V is at most this (0: everywhere); the "
+                             "default keeps them to the smallest default shape, [1024, 32000]")
     parser.add_argument("--old-build", default=None,
                         help="checkout whose in-place torch extension sirl_kernels/_C_cpu*.so to compare with this "
                              "build's libsirl_cpu, alternating (only the 'cpu' kernels are timed)")
@@ -174,7 +253,7 @@ def main(argv=None):
     meta["read_bandwidth_gb_s"] = read_bw / 1e9
     print(f"{meta['cpu']} | {meta['threads']} threads | measured read bandwidth {read_bw / 1e9:.1f} GB/s", flush=True)
 
-    impls = implementations(device, include_compile=not args.no_compile)
+    impls = implementations(device, include_compile=not args.no_compile, include_stats=not args.no_stats)
     if args.impls:
         impls = {k: v for k, v in impls.items() if k in args.impls}
     rows = []
@@ -188,7 +267,8 @@ def main(argv=None):
                             # switches to dynamic shapes after the first shape, whose kernels ran up to 3x slower
                             # here, or hits its recompile limit and falls back to eager.
                             torch._dynamo.reset()
-                        row = run_case(name, fn, n, v, DTYPES[dtype_name], mode, device, args.repeats)
+                        row = run_case(name, fn, n, v, DTYPES[dtype_name], mode, device, args.repeats,
+                                       args.top_k_max_elems)
                         if "ms" in row:
                             row["x_floor"] = row["ms"] / 1e3 / (row["min_bytes"] / read_bw)
                         rows.append(row)
@@ -197,7 +277,7 @@ def main(argv=None):
 
     columns = [
         ("n", "N"), ("v", "V"), ("dtype", "dtype"), ("mode", "mode"), ("impl", "impl"), ("ms", "median ms"),
-        ("gb_s", "GB/s"), ("x_floor", "x read floor"), ("speedup_vs_eager", "vs eager"),
+        ("gb_s", "GB/s"), ("x_floor", "x read floor"), ("x_plain", "x plain"), ("speedup_vs_eager", "vs eager"),
         ("speedup_vs_compile", "vs compile"), ("extra_mem_mb", "extra MB"),
         ("extra_mem_pct_of_logits", "extra % of logits"), ("note", "note"),
     ]
@@ -307,6 +387,8 @@ def _add_speedups(rows, n, v, dtype_name, mode):
             r["speedup_vs_eager"] = base["eager"] / r["ms"]
         if base.get("torch.compile"):
             r["speedup_vs_compile"] = base["torch.compile"] / r["ms"]
+        if base.get(r.get("plain")):  # time over the plain token_logprobs_entropy of the same backend
+            r["x_plain"] = r["ms"] / base[r["plain"]]
 
 
 if __name__ == "__main__":

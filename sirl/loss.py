@@ -99,7 +99,20 @@ def sirl_loss(
 ) -> tuple[Tensor, dict]:
     """Surrogate + beta * KL for one micro-batch, aggregated; plus sums for logging (over this micro-batch, as 0-d
     tensors: reading each would be a host sync per micro-batch). ``is_weights`` (``[N, T]``, detached) scale each
-    token's policy-gradient term, not the KL (truncated importance sampling against the rollout engine)."""
+    token's policy-gradient term, not the KL (truncated importance sampling against the rollout engine).
+
+    A token whose old or new log-prob is ``-inf`` has probability 0 under the trainer's own distribution: with
+    ``logprob_support=sampler``, a token the rollout engine drew from the edge of its top-k / top-p support that the
+    trainer's logits (other kernels, other rounding) put just outside. It has no ratio (``-inf - -inf``); it leaves
+    the loss and is counted (``outside_support``), so one such token cannot turn the batch's loss into NaN."""
+    # elementwise, always: testing for such tokens first would be a host sync per micro-batch
+    outside = torch.isneginf(old_logprobs) | torch.isneginf(new_logprobs)  # padding included: NaN * 0 is NaN
+    zero = torch.zeros((), dtype=new_logprobs.dtype, device=new_logprobs.device)
+    new_logprobs = torch.where(outside, zero, new_logprobs)  # no gradient reaches them either way
+    old_logprobs = torch.where(outside, zero, old_logprobs)
+    ref_logprobs = None if ref_logprobs is None else torch.where(outside, zero, ref_logprobs)
+    counted_outside = (outside & loss_mask.bool()).sum()
+    loss_mask = loss_mask.bool() & ~outside
     pg, is_clipped = clipped_surrogate(
         new_logprobs, old_logprobs, advantages[:, None], eps_low=eps_low, eps_high=eps_high,
         log_ratio_clamp=log_ratio_clamp,
@@ -118,6 +131,7 @@ def sirl_loss(
     with torch.no_grad():  # 0-d tensors, not floats: the caller sums them on the device and reads them once
         stats = {
             "tokens": mask.sum(),
+            "outside_support": counted_outside,
             "clipped_tokens": (is_clipped & mask).sum(),
             "kl_sum": (kl * mask).sum() if kl is not None else loss.new_zeros(()),
             "loss": loss.detach(),

@@ -160,6 +160,7 @@ def step_metrics(step: int, batch, scores, completions: list[list[int]], stats: 
         "kl": stats["kl"],
         "loss": stats["loss"],
         "clip_frac": stats["clip_frac"],
+        "outside_support_frac": stats["outside_support_frac"],
         "grad_norm": grad_norm,
         "lr": lr,
         "response_len_mean": all_len.mean().item(),
@@ -183,8 +184,9 @@ def sampler_mismatch(sampler: torch.Tensor, trainer: torch.Tensor, mask: torch.T
     """How far the rollout engine's log-probs of the sampled tokens are from the trainer's, over the completion
     tokens of all ranks: the mean and max absolute difference, and KL(sampler || trainer) estimated from the
     sampler's own samples with Schulman's k3 (``exp(d) - d - 1``, ``d = log p_trainer - log p_sampler``: unbiased
-    and never negative)."""
-    d = (trainer.double() - sampler.double())[mask]
+    and never negative). Tokens the trainer gives probability 0 (``-inf``: outside its sampler support, counted by
+    ``outside_support_frac``) are left out: their difference and KL are infinite."""
+    d = (trainer.double() - sampler.double())[mask & ~torch.isneginf(trainer)]
     k3 = torch.expm1(d.clamp(max=50.0)) - d
     count, abs_sum, k3_sum = dd.all_sum([float(d.numel()), float(d.abs().sum()), float(k3.sum())])
     local_max = torch.tensor([float(d.abs().max()) if d.numel() else 0.0], dtype=torch.float64)

@@ -128,7 +128,7 @@ def policy_gradient_pass(
     :func:`truncated_is_weights`."""
     scorer = as_scorer(policy)
     norm = loss_normalisers(batch, loss_mask, dd)
-    keys = ("tokens", "clipped_tokens", "kl_sum", "loss")
+    keys = ("tokens", "outside_support", "clipped_tokens", "kl_sum", "loss")
     totals = torch.zeros(len(keys), dtype=torch.float64, device=batch.input_ids.device)  # summed on the device
     whole = cfg.group_size if score_in_loss is not None else 1
     use_tis = cfg.tis_cap is not None and batch.sampler_logprobs is not None
@@ -159,5 +159,7 @@ def policy_gradient_pass(
         totals += torch.stack([stats[k].double() for k in keys])
     if not dd.sharded:  # FSDP reduce-scatters (sums) the gradients itself, in the backward
         dd.sum_gradients([p for p in scorer.parameters() if p.requires_grad])
-    tokens, clipped, kl_sum, loss = dd.all_sum_tensor(totals).tolist()  # the pass's one host read of its stats
-    return {"loss": loss, "clip_frac": clipped / max(tokens, 1.0), "kl": kl_sum / max(tokens, 1.0)}
+    tokens, outside, clipped, kl_sum, loss = dd.all_sum_tensor(totals).tolist()  # the pass's one host read
+    # tokens: those left in the loss; outside: those the trainer's support gave probability 0 (sirl_loss)
+    return {"loss": loss, "clip_frac": clipped / max(tokens, 1.0), "kl": kl_sum / max(tokens, 1.0),
+            "outside_support_frac": outside / max(tokens + outside, 1.0)}

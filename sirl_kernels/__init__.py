@@ -14,12 +14,8 @@ from sirl_kernels.api import (
 )
 from sirl_kernels.backends import BackendStatus, available_backends
 from sirl_kernels.statistics import STATISTICS, TokenStats
-from sirl_kernels.topk import (
-    linear_sampler_logprobs_entropy,
-    linear_top_k_logprobs,
-    sampler_logprobs_entropy,
-    top_k_logprobs,
-)
+from sirl_kernels.sampler import linear_sampler_logprobs_entropy, sampler_logprobs_entropy
+from sirl_kernels.topk import linear_top_k_logprobs, top_k_logprobs
 
 __all__ = [
     "TEMPERATURE_RANGE",

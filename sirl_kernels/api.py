@@ -56,7 +56,7 @@ def token_logprobs_entropy(
             outputs with ``torch.isfinite`` (or call :func:`sirl_kernels.validate_labels` yourself) where you sync.
         process_group: a ``torch.distributed`` group over which the vocabulary is sharded (tensor-parallel
             heads): this rank's ``logits [..., V_r]`` are the global columns that follow the lower ranks' ones, and
-            ``labels`` are global ids, the same on every rank. One all_gather of 4 floats per row merges the ranks
+            ``labels`` are global ids, the same on every rank. One all_gather of 5 + K floats per row merges the ranks
             (``sirl_kernels.vocab_parallel``); the results are the global ones, the same bits on every rank, and
             the backward is local. Not with ``inplace_backward``.
         batch_invariant: every output of a row is bitwise the same whatever the number of rows, the rows

@@ -44,7 +44,8 @@ from torch import Tensor
 
 from sirl_kernels.api import linear_token_stats, validate_labels
 from sirl_kernels.statistics import TokenStats
-from sirl_kernels.topk import linear_sampler_logprobs_entropy, linear_top_k_confidence
+from sirl_kernels.sampler import linear_sampler_logprobs_entropy
+from sirl_kernels.topk import linear_top_k_confidence
 
 VERIFY_ENV = "SIRL_KERNELS_HF_VERIFY"
 VERIFY_TOKENS = 16  # tokens of one input row that the logits check runs the model on

@@ -3,7 +3,8 @@
 Rank r holds a contiguous range of the vocabulary, in rank order: its logits columns (or ``weight`` rows) are global
 ids ``[start_r, start_r + V_r)``. Each rank runs the ordinary op on its columns with the label moved into its range
 (any column where another rank owns it) and keeps its row stats ``(m_r, log s_r)`` and entropy ``H_r``. One
-``all_gather`` of 4 floats per row gives every rank every rank's state, merged **in rank order** on every rank, so
+``all_gather`` of 5 + K floats per row (m, log s, H, SC, VE, the K labels' local log-probs; one more of the ranks'
+vocabulary sizes per call) gives every rank every rank's state, merged **in rank order** on every rank, so
 all ranks hold the same bits whatever the collective's own order. With ``k = 1`` (stats in units of ``z = x / T``)
 or ``1 / T`` (raw units), ``M = max_r m_r``, ``a_r = log s_r + k (m_r - M)``, ``log S = log sum_r e^{a_r}`` and
 ``pi_r = e^{a_r - log S}`` (rank r's share of the probability):

@@ -101,7 +101,7 @@ def test_the_installed_wheel_passes_the_kernel_tests_outside_the_repo(tmp_path):
     shutil.copytree(ROOT / "tests" / "sirl_kernels", work / "tests" / "sirl_kernels",
                     ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "tools", work / "tools", ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("conftest.py", "reference_impl.py", "statistics_reference.py", "cpu_isas.py"):
+    for name in ("conftest.py", "reference_impl.py", "statistics_reference.py", "cpu_isas.py", "cpu_backends.py"):
         shutil.copy(ROOT / "tests" / name, work / "tests" / name)
     (work / "pytest.ini").write_text("[pytest]\naddopts = --import-mode=importlib\npythonpath = tests .\n"
                                      "markers =\n    gpu: needs a CUDA device\n    slow: slow\n")

@@ -89,3 +89,28 @@ def test_on_policy_gradient_is_the_reinforce_gradient():
     loss.backward()
     torch.testing.assert_close(lp.grad, -adv[:, None].expand(2, 2) / 4)
     assert stats["clipped_tokens"] == 0 and stats["kl_sum"] == 0.0
+
+
+def test_tokens_outside_the_trainers_support_leave_the_loss_without_nan():
+    """A sampled token whose trainer log-prob is -inf (outside the sampler support the trainer computes) has no
+    ratio: the loss and every gradient stay finite, equal to the loss with that token masked out, and the token is
+    counted. Before, -inf - -inf made the whole batch's loss NaN."""
+    inf = math.inf
+    new = torch.tensor([[-1.0, -inf, -0.3], [-0.5, -0.7, -inf]], requires_grad=True)
+    old = torch.tensor([[-1.1, -inf, -0.2], [-0.4, -inf, -2.0]])
+    ref = torch.tensor([[-1.0, -inf, -0.5], [-0.6, -0.9, -inf]])
+    adv = torch.tensor([1.5, -0.5])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])  # the last token is padding: not counted
+    kwargs = dict(eps_low=0.2, eps_high=0.2, log_ratio_clamp=20.0, kl_beta=0.1, kl_estimator="k3", kl_clamp=10.0,
+                  aggregation="token-mean", total_tokens=5, total_sequences=2, max_completion_tokens=3)
+    loss, stats = sirl_loss(new, old, ref, adv, mask, **kwargs)
+    loss.backward()
+    assert math.isfinite(float(loss)) and bool(torch.isfinite(new.grad).all())
+    assert int(stats["outside_support"]) == 2 and int(stats["tokens"]) == 3
+    kept = torch.tensor([[1.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
+    finite = lambda t: torch.where(kept.bool(), t, 0.0)  # noqa: E731
+    new2 = finite(new.detach()).requires_grad_(True)
+    expected, _ = sirl_loss(new2, finite(old), finite(ref), adv, kept, **kwargs)
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=0, atol=0)
+    torch.testing.assert_close(new.grad, new2.grad, rtol=0, atol=0)

@@ -14,16 +14,18 @@ import math
 import pytest
 import torch
 
+from cpu_backends import cpu_backends
 import sirl_kernels as sk
 from sirl_kernels import backends
 from statistics_reference import reference, tolerance
 
-CPU_BACKENDS = [b for b, s in backends.available_backends().items() if s.available and b != "cuda"]
+CPU_BACKENDS = cpu_backends()  # the backends these tests run: their tensors are on the CPU
 CASES = [("torch", torch.float64)] + [(b, dt) for b in CPU_BACKENDS for dt in (torch.float32, torch.bfloat16)]
 
 
 def _rows(v: int, dtype, seed=0):
-    """Adversarial rows: plain, a 1e4 offset, one -inf, a NaN, all -inf, an ignored row, a peaked row."""
+    """Adversarial rows: plain, a 1e4 offset, one -inf, a NaN, all -inf, an ignored row, a peaked row; then a +inf
+    logit off the label and one at the label (rows 8 and 9, drawn after the others so that rows 0-7 stay put)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(8, v, generator=g, dtype=torch.float64) * 3
     labels = torch.randint(0, v, (8,), generator=g)
@@ -34,7 +36,22 @@ def _rows(v: int, dtype, seed=0):
     x[4] = -math.inf
     labels[5] = -100
     x[6, labels[6]] += 40  # p_y -> 1
-    return x.to(dtype), labels
+    plus = torch.randn(2, v, generator=g, dtype=torch.float64) * 3
+    plus_labels = torch.randint(0, v, (2,), generator=g)
+    plus[0, (plus_labels[0] + 1) % v] = math.inf  # at the label too when v = 1
+    plus[1, plus_labels[1]] = math.inf
+    return torch.cat([x, plus]).to(dtype), torch.cat([labels, plus_labels])
+
+
+def _log_softmax_lse(ref, x, temperature):
+    """The reference's lse with rows holding +inf set to what float64 ``log_softmax`` makes of them: NaN.
+    torch.logsumexp says +inf there, but the library's special values follow log_softmax (docs/statistics.md,
+    backends/contract.py), which is NaN on the whole row (inf - inf when shifting by the max), so every statistic
+    of the row is NaN, lse included, as for the all -inf row (the reference's lse is NaN there too). lse is read
+    back as z_y - log p_y, the log_softmax identity, on those rows."""
+    z = x.double() / temperature
+    via_log_softmax = (z - torch.log_softmax(z, -1))[..., 0]
+    return torch.where(torch.isposinf(z).any(-1), via_log_softmax, ref)
 
 
 def _close(name, got, ref, x, temperature, dtype, v, keep):
@@ -56,9 +73,39 @@ def test_every_statistic_against_float64(backend, dtype, v, temperature):
     x, labels = _rows(v, dtype)
     got = sk.token_stats(x, labels, want=sk.STATISTICS, temperature=temperature, backend=backend)
     ref = reference(x, labels, temperature, v)
+    ref["lse"] = _log_softmax_lse(ref["lse"], x, temperature)
+    plus_inf = torch.isposinf(x.double()).any(-1)
+    assert plus_inf.sum() == 2 and all(torch.isnan(ref[k][plus_inf]).all() for k in sk.STATISTICS)
     keep = labels != -100
     for name in sk.STATISTICS:
         _close(name, getattr(got, name), ref[name], x, temperature, dtype, v, keep)
+
+
+@pytest.mark.parametrize("backend, dtype", CASES)
+def test_a_plus_inf_logit_gives_nan_gradients_like_float64(backend, dtype):
+    """The +inf rows of ``_rows`` (one off the label, one at it) backward: the gradient of each statistic alone is
+    NaN on the whole row, as float64 autograd through log_softmax gives (the softmax there is NaN), and the other
+    rows, given no upstream gradient, get none from them."""
+    x, labels = _rows(37, dtype)
+    plus_inf = torch.isposinf(x.double()).any(-1)
+    for name in sk.STATISTICS:
+        ours = x.clone().requires_grad_()
+        got = getattr(sk.token_stats(ours, labels, want=sk.STATISTICS, temperature=0.5, backend=backend), name)
+        got[plus_inf].sum().backward()
+        ref_x = x.double().clone().requires_grad_()  # a copy: x.double() is x itself on float64
+        ref = reference(ref_x, labels, 0.5, 37)
+        # lse, and self-certainty made of it, through log_softmax as the contract has it: torch.logsumexp's own
+        # backward is NaN only at the +inf column (exp(inf - inf)), which is not what the forward's NaN implies
+        z = ref_x / 0.5
+        lse = (z - torch.log_softmax(z, -1))[:, 0]
+        ref.update(lse=lse, self_certainty=lse - z.mean(-1) - math.log(37))
+        ref[name][plus_inf].sum().backward()
+        assert bool(torch.isnan(ref_x.grad[plus_inf]).all()), name  # what float64 says, so that the test can fail
+        assert bool(torch.isnan(ours.grad[plus_inf]).all()), f"{name}: {ours.grad[plus_inf]}"
+        # only those rows had an upstream gradient; rows whose softmax is itself NaN (a NaN, all -inf) are left
+        # out: the backward form scales p_i, so they get 0 * NaN whatever the upstream gradient
+        defined = ~plus_inf & ~torch.isnan(x).any(-1) & ~torch.isneginf(x).all(-1)
+        assert bool((ours.grad[defined] == 0).all()), name
 
 
 @pytest.mark.parametrize("backend, dtype", CASES)
@@ -149,12 +196,49 @@ def test_gradients_of_every_statistic_against_float64(backend, dtype):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_the_two_output_functions_are_the_same_computation(backend):
+    """token_logprobs_entropy / linear_token_logprobs_entropy keep their own custom ops, yet must be token_stats /
+    linear_token_stats asking for (logprobs, entropy), bit for bit: forward and every gradient, logits and fused
+    linear, on every backend that runs here. Bitwise, not within a tolerance: both ops call the same backend's
+    logits_forward / linear_forward on the same rows (no extra accumulators requested, so the same kernels), and the
+    same backward form with the same coefficients (alpha = -g_lp - g_H H, beta = -g_H, lam = g_lp: token_stats'
+    ``- g_extra.sum(1)`` over K - 1 = 0 further labels subtracts an exact 0), so nothing may round differently."""
+    def same(a, b, what):
+        assert a.dtype == b.dtype and a.shape == b.shape, what
+        # NaN compared as a marker, infinities as themselves (nan_to_num would map them to the largest float)
+        marked = [t.nan_to_num(7.0, posinf=math.inf, neginf=-math.inf) for t in (a, b)]
+        assert torch.equal(*marked) and torch.equal(a.isnan(), b.isnan()), what
+
     x, labels = _rows(37, torch.float32)
-    lp, h = sk.token_logprobs_entropy(x, labels, temperature=0.5, backend=backend)
-    got = sk.token_stats(x, labels, temperature=0.5, backend=backend)
-    assert torch.equal(got.logprobs.nan_to_num(7.0), lp.nan_to_num(7.0))
-    assert torch.equal(got.entropy.nan_to_num(7.0), h.nan_to_num(7.0))
+    g = torch.Generator().manual_seed(5)
+    g_lp, g_h = torch.randn(labels.shape, generator=g), torch.randn(labels.shape, generator=g)
+    pair, stats = x.clone().requires_grad_(), x.clone().requires_grad_()
+    lp, h = sk.token_logprobs_entropy(pair, labels, temperature=0.5, backend=backend)
+    got = sk.token_stats(stats, labels, temperature=0.5, backend=backend)
+    same(got.logprobs, lp, "logprobs")
+    same(got.entropy, h, "entropy")
     assert got.self_certainty is None and got.varentropy is None and got.lse is None
+    ((lp * g_lp).nansum() + (h * g_h).nansum()).backward()
+    ((got.logprobs * g_lp).nansum() + (got.entropy * g_h).nansum()).backward()
+    same(stats.grad, pair.grad, "dlogits")
+    assert not torch.isnan(pair.grad).all()  # the comparison saw real gradients, not only NaN rows
+
+    n, d, v = 9, 16, 37
+    hidden = torch.randn(n, d, generator=g)
+    weight, bias = torch.randn(v, d, generator=g) / 2, torch.randn(v, generator=g)
+    lin_labels = torch.randint(0, v, (n,), generator=g)
+    lin_labels[3] = -100
+    g_lp, g_h = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    leaves = [[t.clone().requires_grad_() for t in (hidden, weight, bias)] for _ in range(2)]
+    lp, h = sk.linear_token_logprobs_entropy(*leaves[0][:2], lin_labels, bias=leaves[0][2], temperature=0.7,
+                                             backend=backend, chunk_size=4)
+    got = sk.linear_token_stats(*leaves[1][:2], lin_labels, bias=leaves[1][2], temperature=0.7, backend=backend,
+                                chunk_size=4)
+    same(got.logprobs, lp, "linear logprobs")
+    same(got.entropy, h, "linear entropy")
+    ((lp * g_lp).sum() + (h * g_h).sum()).backward()
+    ((got.logprobs * g_lp).sum() + (got.entropy * g_h).sum()).backward()
+    for name, a, b in zip(("dhidden", "dweight", "dbias"), leaves[1], leaves[0]):
+        same(a.grad, b.grad, name)
 
 
 def test_requests_are_checked():

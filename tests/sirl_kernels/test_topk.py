@@ -14,10 +14,11 @@ import math
 import pytest
 import torch
 
+from cpu_backends import cpu_backends
 import sirl_kernels as sk
 from sirl_kernels import backends
 
-CPU_BACKENDS = [b for b, s in backends.available_backends().items() if s.available and b != "cuda"]
+CPU_BACKENDS = cpu_backends()  # the backends these tests run: their tensors are on the CPU
 
 
 def reference_top_k(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -26,17 +27,26 @@ def reference_top_k(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def reference_sampler(x, labels, top_k, top_p, t):
-    """float64: sort the whole row (ties to the lower id), cut top-k, renormalise, cut top-p, renormalise."""
+    """float64, vLLM's ``apply_top_k_top_p`` over the whole row: sort ascending (equal logits: the higher id first,
+    so the lower id counts as more probable), mask every logit ``<`` the k-th largest (ties at it stay), then, with
+    the probabilities of what is left, mask the prefix whose cumulative mass is ``<= 1 - top_p`` (the last token
+    always stays); log-prob of the label and entropy of the softmax of what is left."""
     z = x.double() / t
-    order = torch.sort(-z, dim=-1, stable=True).indices[:, :top_k]
-    zs = z.gather(1, order)
-    p = torch.softmax(zs, -1)
-    keep = (p.cumsum(-1) - p) < top_p
-    keep[:, 0] = True
-    logp = torch.log_softmax(torch.where(keep, zs, -math.inf), -1)
-    entropy = -torch.where(keep, logp.exp() * torch.where(keep, logp, 0.0), 0.0).sum(-1)
-    hit = (order == labels[:, None]) & keep
-    lp = torch.where(hit.any(-1), logp.gather(1, hit.int().argmax(-1, keepdim=True)).squeeze(1), -math.inf)
+    vocab = z.shape[-1]
+    by_id_desc = torch.arange(vocab - 1, -1, -1)
+    values, pos = torch.sort(z[:, by_id_desc], dim=-1, stable=True)
+    order = by_id_desc[pos]
+    kth = values[:, vocab - top_k: vocab - top_k + 1]
+    values = values.masked_fill(values < kth, -math.inf)
+    cum = torch.softmax(values, -1).cumsum(-1)
+    drop = cum <= 1 - top_p
+    drop[:, -1] = False
+    values = values.masked_fill(drop, -math.inf)
+    masked = torch.full_like(z, -math.inf).scatter(1, order, values)
+    logp = torch.log_softmax(masked, -1)
+    kept = torch.isfinite(masked)
+    entropy = -torch.where(kept, logp.exp() * torch.where(kept, logp, 0.0), 0.0).sum(-1)
+    lp = logp.gather(1, labels.clamp_min(0)[:, None]).squeeze(1)
     return lp, entropy
 
 
@@ -46,12 +56,12 @@ def row_spread(z: torch.Tensor) -> torch.Tensor:
     return (big - torch.where(torch.isfinite(z), z, big)).amax(-1, keepdim=True)
 
 
-def log_softmax_tolerance(z: torch.Tensor, ref: torch.Tensor, terms: int) -> torch.Tensor:
+def log_softmax_tolerance(z: torch.Tensor, ref: torch.Tensor, terms: int,
+                          eps: float = torch.finfo(torch.float32).eps) -> torch.Tensor:
     """The fp32 error bound of a log-softmax value ``ref`` over ``terms`` values of the rows of ``z`` (float64, the
     exact scaled logits): 64 ulp of ``|ref| + log terms + spread`` (the sum of at most ``terms`` exps shifted by the
     max, its log, the subtraction; the same budget as test_statistics), plus 4 ulp of the row's largest ``|z|``
-    (z = x / T rounded to fp32 before it is shifted)."""
-    eps = torch.finfo(torch.float32).eps
+    (z = x / T rounded to fp32 before it is shifted). ``eps``: the precision the value was computed in."""
     largest = z.abs().nan_to_num(0, 0, 0).amax(-1, True)
     return 64 * eps * (ref.abs() + math.log(max(terms, 1)) + row_spread(z)) + 4 * eps * largest
 
@@ -148,6 +158,124 @@ def test_linear_sampler_gradients_match_the_logits_path():
     (ref_lp[fin].sum() + ref_h.sum()).backward()
     for got, t in zip(grads, (hidden, weight, bias)):
         torch.testing.assert_close(got, t.grad)
+
+
+def _boundary_ties() -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 rows whose k-th largest logit (k = 3) ties with further tokens, as bf16 logits often do, and labels
+    that are among those further ties: the ties straddle k, fill the row, sit above the k-th value, next to -inf,
+    and inside the top-p cut."""
+    inf = math.inf
+    x = torch.tensor([
+        [3.0, 1.0, 1.0, 1.0, 0.0, 1.0, -2.0],
+        [0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5],
+        [2.0, 2.0, 2.0, 2.0, 1.0, 0.0, 0.0],
+        [5.0, 1.0, 1.0, -inf, 1.0, 1.0, 1.0],
+        [4.0, 3.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+        [1.0, -inf, -inf, -inf, -inf, -inf, -inf],
+    ], dtype=torch.float64)
+    return x, torch.tensor([5, 6, 3, 6, 6, 0])
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.95, 0.8, 0.45, 0.2])  # no mass boundary of these rows lands on them
+def test_sampler_keeps_every_tie_at_the_kth_value_like_vllm(top_p):
+    """vLLM and HF mask only the logits below the k-th value: every tie at it is in the support, and its gradient
+    is the softmax gradient over that support (float64 against the float64 transcription of vLLM's cut)."""
+    x, labels = _boundary_ties()
+    x.requires_grad_(True)
+    lp, h = sk.sampler_logprobs_entropy(x, labels, top_k=3, top_p=top_p, temperature=0.8)
+    ref_lp, ref_h = reference_sampler(x, labels, 3, top_p, 0.8)
+    assert torch.equal(torch.isinf(lp), torch.isinf(ref_lp))
+    z = x.detach() / 0.8
+    eps = torch.finfo(torch.float64).eps  # both sides compute in float64
+    tol = log_softmax_tolerance(z, row_spread(z) + math.log(7), 7, eps).squeeze(1)
+    fin = torch.isfinite(ref_lp)
+    assert bool(((lp - ref_lp).abs()[fin] <= tol[fin]).all())
+    assert bool(((h - ref_h).abs() <= tol * (1 + ref_h.abs())).all())
+    w = torch.tensor([1.0, -0.5, 2.0, 0.25, -1.5, 0.75], dtype=torch.float64)
+    got = torch.autograd.grad((torch.where(fin, lp, 0.0) * w).sum() + (h * w.flip(0)).sum(), x)[0]
+    want = torch.autograd.grad((torch.where(fin, ref_lp, 0.0) * w).sum() + (ref_h * w.flip(0)).sum(), x)[0]
+    # a gradient entry is p_i (a + b log p_i) for per-row weights of magnitude <= 2 (1 + spread + log V)
+    grad_tol = 4 * tol[:, None] * (1 + row_spread(z) + math.log(7))
+    assert bool(((got - want).abs() <= grad_tol).all()), (got - want).abs().max()
+
+
+@pytest.mark.parametrize("k", [1, 5, 64])
+def test_sampler_on_coarse_logits_matches_vllms_cut(k):
+    """Logits on a grid of 0.5 (bf16 near 8 has steps of 0.0625; coarser still makes ties at every rank) over a
+    vocabulary of 300, labels drawn from the support and outside it: log-prob, entropy and their gradients
+    against the float64 transcription of vLLM's cut."""
+    g = torch.Generator().manual_seed(k)
+    x = (torch.randn(40, 300, generator=g, dtype=torch.float64) * 3).mul(2).round().div(2)
+    order = torch.sort(-x, dim=-1, stable=True).indices
+    labels = torch.where(torch.rand(40, generator=g) < 0.7, order[:, min(k + 3, 299)], order[:, 0])
+    labels[::7] = torch.randint(0, 300, (6,), generator=g)
+    for top_p in (1.0, 0.9, 0.55):
+        xs = x.clone().requires_grad_(True)
+        lp, h = sk.sampler_logprobs_entropy(xs, labels, top_k=k, top_p=top_p, temperature=1.3)
+        ref_lp, ref_h = reference_sampler(xs, labels, k, top_p, 1.3)
+        assert torch.equal(torch.isinf(lp), torch.isinf(ref_lp)), (top_p, lp, ref_lp)
+        z = x / 1.3
+        eps = torch.finfo(torch.float64).eps
+        tol = log_softmax_tolerance(z, row_spread(z) + math.log(300), 300, eps).squeeze(1)
+        fin = torch.isfinite(ref_lp)
+        assert bool(((lp - ref_lp).abs()[fin] <= tol[fin]).all())
+        assert bool(((h - ref_h).abs() <= tol * (1 + ref_h.abs())).all())
+        got = torch.autograd.grad(torch.where(fin, lp, 0.0).sum() + h.sum(), xs)[0]
+        want = torch.autograd.grad(torch.where(fin, ref_lp, 0.0).sum() + ref_h.sum(), xs)[0]
+        assert bool(((got - want).abs() <= 4 * tol[:, None] * (1 + row_spread(z) + math.log(300))).all())
+
+
+def test_the_sampled_tie_beyond_k_has_its_log_prob():
+    """The audit's row: logits [3, 1, 1, 1, 0], top_k = 2, label 3 (a tie at the 2nd value, above k by id): vLLM
+    keeps 4 tokens, so log p = 1 - log(e^3 + 3 e), not -inf."""
+    x = torch.tensor([[3.0, 1.0, 1.0, 1.0, 0.0]], dtype=torch.float64)
+    lp, _ = sk.sampler_logprobs_entropy(x, torch.tensor([3]), top_k=2)
+    expected = 1.0 - math.log(math.exp(3.0) + 3 * math.exp(1.0))
+    assert abs(float(lp) - expected) <= 8 * torch.finfo(torch.float64).eps * (abs(expected) + 3)
+
+
+def test_linear_sampler_with_ties_matches_the_logits_path():
+    """Duplicated weight rows make exactly tied logits on the fused-linear path; its log-probs, entropies and the
+    gradients of hidden, weight and bias match the logits path over the same (float64) logits."""
+    g = torch.Generator().manual_seed(8)
+    hidden = torch.randn(4, 5, generator=g, dtype=torch.float64)
+    base = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    weight = torch.cat([base, base[2:3].expand(5, 5), base[:1]]).requires_grad_(True)  # 12 rows, row 2 x 6
+    bias = torch.zeros(12, dtype=torch.float64, requires_grad=True)
+    hidden.requires_grad_(True)
+    x = hidden @ weight.T + bias
+    top = x.detach().argsort(-1, descending=True)
+    labels = torch.tensor([int(top[0, 3]), 8, 9, int(top[3, 0])])
+    for top_p in (1.0, 0.7):
+        lp, h = sk.linear_sampler_logprobs_entropy(hidden, weight, labels, top_k=3, top_p=top_p, bias=bias,
+                                                   chunk_size=3)
+        ref_lp, ref_h = sk.sampler_logprobs_entropy(x, labels, top_k=3, top_p=top_p)
+        torch.testing.assert_close(lp, ref_lp, rtol=0, atol=1e-12)  # float64 both: different summation orders
+        torch.testing.assert_close(h, ref_h, rtol=0, atol=1e-12)
+        fin = torch.isfinite(lp)
+        got = torch.autograd.grad(lp[fin].sum() + h.sum(), (hidden, weight, bias))
+        want = torch.autograd.grad(ref_lp[fin].sum() + ref_h.sum(), (hidden, weight, bias), retain_graph=True)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-11)
+
+
+def test_ties_not_formed_again_in_the_backward_raise(monkeypatch):
+    """The ties' gradient is spread over the logits found equal to the k-th value again in the backward; if the
+    logits came back different (not bit for bit), the backward raises instead of spreading it elsewhere."""
+    from sirl_kernels import topk
+
+    x, labels = _boundary_ties()
+    x.requires_grad_(True)
+    lp, h = sk.sampler_logprobs_entropy(x, labels, top_k=3)
+    original = topk.LogitChunks.chunks
+
+    def perturbed(self, need=None):
+        for s, e, z in original(self, need):
+            yield s, e, z + torch.arange(z.shape[1], dtype=z.dtype) * 1e-9
+
+    monkeypatch.setattr(topk.LogitChunks, "chunks", perturbed)
+    with pytest.raises(RuntimeError, match="not formed again bit for bit"):
+        h.sum().backward()
 
 
 def test_sampler_arguments_are_checked():

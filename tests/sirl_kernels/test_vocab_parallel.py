@@ -6,6 +6,16 @@ Tolerances: each output is a handful of fp32 roundings (the local kernel, then t
 quantities bounded by |result| + log V + |the row's largest shifted logit|; 64 ulp of that bound covers them
 (float64 runs get the float64 ulp). Dividing by T (x * (1/T) on some backends, x / T in the reference) rounds at
 the scale of the row's largest |logit|: 4 ulp of it more.
+
+One process. The same public function, backend and dtype without process_group on the full vocabulary
+(``_against_one_process``): the merge adds the same terms e^(z_i - M) grouped by rank, through a few more exps, logs
+and adds (a_r, log S, the shares), and every elementwise step is the same operation on the same column (M, a max, is
+the same number; no x / T rounding differs), so the two differ by a few fp32 ulp of the row's magnitudes: 16 ulp of
+|result| + B, B = log V + the row's spread + 1 (B^2 for varentropy, whose rounding scales with its square), with no
+term in the largest |logit| (the 1e4 row is held to that too). On the fused-linear path each logit's dot product
+over D may be blocked differently by the two GEMMs: 2 (D + 1) ulp of |h| . |w| + |b| per logit, times how far a
+statistic moves per unit logit (2 for log-probs, lse and self-certainty; B, B^2 for entropy, varentropy). The
+gradients' bounds follow from those (``per_element``) and from regrouped sums over V or N (2n ulp of the magnitudes).
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from statistics_reference import reference, tolerance
 
+from cpu_backends import cpu_backends
 from sirl_kernels import (
     STATISTICS,
     backends,
@@ -31,7 +42,7 @@ from sirl_kernels import (
 
 N, V, D = 8, 37, 12
 SIZES = {2: [15, 22], 4: [5, 10, 11, 11]}  # unequal shards, none a multiple of 8
-CPU_BACKENDS = [b for b, s in backends.available_backends().items() if s.available and b != "cuda"]
+CPU_BACKENDS = cpu_backends()  # the backends these tests run: their tensors are on the CPU
 
 
 def _case(dtype, seed=0):
@@ -103,8 +114,31 @@ def _worker(rank, world, init_file, cases, temperature):
         for backend, dtype in cases:
             _one_case(rank, world, backend, dtype, temperature)
             _every_statistic(rank, world, backend, dtype, temperature)
+            _against_one_process(rank, world, backend, dtype, temperature)
     finally:
         dist.destroy_process_group()
+
+
+def _row_bound(z):
+    """B = log V + the row's spread (largest |z - max z| among finite entries) + 1: what every statistic's roundings
+    scale with (varentropy's with B^2)."""
+    finite = torch.where(torch.isfinite(z), z.double(), torch.nan)
+    top = finite.nan_to_num(nan=-math.inf).amax(-1, keepdim=True)
+    return math.log(z.shape[-1]) + (top - finite).nan_to_num(nan=0.0).amax(-1).clamp_max(1e3) + 1
+
+
+def _same_as_one_process(got, want, bound, eps, what, dz=None):
+    """Sharded against the same backend without process_group on the full vocabulary (module docstring, "One
+    process"): the same specials bit for bit, finite values within 16 ulp of the row's bound (``dz``: how far the
+    fused-linear logits themselves may differ, times how much a statistic moves per unit of them)."""
+    got, want = got.double(), want.double()
+    assert torch.equal(torch.isnan(got), torch.isnan(want)), f"{what}: NaN {torch.isnan(got)} vs {torch.isnan(want)}"
+    inf = torch.isinf(want)
+    assert torch.equal(got[inf], want[inf]), f"{what}: infinities differ"
+    fin = torch.isfinite(want)
+    tol = 16 * eps * (want.abs() + bound) + (0.0 if dz is None else dz)
+    err = (got - want).abs()
+    assert bool((err[fin] <= tol[fin]).all()), f"{what}: error {err[fin].max()}, tolerance {tol[fin].min()}"
 
 
 def _one_case(rank, world, backend, dtype, temperature):
@@ -226,6 +260,95 @@ def _every_statistic(rank, world, backend, dtype, temperature):
             for batch, alone in pairs:
                 for name in STATISTICS:
                     assert torch.equal(getattr(batch, name)[r], getattr(alone, name)[0]), (name, r)
+
+
+def _against_one_process(rank, world, backend, dtype, temperature):
+    """token_stats / linear_token_stats sharded against the same public function, backend and dtype called without
+    process_group on the full vocabulary: every statistic (K = 2 labels), the logits gradient and the fused-linear
+    hidden, weight and bias gradients of a weighted sum of every finite output (the gradient of a row whose
+    statistics are NaN is NaN on both sides: compared as such)."""
+    sizes = SIZES[world]
+    lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
+    logits, labels, hidden, weight, bias, *_ = _case(dtype)
+    labels2 = torch.stack([labels, (labels.clamp_min(0) + 17) % V], dim=1)
+    labels2[0, 1] = -100
+    eps = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+    g = torch.Generator().manual_seed(11)
+    weights = {k: torch.randn(N, *((2,) if k == "logprobs" else ()), generator=g, dtype=torch.float64)
+               for k in STATISTICS}
+
+    def loss(out):
+        return sum((torch.where(torch.isfinite(v), v, 0.0) * weights[k].to(v.dtype)).sum()
+                   for k, v in ((k, getattr(out, k)) for k in STATISTICS))
+
+    def compare(sharded, one, z, what, dz=None):
+        bound = _row_bound(z / temperature)
+        for name in STATISTICS:
+            b = bound[:, None] if name == "logprobs" else bound
+            b = b ** 2 if name == "varentropy" else b
+            d = None if dz is None else (dz[:, None] if name == "logprobs" else dz)
+            _same_as_one_process(getattr(sharded, name), getattr(one, name), b, eps, f"{what} {name}",
+                                 None if d is None else d * (b if name in ("entropy", "varentropy") else 2))
+            _same_on_every_rank(getattr(sharded, name), name)
+        return bound
+
+    def grads_close(got, want, tol, what):
+        got, want = got.double(), want.double()
+        assert torch.equal(torch.isnan(got), torch.isnan(want)), f"{what}: NaN pattern"
+        fin = torch.isfinite(want)
+        err = (got - want).abs()
+        assert bool((err[fin] <= tol.expand_as(err)[fin]).all()), f"{what}: error {err[fin].max()}"
+
+    def logits_gradient(z):
+        """|d loss / dz| in float64 ("torch" backend, the float64 autograd of the same loss): the scale of the
+        gradients, [N, V]."""
+        z = z.detach().double().clone().requires_grad_()
+        loss(token_stats(z, labels2, want=STATISTICS, temperature=temperature, backend="torch")).backward()
+        return z.grad.nan_to_num(nan=0.0).abs()
+
+    def per_element(bound, gz, dz=0.0):
+        """How far one logit's gradient may move, [N, 1]: the backward reads the merged (M, log S, H, VE); M is
+        the same number (a max is exact), log S, H and VE are within 16 ulp of B (of B^2 for VE) of the one-process
+        ones (the forward's bound), and every other operation is the same on the same column. So log p_i = z_i - M
+        - log S moves by that much, p_i by that relative amount, and each coefficient (products of H, VE and the
+        unit-scale upstream weights) by that much per unit weight: 16 ulp of B^2 times (the row's largest logit
+        gradient + 1); ``dz`` moves every L_i by up to 2 dz more. Plus one ulp of the gradient: it is rounded to
+        the inputs' dtype on both sides."""
+        rel = 16 * eps * bound[:, None] ** 2 + (2 * dz * bound)[:, None] if torch.is_tensor(dz) else \
+            16 * eps * bound[:, None] ** 2
+        return rel * (gz.amax(-1, keepdim=True) + 1) + eps * gz.amax(-1, keepdim=True)
+
+    kw = dict(want=STATISTICS, temperature=temperature, backend=backend)
+    local, full = logits[:, lo:hi].clone().requires_grad_(), logits.clone().requires_grad_()
+    sharded = token_stats(local, labels2, process_group=dist.group.WORLD, **kw)
+    one = token_stats(full, labels2, **kw)
+    bound = compare(sharded, one, logits.double(), "logits")
+    loss(sharded).backward()
+    loss(one).backward()
+    grads_close(local.grad, full.grad[:, lo:hi], per_element(bound, logits_gradient(logits)), "dlogits")
+
+    hid, w_local, b_local = (t.clone().requires_grad_() for t in (hidden, weight[lo:hi], bias[lo:hi]))
+    hid1, w1, b1 = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+    sharded = linear_token_stats(hid, w_local, labels2, bias=b_local, chunk_size=3,
+                                 process_group=dist.group.WORLD, **kw)
+    one = linear_token_stats(hid1, w1, labels2, bias=b1, chunk_size=3, **kw)
+    h64, w64, b64 = hidden.double(), weight.double(), bias.double()
+    z = h64 @ w64.T + b64
+    # each logit is a dot product over D that two GEMMs may block differently: D + 1 roundings of |h| . |w| + |b|
+    # on either side
+    dz = 2 * (D + 1) * eps * (h64.abs() @ w64.abs().T + b64.abs()).amax(-1) / temperature
+    bound = compare(sharded, one, z, "linear", dz)
+    loss(sharded).backward()
+    loss(one).backward()
+    gz = logits_gradient(z)
+    move = per_element(bound, gz, dz)  # [N, 1]
+    # Through the matmuls: each logit gradient's move times the other operand's magnitudes, plus the sums
+    # themselves, over V (split by rank, then all-reduced) or over N, grouped differently on the two sides: any
+    # order of n terms is within (n - 1) ulp of the sum of their magnitudes, so 2n ulp between two orders.
+    grads_close(hid.grad, hid1.grad, move * w64.abs().sum(0) + 2 * V * eps * (gz @ w64.abs()), "dhidden")
+    grads_close(w_local.grad, w1.grad[lo:hi],
+                (move * h64.abs()).sum(0) + 2 * N * eps * (gz[:, lo:hi].T @ h64.abs()), "dweight")
+    grads_close(b_local.grad, b1.grad[lo:hi], move.sum() + 2 * N * eps * gz[:, lo:hi].sum(0), "dbias")
 
 
 @pytest.mark.parametrize("world", [2, 4])

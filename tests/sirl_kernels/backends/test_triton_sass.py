@@ -18,6 +18,9 @@ element width; the test below says so and what it costs (docs/triton-kernels.md,
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from sirl_kernels.backends import triton as tb
@@ -117,6 +120,34 @@ def test_extras_specialisations_are_compiled_and_the_defaults_carry_no_extras_co
                  and {k: v for k, v in d["constexprs"].items() if k not in flags} == key]
         for d in twins:
             assert d["main_loop"]["instructions"] < b["main_loop"]["instructions"], (_describe(d), _describe(b))
+
+
+# The sm_90 main loops of the streaming kernels before issue 23 added the self-certainty / varentropy / gamma / delta
+# specialisations (docs/triton-kernels.md at fdd372e, parsed once into this file).
+BEFORE_ISSUE_23 = Path(__file__).parent / "data" / "triton_sm90_before_issue23.json"
+
+
+def test_default_specialisations_are_no_worse_than_before_the_extras(binaries_of):
+    """Issue 23: the logprob + entropy specialisations keep their instructions per logit and their registers.
+    Every sm_90 streaming binary of the baseline is compiled again (flags off) and none has more main-loop
+    instructions per element or more registers than it had."""
+    baseline = json.loads(BEFORE_ISSUE_23.read_text())["binaries"]
+    flags = ("HAS_SC", "HAS_VE", "HAS_GAMMA", "HAS_DELTA")
+    now = [b for b in _streaming(binaries_of(90)) if not any(b["constexprs"].get(f) for f in flags)]
+    missing, worse = [], []
+    for old in baseline:
+        match = [b for b in now if b["kernel"] == old["kernel"] and b["dtypes"].split(",")[0] == old["dtype"]
+                 and b["case"] == old["case"] and b["fp_fusion"] == old["fp_fusion"]
+                 and all(b["constexprs"].get(k) == v for k, v in old["flags"].items())]
+        if not match:
+            missing.append(old)
+        for b in match:
+            loop = b["main_loop"]
+            per_element = loop["instructions"] / loop["elements_per_iteration"]
+            if per_element > old["instructions"] / old["elements"] or b["registers"] > old["registers"]:
+                worse.append(f"{_describe(b)}, {b['registers']} registers; before: {old}")
+    assert not missing, f"baseline binaries no longer compiled: {missing}"
+    assert not worse, "\n".join(worse)
 
 
 @pytest.mark.parametrize("arch", [80, 90, 100])
