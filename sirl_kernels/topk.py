@@ -17,8 +17,9 @@ import torch
 from torch import Tensor
 
 from sirl_kernels.api import linear_token_stats, token_stats
-from sirl_kernels._checks import check_linear_args, check_logits_args, dense_rows
+from sirl_kernels._checks import check_bool, check_linear_args, check_logits_args, dense_rows
 from sirl_kernels._sizes import logits_chunk_rows
+from sirl_kernels.backends import fixed_order
 from sirl_kernels.backends.matmul import matmul_into
 from sirl_kernels.statistics import gather_chunks
 
@@ -95,11 +96,14 @@ class LogitChunks:
 
 class LinearLogitChunks:
     """``hidden @ weight.T (+ bias)`` formed ``chunk`` rows at a time with fp32 accumulation (the fused-linear
-    numeric policy, without an fp32 copy of the weight); the same blocks every time, so the same bits."""
+    numeric policy, without an fp32 copy of the weight); the same blocks every time, so the same bits.
+    ``fixed_order``: each logit summed over D in one fixed order (``fixed_order.matmul_into``), so a row's logits do
+    not depend on the rows around it (slow: the batch-invariant mode)."""
 
-    def __init__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, chunk: int):
+    def __init__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, chunk: int, fixed_order: bool = False):
         self.hidden, self.weight, self.bias = hidden, weight, bias
         self.rows, self.vocab, self.step = hidden.shape[0], weight.shape[0], max(1, int(chunk))
+        self.fixed_order = fixed_order
 
     def chunks(self, need: Tensor | None = None) -> Iterator[tuple[int, int, Tensor]]:
         wide = torch.float64 if self.hidden.dtype == torch.float64 else torch.float32
@@ -109,7 +113,10 @@ class LinearLogitChunks:
             e = s + rows.shape[0]
             if need is not None and not bool(need[s:e].any()):
                 continue
-            z = matmul_into(buf[: rows.shape[0]], rows, self.weight.t())
+            if self.fixed_order:
+                z = fixed_order.matmul_into(buf[: rows.shape[0]], rows, self.weight)
+            else:
+                z = matmul_into(buf[: rows.shape[0]], rows, self.weight.t())
             if self.bias is not None:
                 z += self.bias
             yield s, e, z
@@ -153,12 +160,15 @@ def top_k_ids(logits: Tensor, k: int) -> Tensor:
 
 @torch.no_grad()
 def linear_top_k_ids(hidden: Tensor, weight: Tensor, k: int, *, bias: Tensor | None = None,
-                     chunk_size: int = 256) -> Tensor:
-    """:func:`top_k_ids` of ``hidden @ weight.T (+ bias)``, formed ``chunk_size`` rows at a time in fp32."""
+                     chunk_size: int = 256, batch_invariant: bool = False) -> Tensor:
+    """:func:`top_k_ids` of ``hidden @ weight.T (+ bias)``, formed ``chunk_size`` rows at a time in fp32
+    (``batch_invariant``: each logit in one fixed order over D, so a row's ids do not depend on the batch)."""
     check_linear_args(hidden, weight, bias, 1.0, -100)
     flat = dense_rows(hidden)
     k = check_k(k, weight.shape[0])
-    return top_k_of_source(LinearLogitChunks(flat, weight, bias, chunk_size), k).view(*hidden.shape[:-1], k)
+    source = LinearLogitChunks(flat, weight, bias, chunk_size, fixed_order=check_bool("batch_invariant",
+                                                                                       batch_invariant))
+    return top_k_of_source(source, k).view(*hidden.shape[:-1], k)
 
 
 class GatheredLogits(torch.autograd.Function):
@@ -197,28 +207,32 @@ class GatheredLogits(torch.autograd.Function):
         return d_h, None if d_w is None else d_w.to(weight.dtype), d_b, None
 
 
-def top_k_logprobs(logits: Tensor, k: int, *, temperature: float = 1.0, backend: str = "auto"
-                   ) -> tuple[Tensor, Tensor]:
+def top_k_logprobs(logits: Tensor, k: int, *, temperature: float = 1.0, backend: str = "auto",
+                   batch_invariant: bool = False) -> tuple[Tensor, Tensor]:
     """``(ids, logprobs)``, ``[..., k]`` each: the k most probable tokens of ``softmax(logits / T)`` (ties to the
-    lower id) and their log-probs, differentiable (K-label log-probs of :func:`sirl_kernels.token_stats`)."""
+    lower id) and their log-probs, differentiable (K-label log-probs of :func:`sirl_kernels.token_stats`).
+    ``batch_invariant``: as in ``token_stats`` (the ids, exact comparisons, are so already)."""
     ids = top_k_ids(logits, k)
-    return ids, token_stats(logits, ids, want=("logprobs",), temperature=temperature, backend=backend).logprobs
+    return ids, token_stats(logits, ids, want=("logprobs",), temperature=temperature, backend=backend,
+                            batch_invariant=batch_invariant).logprobs
 
 
 @torch.no_grad()
 def linear_top_k_confidence(hidden: Tensor, weight: Tensor, k: int, *, bias: Tensor | None = None,
-                            temperature: float = 1.0, backend: str = "auto", chunk_size: int = 256) -> Tensor:
+                            temperature: float = 1.0, backend: str = "auto", chunk_size: int = 256,
+                            batch_invariant: bool = False) -> Tensor:
     """DeepConf's token confidence ``-(1/k) sum_j log p_(j)`` over the k most probable tokens of
     ``softmax((hidden @ weight.T + bias) / T)``, ``[...]`` fp32, not differentiable (a metric): high when the
     distribution is peaked."""
     return -linear_top_k_logprobs(hidden, weight, k, bias=bias, temperature=temperature, backend=backend,
-                                  chunk_size=chunk_size)[1].mean(-1)
+                                  chunk_size=chunk_size, batch_invariant=batch_invariant)[1].mean(-1)
 
 
 def linear_top_k_logprobs(hidden: Tensor, weight: Tensor, k: int, *, bias: Tensor | None = None,
-                          temperature: float = 1.0, backend: str = "auto", chunk_size: int = 256
-                          ) -> tuple[Tensor, Tensor]:
-    """:func:`top_k_logprobs` of ``hidden @ weight.T (+ bias)``."""
-    ids = linear_top_k_ids(hidden, weight, k, bias=bias, chunk_size=chunk_size)
+                          temperature: float = 1.0, backend: str = "auto", chunk_size: int = 256,
+                          batch_invariant: bool = False) -> tuple[Tensor, Tensor]:
+    """:func:`top_k_logprobs` of ``hidden @ weight.T (+ bias)`` (``batch_invariant``: the ids from fixed-order
+    logits and the log-probs from ``linear_token_stats``'s batch-invariant mode)."""
+    ids = linear_top_k_ids(hidden, weight, k, bias=bias, chunk_size=chunk_size, batch_invariant=batch_invariant)
     return ids, linear_token_stats(hidden, weight, ids, want=("logprobs",), bias=bias, temperature=temperature,
-                                   backend=backend).logprobs
+                                   backend=backend, batch_invariant=batch_invariant).logprobs

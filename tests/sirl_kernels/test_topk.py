@@ -286,3 +286,29 @@ def test_sampler_arguments_are_checked():
         sk.sampler_logprobs_entropy(x, y, top_k=2, top_p=0.0)
     with pytest.raises(ValueError, match=r"top_k must be an int in \[1, min\(1024, V = 5\)\]"):
         sk.sampler_logprobs_entropy(x, y, top_k=6)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_top_k_is_batch_invariant(backend):
+    """``batch_invariant=True``: a row's top-k ids and log-probs are bitwise the same alone and inside batches (at
+    the first, a middle and the last position), on the logits and the fused-linear path, whatever the chunk."""
+    g = torch.Generator().manual_seed(11)
+    d, v, k = 24, 300, 7
+    weight = torch.randn(v, d, generator=g) / d**0.5
+    bias = torch.randn(v, generator=g)
+    target = torch.randn(d, generator=g) * 2
+    kw = dict(temperature=0.8, backend=backend, batch_invariant=True)
+    ids_alone, lp_alone = sk.linear_top_k_logprobs(target[None], weight, k, bias=bias, **kw)
+    logits_alone = target[None] @ weight.T + bias
+    x_ids_alone, x_lp_alone = sk.top_k_logprobs(logits_alone, k, **kw)
+    for n in (2, 7, 64):
+        for pos in sorted({0, n // 2, n - 1}):
+            hidden = torch.randn(n, d, generator=g) * 2
+            hidden[pos] = target
+            for chunk in sorted({1, 3, n}):
+                ids, lp = sk.linear_top_k_logprobs(hidden, weight, k, bias=bias, chunk_size=chunk, **kw)
+                assert torch.equal(ids[pos], ids_alone[0]) and torch.equal(lp[pos], lp_alone[0]), (n, pos, chunk)
+            logits = torch.randn(n, v, generator=g)
+            logits[pos] = logits_alone[0]
+            ids, lp = sk.top_k_logprobs(logits, k, **kw)
+            assert torch.equal(ids[pos], x_ids_alone[0]) and torch.equal(lp[pos], x_lp_alone[0]), (n, pos)
