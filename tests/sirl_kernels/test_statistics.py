@@ -271,3 +271,24 @@ def test_further_labels_gathered_in_row_blocks(monkeypatch):
     monkeypatch.setattr(statistics, "GATHER_ELEMENTS", 1)  # one row per block
     for a, b in zip(whole, run()):
         torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_plus_inf_logit_on_the_fused_linear_path_gives_nan(backend):
+    """A bias of +inf makes that column's logit +inf in every row: as ``log_softmax`` (float64) gives, every
+    statistic of a counted row is NaN, and so are the gradients that row sends to hidden; ignored rows stay 0."""
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(3, 8, generator=g, requires_grad=True)
+    weight = torch.randn(20, 8, generator=g)
+    bias = torch.zeros(20)
+    bias[5] = math.inf
+    labels = torch.tensor([1, 5, -100])
+    ref = torch.log_softmax((hidden.detach() @ weight.T + bias).double(), -1)
+    assert bool(torch.isnan(ref[:2]).all())  # what float64 says of a row with a +inf logit
+    out = sk.linear_token_stats(hidden, weight, labels, bias=bias, want=sk.STATISTICS, backend=backend)
+    for name in sk.STATISTICS:
+        value = getattr(out, name)
+        assert bool(torch.isnan(value[:2]).all()), name
+        assert float(value[2].detach()) == 0.0, name
+    (out.logprobs[:2].sum() + out.entropy[:2].sum()).backward()
+    assert bool(torch.isnan(hidden.grad[:2]).all()) and bool((hidden.grad[2] == 0).all())
