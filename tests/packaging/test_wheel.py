@@ -101,6 +101,9 @@ def test_the_installed_wheel_passes_the_kernel_tests_outside_the_repo(tmp_path):
     shutil.copytree(ROOT / "tests" / "sirl_kernels", work / "tests" / "sirl_kernels",
                     ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "tools", work / "tools", ignore=shutil.ignore_patterns("__pycache__"))
+    # the byte counter the extras-traffic test loads (test-side, like tools/)
+    (work / "benchmarks").mkdir()
+    shutil.copy(ROOT / "benchmarks" / "triton_memory_traffic.py", work / "benchmarks" / "triton_memory_traffic.py")
     for name in ("conftest.py", "reference_impl.py", "statistics_reference.py", "cpu_isas.py", "cpu_backends.py"):
         shutil.copy(ROOT / "tests" / name, work / "tests" / name)
     (work / "pytest.ini").write_text("[pytest]\naddopts = --import-mode=importlib\npythonpath = tests .\n"
