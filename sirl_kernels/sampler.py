@@ -26,7 +26,6 @@ chunk by row chunk (the same chunks, so the same fp32 logits on the fused-linear
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import torch
 from torch import Tensor

@@ -10,7 +10,6 @@ K-label log-probs of :func:`sirl_kernels.token_stats` (exact, differentiable).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 
 import torch
@@ -49,7 +48,8 @@ def top_k_and_ties(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     if rows.numel():
         v = kth[rows, None]
         tied = x[rows] == v
-        room = k - (values[rows] > v).sum(-1, keepdim=True)  # the tied ones that fit: the lowest ids
+        # the tied ones that fit, lowest ids first: k minus those ranked above the k-th value (NaN ranks above all)
+        room = k - ((values[rows] > v) | torch.isnan(values[rows])).sum(-1, keepdim=True)
         cols = torch.arange(vocab, device=x.device)
         lowest = torch.topk(torch.where(tied, cols, vocab), k, dim=-1, largest=False, sorted=True).values
         j = torch.arange(k, device=x.device)[None, :]

@@ -95,7 +95,7 @@ def _parameters(fn) -> list[inspect.Parameter] | None:
 def _signature_problem(name: str, fn) -> str | None:
     """Why ``fn`` does not take the Protocol's parameters of ``name`` (same names, same order; more after them
     only with defaults), or None. A function taking ``*args`` accepts anything."""
-    want = [p for p in _parameters(getattr(Backend, name))[1:]]  # without self
+    want = _parameters(getattr(Backend, name))[1:]  # without self
     have = _parameters(fn)
     if have is None or any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in have):
         return None
